@@ -1,0 +1,89 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "armoryd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "ArmoryTrack", targets: ["ArmoryTrack"]),
+        .library(name: "ArmoryProtocol", targets: ["ArmoryProtocol"]),
+        .executable(name: "armoryd", targets: ["armoryd"]),
+        .executable(name: "armoryctl", targets: ["armoryctl"]),
+        .executable(name: "armory-example", targets: ["armory-example"]),
+        .executable(name: "armory-bench", targets: ["armory-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // Frames, messages, limits, key validation: no networking.
+        .target(
+            name: "ArmoryProtocol",
+            dependencies: [.product(name: "OrderedCollections", package: "swift-collections")]
+        ),
+        // MLflow's data model and the local file-store writer.
+        .target(
+            name: "MLflow",
+            dependencies: ["ArmoryProtocol"]
+        ),
+        // Sessions, tracking contexts, runs, uploader, socket server.
+        .target(
+            name: "ArmoryDaemon",
+            dependencies: [
+                "ArmoryProtocol",
+                "MLflow",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
+            ]
+        ),
+        // The Swift client library.
+        .target(
+            name: "ArmoryTrack",
+            dependencies: ["ArmoryProtocol"]
+        ),
+        .executableTarget(
+            name: "armoryd",
+            dependencies: [
+                "ArmoryDaemon",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "armoryctl",
+            dependencies: [
+                "ArmoryTrack",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(
+            name: "armory-example",
+            dependencies: ["ArmoryTrack"]
+        ),
+        .executableTarget(
+            name: "armory-bench",
+            dependencies: [
+                "ArmoryTrack",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Benchmarks/armory-bench"
+        ),
+        .testTarget(name: "ArmoryProtocolTests", dependencies: ["ArmoryProtocol"]),
+        .testTarget(name: "MLflowTests", dependencies: ["MLflow"]),
+        .testTarget(name: "ArmoryDaemonTests", dependencies: ["ArmoryDaemon"]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["ArmoryTrack", "ArmoryDaemon", "ArmoryProtocol"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,223 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import ArmoryProtocol
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// Everything armoryd needs to start; `armoryd`'s flags and environment fill it in.
+public struct DaemonConfiguration: Sendable {
+    public var socketPath: String
+    /// The local MLflow store (`$ARMORY_HOME/mlruns`).
+    public var storeRoot: String
+    /// Daemon-owned state (spool; the journal later): `$ARMORY_HOME/state`.
+    public var stateDirectory: String
+    /// Mode of the socket file: 0600 for a user's daemon.
+    public var socketMode: mode_t = 0o600
+    public var limits: ProtocolLimits = .default
+    /// How long runs of a vanished client wait for a reattach before they end FAILED.
+    public var orphanGraceSeconds: Double = 60
+    /// How long SIGTERM waits for queued records to reach the sink.
+    public var shutdownDrainSeconds: Double = 30
+    public var eventLoopThreads: Int = max(1, min(4, System.coreCount))
+    /// Queued records past which connections stop reading until the sink catches up.
+    public var uploaderHighWater: Int = 200_000
+
+    public init(socketPath: String, storeRoot: String, stateDirectory: String) {
+        self.socketPath = socketPath
+        self.storeRoot = storeRoot
+        self.stateDirectory = stateDirectory
+    }
+}
+
+/// Why the daemon could not start.
+public enum DaemonStartError: Error, CustomStringConvertible {
+    case alreadyRunning(String)
+    case socket(String)
+    case store(String)
+
+    public var description: String {
+        switch self {
+        case .alreadyRunning(let path): "Another armoryd is already serving \(path). Stop it first (`armoryctl status` shows its pid), or start this one with --socket PATH."
+        case .socket(let message): message
+        case .store(let message): message
+        }
+    }
+}
+
+/// The daemon: binds the socket, serves sessions, drains the uploader, shuts down gracefully.
+public final class Daemon: Service {
+    public let configuration: DaemonConfiguration
+    private let logger: Logger
+    private let children = Mutex<[ObjectIdentifier: Channel]>([:])
+    private let nextConnection = Atomic<UInt64>(1)
+    private let readiness: (@Sendable (String) -> Void)?
+
+    /// `onReady` is called once the socket accepts connections.
+    public init(configuration: DaemonConfiguration, logger: Logger, onReady: (@Sendable (String) -> Void)? = nil) {
+        self.configuration = configuration
+        self.logger = logger
+        self.readiness = onReady
+    }
+
+    public func run() async throws {
+        let config = configuration
+        let spool = config.stateDirectory + "/spool"
+        for dir in [config.stateDirectory, spool] {
+            do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
+                throw DaemonStartError.store("Cannot create \(dir): \(error.localizedDescription). Set ARMORY_HOME to a writable directory.")
+            }
+        }
+        // Half-received artifacts of a previous life cannot be completed: their clients got no answer.
+        for leftover in (try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? [] {
+            try? FileManager.default.removeItem(atPath: spool + "/" + leftover)
+        }
+        let sink: FileStoreSink
+        do { sink = try FileStoreSink(root: config.storeRoot) } catch {
+            throw DaemonStartError.store(error.message)
+        }
+        try prepareSocketPath(config.socketPath)
+
+        let uploader = Uploader(sink: sink, highWater: config.uploaderHighWater)
+        uploader.start()
+        let services = DaemonServices(uploader: uploader, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
+
+        let server: Channel
+        do {
+            server = try await bind(group: group, services: services)
+        } catch {
+            _ = uploader.shutdown(timeout: 1)
+            try? await group.shutdownGracefully()
+            throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(error)")
+        }
+        chmod(config.socketPath, config.socketMode)
+        logger.notice("armoryd \(DaemonServices.version) ready", metadata: ["socket": "\(config.socketPath)", "store": "\(sink.destination)"])
+        readiness?(config.socketPath)
+
+        try? await gracefulShutdown()
+
+        logger.notice("shutting down: no new connections; draining queued records", metadata: ["bound_s": "\(config.shutdownDrainSeconds)"])
+        try? await server.close()
+        unlink(config.socketPath)
+        let left = uploader.shutdown(timeout: config.shutdownDrainSeconds)
+        if left > 0 {
+            logger.warning("shutdown bound reached with records still queued", metadata: ["records": "\(left)"])
+        }
+        for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
+        try? await group.shutdownGracefully()
+        logger.notice("armoryd stopped")
+    }
+
+    private func bind(group: MultiThreadedEventLoopGroup, services: DaemonServices) async throws -> Channel {
+        let config = configuration
+        let logger = logger
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            .childChannelInitializer { [self] channel in
+                let connection = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
+                guard let provider = channel as? SocketOptionProvider else {
+                    return channel.eventLoop.makeFailedFuture(DaemonStartError.socket("no socket options on channel"))
+                }
+                return provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+                    .flatMapThrowing { (cred: LinuxPeerCredentials) in
+                        let peer = PeerCredentials(uid: cred.uid, gid: cred.gid, pid: cred.pid)
+                        let key = ObjectIdentifier(channel)
+                        self.children.withLock { $0[key] = channel }
+                        channel.closeFuture.whenComplete { _ in _ = self.children.withLock { $0.removeValue(forKey: key) } }
+                        let loopBound = NIOLoopBound(channel, eventLoop: channel.eventLoop)
+                        let session = Session(connectionID: connection, peer: peer, services: services) { error in
+                            loopBound.eventLoop.execute {
+                                let bytes = DaemonMessage.error(error).encoded
+                                var buffer = loopBound.value.allocator.buffer(capacity: bytes.count)
+                                buffer.writeBytes(bytes)
+                                loopBound.value.writeAndFlush(buffer, promise: nil)
+                            }
+                        }
+                        let handler = SessionChannelHandler(session: session, services: services, logger: logger) { orphans in
+                            self.scheduleOrphanCheck(orphans, services: services, on: channel.eventLoop)
+                        }
+                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameChannelDecoder(maxFrameBytes: config.limits.maxFrameBytes)))
+                        try channel.pipeline.syncOperations.addHandler(handler)
+                    }
+            }
+        // Create the socket file with the final mode from the start (no window with a looser one).
+        let oldMask = umask(0o177)
+        defer { umask(oldMask) }
+        return try await bootstrap.bind(unixDomainSocketPath: config.socketPath).get()
+    }
+
+    /// After the grace period, runs of a vanished client that nobody reattached end FAILED.
+    private func scheduleOrphanCheck(_ handles: [String], services: DaemonServices, on loop: EventLoop) {
+        guard !handles.isEmpty else { return }
+        let logger = logger
+        loop.scheduleTask(in: .milliseconds(Int64(configuration.orphanGraceSeconds * 1000))) {
+            for handle in handles {
+                let now = DaemonServices.nowMs()
+                let ended = (try? services.registry.update(handle) { entry -> RunEntry? in
+                    guard entry.connection == nil, entry.status == .running else { return nil }
+                    entry.status = .failed
+                    entry.endTime = now
+                    return entry
+                }) ?? nil
+                if let ended = ended ?? nil {
+                    logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
+                    services.uploader.enqueue(.updateRun(runID: ended.runID, status: .failed, endTime: now))
+                }
+            }
+        }
+    }
+
+    /// Creates the socket's directory, refuses to start when a live daemon answers there, and
+    /// removes a stale socket file left by a daemon that died.
+    private func prepareSocketPath(_ path: String) throws {
+        guard path.utf8.count < 108 else {
+            throw DaemonStartError.socket("Socket path \(path) is too long for a Unix socket (at most 107 bytes); choose a shorter --socket.")
+        }
+        let directory = (path as NSString).deletingLastPathComponent
+        if !FileManager.default.fileExists(atPath: directory) {
+            do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
+                throw DaemonStartError.socket("Cannot create the socket directory \(directory): \(error.localizedDescription)")
+            }
+        }
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+            throw DaemonStartError.socket("\(path) exists and is not a socket; remove it or choose another --socket.")
+        }
+        if Self.somebodyAnswers(path) { throw DaemonStartError.alreadyRunning(path) }
+        logger.info("removing stale socket", metadata: ["socket": "\(path)"])
+        unlink(path)
+    }
+
+    static func somebodyAnswers(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            let bytes = Array(path.utf8.prefix(raw.count - 1))
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        return result == 0
+    }
+}
+
+/// Linux's `struct ucred` (what `SO_PEERCRED` returns); Glibc hides it behind `_GNU_SOURCE`.
+struct LinuxPeerCredentials: Sendable {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+}

@@ -1,0 +1,89 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import ArmoryProtocol
+import Foundation
+import Synchronization
+
+/// What every session shares: the run registry, the uploader, the daemon's settings.
+public final class DaemonServices: Sendable {
+    public static let version = "0.1.0"
+
+    public let registry: RunRegistry
+    public let uploader: Uploader
+    public let limits: ProtocolLimits
+    /// Where artifacts are copied before the caller's call returns.
+    public let spoolDirectory: String
+    public let startedAt: Date
+    public let socketPath: String
+    public let statistics = DaemonStatistics()
+
+    public init(registry: RunRegistry = RunRegistry(), uploader: Uploader, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
+        self.registry = registry
+        self.uploader = uploader
+        self.limits = limits
+        self.spoolDirectory = spoolDirectory
+        self.startedAt = Date()
+        self.socketPath = socketPath
+    }
+
+    /// The user name of a uid (for `mlflow.user`), or the number when it has none.
+    public static func userName(uid: UInt32) -> String {
+        var pwd = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 4096)
+        if getpwuid_r(uid, &pwd, &buffer, buffer.count, &result) == 0, let entry = result, let name = entry.pointee.pw_name {
+            return String(cString: name)
+        }
+        return String(uid)
+    }
+
+    /// A fresh MLflow-style run id: 32 lowercase hex characters.
+    public static func newRunID() -> String {
+        UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
+    }
+
+    /// A fresh daemon handle for a run: unique across restarts.
+    public static func newHandle() -> String {
+        "h" + String(newRunID().prefix(20))
+    }
+
+    public static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+}
+
+/// Daemon-wide counters for status, updated from every connection.
+public final class DaemonStatistics: Sendable {
+    private struct State {
+        var clients: [UInt64: ClientInfo] = [:]
+        var framesReceived: UInt64 = 0
+        var metricsAccepted: UInt64 = 0
+        var errorsSent: UInt64 = 0
+    }
+
+    /// One connected client, as status shows it.
+    public struct ClientInfo: Sendable, Equatable {
+        public var connection: UInt64
+        public var peer: PeerCredentials
+        public var client: String
+        public var program: String
+    }
+
+    private let state = Mutex(State())
+
+    public func connected(_ info: ClientInfo) { state.withLock { $0.clients[info.connection] = info } }
+    public func disconnected(_ connection: UInt64) { state.withLock { _ = $0.clients.removeValue(forKey: connection) } }
+    public func count(frames: UInt64, metrics: UInt64, errors: UInt64) {
+        state.withLock {
+            $0.framesReceived &+= frames
+            $0.metricsAccepted &+= metrics
+            $0.errorsSent &+= errors
+        }
+    }
+
+    public var clients: [ClientInfo] { state.withLock { $0.clients.values.sorted { $0.connection < $1.connection } } }
+    public var totals: (frames: UInt64, metrics: UInt64, errors: UInt64) {
+        state.withLock { ($0.framesReceived, $0.metricsAccepted, $0.errorsSent) }
+    }
+}

@@ -1,0 +1,525 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import ArmoryProtocol
+import Foundation
+
+/// What the connection must do after a frame: nothing (a fire-and-forget op succeeded), answer,
+/// report an error, answer later (when the sink has acted), or answer and close.
+public enum SessionOutcome: Sendable {
+    case none
+    case reply(JSONObject)
+    case error(ProtocolError)
+    /// Call the continuation with the reply (or error) once it is known.
+    case deferred(@Sendable (@escaping @Sendable (Result<JSONObject, ProtocolError>) -> Void) -> Void)
+    /// Wait until the uploader settled `ticket` (or `timeoutMs` passed), then answer a flush.
+    case awaitUploaded(ticket: UInt64, timeoutMs: Int64)
+    case close(ProtocolError)
+}
+
+/// One connection's protocol logic: the handshake, its tracking state, its evaluations and
+/// chains, and every op applied to the shared registry and uploader. No sockets: the channel
+/// handler feeds it frames and carries out the outcomes, and tests drive it directly.
+public final class Session {
+    public let connectionID: UInt64
+    public let peer: PeerCredentials
+    private let services: DaemonServices
+    /// Sends an error to this connection later (from the uploader thread): the handler's job.
+    private let reportLater: @Sendable (ProtocolError) -> Void
+
+    public private(set) var hello: Hello?
+    public private(set) var tracking = TrackingState()
+    private var lastSeq: UInt64 = 0
+    /// The last uploader ticket of a record this connection produced (for `flush uploaded`).
+    private var lastTicket: UInt64 = 0
+    private var evaluationRuns: [Int64: String] = [:]
+    private var chainRuns: [Int64: String] = [:]
+    private var artifacts: [Int64: OpenArtifact] = [:]
+    private var nextArtifactID: Int64 = 1
+    private lazy var userName = DaemonServices.userName(uid: peer.uid)
+    /// Set when the uploader passed its high-water mark: the connection should stop reading.
+    public private(set) var wantsPause = false
+
+    private struct OpenArtifact {
+        var handle: String
+        var runID: String
+        var path: String
+        var spoolPath: String
+        var fd: Int32
+        var bytes: Int
+    }
+
+    public init(connectionID: UInt64, peer: PeerCredentials, services: DaemonServices, reportLater: @escaping @Sendable (ProtocolError) -> Void) {
+        self.connectionID = connectionID
+        self.peer = peer
+        self.services = services
+        self.reportLater = reportLater
+    }
+
+    /// The highest `seq` handled so far (what an ack may cover).
+    public var handledSeq: UInt64 { lastSeq }
+
+    public func clearPause() { wantsPause = false }
+
+    /// Handles one decoded frame.
+    public func handle(_ frame: ClientFrame, nowMs: Int64) -> SessionOutcome {
+        let expected = lastSeq + 1
+        lastSeq = max(lastSeq, frame.seq)
+        do {
+            if frame.seq != expected {
+                reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) arrived where \(expected) was expected: seq starts at 1 and rises by 1 on each connection.", seq: frame.seq))
+            }
+            return try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
+        } catch var error {
+            error.seq = error.seq ?? frame.seq
+            return .error(error)
+        }
+    }
+
+    private func dispatch(_ op: ClientOp, seq: UInt64, nowMs: Int64) throws(ProtocolError) -> SessionOutcome {
+        if case .hello(let h) = op { return try handshake(h) }
+        guard hello != nil else {
+            throw ProtocolError(.helloRequired, "Send \"hello\" first: every connection opens with the handshake (proto/PROTOCOL.md).")
+        }
+        switch op {
+        case .hello: preconditionFailure("handled above")
+        case .trackParam(let key, let value):
+            try MLflowRules.validateKey(key, kind: .param)
+            try MLflowRules.validateParamValue(value, key: key)
+            tracking.trackParam(key: key, value: value)
+            try syncGlobalParams(nowMs: nowMs)
+        case .trackParams(let prefix, let function, let values):
+            try MLflowRules.validateKey(prefix + "._func", kind: .param)
+            for (key, value) in values {
+                try MLflowRules.validateKey(prefix + "." + key, kind: .param)
+                try MLflowRules.validateParamValue(value, key: prefix + "." + key)
+            }
+            tracking.trackParams(prefix: prefix, function: function, values: values)
+            try syncGlobalParams(nowMs: nowMs)
+        case .resetParams:
+            tracking.resetParams()
+        case .pushContext(let nested, let trackables):
+            tracking.pushContext(nested: nested, trackables: trackables)
+        case .popContext:
+            try tracking.popContext()
+        case .trackable(let id):
+            try tracking.registerTrackable(id: id)
+        case .evaluation(let id, let name, let description):
+            try tracking.defineEvaluation(id: id, name: name, description: description)
+        case .chain(let id, let evaluation, let name):
+            try tracking.defineChain(id: id, evaluation: evaluation, name: name)
+        case .use(let target, let role, let ids, let append):
+            try tracking.use(target: target, role: role, ids: ids, append: append)
+        case .getParams:
+            return .reply(["params": .object(tracking.currentParams.mapValues { .string($0) })])
+        case .getTrackable(let id):
+            return .reply(["params": .object(try tracking.params(ofTrackable: id).mapValues { .string($0) })])
+        case .start(let target):
+            return try start(target, nowMs: nowMs)
+        case .end(let target, let status):
+            return .reply(try end(target, status: status, nowMs: nowMs))
+        case .attach(let runID):
+            return try attach(runID: runID)
+        case .runInfo(let handle):
+            return .reply(try ownedRun(handle).descriptor.json)
+        case .log(let handle, let batch):
+            try log(handle: handle, batch: batch)
+        case .artifactOpen(let handle, let path):
+            return .reply(try openArtifact(handle: handle, path: path))
+        case .artifactChunk(let id, let data):
+            try writeChunk(artifact: id, data: data)
+        case .artifactClose(let id):
+            return .reply(try closeArtifact(id))
+        case .flush(let level, let timeoutMs):
+            if level == .durable {
+                return .reply(FlushReply(complete: true, pendingRecords: 0, level: .durable).json)
+            }
+            return .awaitUploaded(ticket: lastTicket, timeoutMs: max(0, timeoutMs))
+        case .status:
+            return .reply(StatusReport.make(services: services))
+        }
+        return .none
+    }
+
+    // MARK: Handshake
+
+    private func handshake(_ h: Hello) throws(ProtocolError) -> SessionOutcome {
+        guard hello == nil else {
+            throw ProtocolError(.invalidState, "\"hello\" was already sent on this connection.")
+        }
+        guard ProtocolVersion.supported.contains(h.protocolVersion) else {
+            return .close(ProtocolError(.unsupportedProtocol, "Protocol \(h.protocolVersion) is not supported: this armoryd \(DaemonServices.version) speaks \(ProtocolVersion.supported.lowerBound)...\(ProtocolVersion.supported.upperBound). Upgrade the client library or the daemon so that they share a version."))
+        }
+        hello = h
+        services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
+        let reply = HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: peer.uid, pid: peer.pid)
+        return .reply(reply.json)
+    }
+
+    // MARK: Runs
+
+    private func baseTags(runName: String, handle: String) -> StringMap {
+        [
+            "mlflow.user": userName,
+            "mlflow.source.name": hello?.program ?? "",
+            "mlflow.source.type": "LOCAL",
+            "mlflow.runName": runName,
+            "armory.handle": handle,
+        ]
+    }
+
+    /// Registers a run and enqueues its creation and its initial params; the completion fires
+    /// when the sink has created it.
+    private func createRun(name: String, experiment: String, parent: RunEntry?, tags extraTags: StringMap, params: StringMap, nowMs: Int64) -> (RunEntry, UInt64) {
+        let handle = DaemonServices.newHandle()
+        let runID = DaemonServices.newRunID()
+        var tags = baseTags(runName: name, handle: handle)
+        if let parent { tags["mlflow.parentRunId"] = parent.runID }
+        for (k, v) in extraTags { tags[k] = v }
+        let entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
+                             ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
+                             connection: connectionID, clientPID: peer.pid)
+        services.registry.insert(entry)
+        let registry = services.registry
+        let creation = RunCreation(runID: runID, experimentName: experiment, name: name, userID: userName, startTime: nowMs, tags: tags)
+        let (ticket, _) = enqueue(.createRun(creation)) { result in
+            if case .success(let experimentID?) = result {
+                _ = try? registry.update(handle) { $0.experimentID = experimentID }
+            }
+        }
+        if !params.isEmpty { enqueue(.log(runID: runID, batch: LogBatch(params: params))) }
+        return (entry, ticket)
+    }
+
+    /// Starts the evaluation's parent run if it is not running yet; returns its handle.
+    private func ensureParent(evaluation id: Int64, nowMs: Int64) throws(ProtocolError) -> (handle: String, ticket: UInt64?) {
+        if let handle = evaluationRuns[id] { return (handle, nil) }
+        guard let config = tracking.evaluations[id] else {
+            throw ProtocolError(.unknownHandle, "No evaluation with id \(id) on this connection: send \"evaluation\" first.")
+        }
+        var tags = StringMap()
+        if let description = config.description, !description.isEmpty { tags["mlflow.note.content"] = description }
+        let (entry, ticket) = createRun(name: config.name, experiment: config.name, parent: nil, tags: tags, params: tracking.globalParams, nowMs: nowMs)
+        evaluationRuns[id] = entry.handle
+        return (entry.handle, ticket)
+    }
+
+    private func start(_ target: RunTarget, nowMs: Int64) throws(ProtocolError) -> SessionOutcome {
+        let handle: String
+        let ticket: UInt64?
+        switch target {
+        case .evaluation(let id):
+            (handle, ticket) = try ensureParent(evaluation: id, nowMs: nowMs)
+        case .chain(let id):
+            guard let chain = tracking.chains[id] else {
+                throw ProtocolError(.unknownHandle, "No chain with id \(id) on this connection: send \"chain\" first.")
+            }
+            if let existing = chainRuns[id] {
+                guard let entry = services.registry.entry(existing), entry.status == .running else {
+                    throw ProtocolError(.invalidState, "Chain '\(chain.name)' has already run and ended; add a new chain to run it again.")
+                }
+                return .reply(entry.descriptor.json)
+            }
+            let parentHandle = try ensureParent(evaluation: chain.evaluation, nowMs: nowMs).handle
+            let parent = services.registry.entry(parentHandle)
+            let params = try tracking.chainParams(id: id)
+            let (entry, createTicket) = createRun(name: chain.name, experiment: parent?.experimentName ?? "", parent: parent, tags: [:], params: params, nowMs: nowMs)
+            chainRuns[id] = entry.handle
+            handle = entry.handle
+            ticket = createTicket
+        case .run:
+            throw ProtocolError(.invalidValue, "\"start\" takes an evaluation or a chain; to continue an existing run use \"attach\".")
+        }
+        return describeWhenCreated(handle: handle, ticket: ticket)
+    }
+
+    /// Answers with the run's descriptor once the sink has created it (so the experiment id is known).
+    private func describeWhenCreated(handle: String, ticket: UInt64?) -> SessionOutcome {
+        let registry = services.registry
+        guard let ticket else {
+            return .reply(registry.entry(handle)?.descriptor.json ?? [:])
+        }
+        let uploader = services.uploader
+        return .deferred { reply in
+            uploader.whenSettled(upTo: ticket) {
+                guard let entry = registry.entry(handle) else {
+                    reply(.failure(ProtocolError(.internalError, "Run \(handle) vanished from the registry.")))
+                    return
+                }
+                if entry.experimentID == nil, entry.status == .failed {
+                    reply(.failure(ProtocolError(.sinkRejected, "The store refused to create run '\(entry.name)'.")))
+                    return
+                }
+                reply(.success(entry.descriptor.json))
+            }
+        }
+    }
+
+    private func end(_ target: RunTarget, status: RunStatus, nowMs: Int64) throws(ProtocolError) -> JSONObject {
+        var handles: [String] = []
+        switch target {
+        case .chain(let id):
+            guard let handle = chainRuns[id] else {
+                throw ProtocolError(.invalidState, "Chain \(id) was never started on this connection.")
+            }
+            handles = [handle]
+        case .evaluation(let id):
+            guard let handle = evaluationRuns[id] else {
+                throw ProtocolError(.invalidState, "Evaluation \(id) was never started on this connection.")
+            }
+            // Ending the evaluation ends every chain still open, with the same status.
+            for (chainID, chainHandle) in chainRuns where tracking.chains[chainID]?.evaluation == id {
+                handles.append(chainHandle)
+            }
+            handles.append(handle)
+        case .run(let handle):
+            _ = try ownedRun(handle)
+            handles = [handle]
+        }
+        var last: RunEntry?
+        for handle in handles {
+            let ended: RunEntry? = try services.registry.update(handle) { entry in
+                guard entry.status == .running else { return nil }
+                entry.status = status
+                entry.endTime = nowMs
+                return entry
+            } ?? nil
+            if let ended {
+                enqueue(.updateRun(runID: ended.runID, status: status, endTime: nowMs))
+            }
+            last = services.registry.entry(handle)
+        }
+        return last?.descriptor.json ?? [:]
+    }
+
+    /// MLflow's `start_run(run_id=…)`: the run becomes RUNNING again and this connection writes it.
+    private func attach(runID: String) throws(ProtocolError) -> SessionOutcome {
+        let registry = services.registry
+        let uploader = services.uploader
+        let connection = connectionID
+        if let entry = registry.entry(runID: runID) {
+            try checkOwner(entry)
+            let (reply, ticket) = Self.reattach(entry, connection: connection, registry: registry, uploader: uploader)
+            if let ticket { lastTicket = ticket }
+            return .reply(reply)
+        }
+        let uid = peer.uid
+        let name = userName
+        let pid = peer.pid
+        return .deferred { reply in
+            uploader.query { sink in
+                guard let stored = sink.findRun(runID: runID) else {
+                    reply(.failure(ProtocolError(.notFound, "No run with id '\(runID)' in \(sink.destination): check the id (armoryctl status lists active runs).")))
+                    return
+                }
+                guard uid == 0 || stored.userID == name else {
+                    reply(.failure(ProtocolError(.permissionDenied, "Permission denied: run \(runID) belongs to user '\(stored.userID)'; only that user or root can write to it.")))
+                    return
+                }
+                let entry = RunEntry(handle: stored.tags["armory.handle"] ?? DaemonServices.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
+                                     experimentName: "", name: stored.name, ownerUID: uid, status: stored.status,
+                                     parentHandle: nil, params: stored.params, connection: connection, clientPID: pid)
+                // Another connection may have attached it meanwhile: keep the first registration.
+                let registered = registry.entry(runID: runID) ?? { registry.insert(entry); return entry }()
+                reply(.success(Self.reattach(registered, connection: connection, registry: registry, uploader: uploader).reply))
+            }
+        }
+    }
+
+    /// Marks a run RUNNING again (keeping its previous end time, as MLflow does) and owned by `connection`.
+    private static func reattach(_ entry: RunEntry, connection: UInt64, registry: RunRegistry, uploader: Uploader) -> (reply: JSONObject, ticket: UInt64?) {
+        let updated = (try? registry.update(entry.handle) { e in
+            e.connection = connection
+            e.status = .running
+            return e
+        }) ?? nil
+        var ticket: UInt64?
+        if entry.status != .running {
+            ticket = uploader.enqueue(.updateRun(runID: entry.runID, status: .running, endTime: entry.endTime)).ticket
+        }
+        return ((updated ?? entry).descriptor.json, ticket)
+    }
+
+    private func checkOwner(_ entry: RunEntry) throws(ProtocolError) {
+        guard peer.uid == 0 || entry.ownerUID == peer.uid else {
+            throw ProtocolError(.permissionDenied, "Permission denied: run \(entry.runID) belongs to uid \(entry.ownerUID); only that user or root can write to it.")
+        }
+    }
+
+    private func ownedRun(_ handle: String) throws(ProtocolError) -> RunEntry {
+        guard let entry = services.registry.entry(handle) else {
+            throw ProtocolError(.unknownHandle, "Unknown run handle '\(handle)': use the handle returned by start or attach.")
+        }
+        try checkOwner(entry)
+        return entry
+    }
+
+    /// Validates a batch, keeps what is valid, and reports the first problem (naming the key).
+    private func log(handle: String, batch: LogBatch) throws(ProtocolError) {
+        let run = try ownedRun(handle)
+        var valid = LogBatch()
+        var firstError: ProtocolError?
+        var rejected = 0
+        valid.metrics.reserveCapacity(batch.metrics.count)
+        for metric in batch.metrics {
+            do throws(ProtocolError) {
+                try MLflowRules.validateMetric(metric)
+                valid.metrics.append(metric)
+            } catch {
+                firstError = firstError ?? error
+                rejected += 1
+            }
+        }
+        for (key, value) in batch.tags {
+            do throws(ProtocolError) {
+                try MLflowRules.validateKey(key, kind: .tag)
+                try MLflowRules.validateTagValue(value, key: key)
+                valid.tags[key] = value
+            } catch {
+                firstError = firstError ?? error
+                rejected += 1
+            }
+        }
+        let candidates = try? services.registry.update(handle) { (entry: inout RunEntry) throws(ProtocolError) -> (StringMap, [ProtocolError]) in
+            var accepted = StringMap()
+            var errors: [ProtocolError] = []
+            for (key, value) in batch.params {
+                do throws(ProtocolError) {
+                    try MLflowRules.validateKey(key, kind: .param)
+                    try MLflowRules.validateParamValue(value, key: key)
+                } catch {
+                    errors.append(error)
+                    continue
+                }
+                if let old = entry.params[key] {
+                    if old != value {
+                        errors.append(ProtocolError(.paramChanged, "Param '\(key)' of run \(entry.runID) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run."))
+                    }
+                    continue
+                }
+                entry.params[key] = value
+                accepted[key] = value
+            }
+            return (accepted, errors)
+        }
+        if let (accepted, errors) = candidates ?? nil {
+            valid.params = accepted
+            if let e = errors.first { firstError = firstError ?? e }
+            rejected += errors.count
+        }
+        services.statistics.count(frames: 0, metrics: UInt64(valid.metrics.count), errors: 0)
+        if !valid.isEmpty {
+            if valid.params.isEmpty && valid.tags.isEmpty {
+                enqueue(.log(runID: run.runID, batch: valid))
+            } else {
+                let report = reportLater
+                enqueue(.log(runID: run.runID, batch: valid)) { result in
+                    if case .failure(let error) = result { report(error) }
+                }
+            }
+        }
+        if var error = firstError {
+            if rejected > 1 { error.message += " (\(rejected) entries of this frame were refused; the rest was logged.)" }
+            throw error
+        }
+    }
+
+    /// Global params set after the parent run started still go to it (MLflow params are immutable).
+    private func syncGlobalParams(nowMs: Int64) throws(ProtocolError) {
+        guard tracking.depth == 0, !evaluationRuns.isEmpty else { return }
+        let globals = tracking.globalParams
+        var firstError: ProtocolError?
+        for handle in evaluationRuns.values {
+            guard let entry = services.registry.entry(handle), entry.status == .running else { continue }
+            var fresh = StringMap()
+            for (key, value) in globals {
+                if let old = entry.params[key] {
+                    if old != value, firstError == nil {
+                        firstError = ProtocolError(.paramChanged, "Global param '\(key)' changed after the evaluation's parent run started (was '\(old.prefix(100))', now '\(value.prefix(100))'); MLflow params cannot change, so the run keeps the old value.")
+                    }
+                } else {
+                    fresh[key] = value
+                }
+            }
+            guard !fresh.isEmpty else { continue }
+            _ = try? services.registry.update(handle) { e in for (k, v) in fresh { e.params[k] = v } }
+            enqueue(.log(runID: entry.runID, batch: LogBatch(params: fresh)))
+        }
+        if let firstError { throw firstError }
+    }
+
+    @discardableResult
+    private func enqueue(_ record: SinkRecord, completion: Uploader.Completion? = nil) -> (UInt64, Bool) {
+        let (ticket, overloaded) = services.uploader.enqueue(record, completion: completion)
+        lastTicket = ticket
+        if overloaded { wantsPause = true }
+        return (ticket, overloaded)
+    }
+
+    // MARK: Artifacts
+
+    private func openArtifact(handle: String, path: String) throws(ProtocolError) -> JSONObject {
+        let run = try ownedRun(handle)
+        guard !path.isEmpty, MLflowRules.posixNormalizedPath(path) == path, !path.hasPrefix("/"), !path.hasPrefix("..") else {
+            throw ProtocolError(.invalidValue, "Invalid artifact path '\(path)': use a relative path such as 'exports/00000/00/input.png', without '..' or '//'.")
+        }
+        let id = nextArtifactID
+        nextArtifactID += 1
+        let spoolPath = services.spoolDirectory + "/" + run.handle + "-" + String(connectionID) + "-" + String(id)
+        let fd = open(spoolPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw ProtocolError(.internalError, "The daemon cannot create a spool file in \(services.spoolDirectory): \(String(cString: strerror(errno))).")
+        }
+        artifacts[id] = OpenArtifact(handle: run.handle, runID: run.runID, path: path, spoolPath: spoolPath, fd: fd, bytes: 0)
+        return ["artifact": .int(id)]
+    }
+
+    private func writeChunk(artifact id: Int64, data: [UInt8]) throws(ProtocolError) {
+        guard var artifact = artifacts[id] else {
+            throw ProtocolError(.unknownHandle, "Unknown artifact id \(id): open it with artifact_open first.")
+        }
+        var offset = 0
+        while offset < data.count {
+            let n = data.withUnsafeBytes { write(artifact.fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                let reason = String(cString: strerror(errno))
+                discard(id)
+                throw ProtocolError(.internalError, "Writing artifact '\(artifact.path)' to the spool failed: \(reason). The artifact was discarded; free disk space and send it again.")
+            }
+            offset += n
+        }
+        artifact.bytes += data.count
+        artifacts[id] = artifact
+    }
+
+    private func closeArtifact(_ id: Int64) throws(ProtocolError) -> JSONObject {
+        guard let artifact = artifacts.removeValue(forKey: id) else {
+            throw ProtocolError(.unknownHandle, "Unknown artifact id \(id): open it with artifact_open first.")
+        }
+        close(artifact.fd)
+        let report = reportLater
+        enqueue(.artifact(runID: artifact.runID, path: artifact.path, spoolPath: artifact.spoolPath)) { result in
+            if case .failure(let error) = result { report(error) }
+        }
+        return ["bytes": .int(Int64(artifact.bytes)), "path": .string(artifact.path)]
+    }
+
+    private func discard(_ id: Int64) {
+        guard let artifact = artifacts.removeValue(forKey: id) else { return }
+        close(artifact.fd)
+        unlink(artifact.spoolPath)
+    }
+
+    // MARK: Lifecycle
+
+    /// The connection is gone: drop half-sent artifacts, detach its runs; returns the handles of
+    /// runs left running (the daemon ends them FAILED after the grace period unless reattached).
+    public func connectionClosed() -> [String] {
+        for id in Array(artifacts.keys) { discard(id) }
+        services.statistics.disconnected(connectionID)
+        return services.registry.detach(connection: connectionID)
+    }
+}

@@ -1,0 +1,150 @@
+import ArmoryProtocol
+import Logging
+import NIOCore
+
+/// Carries out a `Session`'s outcomes on one connection: decodes frames, writes replies and
+/// errors, coalesces acks (one per read burst), pauses reading while the uploader is overloaded.
+final class SessionChannelHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let session: Session
+    private let services: DaemonServices
+    private let logger: Logger
+    private let onClosed: @Sendable ([String]) -> Void
+    private var ackedSeq: UInt64 = 0
+    private var framesSinceFlush = 0
+    private var errorsSinceFlush = 0
+    private var paused = false
+
+    init(session: Session, services: DaemonServices, logger: Logger, onClosed: @escaping @Sendable ([String]) -> Void) {
+        self.session = session
+        self.services = services
+        self.logger = logger
+        self.onClosed = onClosed
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let payload = unwrapInboundIn(data)
+        framesSinceFlush += 1
+        let bytes = Array(payload.readableBytesView)
+        let frame: ClientFrame
+        do {
+            frame = try ClientFrame.decode(payload: bytes, receivedAtMs: DaemonServices.nowMs(), maxDepth: services.limits.maxDepth)
+        } catch {
+            var error = error
+            // Name the frame if its seq can be read at all.
+            if error.seq == nil, case .object(let o)? = try? JSONParser.parse(bytes), let seq = o["seq"]?.intValue, seq > 0 {
+                error.seq = UInt64(seq)
+            }
+            send(.error(error), context: context)
+            return
+        }
+        switch session.handle(frame, nowMs: DaemonServices.nowMs()) {
+        case .none:
+            break
+        case .reply(let body):
+            send(.reply(seq: frame.seq, body: body), context: context)
+        case .error(let error):
+            send(.error(error), context: context)
+        case .close(let error):
+            send(.error(error), context: context)
+            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: nil)
+            context.close(promise: nil)
+        case .deferred(let body):
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            let seq = frame.seq
+            body { result in
+                loopBound.eventLoop.execute {
+                    let (handler, context) = loopBound.value
+                    switch result {
+                    case .success(let reply): handler.send(.reply(seq: seq, body: reply), context: context)
+                    case .failure(var error):
+                        error.seq = seq
+                        handler.send(.error(error), context: context)
+                    }
+                    context.flush()
+                }
+            }
+        case .awaitUploaded(let ticket, let timeoutMs):
+            awaitUploaded(seq: frame.seq, ticket: ticket, timeoutMs: timeoutMs, context: context)
+        }
+        if session.wantsPause && !paused { pause(context: context) }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        let seq = session.handledSeq
+        if seq > ackedSeq {
+            ackedSeq = seq
+            send(.ack(upto: seq), context: context)
+        }
+        services.statistics.count(frames: UInt64(framesSinceFlush), metrics: 0, errors: UInt64(errorsSinceFlush))
+        framesSinceFlush = 0
+        errorsSinceFlush = 0
+        context.flush()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        onClosed(session.connectionClosed())
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        switch error {
+        case let tooLarge as FrameChannelDecoder.FrameTooLarge:
+            logger.warning("closing connection: frame too large", metadata: ["length": "\(tooLarge.length)", "pid": "\(session.peer.pid)"])
+            send(.error(ProtocolError(.frameTooLarge, "A frame of \(tooLarge.length) bytes exceeds the limit of \(tooLarge.limit) bytes; the connection is closed. Send large artifacts in chunks (artifact_chunk).")), context: context)
+            context.flush()
+        case let truncated as FrameChannelDecoder.TruncatedFrame:
+            logger.info("connection closed mid-frame", metadata: ["bytes": "\(truncated.bytes)", "pid": "\(session.peer.pid)"])
+        default:
+            logger.debug("connection error: \(error)", metadata: ["pid": "\(session.peer.pid)"])
+        }
+        context.close(promise: nil)
+    }
+
+    private func send(_ message: DaemonMessage, context: ChannelHandlerContext) {
+        if case .error = message { errorsSinceFlush += 1 }
+        let bytes = message.encoded
+        var buffer = context.channel.allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        context.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    /// Answers `flush wait=uploaded` when the uploader settled `ticket`, or when the bound runs out.
+    private func awaitUploaded(seq: UInt64, ticket: UInt64, timeoutMs: Int64, context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
+        let uploader = services.uploader
+        let answer: @Sendable (Bool) -> Void = { complete in
+            loopBound.eventLoop.execute {
+                guard !answered.value else { return }
+                answered.value = true
+                let (handler, context) = loopBound.value
+                let reply = FlushReply(complete: complete, pendingRecords: complete ? 0 : uploader.pending(upTo: ticket), level: .uploaded)
+                handler.send(.reply(seq: seq, body: reply.json), context: context)
+                context.flush()
+            }
+        }
+        let timeout = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { answer(false) }
+        uploader.whenSettled(upTo: ticket) {
+            timeout.cancel()
+            answer(true)
+        }
+    }
+
+    private func pause(context: ChannelHandlerContext) {
+        paused = true
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        services.uploader.whenDrained {
+            loopBound.eventLoop.execute {
+                let (handler, context) = loopBound.value
+                handler.paused = false
+                handler.session.clearPause()
+                context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                context.read()
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+/// Every frame the daemon sends: acks, errors and replies.
+public enum DaemonMessage: Sendable, Equatable {
+    /// Every frame up to `upto` on this connection is accepted (durable once the journal exists).
+    case ack(upto: UInt64)
+    /// A request failed, or a fire-and-forget op was rejected; `seq` names the frame.
+    case error(ProtocolError)
+    /// The answer to the request with this `seq`.
+    case reply(seq: UInt64, body: JSONObject)
+
+    public var json: JSONValue {
+        switch self {
+        case .ack(let upto):
+            return .object(["op": "ack", "upto": .int(Int64(upto))])
+        case .error(let e):
+            var o: JSONObject = ["op": "error"]
+            o["seq"] = e.seq.map { .int(Int64($0)) } ?? .null
+            o["code"] = .string(e.code.rawValue)
+            o["message"] = .string(e.message)
+            return .object(o)
+        case .reply(let seq, let body):
+            var o: JSONObject = ["op": "reply", "seq": .int(Int64(seq))]
+            for (k, v) in body { o[k] = v }
+            return .object(o)
+        }
+    }
+
+    public var encoded: [UInt8] { Frame.encode(json.serialized) }
+
+    public static func decode(payload: [UInt8]) throws(ProtocolError) -> DaemonMessage {
+        let json: JSONValue
+        do { json = try JSONParser.parse(payload) } catch {
+            throw ProtocolError(.badJSON, "The daemon sent a frame that is not JSON (\(error)).")
+        }
+        guard case .object(var o) = json, let op = o["op"]?.stringValue else {
+            throw ProtocolError(.badFrame, "The daemon sent a frame without an op.")
+        }
+        switch op {
+        case "ack":
+            guard let upto = o["upto"]?.intValue else { throw ProtocolError(.badFrame, "ack without upto") }
+            return .ack(upto: UInt64(upto))
+        case "error":
+            let code = ErrorCode(rawValue: o["code"]?.stringValue ?? "") ?? .internalError
+            let seq = o["seq"]?.intValue.map { UInt64($0) }
+            return .error(ProtocolError(code, o["message"]?.stringValue ?? "", seq: seq))
+        case "reply":
+            guard let seq = o["seq"]?.intValue else { throw ProtocolError(.badFrame, "reply without seq") }
+            o.removeValue(forKey: "op")
+            o.removeValue(forKey: "seq")
+            return .reply(seq: UInt64(seq), body: o)
+        default:
+            throw ProtocolError(.unknownOp, "The daemon sent an unknown op '\(op)'.")
+        }
+    }
+}
+
+extension JSONValue: ExpressibleByStringLiteral {
+    public init(stringLiteral value: String) { self = .string(value) }
+}
+
+/// What the daemon knows of one run: the `start`, `attach` and `run_info` replies.
+public struct RunDescriptor: Sendable, Equatable {
+    /// The daemon's handle: what `log`, `end` and artifact ops name.
+    public var handle: String
+    /// MLflow's run id, once the run exists in the store (`nil` while pending).
+    public var runID: String?
+    public var experimentID: String?
+    public var name: String
+    public var status: RunStatus
+    /// The parent run, for a chain.
+    public var parentHandle: String?
+
+    public init(handle: String, runID: String?, experimentID: String?, name: String, status: RunStatus, parentHandle: String? = nil) {
+        self.handle = handle
+        self.runID = runID
+        self.experimentID = experimentID
+        self.name = name
+        self.status = status
+        self.parentHandle = parentHandle
+    }
+
+    public var json: JSONObject {
+        var o: JSONObject = ["handle": .string(handle)]
+        o["run_id"] = runID.map { .string($0) } ?? .null
+        o["experiment_id"] = experimentID.map { .string($0) } ?? .null
+        o["name"] = .string(name)
+        o["status"] = .string(status.rawValue)
+        if let parentHandle { o["parent"] = .string(parentHandle) }
+        return o
+    }
+
+    public init?(json o: JSONObject) {
+        guard let handle = o["handle"]?.stringValue, let status = o["status"]?.stringValue.flatMap(RunStatus.init(rawValue:)) else { return nil }
+        self.init(handle: handle, runID: o["run_id"]?.stringValue, experimentID: o["experiment_id"]?.stringValue,
+                  name: o["name"]?.stringValue ?? "", status: status, parentHandle: o["parent"]?.stringValue)
+    }
+}
+
+/// The daemon's answer to `hello`.
+public struct HelloReply: Sendable, Equatable {
+    public var daemonVersion: String
+    public var protocolVersion: Int
+    public var limits: ProtocolLimits
+    /// The peer's identity as the daemon sees it (from the socket, not from the client).
+    public var uid: UInt32
+    public var pid: Int32
+
+    public init(daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32) {
+        self.daemonVersion = daemonVersion
+        self.protocolVersion = protocolVersion
+        self.limits = limits
+        self.uid = uid
+        self.pid = pid
+    }
+
+    public var json: JSONObject {
+        [
+            "daemon_version": .string(daemonVersion),
+            "protocol": .int(Int64(protocolVersion)),
+            "limits": .object([
+                "max_frame_bytes": .int(Int64(limits.maxFrameBytes)),
+                "max_chunk_bytes": .int(Int64(limits.maxChunkBytes)),
+                "max_depth": .int(Int64(limits.maxDepth)),
+            ]),
+            "uid": .int(Int64(uid)),
+            "pid": .int(Int64(pid)),
+        ]
+    }
+
+    public init?(json o: JSONObject) {
+        guard let version = o["daemon_version"]?.stringValue, let proto = o["protocol"]?.intValue, let limits = o["limits"] else { return nil }
+        self.init(
+            daemonVersion: version, protocolVersion: Int(proto),
+            limits: ProtocolLimits(
+                maxFrameBytes: Int(limits["max_frame_bytes"]?.intValue ?? Int64(ProtocolLimits.default.maxFrameBytes)),
+                maxChunkBytes: Int(limits["max_chunk_bytes"]?.intValue ?? Int64(ProtocolLimits.default.maxChunkBytes)),
+                maxDepth: Int(limits["max_depth"]?.intValue ?? Int64(ProtocolLimits.default.maxDepth))),
+            uid: UInt32(o["uid"]?.intValue ?? 0), pid: Int32(o["pid"]?.intValue ?? 0))
+    }
+}
+
+/// The daemon's answer to `flush`: whether everything was reached within the bound, and what is left.
+public struct FlushReply: Sendable, Equatable {
+    public var complete: Bool
+    public var pendingRecords: Int
+    public var level: FlushLevel
+
+    public init(complete: Bool, pendingRecords: Int, level: FlushLevel) {
+        self.complete = complete
+        self.pendingRecords = pendingRecords
+        self.level = level
+    }
+
+    public var json: JSONObject {
+        ["complete": .bool(complete), "pending_records": .int(Int64(pendingRecords)), "wait": .string(level.rawValue)]
+    }
+
+    public init?(json o: JSONObject) {
+        guard let complete = o["complete"]?.boolValue else { return nil }
+        self.init(complete: complete, pendingRecords: Int(o["pending_records"]?.intValue ?? 0),
+                  level: o["wait"]?.stringValue.flatMap(FlushLevel.init(rawValue:)) ?? .durable)
+    }
+}

@@ -1,0 +1,36 @@
+/// The stable error codes of the protocol (`{"op":"error","code":…}`).
+public enum ErrorCode: String, Sendable, CaseIterable, Error {
+    case frameTooLarge = "FRAME_TOO_LARGE"
+    case badJSON = "BAD_JSON"
+    case badFrame = "BAD_FRAME"
+    case unknownOp = "UNKNOWN_OP"
+    case unsupportedProtocol = "UNSUPPORTED_PROTOCOL"
+    case helloRequired = "HELLO_REQUIRED"
+    case badSequence = "BAD_SEQUENCE"
+    case invalidKey = "INVALID_KEY"
+    case invalidValue = "INVALID_VALUE"
+    case paramChanged = "PARAM_CHANGED"
+    case unknownHandle = "UNKNOWN_HANDLE"
+    case invalidState = "INVALID_STATE"
+    case permissionDenied = "PERMISSION_DENIED"
+    case notFound = "NOT_FOUND"
+    case sinkRejected = "SINK_REJECTED"
+    case internalError = "INTERNAL"
+    case shuttingDown = "SHUTTING_DOWN"
+}
+
+/// A protocol-level failure: a code, a message that says what to do, and the frame it answers.
+public struct ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var code: ErrorCode
+    public var message: String
+    /// The `seq` of the frame this error answers, when it is known.
+    public var seq: UInt64?
+
+    public init(_ code: ErrorCode, _ message: String, seq: UInt64? = nil) {
+        self.code = code
+        self.message = message
+        self.seq = seq
+    }
+
+    public var description: String { "\(code.rawValue): \(message)" }
+}

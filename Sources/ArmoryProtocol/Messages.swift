@@ -1,0 +1,446 @@
+import OrderedCollections
+
+/// One metric point, its values fixed at acceptance (never re-stamped at upload).
+public struct MetricPoint: Sendable, Equatable {
+    public var key: String
+    public var value: Double
+    public var step: Int64
+    /// Milliseconds since the epoch.
+    public var timestamp: Int64
+
+    public init(key: String, value: Double, step: Int64 = 0, timestamp: Int64) {
+        self.key = key
+        self.value = value
+        self.step = step
+        self.timestamp = timestamp
+    }
+
+    public static func == (a: MetricPoint, b: MetricPoint) -> Bool {
+        a.key == b.key && a.step == b.step && a.timestamp == b.timestamp
+            && (a.value == b.value || (a.value.isNaN && b.value.isNaN))
+    }
+}
+
+/// An ordered string-to-string map (params, tags), as a Python dict keeps them.
+public typealias StringMap = OrderedDictionary<String, String>
+
+/// Metrics, params and tags for one run, as MLflow's `log-batch` takes them.
+public struct LogBatch: Sendable, Equatable {
+    public var metrics: [MetricPoint]
+    public var params: StringMap
+    public var tags: StringMap
+
+    public init(metrics: [MetricPoint] = [], params: StringMap = [:], tags: StringMap = [:]) {
+        self.metrics = metrics
+        self.params = params
+        self.tags = tags
+    }
+
+    public var isEmpty: Bool { metrics.isEmpty && params.isEmpty && tags.isEmpty }
+}
+
+/// How a run ended (MLflow's terminal run statuses).
+public enum RunStatus: String, Sendable, CaseIterable {
+    case running = "RUNNING"
+    case scheduled = "SCHEDULED"
+    case finished = "FINISHED"
+    case failed = "FAILED"
+    case killed = "KILLED"
+
+    public var isTerminal: Bool { self == .finished || self == .failed || self == .killed }
+}
+
+/// The part of an evaluation chain a trackable is used as (Armory's `use_*`/`add_*`).
+public enum ComponentRole: String, Sendable, CaseIterable {
+    case dataset, perturbations, model, metrics, exporters
+}
+
+/// What a `start` or `end` names: an evaluation or chain (by client id) or a run (by handle).
+public enum RunTarget: Sendable, Equatable {
+    case evaluation(Int64)
+    case chain(Int64)
+    case run(String)
+}
+
+/// How far a `flush` waits.
+public enum FlushLevel: String, Sendable {
+    /// Every frame sent before the flush is acknowledged.
+    case durable
+    /// Every record of this connection's runs is confirmed or settled by the sink.
+    case uploaded
+}
+
+/// The `hello` handshake a client opens every connection with.
+public struct Hello: Sendable, Equatable {
+    public var protocolVersion: Int
+    public var client: String
+    public var clientVersion: String
+    /// The program's path (recorded as `mlflow.source.name`).
+    public var program: String
+    /// The process's own `MLFLOW_TRACKING_URI`, if it names one.
+    public var trackingURI: String?
+
+    public init(protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String, trackingURI: String? = nil) {
+        self.protocolVersion = protocolVersion
+        self.client = client
+        self.clientVersion = clientVersion
+        self.program = program
+        self.trackingURI = trackingURI
+    }
+}
+
+/// Every operation a client can send. See `proto/PROTOCOL.md`.
+public enum ClientOp: Sendable, Equatable {
+    case hello(Hello)
+    // Tracking contexts (fire-and-forget).
+    case trackParam(key: String, value: String)
+    case trackParams(prefix: String, function: String, values: StringMap)
+    case resetParams
+    case pushContext(nested: Bool, trackables: Bool)
+    case popContext
+    case trackable(id: Int64)
+    case evaluation(id: Int64, name: String, description: String?)
+    case chain(id: Int64, evaluation: Int64, name: String)
+    case use(target: Int64, role: ComponentRole, ids: [Int64], append: Bool)
+    // Queries (reply).
+    case getParams
+    case getTrackable(id: Int64)
+    // Runs.
+    case start(RunTarget)
+    case end(RunTarget, status: RunStatus)
+    case attach(runID: String)
+    case runInfo(run: String)
+    case log(run: String, batch: LogBatch)
+    // Artifacts.
+    case artifactOpen(run: String, path: String)
+    case artifactChunk(artifact: Int64, data: [UInt8])
+    case artifactClose(artifact: Int64)
+    // Control.
+    case flush(FlushLevel, timeoutMs: Int64)
+    case status
+
+    /// The op's name on the wire.
+    public var name: String {
+        switch self {
+        case .hello: "hello"
+        case .trackParam: "param"
+        case .trackParams: "params"
+        case .resetParams: "reset_params"
+        case .pushContext: "push_context"
+        case .popContext: "pop_context"
+        case .trackable: "trackable"
+        case .evaluation: "evaluation"
+        case .chain: "chain"
+        case .use: "use"
+        case .getParams: "get_params"
+        case .getTrackable: "get_trackable"
+        case .start: "start"
+        case .end: "end"
+        case .attach: "attach"
+        case .runInfo: "run_info"
+        case .log: "log"
+        case .artifactOpen: "artifact_open"
+        case .artifactChunk: "artifact_chunk"
+        case .artifactClose: "artifact_close"
+        case .flush: "flush"
+        case .status: "status"
+        }
+    }
+
+    /// Whether the daemon answers this op with a reply (else it is fire-and-forget).
+    public var expectsReply: Bool {
+        switch self {
+        case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status:
+            true
+        case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk:
+            false
+        }
+    }
+}
+
+/// One client frame: a sequence number and an op.
+public struct ClientFrame: Sendable, Equatable {
+    public var seq: UInt64
+    public var op: ClientOp
+
+    public init(seq: UInt64, op: ClientOp) {
+        self.seq = seq
+        self.op = op
+    }
+}
+
+// MARK: - Decoding
+
+extension ClientFrame {
+    /// Decodes a frame payload. `receivedAtMs` stamps metrics that carry no timestamp.
+    public static func decode(payload: [UInt8], receivedAtMs: Int64, maxDepth: Int = ProtocolLimits.default.maxDepth) throws(ProtocolError) -> ClientFrame {
+        let json: JSONValue
+        do {
+            json = try JSONParser.parse(payload, maxDepth: maxDepth)
+        } catch {
+            throw ProtocolError(.badJSON, "The frame is not valid JSON (\(error)). Send one UTF-8 JSON object per frame.")
+        }
+        return try decode(json: json, receivedAtMs: receivedAtMs)
+    }
+
+    public static func decode(json: JSONValue, receivedAtMs: Int64) throws(ProtocolError) -> ClientFrame {
+        guard case .object(let object) = json else {
+            throw ProtocolError(.badFrame, "A frame must be a JSON object with \"op\" and \"seq\".")
+        }
+        let fields = Fields(object: object, seq: nil)
+        guard let seqValue = object["seq"]?.intValue, seqValue >= 1 else {
+            throw ProtocolError(.badFrame, "The frame has no valid \"seq\" (an integer ≥ 1, rising by 1 on each connection).")
+        }
+        let seq = UInt64(seqValue)
+        var f = fields
+        f.seq = seq
+        guard let opName = object["op"]?.stringValue else {
+            throw ProtocolError(.badFrame, "The frame has no \"op\" string.", seq: seq)
+        }
+        let op: ClientOp
+        switch opName {
+        case "hello":
+            op = .hello(Hello(
+                protocolVersion: Int(try f.int("protocol")),
+                client: try f.optionalString("client") ?? "unknown",
+                clientVersion: try f.optionalString("client_version") ?? "",
+                program: try f.optionalString("program") ?? "",
+                trackingURI: try f.optionalString("tracking_uri")))
+        case "param":
+            op = .trackParam(key: try f.string("key"), value: try f.string("value"))
+        case "params":
+            op = .trackParams(prefix: try f.string("prefix"), function: try f.string("func"), values: try f.stringMap("values"))
+        case "reset_params": op = .resetParams
+        case "push_context":
+            op = .pushContext(nested: try f.optionalBool("nested") ?? false, trackables: try f.optionalBool("trackables") ?? false)
+        case "pop_context": op = .popContext
+        case "trackable": op = .trackable(id: try f.int("id"))
+        case "evaluation":
+            op = .evaluation(id: try f.int("id"), name: try f.string("name"), description: try f.optionalString("description"))
+        case "chain":
+            op = .chain(id: try f.int("id"), evaluation: try f.int("evaluation"), name: try f.string("name"))
+        case "use":
+            let roleName = try f.string("role")
+            guard let role = ComponentRole(rawValue: roleName) else {
+                throw ProtocolError(.invalidValue, "Unknown role '\(roleName)': use one of \(ComponentRole.allCases.map(\.rawValue).joined(separator: ", ")).", seq: seq)
+            }
+            op = .use(target: try f.int("target"), role: role, ids: try f.intArray("ids"), append: try f.optionalBool("append") ?? false)
+        case "get_params": op = .getParams
+        case "get_trackable": op = .getTrackable(id: try f.int("id"))
+        case "start": op = .start(try f.runTarget())
+        case "end":
+            let statusName = try f.optionalString("status") ?? "FINISHED"
+            guard let status = RunStatus(rawValue: statusName), status.isTerminal else {
+                throw ProtocolError(.invalidValue, "Unknown end status '\(statusName)': use FINISHED, FAILED or KILLED.", seq: seq)
+            }
+            op = .end(try f.runTarget(), status: status)
+        case "attach": op = .attach(runID: try f.string("run_id"))
+        case "run_info": op = .runInfo(run: try f.string("run"))
+        case "log":
+            op = .log(run: try f.string("run"), batch: try f.logBatch(receivedAtMs: receivedAtMs))
+        case "artifact_open": op = .artifactOpen(run: try f.string("run"), path: try f.string("path"))
+        case "artifact_chunk":
+            let text = try f.string("data")
+            guard let data = Base64.decode(text) else {
+                throw ProtocolError(.invalidValue, "\"data\" of artifact_chunk is not valid base64.", seq: seq)
+            }
+            op = .artifactChunk(artifact: try f.int("artifact"), data: data)
+        case "artifact_close": op = .artifactClose(artifact: try f.int("artifact"))
+        case "flush":
+            let levelName = try f.optionalString("wait") ?? "durable"
+            guard let level = FlushLevel(rawValue: levelName) else {
+                throw ProtocolError(.invalidValue, "Unknown flush level '\(levelName)': use \"durable\" or \"uploaded\".", seq: seq)
+            }
+            op = .flush(level, timeoutMs: try f.optionalInt("timeout_ms") ?? 10_000)
+        case "status": op = .status
+        default:
+            throw ProtocolError(.unknownOp, "Unknown op '\(opName)'. This daemon speaks protocol \(ProtocolVersion.supported); see proto/PROTOCOL.md for the ops it knows.", seq: seq)
+        }
+        return ClientFrame(seq: seq, op: op)
+    }
+
+    /// Typed access to a frame's members, with errors that name the member and the op.
+    private struct Fields {
+        let object: JSONObject
+        var seq: UInt64?
+
+        func missing(_ key: String, _ what: String) -> ProtocolError {
+            ProtocolError(.badFrame, "\"\(key)\" must be \(what) in op '\(object["op"]?.stringValue ?? "?")'.", seq: seq)
+        }
+
+        func string(_ key: String) throws(ProtocolError) -> String {
+            guard let s = object[key]?.stringValue else { throw missing(key, "a string") }
+            return s
+        }
+
+        func optionalString(_ key: String) throws(ProtocolError) -> String? {
+            guard let v = object[key], !v.isNull else { return nil }
+            guard let s = v.stringValue else { throw missing(key, "a string") }
+            return s
+        }
+
+        func int(_ key: String) throws(ProtocolError) -> Int64 {
+            guard let i = object[key]?.intValue else { throw missing(key, "an integer") }
+            return i
+        }
+
+        func optionalInt(_ key: String) throws(ProtocolError) -> Int64? {
+            guard let v = object[key], !v.isNull else { return nil }
+            guard let i = v.intValue else { throw missing(key, "an integer") }
+            return i
+        }
+
+        func optionalBool(_ key: String) throws(ProtocolError) -> Bool? {
+            guard let v = object[key], !v.isNull else { return nil }
+            guard let b = v.boolValue else { throw missing(key, "true or false") }
+            return b
+        }
+
+        func intArray(_ key: String) throws(ProtocolError) -> [Int64] {
+            guard let array = object[key]?.arrayValue else { throw missing(key, "an array of integers") }
+            var out: [Int64] = []
+            for element in array {
+                guard let i = element.intValue else { throw missing(key, "an array of integers") }
+                out.append(i)
+            }
+            return out
+        }
+
+        func stringMap(_ key: String) throws(ProtocolError) -> StringMap {
+            guard let v = object[key], !v.isNull else { return [:] }
+            guard let members = v.objectValue else { throw missing(key, "an object of strings") }
+            var out = StringMap()
+            for (k, value) in members {
+                guard let s = value.stringValue else {
+                    throw ProtocolError(.invalidValue, "Value of '\(k)' in \"\(key)\" must be a string: clients stringify values (Python str()) before sending.", seq: seq)
+                }
+                out[k] = s
+            }
+            return out
+        }
+
+        func runTarget() throws(ProtocolError) -> RunTarget {
+            if let id = try optionalInt("chain") { return .chain(id) }
+            if let id = try optionalInt("evaluation") { return .evaluation(id) }
+            if let handle = try optionalString("run") { return .run(handle) }
+            throw ProtocolError(.badFrame, "Name what to act on: \"evaluation\" (id), \"chain\" (id) or \"run\" (handle).", seq: seq)
+        }
+
+        func logBatch(receivedAtMs: Int64) throws(ProtocolError) -> LogBatch {
+            var batch = LogBatch(params: try stringMap("params"), tags: try stringMap("tags"))
+            if let v = object["metrics"], !v.isNull {
+                guard let rows = v.arrayValue else { throw missing("metrics", "an array of [key, value, step, timestamp]") }
+                batch.metrics.reserveCapacity(rows.count)
+                for row in rows {
+                    guard let cells = row.arrayValue, cells.count >= 2, cells.count <= 4, let key = cells[0].stringValue else {
+                        throw missing("metrics", "an array of [key, value, step, timestamp]")
+                    }
+                    guard let value = cells[1].doubleValue else {
+                        throw ProtocolError(.invalidValue, "Metric '\(key)' has a value that is not a number (send numbers, or \"NaN\", \"Infinity\", \"-Infinity\").", seq: seq)
+                    }
+                    var step: Int64 = 0
+                    var timestamp = receivedAtMs
+                    if cells.count > 2, !cells[2].isNull {
+                        guard let s = cells[2].intValue else {
+                            throw ProtocolError(.invalidValue, "Metric '\(key)' has a step that is not an integer.", seq: seq)
+                        }
+                        step = s
+                    }
+                    if cells.count > 3, !cells[3].isNull {
+                        guard let t = cells[3].intValue else {
+                            throw ProtocolError(.invalidValue, "Metric '\(key)' has a timestamp that is not an integer (milliseconds since the epoch).", seq: seq)
+                        }
+                        timestamp = t
+                    }
+                    batch.metrics.append(MetricPoint(key: key, value: value, step: step, timestamp: timestamp))
+                }
+            }
+            return batch
+        }
+    }
+}
+
+// MARK: - Encoding
+
+extension ClientFrame {
+    /// The frame's JSON object.
+    public var json: JSONValue {
+        var o: JSONObject = ["op": .string(op.name), "seq": .int(Int64(seq))]
+        switch op {
+        case .hello(let h):
+            o["protocol"] = .int(Int64(h.protocolVersion))
+            o["client"] = .string(h.client)
+            o["client_version"] = .string(h.clientVersion)
+            o["program"] = .string(h.program)
+            if let uri = h.trackingURI { o["tracking_uri"] = .string(uri) }
+        case .trackParam(let key, let value):
+            o["key"] = .string(key)
+            o["value"] = .string(value)
+        case .trackParams(let prefix, let function, let values):
+            o["prefix"] = .string(prefix)
+            o["func"] = .string(function)
+            o["values"] = .object(values.mapValues { .string($0) })
+        case .resetParams, .popContext, .getParams, .status:
+            break
+        case .pushContext(let nested, let trackables):
+            o["nested"] = .bool(nested)
+            o["trackables"] = .bool(trackables)
+        case .trackable(let id), .getTrackable(let id):
+            o["id"] = .int(id)
+        case .evaluation(let id, let name, let description):
+            o["id"] = .int(id)
+            o["name"] = .string(name)
+            if let description { o["description"] = .string(description) }
+        case .chain(let id, let evaluation, let name):
+            o["id"] = .int(id)
+            o["evaluation"] = .int(evaluation)
+            o["name"] = .string(name)
+        case .use(let target, let role, let ids, let append):
+            o["target"] = .int(target)
+            o["role"] = .string(role.rawValue)
+            o["ids"] = .array(ids.map { .int($0) })
+            if append { o["append"] = .bool(true) }
+        case .start(let target):
+            target.write(into: &o)
+        case .end(let target, let status):
+            target.write(into: &o)
+            o["status"] = .string(status.rawValue)
+        case .attach(let runID):
+            o["run_id"] = .string(runID)
+        case .runInfo(let run):
+            o["run"] = .string(run)
+        case .log(let run, let batch):
+            o["run"] = .string(run)
+            if !batch.metrics.isEmpty {
+                o["metrics"] = .array(batch.metrics.map { .array([.string($0.key), .double($0.value), .int($0.step), .int($0.timestamp)]) })
+            }
+            if !batch.params.isEmpty { o["params"] = .object(batch.params.mapValues { .string($0) }) }
+            if !batch.tags.isEmpty { o["tags"] = .object(batch.tags.mapValues { .string($0) }) }
+        case .artifactOpen(let run, let path):
+            o["run"] = .string(run)
+            o["path"] = .string(path)
+        case .artifactChunk(let artifact, let data):
+            o["artifact"] = .int(artifact)
+            o["data"] = .string(Base64.encode(data))
+        case .artifactClose(let artifact):
+            o["artifact"] = .int(artifact)
+        case .flush(let level, let timeoutMs):
+            o["wait"] = .string(level.rawValue)
+            o["timeout_ms"] = .int(timeoutMs)
+        }
+        return .object(o)
+    }
+
+    /// The complete frame: length prefix and JSON payload.
+    public var encoded: [UInt8] { Frame.encode(json.serialized) }
+}
+
+extension RunTarget {
+    func write(into o: inout JSONObject) {
+        switch self {
+        case .evaluation(let id): o["evaluation"] = .int(id)
+        case .chain(let id): o["chain"] = .int(id)
+        case .run(let handle): o["run"] = .string(handle)
+        }
+    }
+}

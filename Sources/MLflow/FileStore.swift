@@ -1,0 +1,367 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import ArmoryProtocol
+import Foundation
+
+/// A run as MLflow's file store records it in `meta.yaml`.
+public struct FileStoreRun: Sendable, Equatable {
+    public var runID: String
+    public var experimentID: String
+    public var name: String
+    public var userID: String
+    public var status: RunStatus
+    public var startTime: Int64
+    public var endTime: Int64?
+
+    public init(runID: String, experimentID: String, name: String, userID: String, status: RunStatus, startTime: Int64, endTime: Int64? = nil) {
+        self.runID = runID
+        self.experimentID = experimentID
+        self.name = name
+        self.userID = userID
+        self.status = status
+        self.startTime = startTime
+        self.endTime = endTime
+    }
+}
+
+/// Why the file store refused or failed an operation.
+public enum FileStoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// MLflow params are immutable: the key already holds another value.
+    case paramChanged(key: String, old: String, new: String)
+    case experimentDeleted(name: String, id: String)
+    case runNotFound(String)
+    case invalidPath(String)
+    case io(String)
+
+    public var description: String {
+        switch self {
+        case .paramChanged(let key, let old, let new):
+            "Param '\(key)' was already logged with value '\(old.prefix(100))'; MLflow params cannot change (new value '\(new.prefix(100))'). Use a new key or a tag, or start a new run."
+        case .experimentDeleted(let name, let id):
+            "Experiment '\(name)' (id \(id)) is deleted. Restore it with `mlflow experiments restore --experiment-id \(id)` or choose another evaluation name."
+        case .runNotFound(let id):
+            "No run with id '\(id)' in the local store."
+        case .invalidPath(let path):
+            "Invalid artifact path '\(path)': use a relative path without '..' segments."
+        case .io(let message):
+            message
+        }
+    }
+}
+
+/// MLflow's file-store layout (`mlruns/`), written exactly as MLflow 3.17.2 writes it, so the real
+/// MLflow (with `MLFLOW_ALLOW_FILE_STORE=true`) and `mlflow migrate-filestore` read it.
+///
+/// Not thread-safe: one owner (the daemon's uploader) calls it from one thread at a time.
+public final class FileStore {
+    public let root: String
+    private var experimentIDs: [String: String] = [:]
+    private var metaCache: [String: FileStoreRun] = [:]
+
+    /// Opens (and lays out, if new) the store at `root`, an absolute path.
+    public init(root: String) throws(FileStoreError) {
+        self.root = root.hasSuffix("/") && root.count > 1 ? String(root.dropLast()) : root
+        try makeDirectory(self.root)
+        try makeDirectory(self.root + "/.trash")
+        if !FileManager.default.fileExists(atPath: self.root + "/0/meta.yaml") {
+            try writeExperimentMeta(id: "0", name: "Default", time: Self.nowMs())
+        }
+    }
+
+    public static func nowMs() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+    }
+
+    // MARK: Experiments
+
+    /// The id of the experiment called `name`, created if there is none (get-or-create by name).
+    public func experimentID(named name: String) throws(FileStoreError) -> String {
+        if let id = experimentIDs[name] { return id }
+        let (active, deleted) = scanExperiments()
+        if let id = active[name] {
+            experimentIDs[name] = id
+            return id
+        }
+        if let id = deleted[name] { throw .experimentDeleted(name: name, id: id) }
+        var id = Self.newExperimentID()
+        while FileManager.default.fileExists(atPath: root + "/" + id) { id = Self.newExperimentID() }
+        try writeExperimentMeta(id: id, name: name, time: Self.nowMs())
+        experimentIDs[name] = id
+        return id
+    }
+
+    /// MLflow's experiment ids: 18 random decimal digits, no leading zero.
+    static func newExperimentID() -> String {
+        var digits = String((1...9).randomElement()!)
+        for _ in 1..<18 { digits += String((0...9).randomElement()!) }
+        return digits
+    }
+
+    private func scanExperiments() -> (active: [String: String], deleted: [String: String]) {
+        var active: [String: String] = [:]
+        var deleted: [String: String] = [:]
+        for (dir, isTrash) in [(root, false), (root + "/.trash", true)] {
+            for entry in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where !entry.hasPrefix(".") {
+                guard let meta = readYAML(dir + "/" + entry + "/meta.yaml"), let name = meta["name"] else { continue }
+                if isTrash || meta["lifecycle_stage"] == "deleted" { deleted[name] = entry } else { active[name] = entry }
+            }
+        }
+        return (active, deleted)
+    }
+
+    private func writeExperimentMeta(id: String, name: String, time: Int64) throws(FileStoreError) {
+        let dir = root + "/" + id
+        try makeDirectory(dir)
+        let meta = """
+            artifact_location: \(YAMLScalar.quoted(Self.fileURI(dir)))
+            creation_time: \(time)
+            effective_trace_archival_retention: null
+            experiment_id: '\(id)'
+            last_update_time: \(time)
+            lifecycle_stage: active
+            name: \(YAMLScalar.quoted(name))
+            trace_location: null
+            workspace: default
+
+            """
+        try writeAtomically(dir + "/meta.yaml", Array(meta.utf8))
+    }
+
+    // MARK: Runs
+
+    public func runDirectory(_ run: FileStoreRun) -> String { root + "/" + run.experimentID + "/" + run.runID }
+
+    /// Creates the run's directory, `meta.yaml` and its initial tags. Creating it again is a no-op
+    /// apart from rewriting the same files (replay-safe).
+    public func createRun(_ run: FileStoreRun, tags: StringMap) throws(FileStoreError) {
+        let dir = runDirectory(run)
+        for sub in ["", "/artifacts", "/metrics", "/params", "/tags"] { try makeDirectory(dir + sub) }
+        try writeRunMeta(run)
+        try writeTags(dir, tags)
+        metaCache[run.runID] = run
+    }
+
+    /// Sets the run's status and end time (MLflow's `update_run_info`).
+    public func updateRun(runID: String, experimentID: String, status: RunStatus, endTime: Int64?) throws(FileStoreError) {
+        guard var run = try loadRun(runID: runID, experimentID: experimentID) else { throw .runNotFound(runID) }
+        run.status = status
+        run.endTime = endTime
+        try writeRunMeta(run)
+        metaCache[runID] = run
+    }
+
+    /// Appends metrics, writes params (immutable) and tags (overwritten).
+    public func logBatch(runID: String, experimentID: String, _ batch: LogBatch) throws(FileStoreError) {
+        let dir = root + "/" + experimentID + "/" + runID
+        for (key, value) in batch.params {
+            let path = dir + "/params/" + key
+            if let existing = readFile(path) {
+                let old = String(decoding: existing, as: UTF8.self)
+                if old != value { throw .paramChanged(key: key, old: old, new: value) }
+                continue
+            }
+            try writeFile(path, Array(value.utf8))
+        }
+        try writeTags(dir, batch.tags)
+        guard !batch.metrics.isEmpty else { return }
+        var lines: [String: [UInt8]] = [:]
+        var order: [String] = []
+        for m in batch.metrics {
+            if lines[m.key] == nil { order.append(m.key); lines[m.key] = [] }
+            lines[m.key]!.append(contentsOf: "\(m.timestamp) \(PythonFloat.repr(m.value)) \(m.step)\n".utf8)
+        }
+        for key in order { try appendFile(dir + "/metrics/" + key, lines[key]!) }
+    }
+
+    /// Moves (or copies, across file systems) a finished spool file into the run's artifacts.
+    public func storeArtifact(runID: String, experimentID: String, path: String, from source: String) throws(FileStoreError) {
+        guard !path.isEmpty, MLflowRules.posixNormalizedPath(path) == path, !path.hasPrefix("/"), !path.hasPrefix("..") else {
+            throw .invalidPath(path)
+        }
+        let target = root + "/" + experimentID + "/" + runID + "/artifacts/" + path
+        if let slash = target.lastIndex(of: "/") { try makeDirectory(String(target[..<slash])) }
+        if rename(source, target) == 0 { return }
+        guard errno == EXDEV else { throw .io("cannot move artifact into \(target): \(String(cString: strerror(errno)))") }
+        do {
+            if FileManager.default.fileExists(atPath: target) { try FileManager.default.removeItem(atPath: target) }
+            try FileManager.default.copyItem(atPath: source, toPath: target)
+            try FileManager.default.removeItem(atPath: source)
+        } catch {
+            throw .io("cannot copy artifact into \(target): \(error)")
+        }
+    }
+
+    /// Finds a run by id in any experiment (for `attach`).
+    public func findRun(runID: String) -> FileStoreRun? {
+        if let cached = metaCache[runID] { return cached }
+        guard runID.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" }) else { return nil }
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] where !entry.hasPrefix(".") {
+            if let run = try? loadRun(runID: runID, experimentID: entry) { return run }
+        }
+        return nil
+    }
+
+    /// The run's params as the store holds them.
+    public func params(of run: FileStoreRun) -> StringMap {
+        readTree(runDirectory(run) + "/params")
+    }
+
+    /// The run's tags as the store holds them.
+    public func tags(of run: FileStoreRun) -> StringMap {
+        readTree(runDirectory(run) + "/tags")
+    }
+
+    private func loadRun(runID: String, experimentID: String) throws(FileStoreError) -> FileStoreRun? {
+        if let cached = metaCache[runID], cached.experimentID == experimentID { return cached }
+        guard let meta = readYAML(root + "/" + experimentID + "/" + runID + "/meta.yaml") else { return nil }
+        let statusCode = Int(meta["status"] ?? "") ?? 1
+        let run = FileStoreRun(
+            runID: runID, experimentID: experimentID, name: meta["run_name"] ?? "",
+            userID: meta["user_id"] ?? "", status: Self.status(code: statusCode),
+            startTime: Int64(meta["start_time"] ?? "") ?? 0, endTime: Int64(meta["end_time"] ?? ""))
+        metaCache[runID] = run
+        return run
+    }
+
+    static func statusCode(_ status: RunStatus) -> Int {
+        switch status {
+        case .running: 1
+        case .scheduled: 2
+        case .finished: 3
+        case .failed: 4
+        case .killed: 5
+        }
+    }
+
+    static func status(code: Int) -> RunStatus {
+        switch code {
+        case 2: .scheduled
+        case 3: .finished
+        case 4: .failed
+        case 5: .killed
+        default: .running
+        }
+    }
+
+    private func writeRunMeta(_ run: FileStoreRun) throws(FileStoreError) {
+        let dir = runDirectory(run)
+        let meta = """
+            artifact_uri: \(YAMLScalar.quoted(Self.fileURI(dir + "/artifacts")))
+            end_time: \(run.endTime.map(String.init) ?? "null")
+            entry_point_name: ''
+            experiment_id: '\(run.experimentID)'
+            lifecycle_stage: active
+            run_id: \(YAMLScalar.quoted(run.runID))
+            run_name: \(YAMLScalar.quoted(run.name))
+            source_name: ''
+            source_type: 4
+            source_version: ''
+            start_time: \(run.startTime)
+            status: \(Self.statusCode(run.status))
+            tags: []
+            user_id: \(YAMLScalar.quoted(run.userID))
+
+            """
+        try writeAtomically(dir + "/meta.yaml", Array(meta.utf8))
+    }
+
+    private func writeTags(_ runDir: String, _ tags: StringMap) throws(FileStoreError) {
+        for (key, value) in tags { try writeFile(runDir + "/tags/" + key, Array(value.utf8)) }
+    }
+
+    /// `file://` URI of an absolute path, percent-encoding what a URI cannot hold.
+    static func fileURI(_ path: String) -> String {
+        var allowed = CharacterSet.urlPathAllowed
+        allowed.remove(charactersIn: ";?#%")
+        return "file://" + (path.addingPercentEncoding(withAllowedCharacters: allowed) ?? path)
+    }
+
+    // MARK: Files
+
+    private func makeDirectory(_ path: String) throws(FileStoreError) {
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        } catch {
+            throw .io("cannot create directory \(path): \(error.localizedDescription)")
+        }
+    }
+
+    private func parentDirectory(of path: String) throws(FileStoreError) {
+        if let slash = path.lastIndex(of: "/") { try makeDirectory(String(path[..<slash])) }
+    }
+
+    private func writeFile(_ path: String, _ bytes: [UInt8]) throws(FileStoreError) {
+        try parentDirectory(of: path)
+        try writeAll(path, bytes, flags: O_WRONLY | O_CREAT | O_TRUNC)
+    }
+
+    private func appendFile(_ path: String, _ bytes: [UInt8]) throws(FileStoreError) {
+        try parentDirectory(of: path)
+        try writeAll(path, bytes, flags: O_WRONLY | O_CREAT | O_APPEND)
+    }
+
+    private func writeAtomically(_ path: String, _ bytes: [UInt8]) throws(FileStoreError) {
+        let temp = path + ".tmp"
+        try writeAll(temp, bytes, flags: O_WRONLY | O_CREAT | O_TRUNC)
+        guard rename(temp, path) == 0 else { throw .io("cannot replace \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    private func writeAll(_ path: String, _ bytes: [UInt8], flags: Int32) throws(FileStoreError) {
+        let fd = open(path, flags | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .io("cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .io("cannot write \(path): \(String(cString: strerror(errno)))")
+            }
+            offset += n
+        }
+    }
+
+    private func readFile(_ path: String) -> [UInt8]? {
+        FileManager.default.contents(atPath: path).map { Array($0) }
+    }
+
+    /// Files under `dir` as a map from their relative path to their content (keys with `/` nest).
+    private func readTree(_ dir: String) -> StringMap {
+        var out = StringMap()
+        guard let walker = FileManager.default.enumerator(atPath: dir) else { return out }
+        while let relative = walker.nextObject() as? String {
+            var isDir: ObjCBool = false
+            let path = dir + "/" + relative
+            if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), !isDir.boolValue, let bytes = readFile(path) {
+                out[relative] = String(decoding: bytes, as: UTF8.self)
+            }
+        }
+        return out
+    }
+
+    /// Reads the flat `key: value` lines of a `meta.yaml` (what we write, and what MLflow writes).
+    private func readYAML(_ path: String) -> [String: String]? {
+        guard let bytes = readFile(path) else { return nil }
+        var out: [String: String] = [:]
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":"), !line.hasPrefix(" ") else { continue }
+            let key = String(line[..<colon])
+            var value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            if value.hasPrefix("'") && value.hasSuffix("'") && value.count >= 2 {
+                value = String(value.dropFirst().dropLast()).replacingOccurrences(of: "''", with: "'")
+            } else if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2,
+                      case .string(let s)? = try? JSONParser.parse(Array(value.utf8)) {
+                value = s
+            }
+            out[key] = value
+        }
+        return out
+    }
+}

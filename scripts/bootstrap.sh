@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need, once: Debian packages and the
+# Python virtual environment with the real MLflow. Safe to run repeatedly;
+# runs without a terminal (CI=true, no stdin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(libsystemd-dev pkg-config)
+VENV=${ARMORY_VENV:-.venv}
+MLFLOW_SPEC='mlflow[auth]==3.17.2'
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" </dev/null
+fi
+
+command -v swift >/dev/null || { echo "bootstrap: swift is not on PATH (Swift 6.x is required: https://www.swift.org/install/linux/)" >&2; exit 1; }
+
+stamp="$VENV/.armory-bootstrap"
+want="$MLFLOW_SPEC pytest"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: creating $VENV with $want (about a minute)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest </dev/null
+  echo "$want" > "$stamp"
+fi
