@@ -69,11 +69,12 @@ public final class Session {
         lastSeq = max(lastSeq, frame.seq)
         do {
             if frame.seq != expected {
-                reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) arrived where \(expected) was expected: seq starts at 1 and rises by 1 on each connection.", seq: frame.seq))
+                reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) arrived where \(expected) was expected: seq starts at 1 and rises by 1 on each connection.", seq: frame.seq, op: frame.op.name))
             }
             return try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
         } catch var error {
             error.seq = error.seq ?? frame.seq
+            error.op = error.op ?? frame.op.name
             return .error(error)
         }
     }

@@ -14,6 +14,7 @@ public enum DaemonMessage: Sendable, Equatable {
         case .error(let e):
             var o: JSONObject = ["op": "error"]
             o["seq"] = e.seq.map { .int(Int64($0)) } ?? .null
+            if let op = e.op { o["failed_op"] = .string(op) }
             o["code"] = .string(e.code.rawValue)
             o["message"] = .string(e.message)
             return .object(o)
@@ -41,7 +42,7 @@ public enum DaemonMessage: Sendable, Equatable {
         case "error":
             let code = ErrorCode(rawValue: o["code"]?.stringValue ?? "") ?? .internalError
             let seq = o["seq"]?.intValue.map { UInt64($0) }
-            return .error(ProtocolError(code, o["message"]?.stringValue ?? "", seq: seq))
+            return .error(ProtocolError(code, o["message"]?.stringValue ?? "", seq: seq, op: o["failed_op"]?.stringValue))
         case "reply":
             guard let seq = o["seq"]?.intValue else { throw ProtocolError(.badFrame, "reply without seq") }
             o.removeValue(forKey: "op")

@@ -25,12 +25,18 @@ public struct ProtocolError: Error, Equatable, Sendable, CustomStringConvertible
     public var message: String
     /// The `seq` of the frame this error answers, when it is known.
     public var seq: UInt64?
+    /// The op of that frame (`log`, `param`, …), when it is known.
+    public var op: String?
 
-    public init(_ code: ErrorCode, _ message: String, seq: UInt64? = nil) {
+    public init(_ code: ErrorCode, _ message: String, seq: UInt64? = nil, op: String? = nil) {
         self.code = code
         self.message = message
         self.seq = seq
+        self.op = op
     }
 
-    public var description: String { "\(code.rawValue): \(message)" }
+    public var description: String {
+        let origin = [op.map { "op '\($0)'" }, seq.map { "seq \($0)" }].compactMap { $0 }.joined(separator: ", ")
+        return "\(code.rawValue)\(origin.isEmpty ? "" : " (\(origin))"): \(message)"
+    }
 }
