@@ -9,7 +9,7 @@ public enum StatusReport {
         let clients = services.statistics.clients
         let runs = services.registry.activeRuns
         var o = JSONObject()
-        o["state"] = .string(counters.lastError == nil || counters.rejectedRecords == 0 ? "running" : "degraded")
+        o["state"] = .string(counters.isDegraded ? "degraded" : "running")
         o["pid"] = .int(Int64(ProcessInfo.processInfo.processIdentifier))
         o["version"] = .string(DaemonServices.version)
         o["uptime_s"] = .double((Date().timeIntervalSince(services.startedAt) * 10).rounded() / 10)

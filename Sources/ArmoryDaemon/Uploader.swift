@@ -29,7 +29,14 @@ public final class Uploader: @unchecked Sendable {
         public var metricsWritten: UInt64 = 0
         public var rejectedRecords: UInt64 = 0
         public var lastError: String?
+        public var lastErrorMs: Int64?
         public var lastSuccessMs: Int64?
+
+        /// The most recent sink call failed: the store is refusing or unreachable.
+        public var isDegraded: Bool {
+            guard let lastErrorMs else { return false }
+            return lastErrorMs > (lastSuccessMs ?? 0)
+        }
     }
 
     private let condition = NSCondition()
@@ -167,8 +174,11 @@ public final class Uploader: @unchecked Sendable {
             counters.appliedRecords += UInt64(batch.count - outcome.rejected)
             counters.rejectedRecords += UInt64(outcome.rejected)
             counters.metricsWritten += UInt64(outcome.metrics)
-            if let error = outcome.lastError { counters.lastError = error }
-            if outcome.rejected < batch.count { counters.lastSuccessMs = Self.nowMs() }
+            if let error = outcome.lastError {
+                counters.lastError = error
+                counters.lastErrorMs = Self.nowMs()
+            }
+            if outcome.succeeded { counters.lastSuccessMs = Self.nowMs() }
             var ready: [@Sendable () -> Void] = []
             waiters.removeAll { waiter in
                 guard waiter.ticket <= settledTicket else { return false }
@@ -186,7 +196,8 @@ public final class Uploader: @unchecked Sendable {
 
     /// Applies a batch in order. Consecutive metric-only logs of one run are merged into one
     /// sink call (their order kept); everything else is applied record by record.
-    private func apply(_ batch: [Item]) -> (rejected: Int, metrics: Int, lastError: String?) {
+    private func apply(_ batch: [Item]) -> (rejected: Int, metrics: Int, lastError: String?, succeeded: Bool) {
+        var succeeded = false
         var rejected = 0
         var metrics = 0
         var lastError: String?
@@ -210,6 +221,7 @@ public final class Uploader: @unchecked Sendable {
                     do {
                         try sink.log(runID: runID, batch: merged)
                         metrics += merged.metrics.count
+                        succeeded = true
                     } catch {
                         rejected += end - index
                         lastError = error.description
@@ -226,6 +238,7 @@ public final class Uploader: @unchecked Sendable {
                     case .artifact(let runID, let path, let spoolPath): try sink.storeArtifact(runID: runID, path: path, spoolPath: spoolPath); result = .success(nil)
                     }
                     metrics += record.metricCount
+                    succeeded = true
                 } catch {
                     result = .failure(error)
                     rejected += 1
@@ -235,7 +248,7 @@ public final class Uploader: @unchecked Sendable {
                 index += 1
             }
         }
-        return (rejected, metrics, lastError)
+        return (rejected, metrics, lastError, succeeded)
     }
 
     static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }

@@ -1,0 +1,37 @@
+# armoryd — two commands: `make demo` and `make test` (both install what is missing first).
+SHELL := /bin/bash
+SWIFT ?= swift
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := .build/debug
+
+.PHONY: all bootstrap build demo test test-swift test-python bench clean
+
+all: build
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+build: bootstrap
+	$(SWIFT) build
+
+demo: build
+	@bash scripts/demo.sh
+
+test: build
+	$(MAKE) test-swift
+	$(MAKE) test-python
+
+test-swift:
+	$(SWIFT) test
+
+test-python:
+	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python
+
+# Benchmarks: release build, figures next to baselines measured in the same run.
+bench: bootstrap
+	$(SWIFT) build -c release --product armory-bench --product armoryd
+	.build/release/armory-bench --daemon .build/release/armoryd
+
+clean:
+	rm -rf .build

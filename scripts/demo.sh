@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `make demo`: start armoryd on the local store (or reuse a running one), run the example
+# evaluation, show `armoryctl status` and where the results are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.build/debug
+ARMORY_HOME=${ARMORY_HOME:-$HOME/.armory}
+export ARMORY_HOME
+mkdir -p "$ARMORY_HOME"
+
+if "$BIN/armoryctl" status >/dev/null 2>&1; then
+  echo "demo: reusing the armoryd that is already running"
+else
+  echo "demo: starting armoryd in the background (log: $ARMORY_HOME/armoryd.log)"
+  nohup "$BIN/armoryd" >>"$ARMORY_HOME/armoryd.log" 2>&1 </dev/null &
+  for _ in $(seq 1 100); do
+    "$BIN/armoryctl" status >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
+"$BIN/armoryctl" status >/dev/null 2>&1 || { echo "demo: armoryd did not start; see $ARMORY_HOME/armoryd.log" >&2; tail -5 "$ARMORY_HOME/armoryd.log" >&2; exit 1; }
+
+echo
+echo "demo: running the example evaluation (armory-example)"
+"$BIN/armory-example"
+echo
+"$BIN/armoryctl" status || true
+
+store=$("$BIN/armoryctl" status --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["destination"])')
+cat <<MSG
+
+Results are in the local MLflow store: ${store}
+Open them in the MLflow UI (http://127.0.0.1:5000):
+  MLFLOW_ALLOW_FILE_STORE=true $(pwd)/.venv/bin/mlflow server --backend-store-uri ${store} --host 127.0.0.1 --port 5000
+Or read them with the MLflow client:
+  MLFLOW_ALLOW_FILE_STORE=true $(pwd)/.venv/bin/python -c "import mlflow; print(mlflow.MlflowClient('${store}').search_experiments())"
+The daemon keeps running; stop it with: kill \$(${BIN}/armoryctl status --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+MSG
