@@ -65,12 +65,13 @@ public final class Session {
 
     /// Handles one decoded frame.
     public func handle(_ frame: ClientFrame, nowMs: Int64) -> SessionOutcome {
-        let expected = lastSeq + 1
+        // Seqs rise on a connection; a gap is a frame that could not be decoded (already answered
+        // with an error), but a seq that does not rise is a client bug worth reporting.
+        if frame.seq <= lastSeq {
+            reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) does not rise (last was \(lastSeq)): seq starts at 1 and rises by 1 on each connection.", seq: frame.seq, op: frame.op.name))
+        }
         lastSeq = max(lastSeq, frame.seq)
         do {
-            if frame.seq != expected {
-                reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) arrived where \(expected) was expected: seq starts at 1 and rises by 1 on each connection.", seq: frame.seq, op: frame.op.name))
-            }
             return try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
         } catch var error {
             error.seq = error.seq ?? frame.seq

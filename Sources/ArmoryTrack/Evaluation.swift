@@ -47,7 +47,13 @@ public final class Evaluation: @unchecked Sendable {
 
     /// `evaluation.add_chain(name)`: configures a chain inside its own trackable context. Starts nothing.
     @discardableResult
-    public func addChain(_ name: String, _ configure: (Chain) throws -> Void = { _ in }) rethrows -> Chain {
+    public func addChain(_ name: String) -> Chain {
+        addChain(name) { _ in }
+    }
+
+    /// `with evaluation.add_chain(name) as chain:` — `configure` runs inside the chain's context.
+    @discardableResult
+    public func addChain(_ name: String, _ configure: (Chain) throws -> Void) rethrows -> Chain {
         let chain = try tracker.trackableContext { () throws -> Chain in
             let chain = Chain(id: tracker.nextID(), name: name, evaluation: self)
             tracker.connection.send(.chain(id: chain.id, evaluation: id, name: name))
