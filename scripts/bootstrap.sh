@@ -23,10 +23,10 @@ fi
 command -v swift >/dev/null || { echo "bootstrap: swift is not on PATH (Swift 6.x is required: https://www.swift.org/install/linux/)" >&2; exit 1; }
 
 stamp="$VENV/.armory-bootstrap"
-want="$MLFLOW_SPEC pytest"
+want="$MLFLOW_SPEC pytest jsonschema"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: creating $VENV with $want (about a minute)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest </dev/null
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest jsonschema </dev/null
   echo "$want" > "$stamp"
 fi
