@@ -39,6 +39,8 @@ public final class Session {
     private var artifacts: [Int64: OpenArtifact] = [:]
     private var nextArtifactID: Int64 = 1
     private lazy var userName = DaemonServices.userName(uid: peer.uid)
+    /// Metric keys already found valid on this connection (most runs log a handful of keys).
+    private var validMetricKeys = Set<String>()
     /// Set when the uploader passed its high-water mark: the connection should stop reading.
     public private(set) var wantsPause = false
 
@@ -367,7 +369,11 @@ public final class Session {
         valid.metrics.reserveCapacity(batch.metrics.count)
         for metric in batch.metrics {
             do throws(ProtocolError) {
-                try MLflowRules.validateMetric(metric)
+                if !validMetricKeys.contains(metric.key) {
+                    try MLflowRules.validateKey(metric.key, kind: .metric)
+                    if validMetricKeys.count < 4096 { validMetricKeys.insert(metric.key) }
+                }
+                if metric.timestamp < 0 { try MLflowRules.validateMetric(metric) }
                 valid.metrics.append(metric)
             } catch {
                 firstError = firstError ?? error

@@ -31,6 +31,14 @@ public enum SinkRecord: Sendable {
 
     /// Records counted as metrics, for status.
     var metricCount: Int { if case .log(_, let b) = self { b.metrics.count } else { 0 } }
+
+    /// The run this record belongs to.
+    var runID: String? {
+        switch self {
+        case .createRun(let c): c.runID
+        case .log(let runID, _), .updateRun(let runID, _, _), .artifact(let runID, _, _): runID
+        }
+    }
 }
 
 /// Where records end up: the local MLflow file store now, MLflow's REST API later.

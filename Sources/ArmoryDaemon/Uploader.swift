@@ -194,41 +194,46 @@ public final class Uploader: @unchecked Sendable {
         }
     }
 
-    /// Applies a batch in order. Consecutive metric-only logs of one run are merged into one
-    /// sink call (their order kept); everything else is applied record by record.
+    /// Applies a batch in order per run. Metric-only logs are gathered per run and written in
+    /// one sink call each, just before the next other record of that run (or at the end), so a
+    /// run's records keep their order while interleaved clients still get large writes.
     private func apply(_ batch: [Item]) -> (rejected: Int, metrics: Int, lastError: String?, succeeded: Bool) {
         var succeeded = false
         var rejected = 0
         var metrics = 0
         var lastError: String?
-        var index = 0
-        while index < batch.count {
-            let item = batch[index]
+        var gathered: [String: (metrics: [MetricPoint], records: Int)] = [:]
+        var gatherOrder: [String] = []
+
+        func writeGathered(_ runID: String) {
+            guard let pending = gathered.removeValue(forKey: runID) else { return }
+            do {
+                try sink.log(runID: runID, batch: LogBatch(metrics: pending.metrics))
+                metrics += pending.metrics.count
+                succeeded = true
+            } catch {
+                rejected += pending.records
+                lastError = error.description
+            }
+        }
+
+        for item in batch {
             switch item.record {
             case .query(let body):
+                for runID in gatherOrder { writeGathered(runID) }
+                gatherOrder.removeAll()
                 body(sink)
-                index += 1
-                continue
             case .record(let record):
-                if case .log(let runID, let first) = record, first.params.isEmpty, first.tags.isEmpty, item.completion == nil {
-                    var merged = first
-                    var end = index + 1
-                    while end < batch.count, case .record(.log(runID, let next)) = batch[end].record,
-                          next.params.isEmpty, next.tags.isEmpty, batch[end].completion == nil {
-                        merged.metrics.append(contentsOf: next.metrics)
-                        end += 1
+                if case .log(let runID, let b) = record, b.params.isEmpty, b.tags.isEmpty, item.completion == nil {
+                    if gathered[runID] == nil {
+                        gathered[runID] = ([], 0)
+                        gatherOrder.append(runID)
                     }
-                    do {
-                        try sink.log(runID: runID, batch: merged)
-                        metrics += merged.metrics.count
-                        succeeded = true
-                    } catch {
-                        rejected += end - index
-                        lastError = error.description
-                    }
-                    index = end
+                    gathered[runID]!.metrics.append(contentsOf: b.metrics)
+                    gathered[runID]!.records += 1
                     continue
                 }
+                if let runID = record.runID { writeGathered(runID) }
                 let result: Result<String?, ProtocolError>
                 do {
                     switch record {
@@ -245,9 +250,9 @@ public final class Uploader: @unchecked Sendable {
                     lastError = error.description
                 }
                 item.completion?(result)
-                index += 1
             }
         }
+        for runID in gatherOrder { writeGathered(runID) }
         return (rejected, metrics, lastError, succeeded)
     }
 

@@ -1,0 +1,215 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import ArmoryProtocol
+import ArmoryTrack
+import Foundation
+import Synchronization
+
+/// `armory-bench`: figures next to baselines measured in the same run (see Benchmarks/README.md).
+@main
+struct ArmoryBench: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "armory-bench", abstract: "Benchmarks armoryd against baselines measured in the same run.")
+
+    @Option(help: "The armoryd binary to start (a release build).")
+    var daemon: String
+
+    @Option(help: "Fire-and-forget calls timed one by one.")
+    var calls = 100_000
+
+    @Option(help: "Concurrent clients for the ingest figure.")
+    var clients = 8
+
+    @Option(help: "Metrics each ingest client sends.")
+    var metricsPerClient = 250_000
+
+    @Option(help: "Where to write the JSON results.")
+    var output = "Benchmarks/results/latest.json"
+
+    func run() throws {
+        let home = "/tmp/armory-bench-" + String(getpid())
+        try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: home) }
+        let socketPath = home + "/d.sock"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: daemon)
+        process.arguments = ["--socket", socketPath, "--home", home, "--log-level", "warning"]
+        try process.run()
+        defer {
+            process.terminate()
+            process.waitUntilExit()
+        }
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socketPath) { usleep(20_000) }
+
+        var results: [(String, JSONValue)] = []
+        var table: [String] = []
+
+        // 1. Client call cost: ArmoryTrack's logMetric vs a raw write() of the same frame bytes.
+        let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
+        let run = try tracker.evaluation("bench-call-cost").start()
+        let sample = Self.sampleFrame(handle: run.handle)
+        let floor = Self.rawWriteLatencies(frame: sample, count: calls)
+        var latencies = [UInt64](repeating: 0, count: calls)
+        for i in 0..<1000 { run.logMetric("warmup", Double(i), step: Int64(i)) }
+        for i in 0..<calls {
+            let start = Self.nanos()
+            run.logMetric("loss", Double(i) * 0.001, step: Int64(i))
+            latencies[i] = Self.nanos() - start
+        }
+        try tracker.flush(.uploaded, timeout: 120)
+        let call = Percentiles(latencies)
+        let raw = Percentiles(floor)
+        table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "ArmoryTrack logMetric (fire-and-forget)" as NSString, call.p50, call.p99, call.p999))
+        table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "baseline: raw write() of the same frame" as NSString, raw.p50, raw.p99, raw.p999))
+        table.append(String(format: "%-44@ p50 %.2fx  p99 %.2fx of the raw write", "ratio" as NSString, call.p50 / raw.p50, call.p99 / raw.p99))
+        results.append(("call_cost", .object([
+            "calls": .int(Int64(calls)), "armorytrack_us": call.json, "raw_write_us": raw.json,
+            "ratio_p50": .double(call.p50 / raw.p50), "ratio_p99": .double(call.p99 / raw.p99),
+        ])))
+        tracker.connection.disconnect()
+
+        // 2. Sustained ingest with N concurrent clients into the daemon and its local store,
+        //    next to N raw socket writers of the same frames into a reader that discards them.
+        let ceiling = Self.rawIngest(clients: clients, frame: sample, frames: metricsPerClient)
+        let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: socketPath, daemonPID: process.processIdentifier, clients: clients, metrics: metricsPerClient)
+        let total = Double(clients * metricsPerClient)
+        let rate = total / elapsed
+        table.append(String(format: "%-44@ %10.0f metrics/s  (%d clients × %d single-metric frames, written to the store; %.2f CPU-s per 1M; peak RSS %d MB)",
+                            "armoryd ingest" as NSString, rate, clients, metricsPerClient, cpu / total * 1e6, peakKB / 1024))
+        table.append(String(format: "%-44@ %10.0f frames/s", "baseline: raw socket writes, same frames" as NSString, ceiling))
+        table.append(String(format: "%-44@ %.2fx of the raw transport", "ratio" as NSString, rate / ceiling))
+        results.append(("ingest", .object([
+            "clients": .int(Int64(clients)), "metrics_per_client": .int(Int64(metricsPerClient)),
+            "metrics_per_s": .double(rate.rounded()), "raw_frames_per_s": .double(ceiling.rounded()), "ratio": .double(rate / ceiling),
+            "daemon_cpu_s_per_million": .double(cpu / total * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
+        ])))
+
+        print(table.joined(separator: "\n"))
+        var doc = JSONObject()
+        doc["machine"] = .object(["cores": .int(Int64(ProcessInfo.processInfo.activeProcessorCount)), "date": .string(ISO8601DateFormatter().string(from: Date()))])
+        for (k, v) in results { doc[k] = v }
+        try FileManager.default.createDirectory(atPath: (output as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try Data(JSONValue.object(doc).serialized).write(to: URL(fileURLWithPath: output))
+        print("results: \(output)")
+    }
+
+    static func nanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// A one-metric log frame as ArmoryTrack writes it.
+    static func sampleFrame(handle: String) -> [UInt8] {
+        let frame = ClientFrame(seq: 123_456, op: .log(run: handle, batch: LogBatch(metrics: [MetricPoint(key: "loss", value: 0.123, step: 4567, timestamp: 1_795_400_000_000)])))
+        return frame.encoded
+    }
+
+    /// The floor: one write() per frame on a Unix socket whose other end a thread drains.
+    static func rawWriteLatencies(frame: [UInt8], count: Int) -> [UInt64] {
+        var fds: [Int32] = [0, 0]
+        socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds)
+        let reader = fds[1]
+        let drain = Thread {
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            while buffer.withUnsafeMutableBytes({ read(reader, $0.baseAddress!, $0.count) }) > 0 {}
+        }
+        drain.start()
+        var out = [UInt64](repeating: 0, count: count)
+        for i in 0..<count {
+            let start = nanos()
+            _ = frame.withUnsafeBytes { write(fds[0], $0.baseAddress!, $0.count) }
+            out[i] = nanos() - start
+        }
+        close(fds[0])
+        usleep(50_000)
+        close(reader)
+        return out
+    }
+
+    /// N writers pushing the same frames through N socket pairs into readers that discard them.
+    static func rawIngest(clients: Int, frame: [UInt8], frames: Int) -> Double {
+        let batch = Array((0..<64).flatMap { _ in frame })
+        let start = nanos()
+        let group = DispatchGroup()
+        for _ in 0..<clients {
+            var fds: [Int32] = [0, 0]
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds)
+            let (writer, reader) = (fds[0], fds[1])
+            group.enter()
+            Thread {
+                var buffer = [UInt8](repeating: 0, count: 1 << 16)
+                while buffer.withUnsafeMutableBytes({ read(reader, $0.baseAddress!, $0.count) }) > 0 {}
+                close(reader)
+                group.leave()
+            }.start()
+            Thread {
+                var sent = 0
+                while sent < frames {
+                    _ = batch.withUnsafeBytes { write(writer, $0.baseAddress!, $0.count) }
+                    sent += 64
+                }
+                close(writer)
+            }.start()
+        }
+        group.wait()
+        return Double(clients * frames) / (Double(nanos() - start) / 1e9)
+    }
+
+    /// N client threads, each its own connection and run, logging single-metric frames; timed
+    /// until every metric is confirmed written by the store (flush wait=uploaded).
+    static func daemonIngest(socketPath: String, daemonPID: Int32, clients: Int, metrics: Int) throws -> (Double, Double, Int) {
+        let cpuBefore = cpuSeconds(pid: daemonPID)
+        let start = nanos()
+        let group = DispatchGroup()
+        let firstError = Mutex<String?>(nil)
+        for c in 0..<clients {
+            group.enter()
+            Thread {
+                defer { group.leave() }
+                do {
+                    let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
+                    let run = try tracker.evaluation("bench-ingest").addChain("client-\(c)").start()
+                    for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
+                    try tracker.flush(.uploaded, timeout: 600)
+                    tracker.connection.disconnect()
+                } catch {
+                    firstError.withLock { $0 = $0 ?? "\(error)" }
+                }
+            }.start()
+        }
+        group.wait()
+        if let message = firstError.withLock({ $0 }) { throw ValidationError("an ingest client failed: \(message)") }
+        let elapsed = Double(nanos() - start) / 1e9
+        let status = (try? String(contentsOfFile: "/proc/\(daemonPID)/status", encoding: .utf8)) ?? ""
+        let peak = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+        return (elapsed, cpuSeconds(pid: daemonPID) - cpuBefore, peak)
+    }
+
+    static func cpuSeconds(pid: Int32) -> Double {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return 0 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)  // utime, stime
+        return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+}
+
+/// Latency percentiles in microseconds.
+struct Percentiles {
+    let p50: Double, p99: Double, p999: Double, max: Double
+
+    init(_ nanos: [UInt64]) {
+        let sorted = nanos.sorted()
+        func at(_ q: Double) -> Double { Double(sorted[min(sorted.count - 1, Int(Double(sorted.count) * q))]) / 1000 }
+        p50 = at(0.5)
+        p99 = at(0.99)
+        p999 = at(0.999)
+        max = Double(sorted.last ?? 0) / 1000
+    }
+
+    var json: JSONValue {
+        .object(["p50": .double((p50 * 100).rounded() / 100), "p99": .double((p99 * 100).rounded() / 100), "p99_9": .double((p999 * 100).rounded() / 100), "max": .double((max * 100).rounded() / 100)])
+    }
+}
