@@ -30,7 +30,8 @@ test-python:
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap
-	$(SWIFT) build -c release --product armory-bench --product armoryd
+	$(SWIFT) build -c release --product armoryd
+	$(SWIFT) build -c release --product armory-bench
 	.build/release/armory-bench --daemon .build/release/armoryd
 
 clean:
