@@ -470,9 +470,7 @@ public final class Session {
 
     private func openArtifact(handle: String, path: String) throws(ProtocolError) -> JSONObject {
         let run = try ownedRun(handle)
-        guard !path.isEmpty, MLflowRules.posixNormalizedPath(path) == path, !path.hasPrefix("/"), !path.hasPrefix("..") else {
-            throw ProtocolError(.invalidValue, "Invalid artifact path '\(path)': use a relative path such as 'exports/00000/00/input.png', without '..' or '//'.")
-        }
+        try MLflowRules.validateArtifactPath(path)
         let id = nextArtifactID
         nextArtifactID += 1
         let spoolPath = services.spoolDirectory + "/" + run.handle + "-" + String(connectionID) + "-" + String(id)

@@ -59,6 +59,13 @@ public enum MLflowRules {
         }
     }
 
+    /// An artifact path stays inside its run: relative, normalised, no `..`.
+    public static func validateArtifactPath(_ path: String) throws(ProtocolError) {
+        guard !path.isEmpty, posixNormalizedPath(path) == path, !path.hasPrefix("/"), !path.hasPrefix("..") else {
+            throw ProtocolError(.invalidValue, "Invalid artifact path '\(path)': use a relative path such as 'exports/00000/00/input.png', without '..' or '//'.")
+        }
+    }
+
     /// Python's `\w` (str patterns): letters, digits and other numerics, and the underscore.
     static func isKeyScalar(_ scalar: Unicode.Scalar) -> Bool {
         switch scalar {

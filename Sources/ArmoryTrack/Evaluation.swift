@@ -82,13 +82,7 @@ public final class Evaluation: @unchecked Sendable {
     /// Runs `body` inside the evaluation: FINISHED when it returns, FAILED when it throws.
     public func run<R>(_ body: (Evaluation) throws -> R) throws -> R {
         try start()
-        let result: R
-        do { result = try body(self) } catch {
-            try? end(.failed)
-            throw error
-        }
-        try end(.finished)
-        return result
+        return try finishing(end) { try body(self) }
     }
 
     /// Waits until everything recorded so far is confirmed by the store (or the bound runs out).
@@ -163,13 +157,7 @@ public final class Chain: @unchecked Sendable {
     /// Runs `body` in the started chain: FINISHED when it returns, FAILED when it throws.
     public func run<R>(_ body: (Run) throws -> R) throws -> R {
         let run = try start()
-        let result: R
-        do { result = try body(run) } catch {
-            try? end(.failed)
-            throw error
-        }
-        try end(.finished)
-        return result
+        return try finishing(end) { try body(run) }
     }
 }
 
@@ -180,4 +168,15 @@ extension Chain {
                              _ arguments: KeyValuePairs<String, any ParamConvertible>, _ make: () throws -> T) rethrows -> T {
         try tracker.trackInit(type, prefix: prefix, ignore: ignore, arguments, make)
     }
+}
+
+/// Runs `body`, then ends with FINISHED; if `body` throws, ends with FAILED and rethrows.
+func finishing<R>(_ end: (RunStatus) throws(ArmoryError) -> Void, _ body: () throws -> R) throws -> R {
+    let result: R
+    do { result = try body() } catch {
+        try? end(.failed)
+        throw error
+    }
+    try end(.finished)
+    return result
 }

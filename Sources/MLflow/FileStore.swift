@@ -182,9 +182,7 @@ public final class FileStore {
 
     /// Moves (or copies, across file systems) a finished spool file into the run's artifacts.
     public func storeArtifact(runID: String, experimentID: String, path: String, from source: String) throws(FileStoreError) {
-        guard !path.isEmpty, MLflowRules.posixNormalizedPath(path) == path, !path.hasPrefix("/"), !path.hasPrefix("..") else {
-            throw .invalidPath(path)
-        }
+        do { try MLflowRules.validateArtifactPath(path) } catch { throw .invalidPath(path) }
         let target = root + "/" + experimentID + "/" + runID + "/artifacts/" + path
         if let slash = target.lastIndex(of: "/") { try makeDirectory(String(target[..<slash])) }
         if rename(source, target) == 0 { return }
