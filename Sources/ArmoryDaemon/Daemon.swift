@@ -106,11 +106,12 @@ public final class Daemon: Service {
         logger.notice("shutting down: no new connections; draining queued records", metadata: ["bound_s": "\(config.shutdownDrainSeconds)"])
         try? await server.close()
         unlink(config.socketPath)
+        // Connections go first, so that nothing is enqueued once the uploader's drain has begun.
+        for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
         let left = uploader.shutdown(timeout: config.shutdownDrainSeconds)
         if left > 0 {
             logger.warning("shutdown bound reached with records still queued", metadata: ["records": "\(left)"])
         }
-        for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
         try? await group.shutdownGracefully()
         logger.notice("armoryd stopped")
     }

@@ -48,9 +48,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
         case .error(let error):
             send(.error(error), context: context)
         case .close(let error):
-            send(.error(error), context: context)
-            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: nil)
-            context.close(promise: nil)
+            sendThenClose(.error(error), context: context)
         case .deferred(let body):
             let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             let seq = frame.seq
@@ -93,8 +91,8 @@ final class SessionChannelHandler: ChannelInboundHandler {
         switch error {
         case let tooLarge as FrameChannelDecoder.FrameTooLarge:
             logger.warning("closing connection: frame too large", metadata: ["length": "\(tooLarge.length)", "pid": "\(session.peer.pid)"])
-            send(.error(ProtocolError(.frameTooLarge, "A frame of \(tooLarge.length) bytes exceeds the limit of \(tooLarge.limit) bytes; the connection is closed. Send large artifacts in chunks (artifact_chunk).")), context: context)
-            context.flush()
+            sendThenClose(.error(ProtocolError(.frameTooLarge, "A frame of \(tooLarge.length) bytes exceeds the limit of \(tooLarge.limit) bytes; the connection is closed. Send large artifacts in chunks (artifact_chunk).")), context: context)
+            return
         case let truncated as FrameChannelDecoder.TruncatedFrame:
             logger.info("connection closed mid-frame", metadata: ["bytes": "\(truncated.bytes)", "pid": "\(session.peer.pid)"])
         default:
@@ -103,12 +101,22 @@ final class SessionChannelHandler: ChannelInboundHandler {
         context.close(promise: nil)
     }
 
+    /// Writes `message` (after anything already queued), then closes the connection.
+    private func sendThenClose(_ message: DaemonMessage, context: ChannelHandlerContext) {
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(buffer(for: message, context: context))).whenComplete { _ in channel.close(promise: nil) }
+    }
+
     private func send(_ message: DaemonMessage, context: ChannelHandlerContext) {
+        context.write(wrapOutboundOut(buffer(for: message, context: context)), promise: nil)
+    }
+
+    private func buffer(for message: DaemonMessage, context: ChannelHandlerContext) -> ByteBuffer {
         if case .error = message { errorsSinceFlush += 1 }
         let bytes = message.encoded
         var buffer = context.channel.allocator.buffer(capacity: bytes.count)
         buffer.writeBytes(bytes)
-        context.write(wrapOutboundOut(buffer), promise: nil)
+        return buffer
     }
 
     /// Answers `flush wait=uploaded` when the uploader settled `ticket`, or when the bound runs out.
