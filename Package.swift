@@ -18,6 +18,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         // Frames, messages, limits, key validation: no networking.
@@ -25,10 +27,16 @@ let package = Package(
             name: "ArmoryProtocol",
             dependencies: [.product(name: "OrderedCollections", package: "swift-collections")]
         ),
-        // MLflow's data model and the local file-store writer.
+        // MLflow: the local file-store writer and the REST client (auth, TLS, typed errors).
         .target(
             name: "MLflow",
-            dependencies: ["ArmoryProtocol"]
+            dependencies: [
+                "ArmoryProtocol",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
         ),
         // Sessions, tracking contexts, runs, uploader, socket server.
         .target(
@@ -41,6 +49,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "HeapModule", package: "swift-collections"),
                 .product(name: "OrderedCollections", package: "swift-collections"),
             ]
         ),

@@ -6,6 +6,7 @@ import Musl
 import ArmoryProtocol
 import Foundation
 import Logging
+import MLflow
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
@@ -28,6 +29,14 @@ public struct DaemonConfiguration: Sendable {
     public var eventLoopThreads: Int = max(1, min(4, System.coreCount))
     /// Queued records past which connections stop reading until the sink catches up.
     public var uploaderHighWater: Int = 200_000
+    /// An MLflow server to write to instead of the local store (the daemon's `MLFLOW_TRACKING_URI`).
+    public var server: MLflowDestination?
+    /// Sink calls in flight at once (REST).
+    public var uploadConcurrency: Int = 4
+    /// How long log records wait for a fuller batch (REST).
+    public var flushInterval: Double = 1
+    /// Per-request timeout (REST).
+    public var requestTimeout: Double = 30
 
     public init(socketPath: String, storeRoot: String, stateDirectory: String) {
         self.socketPath = socketPath
@@ -78,13 +87,19 @@ public final class Daemon: Service {
         for leftover in (try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? [] {
             try? FileManager.default.removeItem(atPath: spool + "/" + leftover)
         }
-        let sink: FileStoreSink
-        do { sink = try FileStoreSink(root: config.storeRoot) } catch {
+        let sink: any RecordSink
+        do {
+            if let server = config.server {
+                sink = try RESTSink(destination: server, concurrency: config.uploadConcurrency, requestTimeoutSeconds: config.requestTimeout)
+            } else {
+                sink = try FileStoreSink(root: config.storeRoot)
+            }
+        } catch {
             throw DaemonStartError.store(error.message)
         }
         try prepareSocketPath(config.socketPath)
 
-        let uploader = Uploader(sink: sink, highWater: config.uploaderHighWater)
+        let uploader = Uploader(sink: sink, highWater: config.uploaderHighWater, flushInterval: config.server == nil ? 0 : config.flushInterval)
         uploader.start()
         let services = DaemonServices(uploader: uploader, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
@@ -93,7 +108,7 @@ public final class Daemon: Service {
         do {
             server = try await bind(group: group, services: services)
         } catch {
-            _ = uploader.shutdown(timeout: 1)
+            _ = await uploader.shutdown(timeout: 1)
             try? await group.shutdownGracefully()
             throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(error)")
         }
@@ -108,7 +123,7 @@ public final class Daemon: Service {
         unlink(config.socketPath)
         // Connections go first, so that nothing is enqueued once the uploader's drain has begun.
         for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
-        let left = uploader.shutdown(timeout: config.shutdownDrainSeconds)
+        let left = await uploader.shutdown(timeout: config.shutdownDrainSeconds)
         if left > 0 {
             logger.warning("shutdown bound reached with records still queued", metadata: ["records": "\(left)"])
         }
@@ -169,8 +184,8 @@ public final class Daemon: Service {
                     return entry
                 }) ?? nil
                 if let ended = ended ?? nil {
-                    logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
-                    services.uploader.enqueue(.updateRun(runID: ended.runID, status: .failed, endTime: now))
+                    logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID ?? handle)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
+                    services.uploader.enqueue(handle, .updateRun(status: .failed, endTime: now))
                 }
             }
         }

@@ -17,7 +17,8 @@ public struct PeerCredentials: Sendable, Equatable {
 /// One run the daemon tracks, whichever connection created or attached it.
 public struct RunEntry: Sendable, Equatable {
     public var handle: String
-    public var runID: String
+    /// MLflow's id: at once on the local store, once `runs/create` succeeded on a server.
+    public var runID: String?
     public var experimentID: String?
     public var experimentName: String
     public var name: String
@@ -30,6 +31,8 @@ public struct RunEntry: Sendable, Equatable {
     public var connection: UInt64?
     public var clientPID: Int32
     public var endTime: Int64?
+    /// Why the run could not be created, if it could not.
+    public var failure: ProtocolError?
 
     public var descriptor: RunDescriptor {
         RunDescriptor(handle: handle, runID: runID, experimentID: experimentID, name: name, status: status, parentHandle: parentHandle)

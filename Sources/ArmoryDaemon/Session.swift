@@ -16,6 +16,9 @@ public enum SessionOutcome: Sendable {
     case deferred(@Sendable (@escaping @Sendable (Result<JSONObject, ProtocolError>) -> Void) -> Void)
     /// Wait until the uploader settled `ticket` (or `timeoutMs` passed), then answer a flush.
     case awaitUploaded(ticket: UInt64, timeoutMs: Int64)
+    /// Wait until run `handle` exists in MLflow (its create, `ticket`, settled) or `timeoutMs`
+    /// passed, then answer with its descriptor (`run_id` null while still pending).
+    case awaitRun(handle: String, ticket: UInt64, timeoutMs: Int64)
     case close(ProtocolError)
 }
 
@@ -46,7 +49,6 @@ public final class Session {
 
     private struct OpenArtifact {
         var handle: String
-        var runID: String
         var path: String
         var spoolPath: String
         var fd: Int32
@@ -126,8 +128,13 @@ public final class Session {
             return .reply(try end(target, status: status, nowMs: nowMs))
         case .attach(let runID):
             return try attach(runID: runID)
-        case .runInfo(let handle):
-            return .reply(try ownedRun(handle).descriptor.json)
+        case .runInfo(let handle, let waitMs):
+            let run = try ownedRun(handle)
+            if run.runID == nil, run.failure == nil, waitMs > 0 {
+                return .awaitRun(handle: handle, ticket: services.uploader.lastTicket, timeoutMs: waitMs)
+            }
+            if let failure = run.failure { throw failure }
+            return .reply(run.descriptor.json)
         case .log(let handle, let batch):
             try log(handle: handle, batch: batch)
         case .artifactOpen(let handle, let path):
@@ -174,26 +181,39 @@ public final class Session {
         ]
     }
 
-    /// Registers a run and enqueues its creation and its initial params; the completion fires
-    /// when the sink has created it.
+    /// Registers a run and enqueues its creation and its initial params; the registry learns
+    /// its MLflow ids when the sink has created it.
     private func createRun(name: String, experiment: String, parent: RunEntry?, tags extraTags: StringMap, params: StringMap, nowMs: Int64) -> (RunEntry, UInt64) {
         let handle = DaemonServices.newHandle()
-        let runID = DaemonServices.newRunID()
+        let runID = services.uploader.assignsRunIDs ? DaemonServices.newRunID() : nil
         var tags = baseTags(runName: name, handle: handle)
-        if let parent { tags["mlflow.parentRunId"] = parent.runID }
         for (k, v) in extraTags { tags[k] = v }
         let entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
                              ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
                              connection: connectionID, clientPID: peer.pid)
         services.registry.insert(entry)
         let registry = services.registry
-        let creation = RunCreation(runID: runID, experimentName: experiment, name: name, userID: userName, startTime: nowMs, tags: tags)
-        let (ticket, _) = enqueue(.createRun(creation)) { result in
-            if case .success(let experimentID?) = result {
-                _ = try? registry.update(handle) { $0.experimentID = experimentID }
+        let creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
+                                   startTime: nowMs, tags: tags, parentHandle: parent?.handle)
+        let report = reportLater
+        let (ticket, _) = enqueue(handle, .createRun(creation)) { result in
+            switch result {
+            case .success(let binding?):
+                _ = try? registry.update(handle) { e in
+                    e.runID = binding.runID
+                    e.experimentID = binding.experimentID
+                }
+            case .success(nil):
+                break
+            case .failure(let error):
+                _ = try? registry.update(handle) { e in
+                    e.failure = error
+                    e.status = .failed
+                }
+                report(ProtocolError(error.code, "Run '\(name)' could not be created: \(error.message)", op: "start"))
             }
         }
-        if !params.isEmpty { enqueue(.log(runID: runID, batch: LogBatch(params: params))) }
+        if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params))) }
         return (entry, ticket)
     }
 
@@ -239,27 +259,15 @@ public final class Session {
         return describeWhenCreated(handle: handle, ticket: ticket)
     }
 
-    /// Answers with the run's descriptor once the sink has created it (so the experiment id is known).
+    /// Answers with the run's descriptor once the sink has created it (bounded: a start never
+    /// waits long on an unreachable server; `run_info` with `wait_ms` asks again later).
     private func describeWhenCreated(handle: String, ticket: UInt64?) -> SessionOutcome {
-        let registry = services.registry
-        guard let ticket else {
-            return .reply(registry.entry(handle)?.descriptor.json ?? [:])
-        }
-        let uploader = services.uploader
-        return .deferred { reply in
-            uploader.whenSettled(upTo: ticket) {
-                guard let entry = registry.entry(handle) else {
-                    reply(.failure(ProtocolError(.internalError, "Run \(handle) vanished from the registry.")))
-                    return
-                }
-                if entry.experimentID == nil, entry.status == .failed {
-                    reply(.failure(ProtocolError(.sinkRejected, "The store refused to create run '\(entry.name)'.")))
-                    return
-                }
-                reply(.success(entry.descriptor.json))
-            }
-        }
+        guard let ticket else { return .reply(services.registry.entry(handle)?.descriptor.json ?? [:]) }
+        return .awaitRun(handle: handle, ticket: ticket, timeoutMs: Self.startWaitMs)
     }
+
+    /// How long `start` waits for the server to create the run before answering with a pending id.
+    static let startWaitMs: Int64 = 2000
 
     private func end(_ target: RunTarget, status: RunStatus, nowMs: Int64) throws(ProtocolError) -> JSONObject {
         var handles: [String] = []
@@ -290,8 +298,8 @@ public final class Session {
                 entry.endTime = nowMs
                 return entry
             } ?? nil
-            if let ended {
-                enqueue(.updateRun(runID: ended.runID, status: status, endTime: nowMs))
+            if ended != nil {
+                enqueue(handle, .updateRun(status: status, endTime: nowMs))
             }
             last = services.registry.entry(handle)
         }
@@ -313,20 +321,22 @@ public final class Session {
         let name = userName
         let pid = peer.pid
         return .deferred { reply in
-            uploader.query { sink in
-                guard let stored = sink.findRun(runID: runID) else {
-                    reply(.failure(ProtocolError(.notFound, "No run with id '\(runID)' in \(sink.destination): check the id (armoryctl status lists active runs).")))
+            uploader.findRun(runID: runID) { stored in
+                guard let stored else {
+                    reply(.failure(ProtocolError(.notFound, "No run with id '\(runID)' in \(uploader.destination): check the id (armoryctl status lists active runs).")))
                     return
                 }
                 guard uid == 0 || stored.userID == name else {
                     reply(.failure(ProtocolError(.permissionDenied, "Permission denied: run \(runID) belongs to user '\(stored.userID)'; only that user or root can write to it.")))
                     return
                 }
-                let entry = RunEntry(handle: stored.tags["armory.handle"] ?? DaemonServices.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
+                var entry = RunEntry(handle: stored.tags["armory.handle"] ?? DaemonServices.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
                                      experimentName: "", name: stored.name, ownerUID: uid, status: stored.status,
                                      parentHandle: nil, params: stored.params, connection: connection, clientPID: pid)
+                entry.endTime = stored.endTime
                 // Another connection may have attached it meanwhile: keep the first registration.
                 let registered = registry.entry(runID: runID) ?? { registry.insert(entry); return entry }()
+                uploader.bind(registered.handle, runID: stored.runID, experimentID: stored.experimentID)
                 reply(.success(Self.reattach(registered, connection: connection, registry: registry, uploader: uploader).reply))
             }
         }
@@ -341,14 +351,14 @@ public final class Session {
         }) ?? nil
         var ticket: UInt64?
         if entry.status != .running {
-            ticket = uploader.enqueue(.updateRun(runID: entry.runID, status: .running, endTime: entry.endTime)).ticket
+            ticket = uploader.enqueue(entry.handle, .updateRun(status: .running, endTime: entry.endTime)).ticket
         }
         return ((updated ?? entry).descriptor.json, ticket)
     }
 
     private func checkOwner(_ entry: RunEntry) throws(ProtocolError) {
         guard peer.uid == 0 || entry.ownerUID == peer.uid else {
-            throw ProtocolError(.permissionDenied, "Permission denied: run \(entry.runID) belongs to uid \(entry.ownerUID); only that user or root can write to it.")
+            throw ProtocolError(.permissionDenied, "Permission denied: run \(entry.runID ?? entry.handle) belongs to uid \(entry.ownerUID); only that user or root can write to it.")
         }
     }
 
@@ -403,7 +413,7 @@ public final class Session {
                 }
                 if let old = entry.params[key] {
                     if old != value {
-                        errors.append(ProtocolError(.paramChanged, "Param '\(key)' of run \(entry.runID) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run."))
+                        errors.append(ProtocolError(.paramChanged, "Param '\(key)' of run \(entry.runID ?? entry.handle) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run."))
                     }
                     continue
                 }
@@ -420,11 +430,14 @@ public final class Session {
         services.statistics.count(frames: 0, metrics: UInt64(valid.metrics.count), errors: 0)
         if !valid.isEmpty {
             if valid.params.isEmpty && valid.tags.isEmpty {
-                enqueue(.log(runID: run.runID, batch: valid))
+                enqueue(run.handle, .log(valid))
             } else {
                 let report = reportLater
-                enqueue(.log(runID: run.runID, batch: valid)) { result in
-                    if case .failure(let error) = result { report(error) }
+                enqueue(run.handle, .log(valid)) { result in
+                    if case .failure(var error) = result {
+                        error.op = "log"
+                        report(error)
+                    }
                 }
             }
         }
@@ -453,14 +466,14 @@ public final class Session {
             }
             guard !fresh.isEmpty else { continue }
             _ = try? services.registry.update(handle) { e in for (k, v) in fresh { e.params[k] = v } }
-            enqueue(.log(runID: entry.runID, batch: LogBatch(params: fresh)))
+            enqueue(handle, .log(LogBatch(params: fresh)))
         }
         if let firstError { throw firstError }
     }
 
     @discardableResult
-    private func enqueue(_ record: SinkRecord, completion: Uploader.Completion? = nil) -> (UInt64, Bool) {
-        let (ticket, overloaded) = services.uploader.enqueue(record, completion: completion)
+    private func enqueue(_ handle: String, _ record: SinkRecord, completion: Uploader.Completion? = nil) -> (UInt64, Bool) {
+        let (ticket, overloaded) = services.uploader.enqueue(handle, record, completion: completion)
         lastTicket = ticket
         if overloaded { wantsPause = true }
         return (ticket, overloaded)
@@ -478,7 +491,7 @@ public final class Session {
         guard fd >= 0 else {
             throw ProtocolError(.internalError, "The daemon cannot create a spool file in \(services.spoolDirectory): \(String(cString: strerror(errno))).")
         }
-        artifacts[id] = OpenArtifact(handle: run.handle, runID: run.runID, path: path, spoolPath: spoolPath, fd: fd, bytes: 0)
+        artifacts[id] = OpenArtifact(handle: run.handle, path: path, spoolPath: spoolPath, fd: fd, bytes: 0)
         return ["artifact": .int(id)]
     }
 
@@ -507,8 +520,11 @@ public final class Session {
         }
         close(artifact.fd)
         let report = reportLater
-        enqueue(.artifact(runID: artifact.runID, path: artifact.path, spoolPath: artifact.spoolPath)) { result in
-            if case .failure(let error) = result { report(error) }
+        enqueue(artifact.handle, .artifact(path: artifact.path, spoolPath: artifact.spoolPath)) { result in
+            if case .failure(var error) = result {
+                error.op = "artifact_close"
+                report(error)
+            }
         }
         return ["bytes": .int(Int64(artifact.bytes)), "path": .string(artifact.path)]
     }

@@ -65,7 +65,24 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 }
             }
         case .awaitUploaded(let ticket, let timeoutMs):
-            awaitUploaded(seq: frame.seq, ticket: ticket, timeoutMs: timeoutMs, context: context)
+            let uploader = services.uploader
+            answerWhenSettled(ticket: ticket, timeoutMs: timeoutMs, context: context) { complete in
+                let reply = FlushReply(complete: complete, pendingRecords: complete ? 0 : uploader.pending(upTo: ticket), level: .uploaded)
+                return .reply(seq: frame.seq, body: reply.json)
+            }
+        case .awaitRun(let handle, let ticket, let timeoutMs):
+            let registry = services.registry
+            answerWhenSettled(ticket: ticket, timeoutMs: timeoutMs, context: context) { _ in
+                guard let entry = registry.entry(handle) else {
+                    return .error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name))
+                }
+                if var failure = entry.failure {
+                    failure.seq = frame.seq
+                    failure.op = frame.op.name
+                    return .error(failure)
+                }
+                return .reply(seq: frame.seq, body: entry.descriptor.json)
+            }
         }
         if session.wantsPause && !paused { pause(context: context) }
     }
@@ -119,25 +136,23 @@ final class SessionChannelHandler: ChannelInboundHandler {
         return buffer
     }
 
-    /// Answers `flush wait=uploaded` when the uploader settled `ticket`, or when the bound runs out.
-    private func awaitUploaded(seq: UInt64, ticket: UInt64, timeoutMs: Int64, context: ChannelHandlerContext) {
+    /// Answers once the uploader settled `ticket`, or when the bound runs out (`complete` false).
+    private func answerWhenSettled(ticket: UInt64, timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
-        let uploader = services.uploader
-        let answer: @Sendable (Bool) -> Void = { complete in
+        let respond: @Sendable (Bool) -> Void = { complete in
             loopBound.eventLoop.execute {
                 guard !answered.value else { return }
                 answered.value = true
                 let (handler, context) = loopBound.value
-                let reply = FlushReply(complete: complete, pendingRecords: complete ? 0 : uploader.pending(upTo: ticket), level: .uploaded)
-                handler.send(.reply(seq: seq, body: reply.json), context: context)
+                handler.send(answer(complete), context: context)
                 context.flush()
             }
         }
-        let timeout = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { answer(false) }
-        uploader.whenSettled(upTo: ticket) {
+        let timeout = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { respond(false) }
+        services.uploader.whenSettled(upTo: ticket) {
             timeout.cancel()
-            answer(true)
+            respond(true)
         }
     }
 

@@ -1,14 +1,20 @@
 import ArmoryProtocol
+import Foundation
 import MLflow
+import Synchronization
 
 /// What the daemon asks the sink to create for a new run.
 public struct RunCreation: Sendable, Equatable {
-    public var runID: String
+    public var handle: String
+    /// Assigned by the daemon when the sink takes daemon ids (the local store); else the server's.
+    public var runID: String?
     public var experimentName: String
     public var name: String
     public var userID: String
     public var startTime: Int64
+    /// Tags at creation (`mlflow.parentRunId` is added by the uploader once the parent exists).
     public var tags: StringMap
+    public var parentHandle: String?
 }
 
 /// A run the sink already holds (for `attach`).
@@ -18,101 +24,100 @@ public struct StoredRun: Sendable, Equatable {
     public var name: String
     public var userID: String
     public var status: RunStatus
+    public var endTime: Int64?
     public var params: StringMap
     public var tags: StringMap
 }
 
-/// One ordered unit of work for the sink.
-public enum SinkRecord: Sendable {
-    case createRun(RunCreation)
-    case log(runID: String, batch: LogBatch)
-    case updateRun(runID: String, status: RunStatus, endTime: Int64?)
-    case artifact(runID: String, path: String, spoolPath: String)
-
-    /// Records counted as metrics, for status.
-    var metricCount: Int { if case .log(_, let b) = self { b.metrics.count } else { 0 } }
-
-    /// The run this record belongs to.
-    var runID: String? {
-        switch self {
-        case .createRun(let c): c.runID
-        case .log(let runID, _), .updateRun(let runID, _, _), .artifact(let runID, _, _): runID
-        }
-    }
-}
-
-/// Where records end up: the local MLflow file store now, MLflow's REST API later.
-///
-/// Called from the uploader's thread only, one call at a time.
-public protocol RecordSink: AnyObject {
-    /// A short description for status (`file:///…/mlruns`).
+/// Where records end up: the local MLflow file store or an MLflow server's REST API.
+public protocol RecordSink: Sendable {
+    /// What status shows (never with credentials).
     var destination: String { get }
-    /// Creates the run; returns its experiment id.
-    func createRun(_ creation: RunCreation) throws(ProtocolError) -> String
-    func log(runID: String, batch: LogBatch) throws(ProtocolError)
-    func updateRun(runID: String, status: RunStatus, endTime: Int64?) throws(ProtocolError)
-    func storeArtifact(runID: String, path: String, spoolPath: String) throws(ProtocolError)
-    func findRun(runID: String) -> StoredRun?
+    /// Calls in flight at once.
+    var concurrency: Int { get }
+    var limits: BatchLimits { get }
+    /// How long log records wait for a fuller batch by default.
+    var defaultFlushInterval: Double { get }
+    /// Whether runs are created under daemon-assigned ids (at once) rather than the server's.
+    var assignsRunIDs: Bool { get }
+    func perform(_ operation: SinkOperation) async -> SinkOutcome
+    func findRun(runID: String) async -> StoredRun?
+    func close() async
 }
 
 /// The embedded default sink: MLflow's file-store layout under `$ARMORY_HOME/mlruns`.
 public final class FileStoreSink: RecordSink {
-    private let store: FileStore
-    private var experimentOfRun: [String: String] = [:]
+    private let store: Mutex<FileStoreBox>
+    public let destination: String
+
+    /// `FileStore` is used by one call at a time (concurrency 1), under this lock.
+    private struct FileStoreBox: @unchecked Sendable {
+        let store: FileStore
+        var experimentOfRun: [String: String] = [:]
+    }
 
     public init(root: String) throws(ProtocolError) {
-        do { store = try FileStore(root: root) } catch {
+        do {
+            let store = try FileStore(root: root)
+            self.store = Mutex(FileStoreBox(store: store))
+            destination = "file://" + store.root
+        } catch {
             throw ProtocolError(.internalError, "Cannot open the local store at \(root): \(error)")
         }
     }
 
-    public var destination: String { "file://" + store.root }
+    public var concurrency: Int { 1 }
+    public var limits: BatchLimits { .unbounded }
+    public var defaultFlushInterval: Double { 0 }
+    public var assignsRunIDs: Bool { true }
 
-    public func createRun(_ c: RunCreation) throws(ProtocolError) -> String {
-        do {
-            let experimentID = try store.experimentID(named: c.experimentName)
-            let run = FileStoreRun(runID: c.runID, experimentID: experimentID, name: c.name, userID: c.userID, status: .running, startTime: c.startTime)
-            try store.createRun(run, tags: c.tags)
-            experimentOfRun[c.runID] = experimentID
-            return experimentID
-        } catch {
-            throw Self.translate(error)
+    public func perform(_ operation: SinkOperation) async -> SinkOutcome {
+        store.withLock { box in
+            do {
+                switch operation {
+                case .createRun(let c, let parentRunID, _):
+                    let experimentID = try box.store.experimentID(named: c.experimentName)
+                    let runID = c.runID ?? DaemonServices.newRunID()
+                    var tags = c.tags
+                    if let parentRunID { tags["mlflow.parentRunId"] = parentRunID }
+                    try box.store.createRun(FileStoreRun(runID: runID, experimentID: experimentID, name: c.name, userID: c.userID, status: .running, startTime: c.startTime), tags: tags)
+                    box.experimentOfRun[runID] = experimentID
+                    return .created(runID: runID, experimentID: experimentID)
+                case .log(let runID, let batch):
+                    try box.store.logBatch(runID: runID, experimentID: try Self.experiment(of: runID, &box), batch)
+                case .updateRun(let runID, let status, let endTime):
+                    try box.store.updateRun(runID: runID, experimentID: try Self.experiment(of: runID, &box), status: status, endTime: endTime)
+                case .artifact(let runID, let path, let spoolPath):
+                    try box.store.storeArtifact(runID: runID, experimentID: try Self.experiment(of: runID, &box), path: path, from: spoolPath)
+                }
+                return .applied
+            } catch {
+                return .rejected(Self.translate(error))
+            }
         }
     }
 
-    public func log(runID: String, batch: LogBatch) throws(ProtocolError) {
-        let experimentID = try experiment(of: runID)
-        do { try store.logBatch(runID: runID, experimentID: experimentID, batch) } catch { throw Self.translate(error) }
-    }
-
-    public func updateRun(runID: String, status: RunStatus, endTime: Int64?) throws(ProtocolError) {
-        let experimentID = try experiment(of: runID)
-        do { try store.updateRun(runID: runID, experimentID: experimentID, status: status, endTime: endTime) } catch { throw Self.translate(error) }
-    }
-
-    public func storeArtifact(runID: String, path: String, spoolPath: String) throws(ProtocolError) {
-        let experimentID = try experiment(of: runID)
-        do { try store.storeArtifact(runID: runID, experimentID: experimentID, path: path, from: spoolPath) } catch { throw Self.translate(error) }
-    }
-
-    public func findRun(runID: String) -> StoredRun? {
-        guard let run = store.findRun(runID: runID) else { return nil }
-        experimentOfRun[runID] = run.experimentID
-        return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
-                         status: run.status, params: store.params(of: run), tags: store.tags(of: run))
-    }
-
-    private func experiment(of runID: String) throws(ProtocolError) -> String {
-        if let id = experimentOfRun[runID] { return id }
-        if let run = store.findRun(runID: runID) {
-            experimentOfRun[runID] = run.experimentID
-            return run.experimentID
+    public func findRun(runID: String) async -> StoredRun? {
+        store.withLock { box in
+            guard let run = box.store.findRun(runID: runID) else { return nil }
+            box.experimentOfRun[runID] = run.experimentID
+            return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
+                             status: run.status, endTime: run.endTime, params: box.store.params(of: run), tags: box.store.tags(of: run))
         }
-        throw ProtocolError(.notFound, "Run \(runID) is not in the local store.")
     }
 
-    private static func translate(_ error: FileStoreError) -> ProtocolError {
-        switch error {
+    public func close() async {}
+
+    private static func experiment(of runID: String, _ box: inout FileStoreBox) throws(FileStoreError) -> String {
+        if let id = box.experimentOfRun[runID] { return id }
+        guard let run = box.store.findRun(runID: runID) else { throw .runNotFound(runID) }
+        box.experimentOfRun[runID] = run.experimentID
+        return run.experimentID
+    }
+
+    private static func translate(_ error: any Error) -> ProtocolError {
+        guard let error = error as? FileStoreError else { return ProtocolError(.internalError, "\(error)") }
+        return switch error {
         case .paramChanged: ProtocolError(.paramChanged, error.description)
         case .experimentDeleted: ProtocolError(.sinkRejected, error.description)
         case .runNotFound: ProtocolError(.notFound, error.description)

@@ -27,7 +27,7 @@ public enum StatusReport {
         o["active_runs"] = .array(runs.map { r in
             .object([
                 "handle": .string(r.handle),
-                "run_id": .string(r.runID),
+                "run_id": r.runID.map { .string($0) } ?? .null,
                 "experiment": .string(r.experimentName),
                 "name": .string(r.name),
                 "owner_uid": .int(Int64(r.ownerUID)),

@@ -1,26 +1,34 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ArmoryProtocol
-import DequeModule
 import Foundation
+import NIOCore
+import NIOPosix
+import Synchronization
 
-/// Drains records, in the order they were accepted, into the sink on a thread of its own.
+/// Runs tasks on one NIO event loop thread: the uploader's own, so that neither blocking file
+/// writes nor a busy cooperative pool can stall the other.
+final class EventLoopTaskExecutor: TaskExecutor {
+    let loop: any EventLoop
+
+    init(loop: any EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
+}
+
+/// Sends records to the sink: an `UploadScheduler` under a lock, driven by a task that keeps up
+/// to `sink.concurrency` calls in flight, wakes on new records and on backoff or batching timers.
 ///
-/// Every record gets a ticket; `whenApplied` tells a `flush wait=uploaded` when everything up to
-/// a ticket is settled (applied or rejected). The queue has a high-water mark: past it,
-/// producers are told to pause (connections stop reading) until it falls below the low mark.
-public final class Uploader: @unchecked Sendable {
-    /// The outcome of one record, handed to its completion.
-    public typealias Completion = @Sendable (Result<String?, ProtocolError>) -> Void
-
-    private struct Item {
-        var ticket: UInt64
-        var record: Work
-        var completion: Completion?
-    }
-
-    private enum Work {
-        case record(SinkRecord)
-        case query(@Sendable (RecordSink) -> Void)
-    }
+/// Every record gets a ticket; `whenSettled` tells a `flush wait=uploaded` when everything up to
+/// a ticket is settled (applied or refused). Past the high-water mark, producers are told to
+/// pause (connections stop reading) until the queue falls below the low mark.
+public final class Uploader: Sendable {
+    /// A record's outcome: its run's binding when it created one, or the refusal.
+    public typealias Completion = @Sendable (Result<UploadScheduler.Binding?, ProtocolError>) -> Void
 
     /// Counters reported by `armoryctl status`.
     public struct Counters: Sendable, Equatable {
@@ -28,6 +36,7 @@ public final class Uploader: @unchecked Sendable {
         public var appliedRecords: UInt64 = 0
         public var metricsWritten: UInt64 = 0
         public var rejectedRecords: UInt64 = 0
+        public var retries: UInt64 = 0
         public var lastError: String?
         public var lastErrorMs: Int64?
         public var lastSuccessMs: Int64?
@@ -39,222 +48,205 @@ public final class Uploader: @unchecked Sendable {
         }
     }
 
-    private let condition = NSCondition()
-    private var queue = Deque<Item>()
-    private var nextTicket: UInt64 = 1
-    private var settledTicket: UInt64 = 0
-    private var waiters: [(ticket: UInt64, callback: @Sendable () -> Void)] = []
-    private var drainedCallbacks: [@Sendable () -> Void] = []
-    private var counters = Counters()
-    private var stopping = false
-    private var thread: Thread?
-    private let sink: RecordSink
+    private struct State: Sendable {
+        var scheduler: UploadScheduler
+        var completions: [UInt64: Completion] = [:]
+        var waiters: [(ticket: UInt64, callback: @Sendable () -> Void)] = []
+        var drainedCallbacks: [@Sendable () -> Void] = []
+        var counters = Counters()
+        var stopping = false
+        var stopped = false
+    }
+
+    private let state: Mutex<State>
+    private let sink: any RecordSink
+    private let wake: AsyncStream<Void>.Continuation
+    private let wakes: AsyncStream<Void>
+    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private let executor: EventLoopTaskExecutor
     public let highWater: Int
     public let lowWater: Int
 
-    public init(sink: RecordSink, highWater: Int = 200_000) {
+    public init(sink: any RecordSink, highWater: Int = 200_000, flushInterval: Double? = nil) {
         self.sink = sink
         self.highWater = highWater
         self.lowWater = highWater / 2
+        let interval = flushInterval ?? sink.defaultFlushInterval
+        state = Mutex(State(scheduler: UploadScheduler(limits: sink.limits, flushIntervalNs: UInt64(max(0, interval) * 1e9))))
+        (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        executor = EventLoopTaskExecutor(loop: group.next())
     }
 
     public var destination: String { sink.destination }
+    /// Whether the sink takes run ids assigned by the daemon (the local store does).
+    public var assignsRunIDs: Bool { sink.assignsRunIDs }
 
     public func start() {
-        let thread = Thread { [self] in run() }
-        thread.name = "armoryd-uploader"
-        self.thread = thread
-        thread.start()
+        Task(executorPreference: executor) { [self] in await run() }
     }
 
-    /// Enqueues a record; returns its ticket and whether the queue is over its high-water mark.
+    // MARK: Producers
+
+    /// Enqueues a record of run `handle`; returns its (last) ticket and whether the queue is over
+    /// its high-water mark.
     @discardableResult
-    public func enqueue(_ record: SinkRecord, completion: Completion? = nil) -> (ticket: UInt64, overloaded: Bool) {
-        enqueue(work: .record(record), completion: completion)
-    }
-
-    /// Runs `body` on the uploader thread, in order with the records (for reads of the sink).
-    public func query(_ body: @escaping @Sendable (RecordSink) -> Void) {
-        _ = enqueue(work: .query(body), completion: nil)
-    }
-
-    private func enqueue(work: Work, completion: Completion?) -> (ticket: UInt64, overloaded: Bool) {
-        condition.lock()
-        defer { condition.unlock() }
-        let ticket = nextTicket
-        nextTicket += 1
-        queue.append(Item(ticket: ticket, record: work, completion: completion))
-        counters.pendingRecords = queue.count
-        if queue.count == 1 { condition.signal() }
-        return (ticket, queue.count > highWater)
-    }
-
-    /// The ticket of the last record enqueued so far.
-    public var lastTicket: UInt64 {
-        condition.lock()
-        defer { condition.unlock() }
-        return nextTicket - 1
-    }
-
-    public var counterSnapshot: Counters {
-        condition.lock()
-        defer { condition.unlock() }
-        return counters
-    }
-
-    /// Calls `callback` (on the uploader thread, or at once) when every ticket ≤ `ticket` is settled.
-    public func whenSettled(upTo ticket: UInt64, _ callback: @escaping @Sendable () -> Void) {
-        condition.lock()
-        if settledTicket >= ticket {
-            condition.unlock()
-            callback()
-            return
+    public func enqueue(_ handle: String, _ record: SinkRecord, completion: Completion? = nil) -> (ticket: UInt64, overloaded: Bool) {
+        let now = Self.monotonicNs()
+        let result = state.withLock { s -> (UInt64, Bool) in
+            let ticket = s.scheduler.enqueue(handle, record, now: now)
+            if let completion { s.completions[ticket] = completion }
+            s.counters.pendingRecords = s.scheduler.queuedEntries
+            return (ticket, s.scheduler.queuedEntries > highWater)
         }
-        waiters.append((ticket, callback))
-        condition.unlock()
+        wake.yield()
+        return result
+    }
+
+    /// A run that already exists in MLflow (attached): its records need no create.
+    public func bind(_ handle: String, runID: String, experimentID: String?) {
+        state.withLock { $0.scheduler.bind(handle, .init(runID: runID, experimentID: experimentID)) }
+    }
+
+    /// Looks a run up in the sink (for `attach`), off the caller's thread.
+    public func findRun(runID: String, _ body: @escaping @Sendable (StoredRun?) -> Void) {
+        let sink = sink
+        Task(executorPreference: executor) { body(await sink.findRun(runID: runID)) }
+    }
+
+    public var lastTicket: UInt64 { state.withLock { $0.scheduler.lastTicket } }
+
+    public var counterSnapshot: Counters { state.withLock { $0.counters } }
+
+    /// Calls `callback` once every ticket ≤ `ticket` is settled; asks the scheduler not to wait
+    /// for fuller batches meanwhile.
+    public func whenSettled(upTo ticket: UInt64, _ callback: @escaping @Sendable () -> Void) {
+        let now = state.withLock { s -> Bool in
+            if s.scheduler.settledUpTo >= ticket { return true }
+            s.scheduler.hurry(upTo: ticket)
+            s.waiters.append((ticket, callback))
+            return false
+        }
+        if now { callback() } else { wake.yield() }
     }
 
     /// Calls `callback` once the queue is back under its low-water mark.
     public func whenDrained(_ callback: @escaping @Sendable () -> Void) {
-        condition.lock()
-        if queue.count <= lowWater {
-            condition.unlock()
-            callback()
-            return
+        let now = state.withLock { s -> Bool in
+            if s.scheduler.queuedEntries <= lowWater { return true }
+            s.drainedCallbacks.append(callback)
+            return false
         }
-        drainedCallbacks.append(callback)
-        condition.unlock()
+        if now { callback() }
     }
 
     /// How many of the records up to `ticket` are not settled yet.
     public func pending(upTo ticket: UInt64) -> Int {
-        condition.lock()
-        defer { condition.unlock() }
-        return ticket > settledTicket ? Int(ticket - settledTicket) : 0
-    }
-
-    /// Applies what is queued, then stops the thread; waits at most `timeout` seconds.
-    /// Returns the number of records left unapplied.
-    public func shutdown(timeout: Double) -> Int {
-        condition.lock()
-        stopping = true
-        condition.broadcast()
-        let deadline = Date(timeIntervalSinceNow: timeout)
-        while thread != nil, !queue.isEmpty || !stoppedThread {
-            if !condition.wait(until: deadline) { break }
+        state.withLock { s in
+            let settled = s.scheduler.settledUpTo
+            return ticket > settled ? min(Int(ticket - settled), s.scheduler.queuedEntries) : 0
         }
-        let left = queue.count
-        condition.unlock()
-        return left
     }
 
-    private var stoppedThread = false
+    /// Sends what is queued (without batching delays), then stops; waits at most `timeout`
+    /// seconds. Returns the number of records left unsent.
+    public func shutdown(timeout: Double) async -> Int {
+        state.withLock { $0.stopping = true }
+        wake.yield()
+        let deadline = Self.monotonicNs() + UInt64(timeout * 1e9)
+        while Self.monotonicNs() < deadline {
+            if state.withLock({ $0.stopped }) { break }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        state.withLock { $0.stopped = true }
+        wake.finish()
+        await sink.close()
+        try? await group.shutdownGracefully()
+        return state.withLock { $0.scheduler.queuedEntries }
+    }
 
-    private func run() {
-        var batch: [Item] = []
+    // MARK: The loop
+
+    private func run() async {
+        var iterator = wakes.makeAsyncIterator()
         while true {
-            condition.lock()
-            while queue.isEmpty && !stopping { condition.wait() }
-            if queue.isEmpty && stopping {
-                stoppedThread = true
-                condition.broadcast()
-                condition.unlock()
-                return
+            let now = Self.monotonicNs()
+            let (batches, wakeAt, done) = state.withLock { s -> ([UploadScheduler.Batch], UInt64?, Bool) in
+                if s.stopped { return ([], nil, true) }
+                var out: [UploadScheduler.Batch] = []
+                while s.scheduler.inFlight < sink.concurrency, let batch = s.scheduler.next(now: now, draining: s.stopping) {
+                    out.append(batch)
+                }
+                if s.stopping && s.scheduler.queuedEntries == 0 && s.scheduler.inFlight == 0 {
+                    s.stopped = true
+                    return (out, nil, true)
+                }
+                return (out, s.scheduler.nextWake(now: now), false)
             }
-            let take = min(queue.count, 4096)
-            batch.removeAll(keepingCapacity: true)
-            for _ in 0..<take { batch.append(queue.removeFirst()) }
-            condition.unlock()
-
-            let outcome = apply(batch)
-
-            condition.lock()
-            settledTicket = batch.last!.ticket
-            counters.pendingRecords = queue.count
-            counters.appliedRecords += UInt64(batch.count - outcome.rejected)
-            counters.rejectedRecords += UInt64(outcome.rejected)
-            counters.metricsWritten += UInt64(outcome.metrics)
-            if let error = outcome.lastError {
-                counters.lastError = error
-                counters.lastErrorMs = Self.nowMs()
+            for batch in batches {
+                Task(executorPreference: executor) { [self] in
+                    let outcome = await sink.perform(batch.operation)
+                    finish(batch, outcome)
+                }
             }
-            if outcome.succeeded { counters.lastSuccessMs = Self.nowMs() }
+            if done { return }
+            if let wakeAt {
+                let delay = wakeAt > now ? wakeAt - now : 0
+                let wake = wake
+                executor.loop.scheduleTask(in: .nanoseconds(Int64(delay))) { wake.yield() }
+            }
+            guard await iterator.next() != nil else { return }
+        }
+    }
+
+    private func finish(_ batch: UploadScheduler.Batch, _ outcome: SinkOutcome) {
+        let now = Self.monotonicNs()
+        let (callbacks, completions) = state.withLock { s -> ([@Sendable () -> Void], [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)]) in
+            let settled = s.scheduler.finish(batch, outcome, now: now, jitter: Double.random(in: 0...1))
+            var completions: [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)] = []
+            for ticket in settled.tickets {
+                if let c = s.completions.removeValue(forKey: ticket) { completions.append((c, .success(settled.created))) }
+            }
+            for (ticket, error) in settled.failures {
+                if let c = s.completions.removeValue(forKey: ticket) { completions.append((c, .failure(error))) }
+            }
+            let wallNow = Self.wallMs()
+            s.counters.appliedRecords += UInt64(settled.tickets.count)
+            s.counters.rejectedRecords += UInt64(settled.failures.count)
+            s.counters.metricsWritten += UInt64(settled.metrics)
+            s.counters.pendingRecords = s.scheduler.queuedEntries
+            switch outcome {
+            case .applied, .created: s.counters.lastSuccessMs = wallNow
+            case .retry(_, let reason):
+                s.counters.retries += 1
+                s.counters.lastError = reason
+                s.counters.lastErrorMs = wallNow
+            case .rejected(let error):
+                s.counters.lastError = error.message
+                s.counters.lastErrorMs = wallNow
+            }
             var ready: [@Sendable () -> Void] = []
-            waiters.removeAll { waiter in
-                guard waiter.ticket <= settledTicket else { return false }
+            let settledUpTo = s.scheduler.settledUpTo
+            s.waiters.removeAll { waiter in
+                guard waiter.ticket <= settledUpTo else { return false }
                 ready.append(waiter.callback)
                 return true
             }
-            if queue.count <= lowWater, !drainedCallbacks.isEmpty {
-                ready.append(contentsOf: drainedCallbacks)
-                drainedCallbacks.removeAll()
+            if s.scheduler.queuedEntries <= lowWater, !s.drainedCallbacks.isEmpty {
+                ready.append(contentsOf: s.drainedCallbacks)
+                s.drainedCallbacks.removeAll()
             }
-            condition.unlock()
-            for callback in ready { callback() }
+            return (ready, completions)
         }
+        for (completion, result) in completions { completion(result) }
+        for callback in callbacks { callback() }
+        wake.yield()
     }
 
-    /// Applies a batch in order per run. Metric-only logs are gathered per run and written in
-    /// one sink call each, just before the next other record of that run (or at the end), so a
-    /// run's records keep their order while interleaved clients still get large writes.
-    private func apply(_ batch: [Item]) -> (rejected: Int, metrics: Int, lastError: String?, succeeded: Bool) {
-        var succeeded = false
-        var rejected = 0
-        var metrics = 0
-        var lastError: String?
-        var gathered: [String: (metrics: [MetricPoint], records: Int)] = [:]
-        var gatherOrder: [String] = []
-
-        func writeGathered(_ runID: String) {
-            guard let pending = gathered.removeValue(forKey: runID) else { return }
-            do {
-                try sink.log(runID: runID, batch: LogBatch(metrics: pending.metrics))
-                metrics += pending.metrics.count
-                succeeded = true
-            } catch {
-                rejected += pending.records
-                lastError = error.description
-            }
-        }
-
-        for item in batch {
-            switch item.record {
-            case .query(let body):
-                for runID in gatherOrder { writeGathered(runID) }
-                gatherOrder.removeAll()
-                body(sink)
-            case .record(let record):
-                if case .log(let runID, let b) = record, b.params.isEmpty, b.tags.isEmpty, item.completion == nil {
-                    if gathered[runID] == nil {
-                        gathered[runID] = ([], 0)
-                        gatherOrder.append(runID)
-                    }
-                    gathered[runID]!.metrics.append(contentsOf: b.metrics)
-                    gathered[runID]!.records += 1
-                    continue
-                }
-                if let runID = record.runID { writeGathered(runID) }
-                let result: Result<String?, ProtocolError>
-                do {
-                    switch record {
-                    case .createRun(let creation): result = .success(try sink.createRun(creation))
-                    case .log(let runID, let b): try sink.log(runID: runID, batch: b); result = .success(nil)
-                    case .updateRun(let runID, let status, let endTime): try sink.updateRun(runID: runID, status: status, endTime: endTime); result = .success(nil)
-                    case .artifact(let runID, let path, let spoolPath): try sink.storeArtifact(runID: runID, path: path, spoolPath: spoolPath); result = .success(nil)
-                    }
-                    metrics += record.metricCount
-                    succeeded = true
-                } catch {
-                    result = .failure(error)
-                    rejected += 1
-                    lastError = error.description
-                }
-                item.completion?(result)
-            }
-        }
-        for runID in gatherOrder { writeGathered(runID) }
-        return (rejected, metrics, lastError, succeeded)
+    static func monotonicNs() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
-    static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+    static func wallMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
 }

@@ -109,7 +109,8 @@ public enum ClientOp: Sendable, Equatable {
     case start(RunTarget)
     case end(RunTarget, status: RunStatus)
     case attach(runID: String)
-    case runInfo(run: String)
+    /// `waitMs` > 0: wait that long for a pending run to exist in MLflow.
+    case runInfo(run: String, waitMs: Int64)
     case log(run: String, batch: LogBatch)
     // Artifacts.
     case artifactOpen(run: String, path: String)
@@ -235,7 +236,7 @@ extension ClientFrame {
             }
             op = .end(try f.runTarget(), status: status)
         case "attach": op = .attach(runID: try f.string("run_id"))
-        case "run_info": op = .runInfo(run: try f.string("run"))
+        case "run_info": op = .runInfo(run: try f.string("run"), waitMs: max(0, try f.optionalInt("wait_ms") ?? 0))
         case "log":
             op = .log(run: try f.string("run"), batch: try f.logBatch(receivedAtMs: receivedAtMs))
         case "artifact_open": op = .artifactOpen(run: try f.string("run"), path: try f.string("path"))
@@ -407,8 +408,9 @@ extension ClientFrame {
             o["status"] = .string(status.rawValue)
         case .attach(let runID):
             o["run_id"] = .string(runID)
-        case .runInfo(let run):
+        case .runInfo(let run, let waitMs):
             o["run"] = .string(run)
+            if waitMs > 0 { o["wait_ms"] = .int(waitMs) }
         case .log(let run, let batch):
             o["run"] = .string(run)
             if !batch.metrics.isEmpty {

@@ -109,7 +109,7 @@ public final class Chain: @unchecked Sendable {
 
     /// The nested run, once started.
     public var run: Run? { started.withLock { $0 } }
-    /// MLflow's run id of the nested run, once started.
+    /// MLflow's run id of the nested run, once started (and created on the server).
     public var runID: String? { run?.runID }
 
     /// `chain.track_call`: records a call's arguments in the chain's context.

@@ -11,8 +11,9 @@ import Foundation
 public final class Run: Sendable {
     /// The daemon's handle (what log frames name).
     public let handle: String
-    /// MLflow's run id (as in `mlflow.start_run(run_id=…)`).
-    public let runID: String
+    /// MLflow's run id (as in `mlflow.start_run(run_id=…)`); `nil` while the server has not
+    /// created the run yet (it is unreachable): `resolveRunID(timeout:)` waits for it.
+    public let runID: String?
     public let experimentID: String?
     public let name: String
     let tracker: Tracker
@@ -20,11 +21,11 @@ public final class Run: Sendable {
     private let metricFrameHead: [UInt8]
 
     init(descriptorOf body: JSONObject, tracker: Tracker) throws(ArmoryError) {
-        guard let descriptor = RunDescriptor(json: body), let runID = descriptor.runID else {
-            throw .protocolViolation("armoryd's run reply has no run id (\(body)).")
+        guard let descriptor = RunDescriptor(json: body) else {
+            throw .protocolViolation("armoryd's run reply is not a run (\(body)).")
         }
         handle = descriptor.handle
-        self.runID = runID
+        self.runID = descriptor.runID
         experimentID = descriptor.experimentID
         name = descriptor.name
         self.tracker = tracker
@@ -33,6 +34,16 @@ public final class Run: Sendable {
         head.writeString(descriptor.handle)
         head.append(",\"metrics\":[[")
         metricFrameHead = head.bytes
+    }
+
+    /// MLflow's run id, waiting up to `timeout` seconds for the server to create the run.
+    public func resolveRunID(timeout: Double = 10) throws(ArmoryError) -> String {
+        if let runID { return runID }
+        let body = try tracker.connection.request(.runInfo(run: handle, waitMs: Int64(timeout * 1000)), timeout: timeout + 10)
+        guard let id = RunDescriptor(json: body)?.runID else {
+            throw .timedOut("pending: the MLflow server is unreachable, run '\(name)' (armoryd handle \(handle)) has no MLflow id yet. Its records are kept and uploaded when the server is back; `armoryctl status` shows the binding later.")
+        }
+        return id
     }
 
     /// Logs one metric point. `timestamp` defaults to now (ms); values are fixed at this call.

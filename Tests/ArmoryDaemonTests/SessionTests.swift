@@ -19,8 +19,9 @@ final class SessionHarness {
     }
 
     deinit {
-        _ = services.uploader.shutdown(timeout: 5)
-        try? FileManager.default.removeItem(atPath: directory)
+        let uploader = services.uploader
+        let directory = directory
+        Task { _ = await uploader.shutdown(timeout: 5); try? FileManager.default.removeItem(atPath: directory) }
     }
 
     func session(uid: UInt32 = 1000, connection: UInt64 = 1) -> Session {
@@ -48,6 +49,13 @@ final class SessionHarness {
             services.uploader.whenSettled(upTo: ticket) { done.withLock { $0 = true } }
             for _ in 0..<500 where !done.withLock({ $0 }) { usleep(10_000) }
             return .success(["complete": .bool(done.withLock { $0 })])
+        case .awaitRun(let handle, let ticket, _):
+            let done = Mutex(false)
+            services.uploader.whenSettled(upTo: ticket) { done.withLock { $0 = true } }
+            for _ in 0..<500 where !done.withLock({ $0 }) { usleep(10_000) }
+            guard let entry = services.registry.entry(handle) else { return .failure(ProtocolError(.unknownHandle, handle)) }
+            if let failure = entry.failure { return .failure(failure) }
+            return .success(entry.descriptor.json)
         }
     }
 

@@ -102,7 +102,7 @@ import Testing
                     }
                     try tracker.flush(.uploaded)
                     tracker.connection.disconnect()
-                    return (i, evaluation.run!.runID, evaluation.chains["chain-\(i)"]!.runID!)
+                    return (i, evaluation.run!.runID!, evaluation.chains["chain-\(i)"]!.runID!)
                 }
             }
             var seenParents = Set<String>()
@@ -174,7 +174,7 @@ import Testing
         // The well-behaved client was served throughout.
         run.logMetric("still", 1, timestamp: 1)
         try good.flush(.uploaded)
-        #expect(daemon.files(endingWith: run.runID + "/metrics/still").count == 1)
+        #expect(daemon.files(endingWith: run.runID! + "/metrics/still").count == 1)
         #expect(try good.status()["state"] == .string("running"))
         good.connection.disconnect()
         try await daemon.stop()
@@ -263,9 +263,10 @@ import Testing
         try tracker.flush()
         tracker.connection.disconnect()
         try await Task.sleep(for: .milliseconds(1500))
-        let meta = try #require(daemon.files(endingWith: chainRun.runID + "/meta.yaml").first)
+        let chainRunID = try #require(chainRun.runID)
+        let meta = try #require(daemon.files(endingWith: chainRunID + "/meta.yaml").first)
         #expect(try String(contentsOfFile: meta, encoding: .utf8).contains("status: 4"))
-        #expect(daemon.files(endingWith: chainRun.runID + "/metrics/sent").count == 1)
+        #expect(daemon.files(endingWith: chainRunID + "/metrics/sent").count == 1)
         try await daemon.stop()
     }
 }

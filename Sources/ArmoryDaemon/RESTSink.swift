@@ -1,0 +1,88 @@
+import ArmoryProtocol
+import Foundation
+import MLflow
+import Synchronization
+
+/// An MLflow tracking server as the sink: batched `log-batch` calls, several in flight, errors
+/// sorted into retryable (connection, 408, 429, 5xx) and permanent (other 4xx).
+public final class RESTSink: RecordSink {
+    private let client: MLflowRESTClient
+    private let experiments = Mutex<[String: String]>([:])
+    private let artifactURIs = Mutex<[String: String]>([:])
+    public let concurrency: Int
+
+    public init(destination: MLflowDestination, concurrency: Int = 4, requestTimeoutSeconds: Double = 30) throws(ProtocolError) {
+        do { client = try MLflowRESTClient(destination: destination, requestTimeoutSeconds: requestTimeoutSeconds) } catch {
+            throw ProtocolError(.internalError, error.description)
+        }
+        self.concurrency = max(1, concurrency)
+    }
+
+    public var destination: String { client.destination.description }
+    public var limits: BatchLimits { .mlflow }
+    public var defaultFlushInterval: Double { 1 }
+    public var assignsRunIDs: Bool { false }
+
+    public func perform(_ operation: SinkOperation) async -> SinkOutcome {
+        do {
+            switch operation {
+            case .createRun(let c, let parentRunID, let attempt):
+                let experimentID = try await experimentID(c.experimentName)
+                // runs/create is not idempotent: after an ambiguous failure, look for our handle first.
+                if attempt > 0, let found = try await client.findRun(experimentID: experimentID, tag: "armory.handle", value: c.handle) {
+                    artifactURIs.withLock { $0[found.runID] = found.artifactURI }
+                    return .created(runID: found.runID, experimentID: experimentID)
+                }
+                var tags = c.tags
+                if let parentRunID { tags["mlflow.parentRunId"] = parentRunID }
+                let run = try await client.createRun(experimentID: experimentID, runName: c.name, startTime: c.startTime, userID: c.userID, tags: tags)
+                artifactURIs.withLock { $0[run.runID] = run.artifactURI }
+                return .created(runID: run.runID, experimentID: experimentID)
+            case .log(let runID, let batch):
+                try await client.logBatch(runID, batch)
+            case .updateRun(let runID, let status, let endTime):
+                try await client.updateRun(runID, status: status, endTime: endTime)
+            case .artifact(let runID, let path, let spoolPath):
+                var uri = artifactURIs.withLock { $0[runID] }
+                if uri == nil {
+                    guard let run = try await client.getRun(runID) else { return .rejected(ProtocolError(.notFound, "Run \(runID) no longer exists on \(client.destination.baseURL).")) }
+                    uri = run.artifactURI
+                    artifactURIs.withLock { $0[runID] = run.artifactURI }
+                }
+                try await client.uploadArtifact(artifactURI: uri!, path: path, file: spoolPath)
+                try? FileManager.default.removeItem(atPath: spoolPath)
+            }
+            return .applied
+        } catch {
+            if error.isRetryable { return .retry(after: error.retryAfter, reason: error.description) }
+            if case .artifact(_, _, let spoolPath) = operation { try? FileManager.default.removeItem(atPath: spoolPath) }
+            return .rejected(Self.translate(error))
+        }
+    }
+
+    public func findRun(runID: String) async -> StoredRun? {
+        guard let run = try? await client.getRun(runID) else { return nil }
+        artifactURIs.withLock { $0[run.runID] = run.artifactURI }
+        return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
+                         status: run.status, endTime: run.endTime, params: run.params, tags: run.tags)
+    }
+
+    public func close() async { await client.shutdown() }
+
+    private func experimentID(_ name: String) async throws(MLflowError) -> String {
+        if let id = experiments.withLock({ $0[name] }) { return id }
+        let id = try await client.experimentID(getOrCreate: name)
+        experiments.withLock { $0[name] = id }
+        return id
+    }
+
+    static func translate(_ error: MLflowError) -> ProtocolError {
+        if case .api(_, "INVALID_PARAMETER_VALUE", let message, _) = error, message.contains("Changing param values is not allowed") {
+            return ProtocolError(.paramChanged, "MLflow refused a changed param value (params cannot change): \(message)")
+        }
+        if let status = error.statusCode, status == 401 || status == 403 {
+            return ProtocolError(.permissionDenied, error.description)
+        }
+        return ProtocolError(.sinkRejected, error.description)
+    }
+}

@@ -1,0 +1,335 @@
+import ArmoryProtocol
+import DequeModule
+import HeapModule
+
+/// How large one sink call may be (MLflow's `log-batch` limits for the REST sink).
+public struct BatchLimits: Sendable, Equatable {
+    public var metrics: Int
+    public var params: Int
+    public var tags: Int
+    public var entities: Int
+    public var bytes: Int
+
+    /// MLflow's documented `runs/log-batch` limits (bytes kept under 1 MB with headroom).
+    public static let mlflow = BatchLimits(metrics: 1000, params: 100, tags: 100, entities: 1000, bytes: 900_000)
+    /// A local store has no request to keep small.
+    public static let unbounded = BatchLimits(metrics: .max, params: .max, tags: .max, entities: .max, bytes: .max)
+
+    /// Splits a batch into pieces that each fit.
+    public func split(_ batch: LogBatch) -> [LogBatch] {
+        if fits(batch) { return [batch] }
+        var pieces: [LogBatch] = []
+        var current = LogBatch()
+        var bytes = 0
+        func room(_ extraBytes: Int) -> Bool {
+            current.metrics.count + current.params.count + current.tags.count < entities && bytes + extraBytes <= self.bytes
+        }
+        func cut() {
+            if !current.isEmpty { pieces.append(current) }
+            current = LogBatch()
+            bytes = 0
+        }
+        for (k, v) in batch.params {
+            let size = Self.estimate(k, v)
+            if current.params.count >= params || !room(size) { cut() }
+            current.params[k] = v
+            bytes += size
+        }
+        for (k, v) in batch.tags {
+            let size = Self.estimate(k, v)
+            if current.tags.count >= tags || !room(size) { cut() }
+            current.tags[k] = v
+            bytes += size
+        }
+        for m in batch.metrics {
+            let size = Self.estimate(m)
+            if current.metrics.count >= metrics || !room(size) { cut() }
+            current.metrics.append(m)
+            bytes += size
+        }
+        cut()
+        return pieces
+    }
+
+    public func fits(_ b: LogBatch) -> Bool {
+        b.metrics.count <= metrics && b.params.count <= params && b.tags.count <= tags
+            && b.metrics.count + b.params.count + b.tags.count <= entities && Self.estimate(b) <= bytes
+    }
+
+    /// An upper estimate of a batch's JSON size in a `log-batch` body.
+    static func estimate(_ b: LogBatch) -> Int {
+        b.metrics.reduce(0) { $0 + estimate($1) } + b.params.reduce(0) { $0 + estimate($1.key, $1.value) } + b.tags.reduce(0) { $0 + estimate($1.key, $1.value) }
+    }
+    static func estimate(_ m: MetricPoint) -> Int { m.key.utf8.count * 2 + 90 }
+    static func estimate(_ k: String, _ v: String) -> Int { (k.utf8.count + v.utf8.count) * 2 + 30 }
+}
+
+/// One ordered unit of work for a run, as the session enqueues it.
+public enum SinkRecord: Sendable, Equatable {
+    case createRun(RunCreation)
+    case log(LogBatch)
+    case updateRun(status: RunStatus, endTime: Int64?)
+    case artifact(path: String, spoolPath: String)
+
+    var metricCount: Int { if case .log(let b) = self { b.metrics.count } else { 0 } }
+}
+
+/// What the sink is asked to do: records with their run's MLflow id filled in.
+public enum SinkOperation: Sendable, Equatable {
+    /// `attempt` > 0 means an earlier try may have created it: look for `armory.handle` first.
+    case createRun(RunCreation, parentRunID: String?, attempt: Int)
+    case log(runID: String, LogBatch)
+    case updateRun(runID: String, status: RunStatus, endTime: Int64?)
+    case artifact(runID: String, path: String, spoolPath: String)
+}
+
+/// How a sink call ended.
+public enum SinkOutcome: Sendable, Equatable {
+    case applied
+    case created(runID: String, experimentID: String)
+    /// Try again later (`after`: the server's Retry-After, in seconds).
+    case retry(after: Double?, reason: String)
+    /// Permanently refused: reported to the owner, never retried.
+    case rejected(ProtocolError)
+}
+
+/// The uploader's brain: per-run ordered queues, batches cut at the sink's limits, runs served
+/// round-robin, one call in flight per run, exponential backoff with jitter and Retry-After, and
+/// isolation of records when a merged batch is refused. A value type driven by the `Uploader`
+/// and tested without a sink.
+public struct UploadScheduler: Sendable {
+    /// One enqueued record.
+    public struct Entry: Sendable {
+        public var ticket: UInt64
+        public var record: SinkRecord
+        public var enqueuedAt: UInt64
+    }
+
+    /// What to send next: the entries it covers and the operation for the sink.
+    public struct Batch: Sendable {
+        public var handle: String
+        public var entries: [Entry]
+        public var operation: SinkOperation
+    }
+
+    /// A run's MLflow identity once it exists.
+    public struct Binding: Sendable, Equatable {
+        public var runID: String
+        public var experimentID: String?
+    }
+
+    /// What settling a batch produced, for the executor to report.
+    public struct Settled: Sendable {
+        public var tickets: [UInt64] = []
+        public var failures: [(ticket: UInt64, error: ProtocolError)] = []
+        public var created: Binding?
+        public var metrics = 0
+    }
+
+    struct RunQueue: Sendable {
+        var entries = Deque<Entry>()
+        var busy = false
+        var notBefore: UInt64 = 0
+        var attempt = 0
+        /// How many head entries must go alone (after a merged batch was refused).
+        var isolate = 0
+        var parent: String?
+        var failed: ProtocolError?
+    }
+
+    public let limits: BatchLimits
+    /// Log records wait at most this long for more to join their batch (0: send at once).
+    public let flushIntervalNs: UInt64
+    public let backoffBaseNs: UInt64
+    public let backoffCapNs: UInt64
+
+    private var queues: [String: RunQueue] = [:]
+    private var order = Deque<String>()
+    public private(set) var bindings: [String: Binding] = [:]
+    private var unsettled = Heap<UInt64>()
+    private var settledOutOfOrder = Set<UInt64>()
+    private var nextTicket: UInt64 = 1
+    /// Tickets up to this one are wanted now (a flush is waiting): no batching delay.
+    private var urgentUpTo: UInt64 = 0
+    public private(set) var queuedEntries = 0
+    public private(set) var inFlight = 0
+
+    public init(limits: BatchLimits, flushIntervalNs: UInt64, backoffBaseNs: UInt64 = 500_000_000, backoffCapNs: UInt64 = 60_000_000_000) {
+        self.limits = limits
+        self.flushIntervalNs = flushIntervalNs
+        self.backoffBaseNs = backoffBaseNs
+        self.backoffCapNs = backoffCapNs
+    }
+
+    /// The last ticket handed out.
+    public var lastTicket: UInt64 { nextTicket - 1 }
+
+    /// Every ticket up to this one is settled.
+    public var settledUpTo: UInt64 {
+        unsettled.min.map { $0 - 1 } ?? lastTicket
+    }
+
+    public mutating func bind(_ handle: String, _ binding: Binding) {
+        bindings[handle] = binding
+    }
+
+    /// Queues a record for a run; oversized logs are split. Returns the last ticket used.
+    @discardableResult
+    public mutating func enqueue(_ handle: String, _ record: SinkRecord, now: UInt64) -> UInt64 {
+        let records: [SinkRecord]
+        if case .log(let batch) = record { records = limits.split(batch).map { .log($0) } } else { records = [record] }
+        if queues[handle] == nil { queues[handle] = RunQueue() }
+        if case .createRun(let c) = record { queues[handle]!.parent = c.parentHandle }
+        if queues[handle]!.entries.isEmpty && !queues[handle]!.busy { order.append(handle) }
+        var ticket: UInt64 = 0
+        for r in records {
+            ticket = nextTicket
+            nextTicket += 1
+            queues[handle]!.entries.append(Entry(ticket: ticket, record: r, enqueuedAt: now))
+            unsettled.insert(ticket)
+            queuedEntries += 1
+        }
+        return ticket
+    }
+
+    /// Asks for everything up to `ticket` to be sent without waiting for fuller batches.
+    public mutating func hurry(upTo ticket: UInt64) {
+        urgentUpTo = max(urgentUpTo, ticket)
+    }
+
+    /// The next batch to send, if any run is ready; `draining` sends partial batches at once.
+    public mutating func next(now: UInt64, draining: Bool = false) -> Batch? {
+        for _ in 0..<order.count {
+            let handle = order.removeFirst()
+            guard var queue = queues[handle], !queue.entries.isEmpty else { continue }
+            if let batch = cut(handle: handle, queue: &queue, now: now, draining: draining) {
+                queue.busy = true
+                queues[handle] = queue
+                inFlight += 1
+                return batch  // not re-appended while busy: finish() puts it back
+            }
+            order.append(handle)
+        }
+        return nil
+    }
+
+    /// When the next run becomes ready by time alone (backoff over, batching delay over).
+    public func nextWake(now: UInt64) -> UInt64? {
+        var earliest: UInt64?
+        for handle in order {
+            guard let q = queues[handle], let head = q.entries.first, !q.busy else { continue }
+            var at = q.notBefore
+            if case .log = head.record, flushIntervalNs > 0, head.ticket > urgentUpTo {
+                at = max(at, head.enqueuedAt + flushIntervalNs)
+            }
+            if at > now { earliest = min(earliest ?? .max, at) }
+        }
+        return earliest
+    }
+
+    private func cut(handle: String, queue: inout RunQueue, now: UInt64, draining: Bool) -> Batch? {
+        guard !queue.busy, queue.notBefore <= now, let head = queue.entries.first else { return nil }
+        if case .createRun(let creation) = head.record {
+            var parentRunID: String?
+            if let parent = creation.parentHandle {
+                guard let bound = bindings[parent] else { return nil }  // the parent first
+                parentRunID = bound.runID
+            }
+            return Batch(handle: handle, entries: [head], operation: .createRun(creation, parentRunID: parentRunID, attempt: queue.attempt))
+        }
+        guard let runID = bindings[handle]?.runID else { return nil }
+        switch head.record {
+        case .createRun: return nil
+        case .updateRun(let status, let endTime):
+            return Batch(handle: handle, entries: [head], operation: .updateRun(runID: runID, status: status, endTime: endTime))
+        case .artifact(let path, let spoolPath):
+            return Batch(handle: handle, entries: [head], operation: .artifact(runID: runID, path: path, spoolPath: spoolPath))
+        case .log(let first):
+            var merged = first
+            var entries = [head]
+            var full = queue.isolate > 0
+            if !full {
+                for entry in queue.entries.dropFirst() {
+                    guard case .log(let next) = entry.record else { full = true; break }
+                    if next.params.keys.contains(where: { merged.params[$0] != nil }) { full = true; break }
+                    var candidate = merged
+                    candidate.metrics.append(contentsOf: next.metrics)
+                    for (k, v) in next.params { candidate.params[k] = v }
+                    for (k, v) in next.tags { candidate.tags[k] = v }
+                    guard limits.fits(candidate) else { full = true; break }
+                    merged = candidate
+                    entries.append(entry)
+                }
+            }
+            let waited = now >= head.enqueuedAt + flushIntervalNs
+            guard full || waited || draining || head.ticket <= urgentUpTo || flushIntervalNs == 0 else { return nil }
+            return Batch(handle: handle, entries: entries, operation: .log(runID: runID, merged))
+        }
+    }
+
+    /// Settles a batch with the sink's outcome.
+    public mutating func finish(_ batch: Batch, _ outcome: SinkOutcome, now: UInt64, jitter: Double = 1) -> Settled {
+        inFlight -= 1
+        var settled = Settled()
+        guard var queue = queues[batch.handle] else { return settled }
+        queue.busy = false
+        switch outcome {
+        case .applied, .created:
+            if case .created(let runID, let experimentID) = outcome {
+                let binding = Binding(runID: runID, experimentID: experimentID)
+                bindings[batch.handle] = binding
+                settled.created = binding
+            }
+            queue.attempt = 0
+            queue.isolate = max(0, queue.isolate - batch.entries.count)
+            for entry in batch.entries {
+                _ = queue.entries.popFirst()
+                settled.tickets.append(entry.ticket)
+                settled.metrics += entry.record.metricCount
+            }
+        case .retry(let after, _):
+            queue.attempt += 1
+            let exponential = min(backoffCapNs, backoffBaseNs << UInt64(min(queue.attempt - 1, 30)))
+            var delay = UInt64(Double(exponential) * (0.5 + 0.5 * max(0, min(1, jitter))))
+            if let after { delay = UInt64(min(max(after, 0), 600) * 1e9) }
+            queue.notBefore = now + delay
+        case .rejected(let error):
+            if batch.entries.count > 1 {
+                queue.isolate = batch.entries.count  // send them one by one to find the bad one
+            } else {
+                _ = queue.entries.popFirst()
+                queue.attempt = 0
+                queue.isolate = max(0, queue.isolate - 1)
+                settled.failures.append((batch.entries[0].ticket, error))
+                if case .createRun = batch.entries[0].record {
+                    // A run that cannot be created takes its records with it.
+                    while let entry = queue.entries.popFirst() { settled.failures.append((entry.ticket, error)) }
+                    queue.failed = error
+                }
+            }
+        }
+        for ticket in settled.tickets { settle(ticket) }
+        for (ticket, _) in settled.failures { settle(ticket) }
+        if !queue.entries.isEmpty {
+            queues[batch.handle] = queue
+            order.append(batch.handle)
+        } else if queue.failed == nil {
+            queues[batch.handle] = nil  // idle runs keep only their binding
+        } else {
+            queues[batch.handle] = queue
+        }
+        return settled
+    }
+
+    private mutating func settle(_ ticket: UInt64) {
+        queuedEntries -= 1
+        settledOutOfOrder.insert(ticket)
+        while let min = unsettled.min, settledOutOfOrder.remove(min) != nil { _ = unsettled.removeMin() }
+    }
+
+    /// Entries still queued for one run.
+    public func pending(_ handle: String) -> Int { queues[handle]?.entries.count ?? 0 }
+
+    /// The error that made a run impossible to create, if any.
+    public func failure(of handle: String) -> ProtocolError? { queues[handle]?.failed }
+}
