@@ -6,6 +6,7 @@ import ArmoryDaemon
 import ArmoryProtocol
 import Foundation
 import Logging
+import MLflow
 import ServiceLifecycle
 
 /// `armoryd`: the per-host tracking daemon.
@@ -38,6 +39,18 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     @Option(help: "Seconds SIGTERM waits for queued records to reach the store.")
     var shutdownDrain: Double = 30
 
+    @Option(help: "MLflow tracking server (http(s)://…) or local store (file:///…) to write to. Default: $MLFLOW_TRACKING_URI, else <home>/mlruns.")
+    var trackingURI: String?
+
+    @Option(help: "Requests in flight at once to an MLflow server.")
+    var uploadConcurrency: Int = 4
+
+    @Option(help: "Seconds metrics wait for a fuller batch before they are sent to an MLflow server.")
+    var flushInterval: Double = 1
+
+    @Option(help: "Seconds one request to the MLflow server may take.")
+    var requestTimeout: Double = 30
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical. Default: $ARMORY_LOG_LEVEL, else info.")
     var logLevel: String?
 
@@ -62,6 +75,26 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let absoluteHome = armoryHome.hasPrefix("/") ? armoryHome : FileManager.default.currentDirectoryPath + "/" + armoryHome
 
         var config = DaemonConfiguration(socketPath: socketPath, storeRoot: absoluteHome + "/mlruns", stateDirectory: absoluteHome + "/state")
+        let uri = trackingURI ?? environment["MLFLOW_TRACKING_URI"].flatMap { $0.isEmpty ? nil : $0 }
+        if let uri, !uri.hasPrefix("armoryd:") {
+            if MLflowDestination.isRemote(uri) {
+                config.server = MLflowDestination(
+                    trackingURI: uri,
+                    credentials: MLflowCredentials.resolve(environment: environment),
+                    tls: MLflowTLSSettings.resolve(environment: environment))
+            } else if uri.hasPrefix("file:") || uri.hasPrefix("/") {
+                let path = uri.hasPrefix("file://") ? String(uri.dropFirst(7)) : (uri.hasPrefix("file:") ? String(uri.dropFirst(5)) : uri)
+                config.storeRoot = path.removingPercentEncoding ?? path
+            } else {
+                throw ValidationError("Unsupported tracking URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server or file:///… for a local store.")
+            }
+        }
+        guard uploadConcurrency >= 1, flushInterval >= 0, requestTimeout > 0 else {
+            throw ValidationError("--upload-concurrency must be ≥ 1, --flush-interval ≥ 0, --request-timeout > 0.")
+        }
+        config.uploadConcurrency = uploadConcurrency
+        config.flushInterval = flushInterval
+        config.requestTimeout = requestTimeout
         config.limits.maxFrameBytes = maxFrameBytes
         config.orphanGraceSeconds = orphanGrace
         config.shutdownDrainSeconds = shutdownDrain
