@@ -62,9 +62,11 @@ do {
         }
     }
 
-    print("evaluation \(evaluation.name): parent run \(evaluation.run?.runID ?? "?") (experiment \(evaluation.run?.experimentID ?? "?"))")
+    // On a server, run ids exist once it has created the runs: wait for them (bounded).
+    let parentID = try evaluation.run?.resolveRunID() ?? "?"
+    print("evaluation \(evaluation.name): parent run \(parentID)")
     for name in ["benign", "attacked"] {
-        print("  chain \(name): run \(evaluation.chains[name]?.runID ?? "?")")
+        print("  chain \(name): run \(try evaluation.chains[name]?.run?.resolveRunID() ?? "?")")
     }
 } catch {
     FileHandle.standardError.write(Data("armory-example: \(error)\n".utf8))

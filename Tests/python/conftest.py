@@ -17,15 +17,18 @@ os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
 
 class Daemon:
-    """One armoryd process with its own socket and ARMORY_HOME."""
+    """One armoryd process with its own socket and ARMORY_HOME (and, optionally, an MLflow server)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, env: dict | None = None, args: tuple = ()):
         self.home = home
+        home.mkdir(parents=True, exist_ok=True)
         self.socket = str(home / "d.sock")
-        self.log = open(home / "armoryd.log", "wb")
+        self.log = open(home / "armoryd.log", "ab")
+        daemon_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+        daemon_env.update(env or {})
         self.proc = subprocess.Popen(
-            [str(BIN / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [str(BIN / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=daemon_env,
         )
         deadline = time.time() + 20
         while not os.path.exists(self.socket):
@@ -43,6 +46,13 @@ class Daemon:
 
     def env(self) -> dict:
         return dict(os.environ, ARMORY_SOCKET=self.socket)
+
+    def status(self) -> dict:
+        c = RawClient(self.socket)
+        c.hello()
+        status = c.request("status")
+        c.close()
+        return status
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -71,6 +81,7 @@ class RawClient:
         self.sock.connect(path)
         self.seq = 0
         self.buffer = b""
+        self.errors = []  # errors of fire-and-forget frames, as the daemon reported them
 
     def send(self, op: str, **fields) -> int:
         self.seq += 1
@@ -96,9 +107,64 @@ class RawClient:
                 if message["op"] == "error":
                     raise RuntimeError(f"{message['code']}: {message['message']}")
                 return message
+            if message["op"] == "error":
+                self.errors.append(message)
 
     def hello(self):
         return self.request("hello", protocol=1, client="pytest", program=__file__)
 
     def close(self):
         self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MLflowServer:
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port."""
+
+    def __init__(self, directory: Path, extra_args=(), env=None):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        mlflow_cli = os.path.join(os.path.dirname(os.sys.executable), "mlflow")
+        self.log = open(directory / "mlflow.log", "wb")
+        self.proc = subprocess.Popen(
+            [mlflow_cli, "server", "--backend-store-uri", f"sqlite:///{directory}/mlflow.db",
+             "--artifacts-destination", str(directory / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "2", *extra_args],
+            cwd=directory, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, **(env or {})), start_new_session=True,
+        )
+        deadline = time.time() + 120
+        import urllib.request
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.read().strip() == b"OK":
+                        break
+            except Exception:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start: " + (directory / "mlflow.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()

@@ -1,0 +1,221 @@
+"""armoryd uploading to a real `mlflow server` (SQLite, proxied artifacts), read back with the
+real MLflow client; faults MLflow can't produce on demand come from a proxy in front of it."""
+import math
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, Daemon, MLflowServer, RawClient
+from examplecheck import assert_example_recorded, run_example
+from faultproxy import FaultProxy
+
+BASE_TS = 1795400000000
+
+
+@pytest.fixture
+def rest_daemon(tmp_path, mlflow_server):
+    d = Daemon(tmp_path / "daemon", env={"MLFLOW_TRACKING_URI": mlflow_server.url}, args=("--flush-interval", "0.2"))
+    yield d
+    d.stop()
+
+
+def start_chain(client, name, evaluation="rest-tests"):
+    client.send("evaluation", id=1, name=evaluation)
+    client.send("chain", id=2, evaluation=1, name=name)
+    return client.request("start", chain=2)
+
+
+def test_example_lands_completely(rest_daemon, mlflow_server, tmp_path):
+    parent, chains = run_example(rest_daemon, env={"ARMORY_WAIT_UPLOAD": "60"})
+    assert_example_recorded(MlflowClient(tracking_uri=mlflow_server.url), parent, chains, tmp_path)
+    status = rest_daemon.status()
+    assert status["destination"].startswith(mlflow_server.url) and status["state"] == "running"
+
+
+def test_sixteen_clients_twenty_thousand_metrics_each_land_exactly_once(rest_daemon, mlflow_server):
+    run_ids = {}
+    failures = []
+
+    def client_main(i):
+        try:
+            c = RawClient(rest_daemon.socket)
+            c.hello()
+            run = start_chain(c, f"client-{i:02d}", evaluation="rest-concurrency")
+            for frame in range(200):
+                metrics = [["m", float(i), frame * 100 + k, BASE_TS + frame * 100 + k] for k in range(100)]
+                c.send("log", run=run["handle"], metrics=metrics)
+            reply = c.request("flush", wait="uploaded", timeout_ms=240000)
+            assert reply["complete"], reply
+            info = c.request("run_info", run=run["handle"], wait_ms=10000)
+            run_ids[i] = info["run_id"]
+            c.request("end", chain=2, status="FINISHED")
+            assert not c.errors, c.errors
+            c.close()
+        except Exception as e:  # surfaced below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=client_main, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures, failures
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    for i, run_id in run_ids.items():
+        history = client.get_metric_history(run_id, "m")
+        assert len(history) == 20000, (i, len(history))
+        assert sorted(m.step for m in history) == list(range(20000))
+        assert all(m.value == float(i) for m in history)
+    assert len(run_ids) == 16
+    # Daemon side: every metric sent once (MLflow would hide exact duplicates).
+    assert rest_daemon.status()["metrics_written"] == 16 * 20000
+
+
+def test_limits_in_one_burst(rest_daemon, mlflow_server):
+    c = RawClient(rest_daemon.socket)
+    c.hello()
+    run = start_chain(c, "limits", evaluation="rest-limits")
+    params = {f"p{i:03d}": f"v{i}" for i in range(249)}
+    params["long"] = "x" * 6000
+    tags = {f"t{i:03d}": f"w{i}" for i in range(350)}
+    metrics = [["m", float(k), k, BASE_TS + k] for k in range(4997)]
+    metrics += [["special", "NaN", 0, BASE_TS], ["special", "Infinity", 1, BASE_TS], ["special", "-Infinity", 2, BASE_TS]]
+    c.send("log", run=run["handle"], params=params, tags=tags, metrics=metrics)
+    assert c.request("flush", wait="uploaded", timeout_ms=60000)["complete"]
+    assert not c.errors, c.errors
+    run_id = c.request("run_info", run=run["handle"])["run_id"]
+    got = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id)
+    assert len(got.data.params) == 250 and got.data.params["long"] == "x" * 6000
+    assert all(got.data.tags[k] == v for k, v in tags.items())
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    assert len(client.get_metric_history(run_id, "m")) == 4997
+    special = {m.step: m.value for m in client.get_metric_history(run_id, "special")}
+    assert math.isnan(special[0])
+    assert special[1] == 1.7976931348623157e308 and special[2] == -1.7976931348623157e308  # SQL stores keep ±Inf as ±max double
+    c.close()
+
+
+def test_changed_param_is_reported_and_the_rest_lands(rest_daemon, mlflow_server):
+    c = RawClient(rest_daemon.socket)
+    c.hello()
+    run = start_chain(c, "changed", evaluation="rest-changed")
+    c.send("log", run=run["handle"], params={"lr": "0.1"})
+    seq = c.send("log", run=run["handle"], params={"lr": "0.2", "other": "x"}, metrics=[["loss", 1.0, 0, BASE_TS]])
+    c.request("flush", wait="uploaded", timeout_ms=30000)
+    assert [(e["code"], e["seq"]) for e in c.errors] == [("PARAM_CHANGED", seq)]
+    assert "'lr'" in c.errors[0]["message"]
+    got = MlflowClient(tracking_uri=mlflow_server.url).get_run(c.request("run_info", run=run["handle"])["run_id"])
+    assert got.data.params == {"lr": "0.1", "other": "x"}
+    assert got.data.metrics == {"loss": 1.0}
+    c.close()
+
+
+def test_basic_auth_right_credentials_land_wrong_ones_are_clear_errors(tmp_path):
+    password = "armory-test-Pw1"
+    server = MLflowServer(tmp_path / "auth-server", extra_args=("--app-name", "basic-auth"),
+                          env={"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret", "MLFLOW_AUTH_ADMIN_PASSWORD": password})
+    try:
+        good = Daemon(tmp_path / "good", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password})
+        parent, chains = run_example(good, env={"ARMORY_WAIT_UPLOAD": "60"})
+        assert password not in good.status()["destination"]
+        good.stop()
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", password
+        try:
+            assert_example_recorded(MlflowClient(tracking_uri=server.url), parent, chains, tmp_path)
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+
+        bad = Daemon(tmp_path / "bad", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"})
+        out = subprocess.run([str(BIN / "armory-example")], env=bad.env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "401" in out.stderr and "MLFLOW_TRACKING_USERNAME" in out.stderr
+        status = bad.status()
+        assert status["state"] == "degraded" and "401" in status["last_error"]
+        assert "wrong" not in str(status)
+        log = (tmp_path / "bad" / "armoryd.log").read_text()
+        assert "wrong" not in log
+        bad.stop()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxied(tmp_path, mlflow_server):
+    proxy = FaultProxy(mlflow_server.port)
+    d = Daemon(tmp_path / "daemon", env={"MLFLOW_TRACKING_URI": proxy.url},
+               args=("--flush-interval", "0.1", "--request-timeout", "2"))
+    yield proxy, d
+    d.stop()
+    proxy.close()
+
+
+def log_and_check(proxy, daemon, mlflow_server, name, count=1000, flush_timeout_ms=60000):
+    c = RawClient(daemon.socket)
+    c.hello()
+    run = start_chain(c, name, evaluation="rest-faults")
+    for frame in range(count // 100):
+        c.send("log", run=run["handle"], metrics=[["m", float(k), frame * 100 + k, BASE_TS + frame * 100 + k] for k in range(100)])
+    reply = c.request("flush", wait="uploaded", timeout_ms=flush_timeout_ms)
+    assert reply["complete"], reply
+    run_id = c.request("run_info", run=run["handle"], wait_ms=10000)["run_id"]
+    history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(run_id, "m")
+    assert sorted(m.step for m in history) == list(range(count))
+    assert proxy.metrics_forwarded == count  # nothing sent twice
+    c.close()
+    return run_id
+
+
+def test_503_with_retry_after_is_honoured(proxied, mlflow_server):
+    proxy, daemon = proxied
+    proxy.faults = [("log-batch", ("status", 503, 1))] * 3
+    started = time.time()
+    log_and_check(proxy, daemon, mlflow_server, "retry-after")
+    assert proxy.faults_served == 3
+    assert time.time() - started >= 3  # three Retry-After: 1
+
+
+def test_a_hanging_request_times_out_and_is_retried(proxied, mlflow_server):
+    proxy, daemon = proxied
+    proxy.faults = [("log-batch", ("hang", 5))]
+    log_and_check(proxy, daemon, mlflow_server, "hang")
+    assert proxy.faults_served == 1
+
+
+def test_500_then_success_creates_the_run_once(proxied, mlflow_server):
+    proxy, daemon = proxied
+    proxy.faults = [("runs/create", ("status", 500, None)), ("log-batch", ("status", 500, None))]
+    run_id = log_and_check(proxy, daemon, mlflow_server, "five-hundred")
+    handle = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).data.tags["armory.handle"]
+    experiment = MlflowClient(tracking_uri=mlflow_server.url).get_experiment_by_name("rest-faults")
+    same = MlflowClient(tracking_uri=mlflow_server.url).search_runs([experiment.experiment_id], filter_string=f"tags.`armory.handle` = '{handle}'")
+    assert len(same) == 1
+
+
+def test_server_unreachable_for_ten_seconds_then_everything_lands(proxied, mlflow_server):
+    proxy, daemon = proxied
+    proxy.stop_listening()
+    c = RawClient(daemon.socket)
+    c.hello()
+    began = time.time()
+    run = start_chain(c, "outage", evaluation="rest-faults")
+    assert time.time() - began < 5  # offline first: a start answers at once
+    assert run["run_id"] is None and run["handle"]
+    for frame in range(5):
+        c.send("log", run=run["handle"], metrics=[["m", float(k), frame * 100 + k, BASE_TS + frame * 100 + k] for k in range(100)])
+    c.request("flush", wait="durable", timeout_ms=5000)
+    time.sleep(2)
+    status = daemon.status()
+    assert status["state"] == "degraded" and status["pending_records"] > 0
+    time.sleep(8)
+    proxy.start()
+    reply = c.request("flush", wait="uploaded", timeout_ms=90000)
+    assert reply["complete"], reply
+    run_id = c.request("run_info", run=run["handle"], wait_ms=10000)["run_id"]
+    history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(run_id, "m")
+    assert sorted(m.step for m in history) == list(range(500))
+    assert proxy.metrics_forwarded == 500
+    c.close()
