@@ -1,0 +1,213 @@
+@testable import ArmoryDaemon
+import ArmoryProtocol
+import Testing
+
+/// The uploader's scheduling rules, driven without a sink.
+@Suite struct UploadSchedulerTests {
+    func creation(_ handle: String, parent: String? = nil) -> RunCreation {
+        RunCreation(handle: handle, runID: nil, experimentName: "e", name: handle, userID: "u", startTime: 0, tags: [:], parentHandle: parent)
+    }
+
+    func metrics(_ n: Int, key: String = "m") -> LogBatch {
+        LogBatch(metrics: (0..<n).map { MetricPoint(key: key, value: Double($0), step: Int64($0), timestamp: 1) })
+    }
+
+    struct NoBatch: Error {}
+
+    /// The next batch, or a test failure when the scheduler has none ready.
+    func take(_ s: inout UploadScheduler, _ now: UInt64) throws -> UploadScheduler.Batch {
+        guard let batch = s.next(now: now) else { throw NoBatch() }
+        return batch
+    }
+
+    func scheduler(flushNs: UInt64 = 0) -> UploadScheduler {
+        UploadScheduler(limits: .mlflow, flushIntervalNs: flushNs, backoffBaseNs: 1_000, backoffCapNs: 1_000_000)
+    }
+
+    @Test func recordsWaitForTheirRunToBeCreated() throws {
+        var s = scheduler()
+        s.enqueue("a", .createRun(creation("a")), now: 0)
+        s.enqueue("a", .log(metrics(3)), now: 0)
+        let create = try take(&s, 0)
+        guard case .createRun(_, nil, 0) = create.operation else { Issue.record("\(create.operation)"); return }
+        #expect(s.next(now: 0) == nil)  // one call in flight per run
+        let settled = s.finish(create, .created(runID: "r1", experimentID: "1"), now: 0)
+        #expect(settled.created == .init(runID: "r1", experimentID: "1"))
+        let log = try take(&s, 0)
+        #expect(log.operation == .log(runID: "r1", metrics(3)))
+    }
+
+    @Test func aChainIsCreatedOnlyAfterItsParentWithTheParentsID() throws {
+        var s = scheduler()
+        s.enqueue("parent", .createRun(creation("parent")), now: 0)
+        s.enqueue("chain", .createRun(creation("chain", parent: "parent")), now: 0)
+        let first = try take(&s, 0)
+        #expect(first.handle == "parent")
+        #expect(s.next(now: 0) == nil)  // the chain waits for its parent
+        _ = s.finish(first, .created(runID: "P", experimentID: "1"), now: 0)
+        let chain = try take(&s, 0)
+        guard case .createRun(_, "P", _) = chain.operation else { Issue.record("\(chain.operation)"); return }
+    }
+
+    @Test func logsAreMergedUpToMLflowsLimits() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: "1"))
+        for _ in 0..<5 { s.enqueue("a", .log(metrics(300)), now: 0) }
+        let batch = try take(&s, 0)
+        #expect(batch.entries.count == 3)  // 900 metrics; a fourth would pass 1000
+        guard case .log(_, let merged) = batch.operation else { Issue.record("not a log"); return }
+        #expect(merged.metrics.count == 900)
+    }
+
+    @Test func oversizedRecordsAreSplitAtEnqueue() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        var batch = metrics(2500)
+        for i in 0..<250 { batch.params["p\(i)"] = "v" }
+        for i in 0..<350 { batch.tags["t\(i)"] = "v" }
+        s.enqueue("a", .log(batch), now: 0)
+        var totals = (metrics: 0, params: 0, tags: 0)
+        while let next = s.next(now: 0) {
+            guard case .log(_, let b) = next.operation else { break }
+            #expect(b.metrics.count <= 1000 && b.params.count <= 100 && b.tags.count <= 100)
+            #expect(b.metrics.count + b.params.count + b.tags.count <= 1000)
+            totals.metrics += b.metrics.count
+            totals.params += b.params.count
+            totals.tags += b.tags.count
+            _ = s.finish(next, .applied, now: 0)
+        }
+        #expect(totals.metrics == 2500 && totals.params == 250 && totals.tags == 350)
+        #expect(s.queuedEntries == 0)
+    }
+
+    @Test func theSameParamKeyNeverTwiceInOneBatch() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        s.enqueue("a", .log(LogBatch(params: ["k": "1"])), now: 0)
+        s.enqueue("a", .log(LogBatch(params: ["k": "1"])), now: 0)
+        #expect(try take(&s, 0).entries.count == 1)
+    }
+
+    @Test func runsAreServedRoundRobin() throws {
+        var s = scheduler()
+        for h in ["a", "b", "c"] {
+            s.bind(h, .init(runID: h, experimentID: nil))
+            s.enqueue(h, .updateRun(status: .finished, endTime: 1), now: 0)
+            s.enqueue(h, .updateRun(status: .finished, endTime: 2), now: 0)
+        }
+        var order: [String] = []
+        while let batch = s.next(now: 0) {
+            order.append(batch.handle)
+            _ = s.finish(batch, .applied, now: 0)
+        }
+        #expect(order == ["a", "b", "c", "a", "b", "c"])
+    }
+
+    @Test func aSlowRunDoesNotStallTheOthers() throws {
+        var s = scheduler()
+        for h in ["slow", "fast"] {
+            s.bind(h, .init(runID: h, experimentID: nil))
+            s.enqueue(h, .log(metrics(1)), now: 0)
+            s.enqueue(h, .updateRun(status: .finished, endTime: 1), now: 0)
+        }
+        let slow = try take(&s, 0)
+        #expect(slow.handle == "slow")
+        let fast = try take(&s, 0)
+        #expect(fast.handle == "fast")
+        _ = s.finish(fast, .applied, now: 0)
+        #expect(s.next(now: 0)?.handle == "fast")  // while "slow" is still in flight
+    }
+
+    @Test func retriesBackOffAndHonourRetryAfter() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        s.enqueue("a", .log(metrics(1)), now: 0)
+        let first = try take(&s, 0)
+        _ = s.finish(first, .retry(after: 2, reason: "503"), now: 100)
+        #expect(s.next(now: 100 + 1_999_999_999) == nil)
+        #expect(s.nextWake(now: 100) == 100 + 2_000_000_000)
+        let again = try take(&s, 100 + 2_000_000_000)
+        // Without Retry-After: exponential from the base, with jitter, under the cap.
+        _ = s.finish(again, .retry(after: nil, reason: "reset"), now: 0)
+        let wake = try! #require(s.nextWake(now: 0))
+        #expect(wake >= 1_000 && wake <= 2_000)
+    }
+
+    @Test func aCreateAfterARetryLooksForTheRunFirst() throws {
+        var s = scheduler()
+        s.enqueue("a", .createRun(creation("a")), now: 0)
+        let first = try take(&s, 0)
+        _ = s.finish(first, .retry(after: 0, reason: "timeout"), now: 0)
+        let second = try take(&s, 1)
+        guard case .createRun(_, _, let attempt) = second.operation else { Issue.record("not a create"); return }
+        #expect(attempt == 1)
+    }
+
+    @Test func aRefusedMergedBatchIsRetriedRecordByRecord() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        s.enqueue("a", .log(metrics(1)), now: 0)
+        s.enqueue("a", .log(LogBatch(params: ["bad": "x"])), now: 0)
+        s.enqueue("a", .log(metrics(1, key: "n")), now: 0)
+        let merged = try take(&s, 0)
+        #expect(merged.entries.count == 3)
+        let refused = ProtocolError(.sinkRejected, "no")
+        #expect(s.finish(merged, .rejected(refused), now: 0).failures.isEmpty)
+        var failures = 0
+        var applied = 0
+        while let one = s.next(now: 0) {
+            #expect(one.entries.count == 1)
+            let isBad: Bool = { if case .log(_, let b) = one.operation { return b.params["bad"] != nil } else { return false } }()
+            let settled = s.finish(one, isBad ? .rejected(refused) : .applied, now: 0)
+            failures += settled.failures.count
+            applied += settled.tickets.count
+        }
+        #expect(failures == 1 && applied == 2)
+        #expect(s.settledUpTo == s.lastTicket)
+    }
+
+    @Test func aRunThatCannotBeCreatedSettlesAllItsRecordsAsFailed() throws {
+        var s = scheduler()
+        s.enqueue("a", .createRun(creation("a")), now: 0)
+        s.enqueue("a", .log(metrics(1)), now: 0)
+        s.enqueue("a", .updateRun(status: .finished, endTime: 1), now: 0)
+        let create = try take(&s, 0)
+        let settled = s.finish(create, .rejected(ProtocolError(.sinkRejected, "deleted experiment")), now: 0)
+        #expect(settled.failures.count == 3)
+        #expect(s.failure(of: "a")?.message == "deleted experiment")
+        #expect(s.next(now: 0) == nil && s.queuedEntries == 0)
+    }
+
+    @Test func logsWaitForTheFlushIntervalUnlessHurried() throws {
+        var s = scheduler(flushNs: 1_000_000_000)
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        let ticket = s.enqueue("a", .log(metrics(10)), now: 0)
+        #expect(s.next(now: 10) == nil)
+        #expect(s.nextWake(now: 10) == 1_000_000_000)
+        #expect(s.next(now: 1_000_000_000) != nil)
+        var t = scheduler(flushNs: 1_000_000_000)
+        t.bind("a", .init(runID: "r", experimentID: nil))
+        let other = t.enqueue("a", .log(metrics(10)), now: 0)
+        t.hurry(upTo: other)
+        #expect(t.next(now: 10) != nil)
+        #expect(ticket == other)
+    }
+
+    @Test func settledUpToFollowsTheOldestUnsettledTicket() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "a", experimentID: nil))
+        s.bind("b", .init(runID: "b", experimentID: nil))
+        s.enqueue("a", .updateRun(status: .finished, endTime: 1), now: 0)  // ticket 1
+        s.enqueue("b", .updateRun(status: .finished, endTime: 1), now: 0)  // ticket 2
+        let a = try take(&s, 0)
+        let b = try take(&s, 0)
+        _ = s.finish(b, .applied, now: 0)
+        #expect(s.settledUpTo == 0)  // ticket 1 still in flight
+        _ = s.finish(a, .applied, now: 0)
+        #expect(s.settledUpTo == 2)
+    }
+}
+
+extension UploadScheduler.Batch: Equatable {
+    public static func == (a: Self, b: Self) -> Bool { a.handle == b.handle && a.operation == b.operation }
+}
