@@ -30,9 +30,7 @@ test-python:
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap
-	$(SWIFT) build -c release --product armoryd
-	$(SWIFT) build -c release --product armory-bench
-	.build/release/armory-bench --daemon .build/release/armoryd
+	@bash scripts/bench.sh
 
 clean:
 	rm -rf .build

@@ -83,6 +83,7 @@ let package = Package(
             name: "armory-bench",
             dependencies: [
                 "ArmoryTrack",
+                "MLflow",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Benchmarks/armory-bench"

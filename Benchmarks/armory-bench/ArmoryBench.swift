@@ -4,12 +4,13 @@ import Glibc
 import ArgumentParser
 import ArmoryProtocol
 import ArmoryTrack
+import MLflow
 import Foundation
 import Synchronization
 
 /// `armory-bench`: figures next to baselines measured in the same run (see Benchmarks/README.md).
 @main
-struct ArmoryBench: ParsableCommand {
+struct ArmoryBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "armory-bench", abstract: "Benchmarks armoryd against baselines measured in the same run.")
 
     @Option(help: "The armoryd binary to start (a release build).")
@@ -24,23 +25,27 @@ struct ArmoryBench: ParsableCommand {
     @Option(help: "Metrics each ingest client sends.")
     var metricsPerClient = 250_000
 
+    @Option(help: "An MLflow server (http://127.0.0.1:PORT) for the drain figure; skipped when absent.")
+    var mlflow: String?
+
+    @Option(help: "Runs (and concurrent uploads) for the drain figure.")
+    var drainRuns = 4
+
+    @Option(help: "Metrics per run for the drain figure.")
+    var drainMetrics = 100_000
+
     @Option(help: "Where to write the JSON results.")
     var output = "Benchmarks/results/latest.json"
 
-    func run() throws {
+    func run() async throws {
         let home = "/tmp/armory-bench-" + String(getpid())
         try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: home) }
-        let socketPath = home + "/d.sock"
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: daemon)
-        process.arguments = ["--socket", socketPath, "--home", home, "--log-level", "warning"]
-        try process.run()
+        let (process, socketPath) = try Self.startDaemon(daemon, home: home + "/local", environment: [:])
         defer {
             process.terminate()
             process.waitUntilExit()
         }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socketPath) { usleep(20_000) }
 
         var results: [(String, JSONValue)] = []
         var table: [String] = []
@@ -85,6 +90,23 @@ struct ArmoryBench: ParsableCommand {
             "daemon_cpu_s_per_million": .double(cpu / total * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
         ])))
 
+        // 3. Drain into a real MLflow server: armoryd end to end next to raw log-batch calls with
+        //    prebuilt 1000-metric bodies at the same concurrency, against the same server.
+        if let mlflow {
+            let raw = try await Self.rawLogBatch(server: mlflow, runs: drainRuns, metrics: drainMetrics)
+            let (drainProcess, drainSocket) = try Self.startDaemon(daemon, home: home + "/drain", environment: ["MLFLOW_TRACKING_URI": mlflow])
+            let drained = try Self.armorydDrain(socketPath: drainSocket, runs: drainRuns, metrics: drainMetrics)
+            drainProcess.terminate()
+            drainProcess.waitUntilExit()
+            table.append(String(format: "%-44@ %10.0f metrics/s  (%d runs × %d metrics, 100-metric frames, until confirmed by the server)", "armoryd drain into mlflow server" as NSString, drained, drainRuns, drainMetrics))
+            table.append(String(format: "%-44@ %10.0f metrics/s  (%d concurrent, prebuilt 1000-metric bodies)", "baseline: raw log-batch" as NSString, raw, drainRuns))
+            table.append(String(format: "%-44@ %.2fx of raw log-batch", "ratio" as NSString, drained / raw))
+            results.append(("drain", .object([
+                "runs": .int(Int64(drainRuns)), "metrics_per_run": .int(Int64(drainMetrics)),
+                "armoryd_metrics_per_s": .double(drained.rounded()), "raw_log_batch_metrics_per_s": .double(raw.rounded()), "ratio": .double(drained / raw),
+            ])))
+        }
+
         print(table.joined(separator: "\n"))
         var doc = JSONObject()
         doc["machine"] = .object(["cores": .int(Int64(ProcessInfo.processInfo.activeProcessorCount)), "date": .string(ISO8601DateFormatter().string(from: Date()))])
@@ -92,6 +114,77 @@ struct ArmoryBench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: (output as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         try Data(JSONValue.object(doc).serialized).write(to: URL(fileURLWithPath: output))
         print("results: \(output)")
+    }
+
+    /// Starts an armoryd on a private socket and home; waits until it listens.
+    static func startDaemon(_ binary: String, home: String, environment: [String: String]) throws -> (Process, String) {
+        try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: true)
+        let socketPath = home + "/d.sock"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["--socket", socketPath, "--home", home, "--log-level", "warning"]
+        var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("MLFLOW_TRACKING") }
+        for (k, v) in environment { env[k] = v }
+        process.environment = env
+        try process.run()
+        for _ in 0..<250 where !FileManager.default.fileExists(atPath: socketPath) { usleep(20_000) }
+        return (process, socketPath)
+    }
+
+    /// `runs` client threads, one run each, `metrics` in 100-metric frames; timed until the
+    /// server confirmed every metric.
+    static func armorydDrain(socketPath: String, runs: Int, metrics: Int) throws -> Double {
+        let start = nanos()
+        let group = DispatchGroup()
+        let firstError = Mutex<String?>(nil)
+        for r in 0..<runs {
+            group.enter()
+            Thread {
+                defer { group.leave() }
+                do {
+                    let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
+                    let run = try tracker.evaluation("bench-drain").addChain("run-\(r)-\(getpid())").start()
+                    let time = Int64(Date().timeIntervalSince1970 * 1000)
+                    for frame in 0..<(metrics / 100) {
+                        run.log(LogBatch(metrics: (0..<100).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 100 + $0), timestamp: time) }))
+                    }
+                    let reply = try tracker.flush(.uploaded, timeout: 1800)
+                    if !reply.complete { firstError.withLock { $0 = $0 ?? "drain did not complete" } }
+                    tracker.connection.disconnect()
+                } catch {
+                    firstError.withLock { $0 = $0 ?? "\(error)" }
+                }
+            }.start()
+        }
+        group.wait()
+        if let message = firstError.withLock({ $0 }) { throw ValidationError("drain failed: \(message)") }
+        return Double(runs * metrics) / (Double(nanos() - start) / 1e9)
+    }
+
+    /// The ceiling: `runs` concurrent loops posting prebuilt 1000-metric `log-batch` bodies.
+    static func rawLogBatch(server: String, runs: Int, metrics: Int) async throws -> Double {
+        let client = try MLflowRESTClient(destination: MLflowDestination(trackingURI: server))
+        let experiment = try await client.experimentID(getOrCreate: "bench-raw")
+        var bodies: [[[UInt8]]] = []
+        let time = Int64(Date().timeIntervalSince1970 * 1000)
+        for r in 0..<runs {
+            let run = try await client.createRun(experimentID: experiment, runName: "raw-\(r)", startTime: time, userID: "bench", tags: [:])
+            bodies.append((0..<(metrics / 1000)).map { b in
+                MLflowRESTClient.logBatchBody(runID: run.runID, LogBatch(metrics: (0..<1000).map { MetricPoint(key: "m", value: Double($0), step: Int64(b * 1000 + $0), timestamp: time) }))
+            })
+        }
+        let start = nanos()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for runBodies in bodies {
+                group.addTask {
+                    for body in runBodies { try await client.postLogBatch(body) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let rate = Double(runs * metrics) / (Double(nanos() - start) / 1e9)
+        await client.shutdown()
+        return rate
     }
 
     static func nanos() -> UInt64 {

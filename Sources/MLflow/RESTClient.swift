@@ -185,6 +185,16 @@ public final class MLflowRESTClient: Sendable {
 
     /// One `runs/log-batch` (the caller keeps it within MLflow's limits).
     public func logBatch(_ runID: String, _ batch: LogBatch) async throws(MLflowError) {
+        try await postLogBatch(Self.logBatchBody(runID: runID, batch))
+    }
+
+    /// Sends a `runs/log-batch` body built beforehand (`logBatchBody`).
+    public func postLogBatch(_ body: [UInt8]) async throws(MLflowError) {
+        _ = try await call(.POST, "runs/log-batch", rawJSON: body)
+    }
+
+    /// The JSON body of a `runs/log-batch` call; non-finite values as MLflow's strings.
+    public static func logBatchBody(runID: String, _ batch: LogBatch) -> [UInt8] {
         var writer = JSONWriter(capacity: 256 + batch.metrics.count * 64)
         writer.append("{\"run_id\":")
         writer.writeString(runID)
@@ -206,7 +216,7 @@ public final class MLflowRESTClient: Sendable {
         writer.append(",\"tags\":")
         writer.write(.array(batch.tags.map { .object(["key": .string($0.key), "value": .string($0.value)]) }))
         writer.bytes.append(UInt8(ascii: "}"))
-        _ = try await call(.POST, "runs/log-batch", rawJSON: writer.bytes)
+        return writer.bytes
     }
 
     /// A metric's full history (paged).

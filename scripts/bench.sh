@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `make bench`: release builds, a private `mlflow server` (SQLite, loopback, free port) for the
+# drain figure, then armory-bench; results in Benchmarks/results/latest.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+swift build -c release --product armoryd
+swift build -c release --product armory-bench
+work=$(mktemp -d /tmp/armory-bench-mlflow.XXXXXX)
+mlflow_bin="$(pwd)/.venv/bin/mlflow"
+port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+(cd "$work" && exec setsid "$mlflow_bin" server --backend-store-uri "sqlite:///$work/mlflow.db" \
+   --artifacts-destination "$work/artifacts" --host 127.0.0.1 --port "$port" --workers 4 >"$work/mlflow.log" 2>&1) &
+server=$!
+trap 'kill -- -$server 2>/dev/null || kill $server 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+.build/release/armory-bench --daemon .build/release/armoryd --mlflow "http://127.0.0.1:$port" "$@"
