@@ -46,6 +46,7 @@ let package = Package(
                 "MLflow",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "DequeModule", package: "swift-collections"),
@@ -89,7 +90,7 @@ let package = Package(
             path: "Benchmarks/armory-bench"
         ),
         .testTarget(name: "ArmoryProtocolTests", dependencies: ["ArmoryProtocol"]),
-        .testTarget(name: "MLflowTests", dependencies: ["MLflow"]),
+        .testTarget(name: "MLflowTests", dependencies: ["MLflow", "ArmoryProtocol"]),
         .testTarget(name: "ArmoryDaemonTests", dependencies: ["ArmoryDaemon"]),
         .testTarget(
             name: "IntegrationTests",

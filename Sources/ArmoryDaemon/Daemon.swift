@@ -101,7 +101,10 @@ public final class Daemon: Service {
 
         let uploader = Uploader(sink: sink, highWater: config.uploaderHighWater, flushInterval: config.server == nil ? 0 : config.flushInterval)
         uploader.start()
-        let services = DaemonServices(uploader: uploader, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
+        let destinations = Destinations(primary: uploader, primaryServer: config.server, settings: .init(
+            highWater: config.uploaderHighWater, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
+            requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment)))
+        let services = DaemonServices(destinations: destinations, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
 
         let server: Channel
@@ -123,7 +126,7 @@ public final class Daemon: Service {
         unlink(config.socketPath)
         // Connections go first, so that nothing is enqueued once the uploader's drain has begun.
         for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
-        let left = await uploader.shutdown(timeout: config.shutdownDrainSeconds)
+        let left = await destinations.shutdown(timeout: config.shutdownDrainSeconds)
         if left > 0 {
             logger.warning("shutdown bound reached with records still queued", metadata: ["records": "\(left)"])
         }
@@ -185,7 +188,7 @@ public final class Daemon: Service {
                 }) ?? nil
                 if let ended = ended ?? nil {
                     logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID ?? handle)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
-                    services.uploader.enqueue(handle, .updateRun(status: .failed, endTime: now))
+                    services.destinations.uploader(ended.destination).enqueue(handle, .updateRun(status: .failed, endTime: now))
                 }
             }
         }

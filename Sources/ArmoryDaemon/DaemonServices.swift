@@ -12,7 +12,9 @@ public final class DaemonServices: Sendable {
     public static let version = "0.1.0"
 
     public let registry: RunRegistry
-    public let uploader: Uploader
+    /// The daemon's own destination.
+    public var uploader: Uploader { destinations.primary }
+    public let destinations: Destinations
     public let limits: ProtocolLimits
     /// Where artifacts are copied before the caller's call returns.
     public let spoolDirectory: String
@@ -20,13 +22,17 @@ public final class DaemonServices: Sendable {
     public let socketPath: String
     public let statistics = DaemonStatistics()
 
-    public init(registry: RunRegistry = RunRegistry(), uploader: Uploader, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
+    public init(registry: RunRegistry = RunRegistry(), destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
         self.registry = registry
-        self.uploader = uploader
+        self.destinations = destinations
         self.limits = limits
         self.spoolDirectory = spoolDirectory
         self.startedAt = Date()
         self.socketPath = socketPath
+    }
+
+    public convenience init(uploader: Uploader, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
+        self.init(destinations: Destinations(primary: uploader), limits: limits, spoolDirectory: spoolDirectory, socketPath: socketPath)
     }
 
     /// The user name of a uid (for `mlflow.user`), or the number when it has none.

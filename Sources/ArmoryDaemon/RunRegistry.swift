@@ -33,6 +33,8 @@ public struct RunEntry: Sendable, Equatable {
     public var endTime: Int64?
     /// Why the run could not be created, if it could not.
     public var failure: ProtocolError?
+    /// The destination it is written to (`nil`: the daemon's own).
+    public var destination: String?
 
     public var descriptor: RunDescriptor {
         RunDescriptor(handle: handle, runID: runID, experimentID: experimentID, name: name, status: status, parentHandle: parentHandle)

@@ -14,12 +14,18 @@ public enum SessionOutcome: Sendable {
     case error(ProtocolError)
     /// Call the continuation with the reply (or error) once it is known.
     case deferred(@Sendable (@escaping @Sendable (Result<JSONObject, ProtocolError>) -> Void) -> Void)
-    /// Wait until the uploader settled `ticket` (or `timeoutMs` passed), then answer a flush.
-    case awaitUploaded(ticket: UInt64, timeoutMs: Int64)
-    /// Wait until run `handle` exists in MLflow (its create, `ticket`, settled) or `timeoutMs`
-    /// passed, then answer with its descriptor (`run_id` null while still pending).
-    case awaitRun(handle: String, ticket: UInt64, timeoutMs: Int64)
+    /// Wait until each uploader settled its ticket (or `timeoutMs` passed), then answer a flush.
+    case awaitUploaded(waits: [UploadWait], timeoutMs: Int64)
+    /// Wait until run `handle` exists in MLflow (its create settled) or `timeoutMs` passed, then
+    /// answer with its descriptor (`run_id` null while still pending).
+    case awaitRun(handle: String, wait: UploadWait, timeoutMs: Int64)
     case close(ProtocolError)
+}
+
+/// A ticket of one uploader to wait for.
+public struct UploadWait: Sendable {
+    public var uploader: Uploader
+    public var ticket: UInt64
 }
 
 /// One connection's protocol logic: the handshake, its tracking state, its evaluations and
@@ -35,8 +41,11 @@ public final class Session {
     public private(set) var hello: Hello?
     public private(set) var tracking = TrackingState()
     private var lastSeq: UInt64 = 0
-    /// The last uploader ticket of a record this connection produced (for `flush uploaded`).
-    private var lastTicket: UInt64 = 0
+    /// The last uploader ticket of a record this connection produced, per destination (for
+    /// `flush wait=uploaded`).
+    private var lastTickets: [String: UInt64] = [:]
+    /// Where this connection's new runs go (`nil`: the daemon's own destination).
+    private var destination: String?
     private var evaluationRuns: [Int64: String] = [:]
     private var chainRuns: [Int64: String] = [:]
     private var artifacts: [Int64: OpenArtifact] = [:]
@@ -49,6 +58,7 @@ public final class Session {
 
     private struct OpenArtifact {
         var handle: String
+        var destination: String?
         var path: String
         var spoolPath: String
         var fd: Int32
@@ -131,7 +141,8 @@ public final class Session {
         case .runInfo(let handle, let waitMs):
             let run = try ownedRun(handle)
             if run.runID == nil, run.failure == nil, waitMs > 0 {
-                return .awaitRun(handle: handle, ticket: services.uploader.lastTicket, timeoutMs: waitMs)
+                let uploader = services.destinations.uploader(run.destination)
+                return .awaitRun(handle: handle, wait: UploadWait(uploader: uploader, ticket: uploader.lastTicket), timeoutMs: waitMs)
             }
             if let failure = run.failure { throw failure }
             return .reply(run.descriptor.json)
@@ -147,7 +158,8 @@ public final class Session {
             if level == .durable {
                 return .reply(FlushReply(complete: true, pendingRecords: 0, level: .durable).json)
             }
-            return .awaitUploaded(ticket: lastTicket, timeoutMs: max(0, timeoutMs))
+            let waits = lastTickets.map { UploadWait(uploader: services.destinations.uploader($0.key.isEmpty ? nil : $0.key), ticket: $0.value) }
+            return .awaitUploaded(waits: waits, timeoutMs: max(0, timeoutMs))
         case .status:
             return .reply(StatusReport.make(services: services))
         }
@@ -163,6 +175,7 @@ public final class Session {
         guard ProtocolVersion.supported.contains(h.protocolVersion) else {
             return .close(ProtocolError(.unsupportedProtocol, "Protocol \(h.protocolVersion) is not supported: this armoryd \(DaemonServices.version) speaks \(ProtocolVersion.supported.lowerBound)...\(ProtocolVersion.supported.upperBound). Upgrade the client library or the daemon so that they share a version."))
         }
+        destination = try services.destinations.resolve(trackingURI: h.trackingURI, credentials: h.credentials, peerUID: peer.uid)
         hello = h
         services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
         let reply = HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: peer.uid, pid: peer.pid)
@@ -185,18 +198,19 @@ public final class Session {
     /// its MLflow ids when the sink has created it.
     private func createRun(name: String, experiment: String, parent: RunEntry?, tags extraTags: StringMap, params: StringMap, nowMs: Int64) -> (RunEntry, UInt64) {
         let handle = DaemonServices.newHandle()
-        let runID = services.uploader.assignsRunIDs ? DaemonServices.newRunID() : nil
+        let runID = services.destinations.uploader(destination).assignsRunIDs ? DaemonServices.newRunID() : nil
         var tags = baseTags(runName: name, handle: handle)
         for (k, v) in extraTags { tags[k] = v }
-        let entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
+        var entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
                              ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
                              connection: connectionID, clientPID: peer.pid)
+        entry.destination = destination
         services.registry.insert(entry)
         let registry = services.registry
         let creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
                                    startTime: nowMs, tags: tags, parentHandle: parent?.handle)
         let report = reportLater
-        let (ticket, _) = enqueue(handle, .createRun(creation)) { result in
+        let (ticket, _) = enqueue(handle, .createRun(creation), to: destination) { result in
             switch result {
             case .success(let binding?):
                 _ = try? registry.update(handle) { e in
@@ -213,7 +227,7 @@ public final class Session {
                 report(ProtocolError(error.code, "Run '\(name)' could not be created: \(error.message)", op: "start"))
             }
         }
-        if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params))) }
+        if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params)), to: destination) }
         return (entry, ticket)
     }
 
@@ -262,8 +276,8 @@ public final class Session {
     /// Answers with the run's descriptor once the sink has created it (bounded: a start never
     /// waits long on an unreachable server; `run_info` with `wait_ms` asks again later).
     private func describeWhenCreated(handle: String, ticket: UInt64?) -> SessionOutcome {
-        guard let ticket else { return .reply(services.registry.entry(handle)?.descriptor.json ?? [:]) }
-        return .awaitRun(handle: handle, ticket: ticket, timeoutMs: Self.startWaitMs)
+        guard let ticket, let entry = services.registry.entry(handle) else { return .reply(services.registry.entry(handle)?.descriptor.json ?? [:]) }
+        return .awaitRun(handle: handle, wait: UploadWait(uploader: services.destinations.uploader(entry.destination), ticket: ticket), timeoutMs: Self.startWaitMs)
     }
 
     /// How long `start` waits for the server to create the run before answering with a pending id.
@@ -298,8 +312,8 @@ public final class Session {
                 entry.endTime = nowMs
                 return entry
             } ?? nil
-            if ended != nil {
-                enqueue(handle, .updateRun(status: status, endTime: nowMs))
+            if let ended {
+                enqueue(handle, .updateRun(status: status, endTime: nowMs), to: ended.destination)
             }
             last = services.registry.entry(handle)
         }
@@ -309,14 +323,15 @@ public final class Session {
     /// MLflow's `start_run(run_id=…)`: the run becomes RUNNING again and this connection writes it.
     private func attach(runID: String) throws(ProtocolError) -> SessionOutcome {
         let registry = services.registry
-        let uploader = services.uploader
         let connection = connectionID
         if let entry = registry.entry(runID: runID) {
             try checkOwner(entry)
-            let (reply, ticket) = Self.reattach(entry, connection: connection, registry: registry, uploader: uploader)
-            if let ticket { lastTicket = ticket }
+            let (reply, ticket) = Self.reattach(entry, connection: connection, registry: registry, uploader: services.destinations.uploader(entry.destination))
+            if let ticket { lastTickets[entry.destination ?? "", default: 0] = ticket }
             return .reply(reply)
         }
+        let uploader = services.destinations.uploader(destination)
+        let destination = destination
         let uid = peer.uid
         let name = userName
         let pid = peer.pid
@@ -334,6 +349,7 @@ public final class Session {
                                      experimentName: "", name: stored.name, ownerUID: uid, status: stored.status,
                                      parentHandle: nil, params: stored.params, connection: connection, clientPID: pid)
                 entry.endTime = stored.endTime
+                entry.destination = destination
                 // Another connection may have attached it meanwhile: keep the first registration.
                 let registered = registry.entry(runID: runID) ?? { registry.insert(entry); return entry }()
                 uploader.bind(registered.handle, runID: stored.runID, experimentID: stored.experimentID)
@@ -430,10 +446,10 @@ public final class Session {
         services.statistics.count(frames: 0, metrics: UInt64(valid.metrics.count), errors: 0)
         if !valid.isEmpty {
             if valid.params.isEmpty && valid.tags.isEmpty {
-                enqueue(run.handle, .log(valid))
+                enqueue(run.handle, .log(valid), to: run.destination)
             } else {
                 let report = reportLater
-                enqueue(run.handle, .log(valid)) { result in
+                enqueue(run.handle, .log(valid), to: run.destination) { result in
                     if case .failure(var error) = result {
                         error.op = "log"
                         report(error)
@@ -466,15 +482,15 @@ public final class Session {
             }
             guard !fresh.isEmpty else { continue }
             _ = try? services.registry.update(handle) { e in for (k, v) in fresh { e.params[k] = v } }
-            enqueue(handle, .log(LogBatch(params: fresh)))
+            enqueue(handle, .log(LogBatch(params: fresh)), to: entry.destination)
         }
         if let firstError { throw firstError }
     }
 
     @discardableResult
-    private func enqueue(_ handle: String, _ record: SinkRecord, completion: Uploader.Completion? = nil) -> (UInt64, Bool) {
-        let (ticket, overloaded) = services.uploader.enqueue(handle, record, completion: completion)
-        lastTicket = ticket
+    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) -> (UInt64, Bool) {
+        let (ticket, overloaded) = services.destinations.uploader(destination).enqueue(handle, record, completion: completion)
+        lastTickets[destination ?? ""] = ticket
         if overloaded { wantsPause = true }
         return (ticket, overloaded)
     }
@@ -491,7 +507,7 @@ public final class Session {
         guard fd >= 0 else {
             throw ProtocolError(.internalError, "The daemon cannot create a spool file in \(services.spoolDirectory): \(String(cString: strerror(errno))).")
         }
-        artifacts[id] = OpenArtifact(handle: run.handle, path: path, spoolPath: spoolPath, fd: fd, bytes: 0)
+        artifacts[id] = OpenArtifact(handle: run.handle, destination: run.destination, path: path, spoolPath: spoolPath, fd: fd, bytes: 0)
         return ["artifact": .int(id)]
     }
 
@@ -520,7 +536,7 @@ public final class Session {
         }
         close(artifact.fd)
         let report = reportLater
-        enqueue(artifact.handle, .artifact(path: artifact.path, spoolPath: artifact.spoolPath)) { result in
+        enqueue(artifact.handle, .artifact(path: artifact.path, spoolPath: artifact.spoolPath), to: artifact.destination) { result in
             if case .failure(var error) = result {
                 error.op = "artifact_close"
                 report(error)

@@ -1,5 +1,6 @@
 import ArmoryProtocol
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// Carries out a `Session`'s outcomes on one connection: decodes frames, writes replies and
@@ -64,15 +65,14 @@ final class SessionChannelHandler: ChannelInboundHandler {
                     context.flush()
                 }
             }
-        case .awaitUploaded(let ticket, let timeoutMs):
-            let uploader = services.uploader
-            answerWhenSettled(ticket: ticket, timeoutMs: timeoutMs, context: context) { complete in
-                let reply = FlushReply(complete: complete, pendingRecords: complete ? 0 : uploader.pending(upTo: ticket), level: .uploaded)
-                return .reply(seq: frame.seq, body: reply.json)
+        case .awaitUploaded(let waits, let timeoutMs):
+            answerWhenSettled(waits, timeoutMs: timeoutMs, context: context) { complete in
+                let pending = complete ? 0 : waits.reduce(0) { $0 + $1.uploader.pending(upTo: $1.ticket) }
+                return .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: pending, level: .uploaded).json)
             }
-        case .awaitRun(let handle, let ticket, let timeoutMs):
+        case .awaitRun(let handle, let wait, let timeoutMs):
             let registry = services.registry
-            answerWhenSettled(ticket: ticket, timeoutMs: timeoutMs, context: context) { _ in
+            answerWhenSettled([wait], timeoutMs: timeoutMs, context: context) { _ in
                 guard let entry = registry.entry(handle) else {
                     return .error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name))
                 }
@@ -136,8 +136,8 @@ final class SessionChannelHandler: ChannelInboundHandler {
         return buffer
     }
 
-    /// Answers once the uploader settled `ticket`, or when the bound runs out (`complete` false).
-    private func answerWhenSettled(ticket: UInt64, timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
+    /// Answers once every uploader settled its ticket, or when the bound runs out (`complete` false).
+    private func answerWhenSettled(_ waits: [UploadWait], timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
         let respond: @Sendable (Bool) -> Void = { complete in
@@ -150,9 +150,26 @@ final class SessionChannelHandler: ChannelInboundHandler {
             }
         }
         let timeout = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { respond(false) }
-        services.uploader.whenSettled(upTo: ticket) {
+        let remaining = NIOLockedValueBox(waits.count)
+        if waits.isEmpty {
             timeout.cancel()
             respond(true)
+        }
+        for wait in waits {
+            wait.uploader.whenSettled(upTo: wait.ticket) {
+                guard remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 else { return }
+                timeout.cancel()
+                respond(true)
+            }
+        }
+    }
+
+    private func whenAllDrained(_ uploaders: [Uploader], _ body: @escaping @Sendable () -> Void) {
+        let remaining = NIOLockedValueBox(uploaders.count)
+        for uploader in uploaders {
+            uploader.whenDrained {
+                if remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 { body() }
+            }
         }
     }
 
@@ -160,7 +177,8 @@ final class SessionChannelHandler: ChannelInboundHandler {
         paused = true
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        services.uploader.whenDrained {
+        let overloaded = services.destinations.all.filter { $0.counterSnapshot.pendingRecords > $0.highWater }
+        whenAllDrained(overloaded.isEmpty ? [services.uploader] : overloaded) {
             loopBound.eventLoop.execute {
                 let (handler, context) = loopBound.value
                 handler.paused = false

@@ -77,15 +77,19 @@ public struct Hello: Sendable, Equatable {
     public var clientVersion: String
     /// The program's path (recorded as `mlflow.source.name`).
     public var program: String
-    /// The process's own `MLFLOW_TRACKING_URI`, if it names one.
+    /// The process's own `MLFLOW_TRACKING_URI`, if it names one (`armoryd:` means the daemon's).
     public var trackingURI: String?
+    /// The process's MLflow credentials, for its own tracking URI (kept in daemon memory only).
+    public var credentials: MLflowCredentials
 
-    public init(protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String, trackingURI: String? = nil) {
+    public init(protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String,
+                trackingURI: String? = nil, credentials: MLflowCredentials = MLflowCredentials()) {
         self.protocolVersion = protocolVersion
         self.client = client
         self.clientVersion = clientVersion
         self.program = program
         self.trackingURI = trackingURI
+        self.credentials = credentials
     }
 }
 
@@ -206,7 +210,8 @@ extension ClientFrame {
                 client: try f.optionalString("client") ?? "unknown",
                 clientVersion: try f.optionalString("client_version") ?? "",
                 program: try f.optionalString("program") ?? "",
-                trackingURI: try f.optionalString("tracking_uri")))
+                trackingURI: try f.optionalString("tracking_uri"),
+                credentials: MLflowCredentials(json: object["credentials"])))
         case "param":
             op = .trackParam(key: try f.string("key"), value: try f.string("value"))
         case "params":
@@ -374,6 +379,7 @@ extension ClientFrame {
             o["client_version"] = .string(h.clientVersion)
             o["program"] = .string(h.program)
             if let uri = h.trackingURI { o["tracking_uri"] = .string(uri) }
+            if let credentials = h.credentials.json { o["credentials"] = credentials }
         case .trackParam(let key, let value):
             o["key"] = .string(key)
             o["value"] = .string(value)

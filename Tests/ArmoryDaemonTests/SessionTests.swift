@@ -44,14 +44,14 @@ final class SessionHarness {
             body { r in result.withLock { $0 = r } }
             for _ in 0..<500 where result.withLock({ $0 }) == nil { usleep(10_000) }
             return result.withLock { $0 }
-        case .awaitUploaded(let ticket, _):
+        case .awaitUploaded(let waits, _):
+            let done = Mutex(0)
+            for wait in waits { wait.uploader.whenSettled(upTo: wait.ticket) { done.withLock { $0 += 1 } } }
+            for _ in 0..<500 where done.withLock({ $0 }) < waits.count { usleep(10_000) }
+            return .success(["complete": .bool(done.withLock { $0 } == waits.count)])
+        case .awaitRun(let handle, let wait, _):
             let done = Mutex(false)
-            services.uploader.whenSettled(upTo: ticket) { done.withLock { $0 = true } }
-            for _ in 0..<500 where !done.withLock({ $0 }) { usleep(10_000) }
-            return .success(["complete": .bool(done.withLock { $0 })])
-        case .awaitRun(let handle, let ticket, _):
-            let done = Mutex(false)
-            services.uploader.whenSettled(upTo: ticket) { done.withLock { $0 = true } }
+            wait.uploader.whenSettled(upTo: wait.ticket) { done.withLock { $0 = true } }
             for _ in 0..<500 where !done.withLock({ $0 }) { usleep(10_000) }
             guard let entry = services.registry.entry(handle) else { return .failure(ProtocolError(.unknownHandle, handle)) }
             if let failure = entry.failure { return .failure(failure) }

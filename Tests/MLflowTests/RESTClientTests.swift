@@ -1,4 +1,5 @@
 import Foundation
+import ArmoryProtocol
 @testable import MLflow
 import Testing
 

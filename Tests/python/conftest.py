@@ -45,7 +45,9 @@ class Daemon:
         return "file://" + str(self.store)
 
     def env(self) -> dict:
-        return dict(os.environ, ARMORY_SOCKET=self.socket)
+        """A client environment: this daemon's socket and no MLflow destination of its own."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+        return dict(env, ARMORY_SOCKET=self.socket)
 
     def status(self) -> dict:
         c = RawClient(self.socket)

@@ -58,9 +58,15 @@ def test_mlflow_migrate_filestore_accepts_the_store(daemon, tmp_path):
 def test_resume_by_run_id_with_mlflow_reads_the_same_run(daemon):
     parent_id, chain_ids = run_example(daemon)
     # The seeds' flow: resume a chain's run by id with MLflow itself (on the local store).
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(daemon.store_uri)
-    with mlflow.start_run(run_id=chain_ids["benign"]):
-        mlflow.log_metric("custom_metric", 42)
+    try:
+        with mlflow.start_run(run_id=chain_ids["benign"]):
+            mlflow.log_metric("custom_metric", 42)
+    finally:
+        mlflow.set_tracking_uri(previous or "")
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
     run = MlflowClient(tracking_uri=daemon.store_uri).get_run(chain_ids["benign"])
     assert run.data.metrics["custom_metric"] == 42
     assert run.data.params["load_model.weights"] == "imagenet"

@@ -219,3 +219,15 @@ def test_server_unreachable_for_ten_seconds_then_everything_lands(proxied, mlflo
     assert sorted(m.step for m in history) == list(range(500))
     assert proxy.metrics_forwarded == 500
     c.close()
+
+
+def test_an_evaluation_brings_its_own_destination(daemon, mlflow_server, tmp_path):
+    """A daemon on the local store; an evaluation whose process names a server lands there."""
+    parent, chains = run_example(daemon, env={"MLFLOW_TRACKING_URI": mlflow_server.url, "ARMORY_WAIT_UPLOAD": "60"})
+    assert_example_recorded(MlflowClient(tracking_uri=mlflow_server.url), parent, chains, tmp_path)
+    assert not list(daemon.store.rglob(parent))
+    status = daemon.status()
+    assert [d["destination"].split(" ")[0] for d in status["destinations"]] == [daemon.store_uri, mlflow_server.url]
+    # Another process without a tracking URI still writes the daemon's own store.
+    local_parent, _ = run_example(daemon, env={"MLFLOW_TRACKING_URI": ""})
+    assert list(daemon.store.rglob(local_parent))
