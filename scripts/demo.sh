@@ -22,6 +22,17 @@ fi
 
 echo
 echo "demo: running the example evaluation (armory-example)"
+case "${MLFLOW_TRACKING_URI:-}" in
+  http://*|https://*)
+    # On a server: wait (bounded) until everything is confirmed there before showing it.
+    ARMORY_WAIT_UPLOAD=${ARMORY_WAIT_UPLOAD:-60} "$BIN/armory-example"
+    echo
+    "$BIN/armoryctl" status || true
+    echo
+    echo "Results are on the MLflow server ${MLFLOW_TRACKING_URI} (experiment armory-example); open it in a browser."
+    exit 0
+    ;;
+esac
 "$BIN/armory-example"
 echo
 "$BIN/armoryctl" status || true

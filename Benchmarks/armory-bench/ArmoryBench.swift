@@ -52,7 +52,8 @@ struct ArmoryBench: AsyncParsableCommand {
 
         // 1. Client call cost: ArmoryTrack's logMetric vs a raw write() of the same frame bytes.
         let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-        let run = try tracker.evaluation("bench-call-cost").start()
+        let callEvaluation = tracker.evaluation("bench-call-cost")
+        let run = try callEvaluation.start()
         let sample = Self.sampleFrame(handle: run.handle)
         let floor = Self.rawWriteLatencies(frame: sample, count: calls)
         var latencies = [UInt64](repeating: 0, count: calls)
@@ -63,6 +64,7 @@ struct ArmoryBench: AsyncParsableCommand {
             latencies[i] = Self.nanos() - start
         }
         try tracker.flush(.uploaded, timeout: 120)
+        try callEvaluation.end()
         let call = Percentiles(latencies)
         let raw = Percentiles(floor)
         table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "ArmoryTrack logMetric (fire-and-forget)" as NSString, call.p50, call.p99, call.p999))
@@ -93,17 +95,21 @@ struct ArmoryBench: AsyncParsableCommand {
         // 3. Drain into a real MLflow server: armoryd end to end next to raw log-batch calls with
         //    prebuilt 1000-metric bodies at the same concurrency, against the same server.
         if let mlflow {
-            let raw = try await Self.rawLogBatch(server: mlflow, runs: drainRuns, metrics: drainMetrics)
+            // The server slows as its tables grow: measure the ceiling before and after, use the mean.
+            let rawBefore = try await Self.rawLogBatch(server: mlflow, runs: drainRuns, metrics: drainMetrics)
             let (drainProcess, drainSocket) = try Self.startDaemon(daemon, home: home + "/drain", environment: ["MLFLOW_TRACKING_URI": mlflow])
             let drained = try Self.armorydDrain(socketPath: drainSocket, runs: drainRuns, metrics: drainMetrics)
             drainProcess.terminate()
             drainProcess.waitUntilExit()
+            let rawAfter = try await Self.rawLogBatch(server: mlflow, runs: drainRuns, metrics: drainMetrics)
+            let raw = (rawBefore + rawAfter) / 2
             table.append(String(format: "%-44@ %10.0f metrics/s  (%d runs × %d metrics, 100-metric frames, until confirmed by the server)", "armoryd drain into mlflow server" as NSString, drained, drainRuns, drainMetrics))
-            table.append(String(format: "%-44@ %10.0f metrics/s  (%d concurrent, prebuilt 1000-metric bodies)", "baseline: raw log-batch" as NSString, raw, drainRuns))
+            table.append(String(format: "%-44@ %10.0f metrics/s  (%d concurrent, prebuilt 1000-metric bodies; %.0f before, %.0f after)", "baseline: raw log-batch" as NSString, raw, drainRuns, rawBefore, rawAfter))
             table.append(String(format: "%-44@ %.2fx of raw log-batch", "ratio" as NSString, drained / raw))
             results.append(("drain", .object([
                 "runs": .int(Int64(drainRuns)), "metrics_per_run": .int(Int64(drainMetrics)),
-                "armoryd_metrics_per_s": .double(drained.rounded()), "raw_log_batch_metrics_per_s": .double(raw.rounded()), "ratio": .double(drained / raw),
+                "armoryd_metrics_per_s": .double(drained.rounded()), "raw_log_batch_metrics_per_s": .double(raw.rounded()),
+                "raw_before": .double(rawBefore.rounded()), "raw_after": .double(rawAfter.rounded()), "ratio": .double(drained / raw),
             ])))
         }
 
@@ -143,13 +149,15 @@ struct ArmoryBench: AsyncParsableCommand {
                 defer { group.leave() }
                 do {
                     let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-                    let run = try tracker.evaluation("bench-drain").addChain("run-\(r)-\(getpid())").start()
+                    let evaluation = tracker.evaluation("bench-drain")
+                    let run = try evaluation.addChain("run-\(r)-\(getpid())").start()
                     let time = Int64(Date().timeIntervalSince1970 * 1000)
                     for frame in 0..<(metrics / 100) {
                         run.log(LogBatch(metrics: (0..<100).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 100 + $0), timestamp: time) }))
                     }
                     let reply = try tracker.flush(.uploaded, timeout: 1800)
                     if !reply.complete { firstError.withLock { $0 = $0 ?? "drain did not complete" } }
+                    try evaluation.end()
                     tracker.connection.disconnect()
                 } catch {
                     firstError.withLock { $0 = $0 ?? "\(error)" }
@@ -263,9 +271,11 @@ struct ArmoryBench: AsyncParsableCommand {
                 defer { group.leave() }
                 do {
                     let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-                    let run = try tracker.evaluation("bench-ingest").addChain("client-\(c)").start()
+                    let evaluation = tracker.evaluation("bench-ingest")
+                    let run = try evaluation.addChain("client-\(c)").start()
                     for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
                     try tracker.flush(.uploaded, timeout: 600)
+                    try evaluation.end()
                     tracker.connection.disconnect()
                 } catch {
                     firstError.withLock { $0 = $0 ?? "\(error)" }

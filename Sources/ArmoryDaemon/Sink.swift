@@ -67,7 +67,7 @@ public final class FileStoreSink: RecordSink {
     }
 
     public var concurrency: Int { 1 }
-    public var limits: BatchLimits { .unbounded }
+    public var limits: BatchLimits { .localStore }
     public var defaultFlushInterval: Double { 0 }
     public var assignsRunIDs: Bool { true }
 

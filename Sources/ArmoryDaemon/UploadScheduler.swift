@@ -12,8 +12,8 @@ public struct BatchLimits: Sendable, Equatable {
 
     /// MLflow's documented `runs/log-batch` limits (bytes kept under 1 MB with headroom).
     public static let mlflow = BatchLimits(metrics: 1000, params: 100, tags: 100, entities: 1000, bytes: 900_000)
-    /// A local store has no request to keep small.
-    public static let unbounded = BatchLimits(metrics: .max, params: .max, tags: .max, entities: .max, bytes: .max)
+    /// A local store has no request to keep small: large writes, bounded only to cap memory.
+    public static let localStore = BatchLimits(metrics: 50_000, params: 10_000, tags: 10_000, entities: 70_000, bytes: 64 << 20)
 
     /// Splits a batch into pieces that each fit.
     public func split(_ batch: LogBatch) -> [LogBatch] {
@@ -247,17 +247,26 @@ public struct UploadScheduler: Sendable {
         case .log(let first):
             var merged = first
             var entries = [head]
+            var metrics = first.metrics.count, params = first.params.count, tags = first.tags.count
+            var bytes = BatchLimits.estimate(first)
             var full = queue.isolate > 0
             if !full {
                 for entry in queue.entries.dropFirst() {
-                    guard case .log(let next) = entry.record else { full = true; break }
-                    if next.params.keys.contains(where: { merged.params[$0] != nil }) { full = true; break }
-                    var candidate = merged
-                    candidate.metrics.append(contentsOf: next.metrics)
-                    for (k, v) in next.params { candidate.params[k] = v }
-                    for (k, v) in next.tags { candidate.tags[k] = v }
-                    guard limits.fits(candidate) else { full = true; break }
-                    merged = candidate
+                    guard case .log(let next) = entry.record,
+                          !next.params.keys.contains(where: { merged.params[$0] != nil }) else {
+                        full = true
+                        break
+                    }
+                    let (m, p, t) = (metrics + next.metrics.count, params + next.params.count, tags + next.tags.count)
+                    let b = bytes + BatchLimits.estimate(next)
+                    guard m <= limits.metrics, p <= limits.params, t <= limits.tags, m + p + t <= limits.entities, b <= limits.bytes else {
+                        full = true
+                        break
+                    }
+                    merged.metrics.append(contentsOf: next.metrics)
+                    for (k, v) in next.params { merged.params[k] = v }
+                    for (k, v) in next.tags { merged.tags[k] = v }
+                    (metrics, params, tags, bytes) = (m, p, t, b)
                     entries.append(entry)
                 }
             }
