@@ -141,22 +141,31 @@ struct ArmoryBench: AsyncParsableCommand {
     /// server confirmed every metric.
     static func armorydDrain(socketPath: String, runs: Int, metrics: Int) throws -> Double {
         let start = nanos()
+        try runClients(runs, socketPath: socketPath, evaluation: "bench-drain") { run in
+            let time = Int64(Date().timeIntervalSince1970 * 1000)
+            for frame in 0..<(metrics / 100) {
+                run.log(LogBatch(metrics: (0..<100).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 100 + $0), timestamp: time) }))
+            }
+        }
+        return Double(runs * metrics) / (Double(nanos() - start) / 1e9)
+    }
+
+    /// Runs `count` client threads, each with its own connection and chain run: `body` logs,
+    /// then the client waits until everything is confirmed uploaded and ends its evaluation.
+    static func runClients(_ count: Int, socketPath: String, evaluation name: String, _ body: @escaping @Sendable (Run) -> Void) throws {
         let group = DispatchGroup()
         let firstError = Mutex<String?>(nil)
-        for r in 0..<runs {
+        for c in 0..<count {
             group.enter()
             Thread {
                 defer { group.leave() }
                 do {
                     let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-                    let evaluation = tracker.evaluation("bench-drain")
-                    let run = try evaluation.addChain("run-\(r)-\(getpid())").start()
-                    let time = Int64(Date().timeIntervalSince1970 * 1000)
-                    for frame in 0..<(metrics / 100) {
-                        run.log(LogBatch(metrics: (0..<100).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 100 + $0), timestamp: time) }))
-                    }
+                    let evaluation = tracker.evaluation(name)
+                    let run = try evaluation.addChain("client-\(c)-\(getpid())").start()
+                    body(run)
                     let reply = try tracker.flush(.uploaded, timeout: 1800)
-                    if !reply.complete { firstError.withLock { $0 = $0 ?? "drain did not complete" } }
+                    if !reply.complete { firstError.withLock { $0 = $0 ?? "upload did not complete" } }
                     try evaluation.end()
                     tracker.connection.disconnect()
                 } catch {
@@ -165,8 +174,7 @@ struct ArmoryBench: AsyncParsableCommand {
             }.start()
         }
         group.wait()
-        if let message = firstError.withLock({ $0 }) { throw ValidationError("drain failed: \(message)") }
-        return Double(runs * metrics) / (Double(nanos() - start) / 1e9)
+        if let message = firstError.withLock({ $0 }) { throw ValidationError("a benchmark client failed: \(message)") }
     }
 
     /// The ceiling: `runs` concurrent loops posting prebuilt 1000-metric `log-batch` bodies.
@@ -263,27 +271,9 @@ struct ArmoryBench: AsyncParsableCommand {
     static func daemonIngest(socketPath: String, daemonPID: Int32, clients: Int, metrics: Int) throws -> (Double, Double, Int) {
         let cpuBefore = cpuSeconds(pid: daemonPID)
         let start = nanos()
-        let group = DispatchGroup()
-        let firstError = Mutex<String?>(nil)
-        for c in 0..<clients {
-            group.enter()
-            Thread {
-                defer { group.leave() }
-                do {
-                    let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-                    let evaluation = tracker.evaluation("bench-ingest")
-                    let run = try evaluation.addChain("client-\(c)").start()
-                    for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
-                    try tracker.flush(.uploaded, timeout: 600)
-                    try evaluation.end()
-                    tracker.connection.disconnect()
-                } catch {
-                    firstError.withLock { $0 = $0 ?? "\(error)" }
-                }
-            }.start()
+        try runClients(clients, socketPath: socketPath, evaluation: "bench-ingest") { run in
+            for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
         }
-        group.wait()
-        if let message = firstError.withLock({ $0 }) { throw ValidationError("an ingest client failed: \(message)") }
         let elapsed = Double(nanos() - start) / 1e9
         let status = (try? String(contentsOfFile: "/proc/\(daemonPID)/status", encoding: .utf8)) ?? ""
         let peak = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
