@@ -1,0 +1,319 @@
+"""One connection per process to armoryd: length-prefixed JSON frames over a Unix socket.
+
+Fire-and-forget frames are appended to a buffer and sent by a flusher thread (a call never waits
+for the daemon); requests wait for their reply; a reader thread takes acks, replies and the
+errors of fire-and-forget frames, which are raised at the next sync point.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+from typing import Any, Dict, List, Optional
+
+PROTOCOL = 1
+CLIENT_VERSION = "0.1.0"
+SYSTEM_SOCKET = "/run/armory/armoryd.sock"
+_MAX_BUFFER = 8 << 20
+_FLUSH_AT = 64 << 10
+
+
+class ArmoryError(RuntimeError):
+    """armoryd refused operations; `errors` holds each refusal (code, op, message)."""
+
+    def __init__(self, errors: List[Dict[str, Any]]):
+        self.errors = errors
+        lines = [f"  - {e.get('code')} (op '{e.get('failed_op', '?')}', seq {e.get('seq')}): {e.get('message')}" for e in errors[:10]]
+        more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
+        super().__init__(f"armoryd refused {len(errors)} operation(s):\n" + "\n".join(lines) + more)
+
+
+def socket_candidates(environ=os.environ) -> List[str]:
+    """DESIGN.md's order: $ARMORY_SOCKET alone when set; else the user socket if it exists; else the system one."""
+    explicit = environ.get("ARMORY_SOCKET")
+    if explicit:
+        return [explicit]
+    out = []
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.exists(os.path.join(runtime, "armory", "armoryd.sock")):
+        out.append(os.path.join(runtime, "armory", "armoryd.sock"))
+    out.append(SYSTEM_SOCKET)
+    return out
+
+
+def _described_candidates(environ=os.environ) -> List[str]:
+    explicit = environ.get("ARMORY_SOCKET")
+    if explicit:
+        return [explicit]
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    return ([os.path.join(runtime, "armory", "armoryd.sock")] if runtime else []) + [SYSTEM_SOCKET]
+
+
+def _mlflow_credentials(environ=os.environ) -> Dict[str, str]:
+    """MLflow's own rules: env variables, else the [mlflow] section of ~/.mlflow/credentials."""
+    from_file: Dict[str, str] = {}
+    path = os.path.join(environ.get("HOME", os.path.expanduser("~")), ".mlflow", "credentials")
+    try:
+        import configparser
+
+        parser = configparser.ConfigParser()
+        parser.read(path)
+        if parser.has_section("mlflow"):
+            from_file = dict(parser.items("mlflow"))
+    except Exception:
+        pass
+    out = {}
+    for key, env_name in (("username", "MLFLOW_TRACKING_USERNAME"), ("password", "MLFLOW_TRACKING_PASSWORD"), ("token", "MLFLOW_TRACKING_TOKEN")):
+        value = environ.get(env_name) or from_file.get(f"mlflow_tracking_{key}")
+        if value:
+            out[key] = value
+    return out
+
+
+class Connection:
+    """A thread-safe connection to armoryd. Use `connection()` for the per-process one."""
+
+    def __init__(self, path: Optional[str] = None, timeout: float = 10.0):
+        candidates = [path] if path else socket_candidates()
+        last = "no candidate path"
+        self.sock = None
+        for candidate in candidates:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(candidate)
+            except OSError as e:
+                s.close()
+                last = f"{candidate}: {e.strerror or e}"
+                continue
+            self.sock, self.path = s, candidate
+            break
+        if self.sock is None:
+            tried = ", ".join([path] if path else _described_candidates())
+            raise ConnectionError(
+                f"No armoryd is listening (tried {tried}: {last}). Start one with "
+                "`systemctl --user start armoryd.socket` (or the system unit), or run `armoryd &`; "
+                "set ARMORY_SOCKET if it listens elsewhere.")
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._buffer = bytearray()
+        self._seq = 0
+        self._replies: Dict[int, Dict[str, Any]] = {}
+        self._awaited = set()
+        self._errors: List[Dict[str, Any]] = []
+        self._closed: Optional[str] = None
+        self.acked = 0
+        threading.Thread(target=self._flush_loop, name="armory-flusher", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="armory-reader", daemon=True).start()
+        environ = os.environ
+        hello = {"protocol": PROTOCOL, "client": "armory_track", "client_version": CLIENT_VERSION,
+                 "program": os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""}
+        uri = environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            hello["tracking_uri"] = uri
+            credentials = _mlflow_credentials(environ)
+            if credentials:
+                hello["credentials"] = credentials
+        self.hello = self.request("hello", timeout=timeout, **hello)
+
+    # -- sending ---------------------------------------------------------------
+
+    def _frame(self, payload: bytes) -> None:
+        """Appends one frame (caller holds the lock)."""
+        while len(self._buffer) > _MAX_BUFFER and self._closed is None:
+            self._cond.wait()
+        if not self._buffer:
+            self._cond.notify_all()
+        self._buffer += struct.pack(">I", len(payload))
+        self._buffer += payload
+
+    def send(self, op: str, **fields: Any) -> int:
+        """A fire-and-forget frame: returns its seq at once."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            fields["op"] = op
+            fields["seq"] = seq
+            self._frame(json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode())
+            return seq
+
+    def send_raw(self, make) -> int:
+        """A fire-and-forget frame whose payload `make(seq)` builds (the hot metric path)."""
+        with self._lock:
+            self._seq += 1
+            self._frame(make(self._seq))
+            return self._seq
+
+    def request(self, op: str, timeout: float = 30.0, **fields: Any) -> Dict[str, Any]:
+        """Sends a request and waits for its reply; a refusal raises ArmoryError."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            fields["op"] = op
+            fields["seq"] = seq
+            self._awaited.add(seq)
+            self._frame(json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode())
+            self._send_now()
+            deadline = None if timeout is None else (_monotonic() + timeout)
+            while seq not in self._replies:
+                if self._closed is not None:
+                    self._awaited.discard(seq)
+                    raise ConnectionError(self._closed)
+                remaining = None if deadline is None else deadline - _monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._awaited.discard(seq)
+                    raise TimeoutError(f"armoryd did not answer '{op}' within {timeout} s (socket {self.path}).")
+                self._cond.wait(remaining)
+            self._awaited.discard(seq)
+            reply = self._replies.pop(seq)
+        if reply.get("op") == "error":
+            raise ArmoryError([reply])
+        return reply
+
+    def take_errors(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            errors, self._errors = self._errors, []
+            return errors
+
+    def raise_errors(self) -> None:
+        errors = self.take_errors()
+        if errors:
+            raise ArmoryError(errors)
+
+    def _send_now(self) -> None:
+        """Sends the buffer from the caller's thread (caller holds the lock)."""
+        if self._buffer and self._closed is None:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                self._closed = f"writing to armoryd failed: {e}"
+            self._cond.notify_all()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._buffer and self._closed is None:
+                    self._cond.wait()
+                if self._closed is not None:
+                    return
+            # Let a burst of calls join the buffer, then send it with one syscall.
+            _sleep(0.001)
+            with self._lock:
+                self._send_now()
+
+    def _read_loop(self) -> None:
+        data = b""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError as e:
+                chunk = b""
+                reason = f"reading from armoryd failed: {e}"
+            else:
+                reason = f"armoryd closed the connection (socket {self.path})."
+            if not chunk:
+                with self._lock:
+                    if self._closed is None:
+                        self._closed = reason
+                    self._cond.notify_all()
+                return
+            data += chunk
+            messages = []
+            while len(data) >= 4:
+                (length,) = struct.unpack(">I", data[:4])
+                if len(data) < 4 + length:
+                    break
+                messages.append(json.loads(data[4:4 + length]))
+                data = data[4 + length:]
+            if messages:
+                with self._lock:
+                    for m in messages:
+                        op = m.get("op")
+                        if op == "ack":
+                            self.acked = max(self.acked, m["upto"])
+                        elif op == "reply" or (op == "error" and m.get("seq") in self._awaited):
+                            self._replies[m["seq"]] = m
+                        elif op == "error":
+                            self._errors.append(m)
+                    self._cond.notify_all()
+
+    def flush(self, wait: str = "durable", timeout: float = 10.0) -> Dict[str, Any]:
+        """Waits until what was sent is durable (or uploaded); then raises earlier refusals."""
+        reply = self.request("flush", timeout=timeout + 10, wait=wait, timeout_ms=int(timeout * 1000))
+        self.raise_errors()
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            self._send_now()
+            if self._closed is None:
+                self._closed = "the connection was closed by the client."
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+_connection: Optional[Connection] = None
+_connection_lock = threading.Lock()
+
+
+def connection() -> Connection:
+    """The per-process connection: created on first use, re-created after fork()."""
+    global _connection
+    c = _connection
+    if c is not None and c.pid == os.getpid() and c._closed is None:
+        return c
+    with _connection_lock:
+        if _connection is None or _connection.pid != os.getpid() or _connection._closed is not None:
+            _connection = Connection()
+        return _connection
+
+
+def _after_fork_in_child() -> None:
+    global _connection, _connection_lock
+    _connection = None  # the child opens its own connection (a fresh tracking session)
+    _connection_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _exit_flush() -> None:
+    c = _connection
+    if c is None or c.pid != os.getpid() or c._closed is not None:
+        return
+    wait_upload = os.environ.get("ARMORY_WAIT_UPLOAD")
+    try:
+        if wait_upload:
+            c.flush("uploaded", timeout=float(wait_upload))
+        else:
+            c.flush("durable", timeout=float(os.environ.get("ARMORY_EXIT_FLUSH_SECONDS", "10")))
+    except ArmoryError as e:
+        print(f"armory_track: {e}", file=sys.stderr)
+    except Exception as e:  # exiting: report, never raise
+        print(f"armory_track: flush at exit failed: {e}", file=sys.stderr)
+
+
+atexit.register(_exit_flush)
