@@ -26,7 +26,7 @@ test-swift:
 	$(SWIFT) test
 
 test-python:
-	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python
+	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python clients/python/tests
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap

@@ -30,3 +30,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest jsonschema </dev/null
   echo "$want" > "$stamp"
 fi
+# The Python client, editable, so that tests and examples use this checkout's code.
+if ! "$VENV/bin/python" -c "import armory_track, sys; sys.exit(0 if armory_track.__file__.startswith('$(pwd)/clients/python/') else 1)" 2>/dev/null; then
+  echo "bootstrap: installing clients/python into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ./clients/python </dev/null
+fi

@@ -26,6 +26,7 @@ case "${MLFLOW_TRACKING_URI:-}" in
   http://*|https://*)
     # On a server: wait (bounded) until everything is confirmed there before showing it.
     ARMORY_WAIT_UPLOAD=${ARMORY_WAIT_UPLOAD:-60} "$BIN/armory-example"
+    ARMORY_WAIT_UPLOAD=${ARMORY_WAIT_UPLOAD:-60} .venv/bin/python clients/python/examples/armory_example.py
     echo
     "$BIN/armoryctl" status || true
     echo
@@ -34,6 +35,9 @@ case "${MLFLOW_TRACKING_URI:-}" in
     ;;
 esac
 "$BIN/armory-example"
+echo
+echo "demo: running the same evaluation written in Python with armory_track (clients/python/examples)"
+.venv/bin/python clients/python/examples/armory_example.py
 echo
 "$BIN/armoryctl" status || true
 

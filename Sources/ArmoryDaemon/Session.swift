@@ -131,7 +131,9 @@ public final class Session {
         case .getParams:
             return .reply(["params": .object(tracking.currentParams.mapValues { .string($0) })])
         case .getTrackable(let id):
-            return .reply(["params": .object(try tracking.params(ofTrackable: id).mapValues { .string($0) })])
+            // A chain answers with what its nested run gets: its own params merged with its components'.
+            let params = tracking.chains[id] != nil ? try tracking.chainParams(id: id) : try tracking.params(ofTrackable: id)
+            return .reply(["params": .object(params.mapValues { .string($0) })])
         case .start(let target):
             return try start(target, nowMs: nowMs)
         case .end(let target, let status):

@@ -124,6 +124,23 @@ final class SessionHarness {
         #expect(try String(contentsOfFile: runDir + "/params/load_model.name", encoding: .utf8) == "r")
     }
 
+    @Test func getTrackableOfAChainAnswersItsMergedParams() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .evaluation(id: 1, name: "eval", description: nil))
+        h.send(s, .pushContext(nested: false, trackables: true))
+        h.send(s, .trackParam(key: "dataset.split", value: "test"))
+        h.send(s, .trackable(id: 5))
+        h.send(s, .popContext)
+        h.send(s, .use(target: 1, role: .dataset, ids: [5], append: false))
+        h.send(s, .pushContext(nested: false, trackables: true))
+        h.send(s, .chain(id: 2, evaluation: 1, name: "c"))
+        h.send(s, .trackParam(key: "own", value: "1"))
+        h.send(s, .popContext)
+        let reply = try h.reply(s, .getTrackable(id: 2))
+        #expect(reply["params"] == .object(["own": "1", "dataset.split": "test"]))
+    }
+
     @Test func globalsSetAfterTheParentStartedStillGoToIt() throws {
         let h = try SessionHarness()
         let s = h.session()
