@@ -3,8 +3,8 @@
 Two chains share a dataset tracked in `autotrack`; each chain has its own model; metrics and
 exports are logged per chain. Run it with a daemon listening (`armoryd &`, or `make demo`).
 """
-import io
 import math
+import os
 import struct
 import tempfile
 import zlib
@@ -67,10 +67,11 @@ def main() -> None:
                 accuracy = 0.91 if name == "benign" else 0.37
                 chain.log_metric("accuracy", accuracy)
                 chain.log_dict({"value": accuracy}, "metrics/accuracy.txt")
-                with tempfile.NamedTemporaryFile(suffix=".png") as f:
-                    f.write(png(32, 32, lambda x, y: (x * 8 + y * 4) % 256))
-                    f.flush()
-                    chain.log_artifact(f.name, "exports/00000/00")
+                with tempfile.TemporaryDirectory() as directory:
+                    path = os.path.join(directory, "input.png")
+                    with open(path, "wb") as f:
+                        f.write(png(32, 32, lambda x, y: (x * 8 + y * 4) % 256))
+                    chain.log_artifact(path, "exports/00000/00")
 
     print(f"evaluation {evaluation.name}: parent run {evaluation.run_id}")
     for name, chain in evaluation.chains.items():

@@ -208,4 +208,5 @@ def test_the_example_evaluation_lands(daemon):
     assert benign.data.params["load_dataset.split"] == "test" and benign.data.params["Classifier.weights"] == "imagenet"
     assert attacked.data.params["PGD.epsilon"] == "0.031" and "PGD.epsilon" not in benign.data.params
     assert len(c.get_metric_history(benign.info.run_id, "loss")) == 100
-    assert {a.path for a in c.list_artifacts(benign.info.run_id, "exports/00000/00")} == {"exports/00000/00/" + a.path.split("/")[-1] for a in c.list_artifacts(benign.info.run_id, "exports/00000/00")}
+    assert [a.path for a in c.list_artifacts(benign.info.run_id, "exports/00000/00")] == ["exports/00000/00/input.png"]
+    assert [a.path for a in c.list_artifacts(benign.info.run_id, "metrics")] == ["metrics/accuracy.txt"]
