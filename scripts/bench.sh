@@ -14,3 +14,11 @@ server=$!
 trap 'kill -- -$server 2>/dev/null || kill $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
 .build/release/armory-bench --daemon .build/release/armoryd --mlflow "http://127.0.0.1:$port" "$@"
+
+# The Python client next to MLflow's own, against the same server.
+home="$work/python-daemon"; mkdir -p "$home"
+.build/release/armoryd --socket "$home/d.sock" --home "$home" --log-level warning &
+daemon=$!
+for _ in $(seq 1 100); do [ -S "$home/d.sock" ] && break; sleep 0.05; done
+.venv/bin/python Benchmarks/python_client_bench.py "$home/d.sock" "http://127.0.0.1:$port" Benchmarks/results/python-latest.json
+kill "$daemon"; wait "$daemon" 2>/dev/null || true
