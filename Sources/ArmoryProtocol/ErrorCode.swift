@@ -16,7 +16,6 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case notFound = "NOT_FOUND"
     case sinkRejected = "SINK_REJECTED"
     case internalError = "INTERNAL"
-    case shuttingDown = "SHUTTING_DOWN"
 }
 
 /// A protocol-level failure: a code, a message that says what to do, and the frame it answers.
