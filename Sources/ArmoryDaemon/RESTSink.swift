@@ -27,7 +27,8 @@ public final class RESTSink: RecordSink {
         do {
             switch operation {
             case .createRun(let c, let parentRunID, let attempt):
-                let experimentID = try await experimentID(c.experimentName)
+                let experimentID: String
+                if let given = c.experimentID { experimentID = given } else { experimentID = try await self.experimentID(c.experimentName) }
                 // runs/create is not idempotent: after an ambiguous failure, look for our handle first.
                 if attempt > 0, let found = try await client.findRun(experimentID: experimentID, tag: "armory.handle", value: c.handle) {
                     artifactURIs.withLock { $0[found.runID] = found.artifactURI }
@@ -65,6 +66,16 @@ public final class RESTSink: RecordSink {
         artifactURIs.withLock { $0[run.runID] = run.artifactURI }
         return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
                          status: run.status, endTime: run.endTime, params: run.params, tags: run.tags)
+    }
+
+    public func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String? {
+        do {
+            if create { return try await experimentID(name) }
+            guard let found = try await client.experiment(named: name), found.lifecycleStage == "active" else { return nil }
+            return found.id
+        } catch {
+            throw Self.translate(error)
+        }
     }
 
     public func close() async { await client.shutdown() }

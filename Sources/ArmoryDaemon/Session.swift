@@ -136,8 +136,18 @@ public final class Session {
             return .reply(["params": .object(params.mapValues { .string($0) })])
         case .start(let target):
             return try start(target, nowMs: nowMs)
-        case .end(let target, let status):
-            return .reply(try end(target, status: status, nowMs: nowMs))
+        case .end(let target, let status, let endTime):
+            return .reply(try end(target, status: status, nowMs: endTime ?? nowMs))
+        case .experiment(let name, let create):
+            try MLflowRules.validateExperimentName(name)
+            let uploader = services.destinations.uploader(destination)
+            return .deferred { reply in
+                uploader.experiment(named: name, create: create) { result in
+                    reply(result.map { id in ["experiment_id": id.map { .string($0) } ?? .null] })
+                }
+            }
+        case .createRun(let experimentID, let runName, let startTime, let tags):
+            return try createStandaloneRun(experimentID: experimentID, runName: runName, startTime: startTime ?? nowMs, tags: tags)
         case .attach(let runID):
             return try attach(runID: runID)
         case .runInfo(let handle, let waitMs):
@@ -180,7 +190,8 @@ public final class Session {
         destination = try services.destinations.resolve(trackingURI: h.trackingURI, credentials: h.credentials, peerUID: peer.uid)
         hello = h
         services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
-        let reply = HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: peer.uid, pid: peer.pid)
+        let destinationURI = services.destinations.uploader(destination).destination.split(separator: " ").first.map(String.init)
+        let reply = HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: peer.uid, pid: peer.pid, destination: destinationURI)
         return .reply(reply.json)
     }
 
@@ -198,10 +209,10 @@ public final class Session {
 
     /// Registers a run and enqueues its creation and its initial params; the registry learns
     /// its MLflow ids when the sink has created it.
-    private func createRun(name: String, experiment: String, parent: RunEntry?, tags extraTags: StringMap, params: StringMap, nowMs: Int64) -> (RunEntry, UInt64) {
+    private func createRun(name: String, experiment: String, experimentID: String? = nil, parent: RunEntry?, tags extraTags: StringMap, params: StringMap, nowMs: Int64) -> (RunEntry, UInt64) {
         let handle = DaemonServices.newHandle()
         let runID = services.destinations.uploader(destination).assignsRunIDs ? DaemonServices.newRunID() : nil
-        var tags = baseTags(runName: name, handle: handle)
+        var tags = experimentID == nil ? baseTags(runName: name, handle: handle) : ["armory.handle": handle]
         for (k, v) in extraTags { tags[k] = v }
         var entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
                              ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
@@ -209,8 +220,9 @@ public final class Session {
         entry.destination = destination
         services.registry.insert(entry)
         let registry = services.registry
-        let creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
+        var creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
                                    startTime: nowMs, tags: tags, parentHandle: parent?.handle)
+        creation.experimentID = experimentID
         let report = reportLater
         let (ticket, _) = enqueue(handle, .createRun(creation), to: destination) { result in
             switch result {
@@ -232,6 +244,25 @@ public final class Session {
         if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params)), to: destination) }
         return (entry, ticket)
     }
+
+    /// MLflow's `create_run` (clients speaking MLflow's API): the run is created at once, and the
+    /// reply waits (bounded) for MLflow's id, which MLflow code needs before it goes on.
+    private func createStandaloneRun(experimentID: String, runName: String?, startTime: Int64, tags: StringMap) throws(ProtocolError) -> SessionOutcome {
+        for (key, value) in tags {
+            try MLflowRules.validateKey(key, kind: .tag)
+            try MLflowRules.validateTagValue(value, key: key)
+        }
+        let name = runName ?? tags["mlflow.runName"] ?? ""
+        let parent = tags["mlflow.parentRunId"].flatMap { services.registry.entry(runID: $0) }
+        var extra = tags
+        if parent != nil { extra.removeValue(forKey: "mlflow.parentRunId") }  // the uploader adds the bound id
+        let (entry, ticket) = createRun(name: name, experiment: "", experimentID: experimentID, parent: parent, tags: extra, params: [:], nowMs: startTime)
+        let wait = UploadWait(uploader: services.destinations.uploader(entry.destination), ticket: ticket)
+        return .awaitRun(handle: entry.handle, wait: wait, timeoutMs: Self.createRunWaitMs)
+    }
+
+    /// How long MLflow's `create_run` waits for the server's id.
+    static let createRunWaitMs: Int64 = 10_000
 
     /// Starts the evaluation's parent run if it is not running yet; returns its handle.
     private func ensureParent(evaluation id: Int64, nowMs: Int64) throws(ProtocolError) -> (handle: String, ticket: UInt64?) {

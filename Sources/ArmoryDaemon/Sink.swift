@@ -9,6 +9,8 @@ public struct RunCreation: Sendable, Equatable {
     /// Assigned by the daemon when the sink takes daemon ids (the local store); else the server's.
     public var runID: String?
     public var experimentName: String
+    /// Set when the client named the experiment by id (MLflow's `create_run`); else by name.
+    public var experimentID: String? = nil
     public var name: String
     public var userID: String
     public var startTime: Int64
@@ -42,6 +44,8 @@ public protocol RecordSink: Sendable {
     var assignsRunIDs: Bool { get }
     func perform(_ operation: SinkOperation) async -> SinkOutcome
     func findRun(runID: String) async -> StoredRun?
+    /// The id of the experiment called `name` (created when `create` and missing); nil when none.
+    func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String?
     func close() async
 }
 
@@ -76,7 +80,7 @@ public final class FileStoreSink: RecordSink {
             do {
                 switch operation {
                 case .createRun(let c, let parentRunID, _):
-                    let experimentID = try box.store.experimentID(named: c.experimentName)
+                    let experimentID = try c.experimentID ?? box.store.experimentID(named: c.experimentName)
                     let runID = c.runID ?? DaemonServices.newRunID()
                     var tags = c.tags
                     if let parentRunID { tags["mlflow.parentRunId"] = parentRunID }
@@ -103,6 +107,14 @@ public final class FileStoreSink: RecordSink {
             box.experimentOfRun[runID] = run.experimentID
             return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
                              status: run.status, endTime: run.endTime, params: box.store.params(of: run), tags: box.store.tags(of: run))
+        }
+    }
+
+    public func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String? {
+        try store.withLock { (box: inout FileStoreBox) throws(ProtocolError) -> String? in
+            do { return create ? try box.store.experimentID(named: name) : try box.store.existingExperimentID(named: name) } catch {
+                throw Self.translate(error)
+            }
         }
     }
 

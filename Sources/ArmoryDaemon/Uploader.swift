@@ -113,6 +113,18 @@ public final class Uploader: Sendable {
         Task(executorPreference: executor) { body(await sink.findRun(runID: runID)) }
     }
 
+    /// Looks an experiment up (or creates it) in the sink, off the caller's thread.
+    public func experiment(named name: String, create: Bool, _ body: @escaping @Sendable (Result<String?, ProtocolError>) -> Void) {
+        let sink = sink
+        Task(executorPreference: executor) {
+            do throws(ProtocolError) {
+                body(.success(try await sink.experiment(named: name, create: create)))
+            } catch {
+                body(.failure(error))
+            }
+        }
+    }
+
     public var lastTicket: UInt64 { state.withLock { $0.scheduler.lastTicket } }
 
     public var counterSnapshot: Counters { state.withLock { $0.counters } }

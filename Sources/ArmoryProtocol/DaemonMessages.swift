@@ -104,13 +104,16 @@ public struct HelloReply: Sendable, Equatable {
     /// The peer's identity as the daemon sees it (from the socket, not from the client).
     public var uid: UInt32
     public var pid: Int32
+    /// Where this connection's runs go (`file:///…` or the server's URL, never with credentials).
+    public var destination: String?
 
-    public init(daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32) {
+    public init(daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32, destination: String? = nil) {
         self.daemonVersion = daemonVersion
         self.protocolVersion = protocolVersion
         self.limits = limits
         self.uid = uid
         self.pid = pid
+        self.destination = destination
     }
 
     public var json: JSONObject {
@@ -124,6 +127,7 @@ public struct HelloReply: Sendable, Equatable {
             ]),
             "uid": .int(Int64(uid)),
             "pid": .int(Int64(pid)),
+            "destination": destination.map { .string($0) } ?? .null,
         ]
     }
 
@@ -135,7 +139,7 @@ public struct HelloReply: Sendable, Equatable {
                 maxFrameBytes: Int(limits["max_frame_bytes"]?.intValue ?? Int64(ProtocolLimits.default.maxFrameBytes)),
                 maxChunkBytes: Int(limits["max_chunk_bytes"]?.intValue ?? Int64(ProtocolLimits.default.maxChunkBytes)),
                 maxDepth: Int(limits["max_depth"]?.intValue ?? Int64(ProtocolLimits.default.maxDepth))),
-            uid: UInt32(o["uid"]?.intValue ?? 0), pid: Int32(o["pid"]?.intValue ?? 0))
+            uid: UInt32(o["uid"]?.intValue ?? 0), pid: Int32(o["pid"]?.intValue ?? 0), destination: o["destination"]?.stringValue)
     }
 }
 

@@ -111,7 +111,12 @@ public enum ClientOp: Sendable, Equatable {
     case getTrackable(id: Int64)
     // Runs.
     case start(RunTarget)
-    case end(RunTarget, status: RunStatus)
+    /// `endTime` (ms): the client's own end time (MLflow's `update_run_info`); else the daemon's.
+    case end(RunTarget, status: RunStatus, endTime: Int64?)
+    /// MLflow's experiment lookup (`create`: get-or-create) for clients speaking MLflow's API.
+    case experiment(name: String, create: Bool)
+    /// MLflow's `create_run` for clients speaking MLflow's API: a run outside any evaluation.
+    case createRun(experimentID: String, runName: String?, startTime: Int64?, tags: StringMap)
     case attach(runID: String)
     /// `waitMs` > 0: wait that long for a pending run to exist in MLflow.
     case runInfo(run: String, waitMs: Int64)
@@ -141,6 +146,8 @@ public enum ClientOp: Sendable, Equatable {
         case .getTrackable: "get_trackable"
         case .start: "start"
         case .end: "end"
+        case .experiment: "experiment"
+        case .createRun: "create_run"
         case .attach: "attach"
         case .runInfo: "run_info"
         case .log: "log"
@@ -155,7 +162,7 @@ public enum ClientOp: Sendable, Equatable {
     /// Whether the daemon answers this op with a reply (else it is fire-and-forget).
     public var expectsReply: Bool {
         switch self {
-        case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status:
+        case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun:
             true
         case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk:
             false
@@ -239,7 +246,12 @@ extension ClientFrame {
             guard let status = RunStatus(rawValue: statusName), status.isTerminal else {
                 throw ProtocolError(.invalidValue, "Unknown end status '\(statusName)': use FINISHED, FAILED or KILLED.", seq: seq)
             }
-            op = .end(try f.runTarget(), status: status)
+            op = .end(try f.runTarget(), status: status, endTime: try f.optionalInt("end_time"))
+        case "experiment":
+            op = .experiment(name: try f.string("name"), create: try f.optionalBool("create") ?? false)
+        case "create_run":
+            op = .createRun(experimentID: try f.string("experiment_id"), runName: try f.optionalString("run_name"),
+                            startTime: try f.optionalInt("start_time"), tags: try f.stringMap("tags"))
         case "attach": op = .attach(runID: try f.string("run_id"))
         case "run_info": op = .runInfo(run: try f.string("run"), waitMs: max(0, try f.optionalInt("wait_ms") ?? 0))
         case "log":
@@ -409,9 +421,18 @@ extension ClientFrame {
             if append { o["append"] = .bool(true) }
         case .start(let target):
             target.write(into: &o)
-        case .end(let target, let status):
+        case .end(let target, let status, let endTime):
             target.write(into: &o)
             o["status"] = .string(status.rawValue)
+            if let endTime { o["end_time"] = .int(endTime) }
+        case .experiment(let name, let create):
+            o["name"] = .string(name)
+            if create { o["create"] = .bool(true) }
+        case .createRun(let experimentID, let runName, let startTime, let tags):
+            o["experiment_id"] = .string(experimentID)
+            if let runName { o["run_name"] = .string(runName) }
+            if let startTime { o["start_time"] = .int(startTime) }
+            if !tags.isEmpty { o["tags"] = .object(tags.mapValues { .string($0) }) }
         case .attach(let runID):
             o["run_id"] = .string(runID)
         case .runInfo(let run, let waitMs):

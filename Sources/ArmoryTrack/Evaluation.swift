@@ -75,7 +75,7 @@ public final class Evaluation: @unchecked Sendable {
 
     /// Ends the parent run and any chain still open with `status`; a durable sync point.
     public func end(_ status: RunStatus = .finished) throws(ArmoryError) {
-        _ = try tracker.connection.request(.end(.evaluation(id), status: status))
+        _ = try tracker.connection.request(.end(.evaluation(id), status: status, endTime: nil))
         try tracker.syncPoint()
     }
 
@@ -150,7 +150,7 @@ public final class Chain: @unchecked Sendable {
 
     /// Ends the nested run; a durable sync point that raises earlier errors.
     public func end(_ status: RunStatus = .finished) throws(ArmoryError) {
-        _ = try tracker.connection.request(.end(.chain(id), status: status))
+        _ = try tracker.connection.request(.end(.chain(id), status: status, endTime: nil))
         try tracker.syncPoint()
     }
 

@@ -139,7 +139,7 @@ public final class Run: Sendable {
 
     /// Ends this run (for attached runs; chains and evaluations end through their own `end`).
     public func end(_ status: RunStatus = .finished) throws(ArmoryError) {
-        _ = try tracker.connection.request(.end(.run(handle), status: status))
+        _ = try tracker.connection.request(.end(.run(handle), status: status, endTime: nil))
         try tracker.syncPoint()
     }
 

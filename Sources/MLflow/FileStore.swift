@@ -81,6 +81,14 @@ public final class FileStore {
 
     // MARK: Experiments
 
+    /// The id of the active experiment called `name`, if there is one.
+    public func existingExperimentID(named name: String) throws(FileStoreError) -> String? {
+        if let id = experimentIDs[name] { return id }
+        let (active, _) = scanExperiments()
+        if let id = active[name] { experimentIDs[name] = id }
+        return active[name]
+    }
+
     /// The id of the experiment called `name`, created if there is none (get-or-create by name).
     public func experimentID(named name: String) throws(FileStoreError) -> String {
         if let id = experimentIDs[name] { return id }

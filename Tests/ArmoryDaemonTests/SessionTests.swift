@@ -230,7 +230,7 @@ final class SessionHarness {
         h.send(s, .evaluation(id: 1, name: "eval", description: nil))
         h.send(s, .chain(id: 2, evaluation: 1, name: "a"))
         let chain = try h.descriptor(s, .start(.chain(2)))
-        _ = try h.send(s, .end(.evaluation(1), status: .killed))?.get()
+        _ = try h.send(s, .end(.evaluation(1), status: .killed, endTime: nil))?.get()
         #expect(h.services.registry.entry(chain.handle)?.status == .killed)
         #expect(h.services.registry.entry(chain.parentHandle!)?.status == .killed)
         h.drain()
@@ -243,7 +243,7 @@ final class SessionHarness {
         let first = h.session(uid: 0, connection: 1)
         h.send(first, .evaluation(id: 1, name: "eval", description: nil))
         let run = try h.descriptor(first, .start(.evaluation(1)))
-        _ = try h.send(first, .end(.evaluation(1), status: .finished))?.get()
+        _ = try h.send(first, .end(.evaluation(1), status: .finished, endTime: nil))?.get()
         h.drain()
         // A fresh registry (as after a restart) finds it in the store.
         let h2 = SessionHarnessView(base: h)
