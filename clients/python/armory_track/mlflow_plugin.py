@@ -1,0 +1,313 @@
+"""MLflow plugins for `MLFLOW_TRACKING_URI=armoryd://`: unchanged MLflow code writes through armoryd.
+
+MLflow loads these through the entry points `mlflow.tracking_store` and
+`mlflow.artifact_repository` (scheme `armoryd`); importing `armory_track` alone never imports
+MLflow. `armoryd://` finds the daemon the usual way; `armoryd:///path/to.sock` names a socket.
+
+Writes become daemon frames: metrics, params and tags return without a round trip, errors come
+back at the next sync point (`end_run`, `flush_async_logging`). The reads MLflow's own write paths
+make (`get_run` after `create_run`, before artifacts, and while a run is live) are answered from
+this process's state; every other read is answered by MLflow's own store for the daemon's
+destination, after the run's pending records are uploaded (read-your-writes, bounded).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
+
+from mlflow.entities import Experiment, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.utils.validation import _validate_batch_log_data, _validate_experiment_name
+
+from . import _connection
+from .evaluation import Run as DaemonRun
+
+_READ_WAIT_SECONDS = float(os.environ.get("ARMORY_READ_WAIT_SECONDS", "10"))
+
+
+def _use_socket_of(uri: Optional[str]) -> None:
+    """`armoryd:///path/to.sock` names the socket for this process's connection."""
+    if uri:
+        path = urlparse(uri).path
+        if path and path != "/" and not os.environ.get("ARMORY_SOCKET"):
+            os.environ["ARMORY_SOCKET"] = path
+
+
+def _artifact_uri(run_id: str) -> str:
+    return f"armoryd:/runs/{run_id}/artifacts"
+
+
+class _Plugin:
+    """What the store and the artifact repository share in one process: run handles, the runs
+    this process created, and MLflow's own store for the daemon's destination."""
+
+    lock = threading.RLock()
+    handles: Dict[str, str] = {}
+    runs: Dict[str, Dict[str, Any]] = {}
+    backing = None
+    backing_destination = None
+
+    @classmethod
+    def connection(cls):
+        return _connection.connection()
+
+    @classmethod
+    def backing_store(cls):
+        destination = cls.connection().hello.get("destination")
+        with cls.lock:
+            if cls.backing is None or cls.backing_destination != destination:
+                if not destination:
+                    raise MlflowException("armoryd did not say where its runs go (an older daemon?): reads through armoryd:// need its destination.")
+                if destination.startswith("file:"):
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                from mlflow.tracking._tracking_service.utils import _get_store
+
+                cls.backing = _get_store(destination)
+                cls.backing_destination = destination
+            return cls.backing
+
+    @classmethod
+    def handle(cls, run_id: str) -> str:
+        """The daemon's handle of a run; a run this process did not create is attached first."""
+        with cls.lock:
+            handle = cls.handles.get(run_id)
+        if handle is None:
+            reply = cls.connection().request("attach", run_id=run_id)
+            with cls.lock:
+                handle = cls.handles.setdefault(run_id, reply["handle"])
+        return handle
+
+    @classmethod
+    def settle(cls) -> None:
+        """Read-your-writes: wait (bounded) until what this process sent is in the store."""
+        try:
+            cls.connection().flush("uploaded", timeout=_READ_WAIT_SECONDS)
+        except _connection.ArmoryError as e:
+            raise MlflowException(f"armoryd: {e}") from None
+
+
+class ArmorydTrackingStore(AbstractStore):
+    """MLflow's tracking store over armoryd (`MLFLOW_TRACKING_URI=armoryd://`)."""
+
+    def __init__(self, store_uri: Optional[str] = None, artifact_uri: Optional[str] = None):
+        super().__init__()
+        self.store_uri = store_uri  # built during `import mlflow`: connect lazily
+        _use_socket_of(store_uri)
+
+    # -- experiments ---------------------------------------------------------------
+
+    def get_experiment_by_name(self, experiment_name: str) -> Optional[Experiment]:
+        experiment_id = _Plugin.connection().request("experiment", name=experiment_name)["experiment_id"]
+        return None if experiment_id is None else self.get_experiment(experiment_id)
+
+    def create_experiment(self, name, artifact_location=None, tags=None):
+        _validate_experiment_name(name)
+        c = _Plugin.connection()
+        if c.request("experiment", name=name)["experiment_id"] is not None:
+            raise MlflowException(f"Experiment '{name}' already exists.", RESOURCE_ALREADY_EXISTS)
+        experiment_id = c.request("experiment", name=name, create=True)["experiment_id"]
+        for tag in tags or []:
+            self.set_experiment_tag(experiment_id, tag)
+        return experiment_id
+
+    def get_experiment(self, experiment_id):
+        return _Plugin.backing_store().get_experiment(experiment_id)
+
+    def search_experiments(self, *args, **kwargs):
+        return _Plugin.backing_store().search_experiments(*args, **kwargs)
+
+    def set_experiment_tag(self, experiment_id, tag):
+        return _Plugin.backing_store().set_experiment_tag(experiment_id, tag)
+
+    # -- runs ------------------------------------------------------------------------
+
+    def create_run(self, experiment_id, user_id, start_time, tags, run_name):
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+        from mlflow.utils.name_utils import _generate_random_name
+
+        tag_map = {t.key: t.value for t in tags or []}
+        run_name = run_name or tag_map.get(MLFLOW_RUN_NAME) or _generate_random_name()
+        tag_map.setdefault(MLFLOW_RUN_NAME, run_name)
+        reply = _Plugin.connection().request("create_run", timeout=60, experiment_id=str(experiment_id), run_name=run_name,
+                                             start_time=int(start_time), tags=tag_map)
+        run_id = reply.get("run_id")
+        if run_id is None:
+            raise MlflowException(
+                f"armoryd: the MLflow server did not create run '{run_name}' in time (it is unreachable; armoryd handle "
+                f"{reply['handle']} keeps its records and uploads them when the server is back).", TEMPORARILY_UNAVAILABLE)
+        state = {"experiment_id": str(experiment_id), "user_id": user_id or "", "status": "RUNNING", "start_time": int(start_time),
+                 "end_time": None, "run_name": run_name, "tags": dict(tag_map), "params": {}, "metrics": {}}
+        with _Plugin.lock:
+            _Plugin.handles[run_id] = reply["handle"]
+            _Plugin.runs[run_id] = state
+        return self._run(run_id, state)
+
+    @staticmethod
+    def _run(run_id: str, s: Dict[str, Any]) -> Run:
+        info = RunInfo(run_id=run_id, experiment_id=s["experiment_id"], user_id=s["user_id"], status=s["status"],
+                       start_time=s["start_time"], end_time=s["end_time"], lifecycle_stage="active",
+                       artifact_uri=_artifact_uri(run_id), run_name=s["run_name"])
+        data = RunData(metrics=[Metric(k, v, t, st) for k, (v, t, st) in s["metrics"].items()],
+                       params=[Param(k, v) for k, v in s["params"].items()],
+                       tags=[RunTag(k, v) for k, v in s["tags"].items()])
+        return Run(info, data)
+
+    def get_run(self, run_id):
+        with _Plugin.lock:
+            state = _Plugin.runs.get(run_id)
+            if state is not None:
+                return self._run(run_id, state)
+        _Plugin.settle()
+        run = _Plugin.backing_store().get_run(run_id)
+        info = run.info
+        return Run(RunInfo(run_id=info.run_id, experiment_id=info.experiment_id, user_id=info.user_id, status=info.status,
+                           start_time=info.start_time, end_time=info.end_time, lifecycle_stage=info.lifecycle_stage,
+                           artifact_uri=_artifact_uri(info.run_id), run_name=info.run_name), run.data, run.inputs, run.outputs)
+
+    def update_run_info(self, run_id, run_status, end_time, run_name):
+        status = RunStatus.to_string(run_status) if isinstance(run_status, int) else run_status
+        handle = _Plugin.handle(run_id)  # attaching a run makes it RUNNING again
+        if status != "RUNNING":
+            _Plugin.connection().request("end", run=handle, status=status, end_time=int(end_time) if end_time else None)
+            _sync()
+        with _Plugin.lock:
+            state = _Plugin.runs.get(run_id)
+            if state is not None:
+                state["status"], state["end_time"] = status, end_time
+                if run_name:
+                    state["run_name"] = run_name
+                return self._run(run_id, state).info
+        return self.get_run(run_id).info
+
+    def log_batch(self, run_id, metrics, params, tags):
+        _validate_batch_log_data(metrics, params, tags)
+        handle = _Plugin.handle(run_id)
+        fields: Dict[str, Any] = {"run": handle}
+        if metrics:
+            fields["metrics"] = [[m.key, _number(m.value), int(m.step or 0), int(m.timestamp)] for m in metrics]
+        if params:
+            fields["params"] = {p.key: str(p.value) for p in params}
+        if tags:
+            fields["tags"] = {t.key: str(t.value) for t in tags}
+        _Plugin.connection().send("log", **fields)
+        with _Plugin.lock:
+            state = _Plugin.runs.get(run_id)
+            if state is not None:
+                for m in metrics:
+                    state["metrics"][m.key] = (m.value, m.timestamp, m.step)
+                for p in params:
+                    state["params"].setdefault(p.key, str(p.value))
+                for t in tags:
+                    state["tags"][t.key] = str(t.value)
+
+    def flush_async_logging(self):
+        super().flush_async_logging()
+        _sync()
+
+    def shut_down_async_logging(self):
+        super().shut_down_async_logging()
+        _sync()
+
+    def delete_tag(self, run_id, key):
+        _Plugin.settle()
+        _Plugin.backing_store().delete_tag(run_id, key)
+        with _Plugin.lock:
+            state = _Plugin.runs.get(run_id)
+            if state is not None:
+                state["tags"].pop(key, None)
+
+    # -- reads forwarded to the destination, after this process's writes landed ------
+
+    def get_metric_history(self, run_id, metric_key, max_results=None, page_token=None):
+        _Plugin.settle()
+        return _Plugin.backing_store().get_metric_history(run_id, metric_key, max_results=max_results, page_token=page_token)
+
+    def _search_runs(self, experiment_ids, filter_string, run_view_type, max_results, order_by, page_token):
+        _Plugin.settle()
+        return _Plugin.backing_store()._search_runs(experiment_ids, filter_string, run_view_type, max_results, order_by, page_token)
+
+
+def _forwarded(name: str):
+    def method(self, *args, **kwargs):
+        _Plugin.settle()
+        return getattr(_Plugin.backing_store(), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"Forwarded to MLflow's own store for the daemon's destination (after pending writes landed): {name}."
+    return method
+
+
+for _name in ("delete_run", "restore_run", "delete_experiment", "restore_experiment", "rename_experiment",
+              "delete_experiment_tag", "get_metric_history_bulk_interval_from_steps", "log_inputs", "log_outputs",
+              "create_logged_model", "finalize_logged_model", "get_logged_model", "search_logged_models",
+              "set_logged_model_tags", "delete_logged_model_tag", "delete_logged_model", "record_logged_model",
+              "link_traces_to_run", "search_traces", "start_trace", "get_trace_info", "set_trace_tag"):
+    setattr(ArmorydTrackingStore, _name, _forwarded(_name))
+
+
+def _sync(level: str = "durable") -> None:
+    """A sync point: refusals of earlier writes come back as MLflow's own exception."""
+    try:
+        _Plugin.connection().flush(level)
+    except _connection.ArmoryError as e:
+        raise MlflowException(f"armoryd refused earlier writes: {e}", INVALID_PARAMETER_VALUE) from None
+
+
+def _number(value: float):
+    v = float(value)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
+
+
+class ArmorydArtifactRepository(ArtifactRepository):
+    """Artifacts of `armoryd:/runs/<run_id>/artifacts[/path]`: files are handed to armoryd (copied
+    into its spool before the call returns) and uploaded by it; reads go to the real store."""
+
+    def __init__(self, artifact_uri: str, tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None) -> None:
+        super().__init__(artifact_uri, tracking_uri, registry_uri)
+        parts = urlparse(artifact_uri).path.strip("/").split("/")
+        if len(parts) < 3 or parts[0] != "runs" or parts[2] != "artifacts":
+            raise MlflowException(f"Not an armoryd artifact URI: {artifact_uri} (expected armoryd:/runs/<run_id>/artifacts).")
+        self.run_id = parts[1]
+        self.prefix = "/".join(parts[3:])
+
+    def _path(self, *parts: Optional[str]) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
+
+    def log_artifact(self, local_file, artifact_path=None):
+        run = DaemonRun({"handle": _Plugin.handle(self.run_id), "run_id": self.run_id, "name": ""})
+        path = self._path(artifact_path, os.path.basename(local_file))
+        with open(local_file, "rb") as f:
+            run._send_artifact(path, iter(lambda: f.read(run._chunk_size()), b""))
+
+    def log_artifacts(self, local_dir, artifact_path=None):
+        for root, _, files in os.walk(local_dir):
+            relative = os.path.relpath(root, local_dir)
+            for name in sorted(files):
+                sub = self._path(artifact_path, None if relative == "." else relative)
+                self.__class__(_artifact_uri(self.run_id) + ("/" + sub if sub else "")).log_artifact(os.path.join(root, name))
+
+    def _real(self) -> ArtifactRepository:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        _Plugin.settle()
+        real_uri = _Plugin.backing_store().get_run(self.run_id).info.artifact_uri
+        return get_artifact_repository(real_uri.rstrip("/") + ("/" + self.prefix if self.prefix else ""))
+
+    def list_artifacts(self, path=None):
+        return self._real().list_artifacts(path)
+
+    def _download_file(self, remote_file_path, local_path):
+        return self._real()._download_file(remote_file_path, local_path)
+
+    def delete_artifacts(self, artifact_path=None):
+        return self._real().delete_artifacts(artifact_path)
