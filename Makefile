@@ -25,8 +25,10 @@ test: build
 test-swift:
 	$(SWIFT) test
 
+# Two suites, two runs: each has its own conftest (fixtures of the same names).
 test-python:
-	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python clients/python/tests
+	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python
+	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q clients/python/tests
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap
