@@ -23,11 +23,11 @@ fi
 command -v swift >/dev/null || { echo "bootstrap: swift is not on PATH (Swift 6.x is required: https://www.swift.org/install/linux/)" >&2; exit 1; }
 
 stamp="$VENV/.armory-bootstrap"
-want="$MLFLOW_SPEC pytest jsonschema"
+want="$MLFLOW_SPEC pytest jsonschema psutil"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: creating $VENV with $want (about a minute)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest jsonschema </dev/null
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest jsonschema psutil </dev/null
   echo "$want" > "$stamp"
 fi
 # The Python client, editable, so that tests and examples use this checkout's code.

@@ -231,3 +231,60 @@ def test_an_evaluation_brings_its_own_destination(daemon, mlflow_server, tmp_pat
     # Another process without a tracking URI still writes the daemon's own store.
     local_parent, _ = run_example(daemon, env={"MLFLOW_TRACKING_URI": ""})
     assert list(daemon.store.rglob(local_parent))
+
+
+COMPARED_SCRIPT = """
+import os, mlflow
+mlflow.set_experiment(os.environ["EXPERIMENT"])
+with mlflow.start_run(run_name="parent"):
+    mlflow.log_params({"lr": 0.1, "depth": 3})
+    mlflow.set_tags({"team": "red"})
+    for i in range(50):
+        mlflow.log_metric("loss", 1.0 / (i + 1), step=i, timestamp=1795400000000 + i)
+    with mlflow.start_run(run_name="child", nested=True):
+        mlflow.log_metrics({"acc": 0.5, "nan": float("nan")}, step=1, timestamp=1795400000000)
+        mlflow.log_dict({"v": 1}, "d.json")
+        mlflow.log_text("hi", "notes/n.txt")
+"""
+
+
+def _records(client, experiment, tmp_path):
+    exp = client.get_experiment_by_name(experiment)
+    out = {}
+    for run in client.search_runs([exp.experiment_id]):
+        name = run.info.run_name
+        parent = run.data.tags.get("mlflow.parentRunId")
+        tags = {k: v for k, v in run.data.tags.items() if k not in ("mlflow.parentRunId", "armory.handle")}
+        history = {k: [(m.step, m.timestamp, str(m.value)) for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
+        files = {}
+        for directory in ("", "notes"):
+            for a in client.list_artifacts(run.info.run_id, directory or None):
+                if not a.is_dir:
+                    files[a.path] = open(client.download_artifacts(run.info.run_id, a.path, str(tmp_path)), "rb").read()
+        out[name] = {"params": run.data.params, "tags": tags, "history": history, "files": files, "status": run.info.status,
+                     "has_parent": parent is not None}
+    return out
+
+
+def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_records(tmp_path, mlflow_server):
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    direct = subprocess.run([sys.executable, "-c", COMPARED_SCRIPT], env={**base, "MLFLOW_TRACKING_URI": mlflow_server.url, "EXPERIMENT": "compare-direct"},
+                            capture_output=True, text=True, timeout=120)
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    daemon = Daemon(tmp_path / "daemon", env={"MLFLOW_TRACKING_URI": mlflow_server.url})
+    try:
+        through = subprocess.run([sys.executable, "-c", COMPARED_SCRIPT], env={**base, "MLFLOW_TRACKING_URI": "armoryd://", "ARMORY_SOCKET": daemon.socket,
+                                                                            "EXPERIMENT": "compare-armoryd"}, capture_output=True, text=True, timeout=120)
+        assert through.returncode == 0, through.stderr[-2000:]
+        c = RawClient(daemon.socket)
+        c.hello()
+        c.request("flush", wait="uploaded", timeout_ms=30000)
+        c.close()
+    finally:
+        daemon.stop()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
+    assert a == b
+    assert set(a) == {"parent", "child"} and a["child"]["has_parent"]

@@ -1,0 +1,138 @@
+"""Unchanged MLflow code with MLFLOW_TRACKING_URI=armoryd://, each script in a fresh process,
+read back with MLflow's own client on the daemon's store."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+
+def run_mlflow(script: str, env_extra=None, expect_ok=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"MLFLOW_TRACKING_URI": "armoryd://", "MLFLOW_ALLOW_FILE_STORE": "true"}, **(env_extra or {}))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=120)
+    if expect_ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def store(daemon):
+    return MlflowClient(tracking_uri="file://" + str(daemon.store))
+
+
+def test_the_seeds_flow_through_the_fluent_api(daemon, tmp_path):
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "a.txt").write_text("A")
+    (tmp_path / "art" / "sub").mkdir()
+    (tmp_path / "art" / "sub" / "b.txt").write_text("B")
+    out = run_mlflow(f"""
+        import mlflow
+        mlflow.set_experiment("fluent")
+        with mlflow.start_run(run_name="parent", description="about") as parent:
+            mlflow.log_param("lr", 0.1)
+            mlflow.log_params({{"depth": 3, "opt": "sgd"}})
+            mlflow.set_tag("team", "red")
+            mlflow.set_tags({{"a": "1"}})
+            with mlflow.start_run(run_name="child", nested=True) as child:
+                mlflow.log_metric("loss", 0.5, step=1)
+                mlflow.log_metrics({{"acc": 0.9, "nan": float("nan"), "inf": float("inf")}}, step=2)
+                for i in range(20):
+                    mlflow.log_metric("async", i, step=i, synchronous=False)
+                mlflow.log_dict({{"value": 0.9}}, "metrics/accuracy.json")
+                mlflow.log_text("hi", "notes.txt")
+                mlflow.log_artifact("{tmp_path}/art/a.txt")
+                mlflow.log_artifacts("{tmp_path}/art", "exports")
+        with mlflow.start_run(run_id=child.info.run_id):
+            mlflow.log_metric("custom_metric", 42)
+        print(parent.info.run_id, child.info.run_id)
+    """)
+    parent_id, child_id = out.stdout.split()
+    c = store(daemon)
+    parent, child = c.get_run(parent_id), c.get_run(child_id)
+    assert parent.info.run_name == "parent" and parent.info.status == "FINISHED"
+    assert parent.data.params == {"lr": "0.1", "depth": "3", "opt": "sgd"}
+    assert parent.data.tags["team"] == "red" and parent.data.tags["mlflow.note.content"] == "about"
+    assert child.data.tags["mlflow.parentRunId"] == parent_id and child.info.run_name == "child"
+    assert child.data.metrics["loss"] == 0.5 and child.data.metrics["custom_metric"] == 42
+    assert math.isnan(child.data.metrics["nan"]) and child.data.metrics["inf"] == math.inf
+    assert [m.step for m in c.get_metric_history(child_id, "async")] == list(range(20))
+    assert child.info.status == "FINISHED"
+    paths = {a.path for a in c.list_artifacts(child_id)}
+    assert paths == {"metrics", "notes.txt", "a.txt", "exports"}
+    assert {a.path for a in c.list_artifacts(child_id, "exports")} == {"exports/a.txt", "exports/sub"}
+    assert json.load(open(c.download_artifacts(child_id, "metrics/accuracy.json", str(tmp_path)))) == {"value": 0.9}
+    assert open(c.download_artifacts(child_id, "exports/sub/b.txt", str(tmp_path))).read() == "B"
+
+
+def test_mlflow_client_and_log_batch_at_the_limits(daemon):
+    out = run_mlflow("""
+        import time
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param, RunTag
+        c = MlflowClient()
+        exp = c.create_experiment("client-api")
+        run = c.create_run(exp, run_name="limits")
+        now = int(time.time() * 1000)
+        c.log_batch(run.info.run_id,
+                    metrics=[Metric("m", float(i), now, i) for i in range(900)],
+                    params=[Param(f"p{i}", str(i)) for i in range(50)],
+                    tags=[RunTag(f"t{i}", str(i)) for i in range(50)])
+        c.log_metric(run.info.run_id, "single", 1.5)
+        c.set_terminated(run.info.run_id, "KILLED")
+        assert c.get_run(run.info.run_id).info.status == "KILLED"
+        assert len(c.get_metric_history(run.info.run_id, "m")) == 900
+        print(run.info.run_id)
+    """)
+    run = store(daemon).get_run(out.stdout.strip())
+    assert len(run.data.params) == 50 and run.data.tags["t49"] == "49" and run.info.status == "KILLED"
+
+
+def test_an_invalid_key_fails_at_once_and_a_changed_param_at_end_run(daemon):
+    out = run_mlflow("""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        mlflow.set_experiment("errors")
+        try:
+            with mlflow.start_run():
+                mlflow.log_metric("bad//key", 1)
+        except MlflowException as e:
+            print("invalid-key:", "bad//key" in str(e))
+        try:
+            with mlflow.start_run():
+                mlflow.log_param("lr", 0.1)
+                mlflow.log_param("lr", 0.2)
+        except MlflowException as e:
+            print("changed:", "PARAM_CHANGED" in str(e) and "'lr'" in str(e))
+    """)
+    assert "invalid-key: True" in out.stdout and "changed: True" in out.stdout
+
+
+def test_no_daemon_is_a_clear_error(tmp_path):
+    out = run_mlflow("""
+        import mlflow
+        mlflow.set_experiment("nobody")
+    """, env_extra={"ARMORY_SOCKET": str(tmp_path / "none.sock")}, expect_ok=False)
+    assert out.returncode != 0 and "No armoryd is listening" in out.stderr and "armoryd &" in out.stderr
+
+
+def test_importing_mlflow_with_the_plugin_installed_is_harmless():
+    out = subprocess.run([sys.executable, "-c", "import mlflow; from mlflow import MlflowClient; MlflowClient('armoryd://'); print('ok')"],
+                         capture_output=True, text=True, env={**os.environ, "ARMORY_SOCKET": "/nonexistent.sock"})
+    assert out.stdout.strip() == "ok", out.stderr  # built during import: it connects lazily
+
+
+def test_system_metrics_monitor_on_a_plugin_run(daemon):
+    pytest.importorskip("psutil", reason="MLflow's SystemMetricsMonitor needs psutil")
+    out = run_mlflow("""
+        import time, mlflow
+        mlflow.set_experiment("sysmetrics")
+        with mlflow.start_run(log_system_metrics=True) as run:
+            time.sleep(12)
+        print(run.info.run_id)
+    """, env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
+    metrics = store(daemon).get_run(out.stdout.strip()).data.metrics
+    assert any(k.startswith("system/") for k in metrics), metrics
