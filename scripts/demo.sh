@@ -39,6 +39,9 @@ echo
 echo "demo: running the same evaluation written in Python with armory_track (clients/python/examples)"
 .venv/bin/python clients/python/examples/armory_example.py
 echo
+echo "demo: resuming a run with unchanged MLflow code through armoryd (MLFLOW_TRACKING_URI=armoryd://)"
+MLFLOW_TRACKING_URI=armoryd:// .venv/bin/python clients/python/examples/mlflow_resume.py
+echo
 "$BIN/armoryctl" status || true
 
 store=$("$BIN/armoryctl" status --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["destination"])')

@@ -136,3 +136,13 @@ def test_system_metrics_monitor_on_a_plugin_run(daemon):
     """, env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
     metrics = store(daemon).get_run(out.stdout.strip()).data.metrics
     assert any(k.startswith("system/") for k in metrics), metrics
+
+
+def test_the_resume_example(daemon):
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "mlflow_resume.py")
+    out = run_mlflow(open(example).read().replace('if __name__ == "__main__":', "if True:"))
+    run_id = out.stdout.split()[2].rstrip(":")
+    c = store(daemon)
+    assert c.get_run(run_id).data.metrics == {"accuracy": 0.91, "custom_metric": 42.0}
+    assert [a.path for a in c.list_artifacts(run_id)] == ["report.txt"]
+    assert c.get_run(run_id).info.status == "FINISHED"
