@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := .build/debug
 
-.PHONY: all bootstrap build demo test test-swift test-python bench clean
+.PHONY: all bootstrap build demo test test-swift test-python test-compat bench clean
 
 all: build
 
@@ -29,6 +29,11 @@ test-swift:
 test-python:
 	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python
 	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q clients/python/tests
+
+# Unmodified MLflow-using libraries (Lightning's MLFlowLogger) through armoryd://: torch is large,
+# so this is not part of `make test`.
+test-compat: build
+	@bash scripts/compat.sh
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap

@@ -21,4 +21,5 @@ home="$work/python-daemon"; mkdir -p "$home"
 daemon=$!
 for _ in $(seq 1 100); do [ -S "$home/d.sock" ] && break; sleep 0.05; done
 .venv/bin/python Benchmarks/python_client_bench.py "$home/d.sock" "http://127.0.0.1:$port" Benchmarks/results/python-latest.json
+.venv/bin/python Benchmarks/mlflow_plugin_bench.py "$home/d.sock" "http://127.0.0.1:$port" Benchmarks/results/mlflow-plugin-latest.json
 kill "$daemon"; wait "$daemon" 2>/dev/null || true

@@ -136,6 +136,48 @@ def attach(run_id: str) -> Run:
     return Run(connection().request("attach", run_id=run_id))
 
 
+class _RunLifecycle:
+    """Start, end and run-as-a-context for an evaluation's parent run or a chain's nested run."""
+
+    _run: Optional[Run]
+
+    def _target(self) -> Dict[str, int]:
+        raise NotImplementedError
+
+    def _run_context_value(self, run: Run) -> Any:
+        return run
+
+    @property
+    def run_id(self) -> str:
+        """MLflow's run id (starting the run if needed; waits up to 10 s for a server)."""
+        return self.start().run_id
+
+    def start(self) -> Run:
+        """Starts the run (a chain starts its evaluation's parent run too)."""
+        if self._run is None:
+            self._run = Run(connection().request("start", **self._target()))
+        return self._run
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Ends the run (an evaluation also ends its chains still open); a sync point that raises
+        refusals of earlier calls."""
+        assert status in _STATUS, f"status must be one of {sorted(_STATUS)}"
+        self.start()
+        connection().request("end", status=status, **self._target())
+        _sync_point()
+
+    @contextmanager
+    def run(self):
+        """Runs it: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C."""
+        run = self.start()
+        try:
+            yield self._run_context_value(run)
+        except BaseException as e:
+            self.end(_status_for(e))
+            raise
+        self.end("FINISHED")
+
+
 class _Components:
     """use_*/add_* for evaluations (defaults) and chains."""
 
@@ -166,7 +208,7 @@ class _Components:
         self._use("exporters", self.exporters)
 
 
-class Chain(Trackable, _Components):
+class Chain(Trackable, _Components, _RunLifecycle):
     """One evaluation chain, run as a nested MLflow run. Logging starts it if needed."""
 
     def __init__(self, name: str, evaluation: "Evaluation"):
@@ -201,33 +243,8 @@ class Chain(Trackable, _Components):
         """The params the nested run gets: the chain's own, then its components' (later wins)."""
         return self.tracked_params
 
-    @property
-    def run_id(self) -> str:
-        return self.start().run_id
-
-    def start(self) -> Run:
-        """Starts the nested run (and the evaluation's parent run, if needed)."""
-        if self._run is None:
-            self._run = Run(connection().request("start", chain=self._armory_id))
-        return self._run
-
-    def end(self, status: str = "FINISHED") -> None:
-        """Ends the nested run; a sync point that raises refusals of earlier calls."""
-        assert status in _STATUS, f"status must be one of {sorted(_STATUS)}"
-        self.start()
-        connection().request("end", chain=self._armory_id, status=status)
-        _sync_point()
-
-    @contextmanager
-    def run(self):
-        """Runs the chain: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C."""
-        run = self.start()
-        try:
-            yield run
-        except BaseException as e:
-            self.end(_status_for(e))
-            raise
-        self.end("FINISHED")
+    def _target(self) -> Dict[str, int]:
+        return {"chain": self._armory_id}
 
     def log_metric(self, key: str, value: float, step: Optional[int] = None, timestamp: Optional[int] = None) -> None:
         (self._run or self.start()).log_metric(key, value, step, timestamp)
@@ -254,7 +271,7 @@ class Chain(Trackable, _Components):
         return self.start().log_text(text, artifact_file)
 
 
-class Evaluation(_Components):
+class Evaluation(_Components, _RunLifecycle):
     """An Armory evaluation: the MLflow experiment `name`, a parent run, a nested run per chain."""
 
     def __init__(self, name: str, description: Optional[str] = None, author: Optional[str] = None):
@@ -285,37 +302,15 @@ class Evaluation(_Components):
             yield chain
         self.chains[name] = chain
 
-    @property
-    def run_id(self) -> str:
-        return self.start().run_id
+    def _target(self) -> Dict[str, int]:
+        return {"evaluation": self._id}
 
-    def start(self) -> Run:
-        """Starts the parent run with the global params of this moment (a chain start does too)."""
-        if self._run is None:
-            self._run = Run(connection().request("start", evaluation=self._id))
-        return self._run
-
-    def end(self, status: str = "FINISHED") -> None:
-        """Ends the parent run and every chain still open with `status`; a sync point."""
-        assert status in _STATUS, f"status must be one of {sorted(_STATUS)}"
-        self.start()
-        connection().request("end", evaluation=self._id, status=status)
-        _sync_point()
+    def _run_context_value(self, run: Run) -> Any:
+        return self
 
     def wait_uploaded(self, timeout: float) -> Dict[str, Any]:
         """Waits until everything recorded so far is confirmed by the store (bounded)."""
         return connection().flush("uploaded", timeout=timeout)
-
-    @contextmanager
-    def run(self):
-        """Runs the evaluation: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C."""
-        self.start()
-        try:
-            yield self
-        except BaseException as e:
-            self.end(_status_for(e))
-            raise
-        self.end("FINISHED")
 
     def __enter__(self) -> "Evaluation":
         self.start()
