@@ -12,6 +12,7 @@ destination, after the run's pending records are uploaded (read-your-writes, bou
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -186,6 +187,8 @@ class ArmorydTrackingStore(AbstractStore):
         return self.get_run(run_id).info
 
     def log_batch(self, run_id, metrics, params, tags):
+        if len(metrics) == 1 and not params and not tags:
+            return self._log_one_metric(run_id, metrics[0])
         _validate_batch_log_data(metrics, params, tags)
         handle = _Plugin.handle(run_id)
         fields: Dict[str, Any] = {"run": handle}
@@ -205,6 +208,21 @@ class ArmorydTrackingStore(AbstractStore):
                     state["params"].setdefault(p.key, str(p.value))
                 for t in tags:
                     state["tags"][t.key] = str(t.value)
+
+    _valid_keys: set = set()
+
+    def _log_one_metric(self, run_id, m) -> None:
+        """The hot path (`log_metric`): MLflow's validation once per key, the frame built directly."""
+        if m.key not in self._valid_keys or not isinstance(m.value, (int, float)) or isinstance(m.value, bool) \
+                or not isinstance(m.timestamp, int) or m.timestamp < 0:
+            _validate_batch_log_data([m], [], [])
+            self._valid_keys.add(m.key)
+        handle = _Plugin.handles.get(run_id) or _Plugin.handle(run_id)
+        body = f'{{"op":"log","run":"{handle}","metrics":[[{json.dumps(m.key)},{_json_number(m.value)},{int(m.step or 0)},{m.timestamp}]],"seq":'
+        _Plugin.connection().send_raw(lambda seq: (body + str(seq) + "}").encode())
+        state = _Plugin.runs.get(run_id)
+        if state is not None:
+            state["metrics"][m.key] = (m.value, m.timestamp, m.step)
 
     def flush_async_logging(self):
         super().flush_async_logging()
@@ -257,6 +275,15 @@ def _sync(level: str = "durable") -> None:
         _Plugin.connection().flush(level)
     except _connection.ArmoryError as e:
         raise MlflowException(f"armoryd refused earlier writes: {e}", INVALID_PARAMETER_VALUE) from None
+
+
+def _json_number(value: float) -> str:
+    v = float(value)
+    if v != v:
+        return '"NaN"'
+    if v in (math.inf, -math.inf):
+        return '"Infinity"' if v > 0 else '"-Infinity"'
+    return repr(v)
 
 
 def _number(value: float):
