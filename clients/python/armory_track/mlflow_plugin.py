@@ -50,13 +50,20 @@ class _Plugin:
 
     lock = threading.RLock()
     handles: Dict[str, str] = {}
+    handles_connection = None  # handles are a connection's: a new daemon (restart) attaches again
     runs: Dict[str, Dict[str, Any]] = {}
     backing = None
     backing_destination = None
 
     @classmethod
     def connection(cls):
-        return _connection.connection()
+        c = _connection.connection()
+        if c is not cls.handles_connection:
+            with cls.lock:
+                if c is not cls.handles_connection:
+                    cls.handles = {}
+                    cls.handles_connection = c
+        return c
 
     @classmethod
     def backing_store(cls):
@@ -75,11 +82,12 @@ class _Plugin:
 
     @classmethod
     def handle(cls, run_id: str) -> str:
-        """The daemon's handle of a run; a run this process did not create is attached first."""
+        """The daemon's handle of a run; a run this connection did not create is attached first."""
+        connection = cls.connection()
         with cls.lock:
             handle = cls.handles.get(run_id)
         if handle is None:
-            reply = cls.connection().request("attach", run_id=run_id)
+            reply = connection.request("attach", run_id=run_id)
             with cls.lock:
                 handle = cls.handles.setdefault(run_id, reply["handle"])
         return handle
@@ -217,9 +225,10 @@ class ArmorydTrackingStore(AbstractStore):
                 or not isinstance(m.timestamp, int) or m.timestamp < 0:
             _validate_batch_log_data([m], [], [])
             self._valid_keys.add(m.key)
+        connection = _Plugin.connection()
         handle = _Plugin.handles.get(run_id) or _Plugin.handle(run_id)
         body = f'{{"op":"log","run":"{handle}","metrics":[[{json.dumps(m.key)},{_json_number(m.value)},{int(m.step or 0)},{m.timestamp}]],"seq":'
-        _Plugin.connection().send_raw(lambda seq: (body + str(seq) + "}").encode())
+        connection.send_raw(lambda seq: (body + str(seq) + "}").encode())
         state = _Plugin.runs.get(run_id)
         if state is not None:
             state["metrics"][m.key] = (m.value, m.timestamp, m.step)

@@ -10,6 +10,8 @@ import textwrap
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import BIN
+
 
 def run_mlflow(script: str, env_extra=None, expect_ok=True):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -186,3 +188,66 @@ def test_lightning_mlflow_logger_unmodified(daemon):
     assert run.data.params["lr"] == "0.1" and run.data.params["hidden"] == "4"
     assert len(c.get_metric_history(run_id, "train_loss_step")) == 24  # 3 epochs × 8 steps
     assert len(c.get_metric_history(run_id, "epoch")) > 0
+
+
+def test_writes_resume_after_the_daemon_restarts(daemon, tmp_path):
+    """Daemon killed mid-run: while it is down, calls fail clearly; once restarted, the same
+    process's writes resume on the same run. (What was acknowledged but not yet written is the
+    journal's job: issue #5.)"""
+    script = tmp_path / "resume.py"
+    marker = tmp_path / "killed"
+    script.write_text(textwrap.dedent(f"""
+        import os, time, mlflow
+        mlflow.set_experiment("restart")
+        run = mlflow.start_run()
+        mlflow.log_metric("before", 1.0)
+        mlflow.flush_async_logging()  # a durable sync point
+        from armory_track import flush
+        flush("uploaded")
+        print(run.info.run_id, flush=True)
+        while not os.path.exists("{marker}"):
+            time.sleep(0.05)
+        try:
+            mlflow.log_metric("during", 1.0)
+            print("no error while down")
+        except ConnectionError as e:
+            print("down:", "No armoryd is listening" in str(e), flush=True)
+        open("{marker}.ack", "w").close()
+        while not os.path.exists("{marker}.up"):
+            time.sleep(0.05)
+        mlflow.log_metric("after", 2.0)
+        mlflow.end_run()
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI="armoryd://", MLFLOW_ALLOW_FILE_STORE="true")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    daemon.proc.kill()
+    daemon.proc.wait()
+    os.unlink(daemon.socket) if os.path.exists(daemon.socket) else None
+    marker.touch()
+    import time
+
+    deadline = time.time() + 30
+    while not os.path.exists(str(marker) + ".ack"):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    restarted = subprocess.Popen([str(BIN / "armoryd"), "--socket", daemon.socket, "--home", str(daemon.home)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(daemon.socket):
+            time.sleep(0.05)
+        open(str(marker) + ".up", "w").close()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert "down: True" in out
+        c = MlflowClient(tracking_uri="file://" + str(daemon.store))
+        deadline = time.time() + 10
+        while c.get_run(run_id).info.status != "FINISHED" and time.time() < deadline:
+            time.sleep(0.1)
+        run = c.get_run(run_id)
+        assert run.data.metrics == {"before": 1.0, "after": 2.0} and run.info.status == "FINISHED"
+    finally:
+        restarted.terminate()
+        restarted.wait()
+        daemon.proc = restarted
