@@ -167,6 +167,11 @@ public final class Connection: @unchecked Sendable {
         return try waitForReply(seq: seq, timeout: timeout, what: op.name)
     }
 
+    /// The daemon's status (what `armoryctl status --json` prints).
+    public func status(timeout: Double = 10) throws(ArmoryError) -> JSONObject {
+        try request(.status, timeout: timeout)
+    }
+
     private func waitForReply(seq: UInt64, timeout: Double, what: String) throws(ArmoryError) -> JSONObject {
         condition.lock()
         defer { condition.unlock() }

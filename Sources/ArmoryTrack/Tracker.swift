@@ -112,7 +112,7 @@ public final class Tracker: Sendable {
 
     /// The daemon's status (what `armoryctl status --json` prints).
     public func status() throws(ArmoryError) -> JSONObject {
-        try connection.request(.status)
+        try connection.status()
     }
 
     /// The sync point at the end of a chain or evaluation: durable, or uploaded when

@@ -45,7 +45,7 @@ extension ArmoryCtl {
         func run() throws {
             let connection = try options.connect()
             let status: JSONObject
-            do { status = try connection.request(.status, timeout: 10) } catch {
+            do { status = try connection.status() } catch {
                 FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
                 throw ExitCode(3)
             }

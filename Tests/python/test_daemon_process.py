@@ -54,3 +54,13 @@ def test_example_without_a_daemon_fails_clearly(tmp_path):
     out = subprocess.run([str(BIN / "armory-example")], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 3
     assert str(tmp_path / "none.sock") in out.stderr and "armoryd &" in out.stderr
+
+
+def test_armoryctl_answers_every_time(daemon):
+    """Regression: a Swift 6.3.1 miscompile once turned armoryctl's `.status` request into another
+    op in about 1 process in 10; armoryctl now asks through `Connection.status()`."""
+    env = daemon.env()
+    failures = [subprocess.run([str(BIN / "armoryctl"), "status", "--json"], env=env, capture_output=True, text=True, timeout=30)
+                for _ in range(60)]
+    bad = [f.stderr for f in failures if f.returncode != 0]
+    assert not bad, bad[:3]
