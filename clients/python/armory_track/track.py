@@ -48,25 +48,23 @@ def reset_params() -> None:
 
 
 @contextmanager
+def _context(nested: bool, trackables: bool):
+    c = connection()
+    c.send("push_context", nested=nested, trackables=trackables)
+    try:
+        yield
+    finally:
+        c.send("pop_context")
+
+
 def tracking_context(nested: bool = False):
     """A scoped tracking context (`nested=True`: starting from a copy of the current one)."""
-    c = connection()
-    c.send("push_context", nested=nested, trackables=False)
-    try:
-        yield
-    finally:
-        c.send("pop_context")
+    return _context(nested, trackables=False)
 
 
-@contextmanager
 def trackable_context(nested: bool = False):
     """A tracking context whose params go to the Trackables created inside it, when it ends."""
-    c = connection()
-    c.send("push_context", nested=nested, trackables=True)
-    try:
-        yield
-    finally:
-        c.send("pop_context")
+    return _context(nested, trackables=True)
 
 
 def _record_call(func: Callable, prefix: str, ignore: Optional[Sequence[str]], kwargs: Mapping[str, Any]) -> None:
