@@ -79,10 +79,11 @@ public final class Connection: @unchecked Sendable {
         self.socketPath = path
         startThreads()
         let absoluteProgram = program.hasPrefix("/") || program.isEmpty ? program : FileManager.default.currentDirectoryPath + "/" + program
-        // The process's own MLflow destination and credentials: the daemon writes this process's
-        // runs there (kept in its memory only); none, or `armoryd:`, means the daemon's own.
+        // The process's own MLflow destination and credentials (`ARMORY_TRACKING_URI`, else
+        // `MLFLOW_TRACKING_URI`): the daemon writes this process's runs there, keeping them in
+        // memory only; none, or `armoryd:`, means the daemon's own.
         let hello = Hello(client: client, clientVersion: ArmoryTrackVersion.current, program: absoluteProgram,
-                          trackingURI: environment["MLFLOW_TRACKING_URI"].flatMap { $0.isEmpty ? nil : $0 },
+                          trackingURI: [environment["ARMORY_TRACKING_URI"], environment["MLFLOW_TRACKING_URI"]].compactMap { $0 }.first { !$0.isEmpty },
                           credentials: MLflowCredentials.resolve(environment: environment))
         let body = try request(.hello(hello), timeout: 10)
         guard let reply = HelloReply(json: body) else { throw .protocolViolation("armoryd sent an unreadable hello reply.") }

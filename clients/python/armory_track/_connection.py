@@ -112,7 +112,9 @@ class Connection:
         environ = os.environ
         hello = {"protocol": PROTOCOL, "client": "armory_track", "client_version": CLIENT_VERSION,
                  "program": os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""}
-        uri = environ.get("MLFLOW_TRACKING_URI")
+        # Where this process's runs go: ARMORY_TRACKING_URI (for processes whose MLFLOW_TRACKING_URI
+        # is armoryd://), else MLFLOW_TRACKING_URI; none, or armoryd:, is the daemon's own.
+        uri = environ.get("ARMORY_TRACKING_URI") or environ.get("MLFLOW_TRACKING_URI")
         if uri:
             hello["tracking_uri"] = uri
             credentials = _mlflow_credentials(environ)

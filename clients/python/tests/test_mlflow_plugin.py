@@ -251,3 +251,17 @@ def test_writes_resume_after_the_daemon_restarts(daemon, tmp_path):
         restarted.terminate()
         restarted.wait()
         daemon.proc = restarted
+
+
+def test_a_process_on_armoryd_can_name_its_own_destination(daemon, tmp_path):
+    other = tmp_path / "own-store"
+    out = run_mlflow("""
+        import mlflow
+        mlflow.set_experiment("own-destination")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("m", 1.0)
+        print(run.info.run_id)
+    """, env_extra={"ARMORY_TRACKING_URI": "file://" + str(other)})
+    run_id = out.stdout.strip()
+    assert MlflowClient(tracking_uri="file://" + str(other)).get_run(run_id).data.metrics == {"m": 1.0}
+    assert not list(daemon.store.rglob(run_id))
