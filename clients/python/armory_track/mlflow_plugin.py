@@ -217,17 +217,21 @@ class ArmorydTrackingStore(AbstractStore):
                 for t in tags:
                     state["tags"][t.key] = str(t.value)
 
-    _valid_keys: set = set()
+    _key_json: Dict[str, str] = {}  # metric keys already validated, with their JSON text
+    _heads: Dict[tuple, str] = {}  # (connection, run) → '{"op":"log","run":"<handle>","metrics":[['
 
     def _log_one_metric(self, run_id, m) -> None:
         """The hot path (`log_metric`): MLflow's validation once per key, the frame built directly."""
-        if m.key not in self._valid_keys or not isinstance(m.value, (int, float)) or isinstance(m.value, bool) \
+        key = self._key_json.get(m.key)
+        if key is None or not isinstance(m.value, (int, float)) or isinstance(m.value, bool) \
                 or not isinstance(m.timestamp, int) or m.timestamp < 0:
             _validate_batch_log_data([m], [], [])
-            self._valid_keys.add(m.key)
+            key = self._key_json[m.key] = json.dumps(m.key)
         connection = _Plugin.connection()
-        handle = _Plugin.handles.get(run_id) or _Plugin.handle(run_id)
-        body = f'{{"op":"log","run":"{handle}","metrics":[[{json.dumps(m.key)},{_json_number(m.value)},{int(m.step or 0)},{m.timestamp}]],"seq":'
+        head = self._heads.get((connection, run_id))
+        if head is None:
+            head = self._heads[(connection, run_id)] = '{"op":"log","run":' + json.dumps(_Plugin.handle(run_id)) + ',"metrics":[['
+        body = f"{head}{key},{_json_number(m.value)},{int(m.step or 0)},{m.timestamp}]],\"seq\":"
         connection.send_raw(lambda seq: (body + str(seq) + "}").encode())
         state = _Plugin.runs.get(run_id)
         if state is not None:
