@@ -51,6 +51,15 @@ public final class Session {
     private var artifacts: [Int64: OpenArtifact] = [:]
     private var nextArtifactID: Int64 = 1
     private lazy var userName = DaemonServices.userName(uid: peer.uid)
+    /// Metrics accepted since the handler last reported them (one statistics update per read burst).
+    private var acceptedMetrics: UInt64 = 0
+
+    /// Metrics accepted since the last call.
+    public func takeAcceptedMetrics() -> UInt64 {
+        defer { acceptedMetrics = 0 }
+        return acceptedMetrics
+    }
+
     /// Metric keys already found valid on this connection (most runs log a handful of keys).
     private var validMetricKeys = Set<String>()
     /// Set when the uploader passed its high-water mark: the connection should stop reading.
@@ -449,7 +458,7 @@ public final class Session {
                 rejected += 1
             }
         }
-        let candidates = try? services.registry.update(handle) { (entry: inout RunEntry) throws(ProtocolError) -> (StringMap, [ProtocolError]) in
+        let candidates = batch.params.isEmpty ? nil : try? services.registry.update(handle) { (entry: inout RunEntry) throws(ProtocolError) -> (StringMap, [ProtocolError]) in
             var accepted = StringMap()
             var errors: [ProtocolError] = []
             for (key, value) in batch.params {
@@ -476,7 +485,7 @@ public final class Session {
             if let e = errors.first { firstError = firstError ?? e }
             rejected += errors.count
         }
-        services.statistics.count(frames: 0, metrics: UInt64(valid.metrics.count), errors: 0)
+        acceptedMetrics &+= UInt64(valid.metrics.count)
         if !valid.isEmpty {
             if valid.params.isEmpty && valid.tags.isEmpty {
                 enqueue(run.handle, .log(valid), to: run.destination)

@@ -29,9 +29,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
         let payload = unwrapInboundIn(data)
         framesSinceFlush += 1
         let bytes = Array(payload.readableBytesView)
+        let now = DaemonServices.nowMs()
         let frame: ClientFrame
         do {
-            frame = try ClientFrame.decode(payload: bytes, receivedAtMs: DaemonServices.nowMs(), maxDepth: services.limits.maxDepth)
+            frame = try ClientFrame.decode(payload: bytes, receivedAtMs: now, maxDepth: services.limits.maxDepth)
         } catch {
             var error = error
             // Name the frame if its seq can be read at all.
@@ -41,7 +42,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
             send(.error(error), context: context)
             return
         }
-        switch session.handle(frame, nowMs: DaemonServices.nowMs()) {
+        switch session.handle(frame, nowMs: now) {
         case .none:
             break
         case .reply(let body):
@@ -93,7 +94,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
             ackedSeq = seq
             send(.ack(upto: seq), context: context)
         }
-        services.statistics.count(frames: UInt64(framesSinceFlush), metrics: 0, errors: UInt64(errorsSinceFlush))
+        services.statistics.count(frames: UInt64(framesSinceFlush), metrics: session.takeAcceptedMetrics(), errors: UInt64(errorsSinceFlush))
         framesSinceFlush = 0
         errorsSinceFlush = 0
         context.flush()
