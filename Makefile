@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := .build/debug
 
-.PHONY: all bootstrap build demo test test-swift test-python test-compat bench clean
+.PHONY: all bootstrap build demo test test-swift test-python test-compat bench fuzz clean
 
 all: build
 
@@ -34,6 +34,11 @@ test-python:
 # so this is not part of `make test`.
 test-compat: build
 	@bash scripts/compat.sh
+
+# libFuzzer targets (frame decoders, message decoder, journal scan): FUZZ_SECONDS per target
+# (default 60), then the corpus replayed under AddressSanitizer.
+fuzz: bootstrap
+	@bash scripts/fuzz.sh
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap

@@ -99,3 +99,17 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// libFuzzer targets, built only for `make fuzz` (ARMORY_FUZZ=1 swift build --sanitize=fuzzer):
+// they have no `main` of their own, libFuzzer provides it.
+if Context.environment["ARMORY_FUZZ"] == "1" {
+    let fuzzFlags: [SwiftSetting] = [.unsafeFlags(["-parse-as-library"])]
+    package.targets += [
+        .executableTarget(
+            name: "fuzz-frames",
+            dependencies: ["ArmoryDaemon", "ArmoryProtocol", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")],
+            path: "Fuzz/fuzz-frames", swiftSettings: fuzzFlags),
+        .executableTarget(name: "fuzz-messages", dependencies: ["ArmoryProtocol"], path: "Fuzz/fuzz-messages", swiftSettings: fuzzFlags),
+        .executableTarget(name: "fuzz-journal", dependencies: ["ArmoryDaemon"], path: "Fuzz/fuzz-journal", swiftSettings: fuzzFlags),
+    ]
+}

@@ -19,16 +19,19 @@ public struct DaemonConfiguration: Sendable {
     public var storeRoot: String
     /// Daemon-owned state (spool; the journal later): `$ARMORY_HOME/state`.
     public var stateDirectory: String
-    /// Mode of the socket file: 0600 for a user's daemon.
+    /// Mode of the socket file: 0600 for a user's daemon, 0660 (group `armory`) for the system unit.
     public var socketMode: mode_t = 0o600
+    /// Connections served at once; one more is told so and closed.
+    public var maxConnections = 1024
     public var limits: ProtocolLimits = .default
     /// How long runs of a vanished client wait for a reattach before they end FAILED.
     public var orphanGraceSeconds: Double = 60
     /// How long SIGTERM waits for queued records to reach the sink.
     public var shutdownDrainSeconds: Double = 30
     public var eventLoopThreads: Int = max(1, min(4, System.coreCount))
-    /// Queued records past which connections stop reading until the sink catches up.
-    public var uploaderHighWater: Int = 200_000
+    /// What uploaders hold in memory, and the journal size past which connections stop reading
+    /// until the sink catches up.
+    public var bounds = Uploader.Bounds()
     /// An MLflow server to write to instead of the local store (the daemon's `MLFLOW_TRACKING_URI`).
     public var server: MLflowDestination?
     /// Sink calls in flight at once (REST).
@@ -37,6 +40,8 @@ public struct DaemonConfiguration: Sendable {
     public var flushInterval: Double = 1
     /// Per-request timeout (REST).
     public var requestTimeout: Double = 30
+    /// How the journal under `stateDirectory/journal` commits (group-commit interval, fsync).
+    public var journal = Journal.Options()
 
     public init(socketPath: String, storeRoot: String, stateDirectory: String) {
         self.socketPath = socketPath
@@ -66,6 +71,7 @@ public final class Daemon: Service {
     private let logger: Logger
     private let children = Mutex<[ObjectIdentifier: Channel]>([:])
     private let nextConnection = Atomic<UInt64>(1)
+    private let openConnections = Atomic<Int>(0)
     private let readiness: (@Sendable (String) -> Void)?
 
     /// `onReady` is called once the socket accepts connections.
@@ -83,10 +89,6 @@ public final class Daemon: Service {
                 throw DaemonStartError.store("Cannot create \(dir): \(error.localizedDescription). Set ARMORY_HOME to a writable directory.")
             }
         }
-        // Half-received artifacts of a previous life cannot be completed: their clients got no answer.
-        for leftover in (try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? [] {
-            try? FileManager.default.removeItem(atPath: spool + "/" + leftover)
-        }
         let sink: any RecordSink
         do {
             if let server = config.server {
@@ -99,19 +101,40 @@ public final class Daemon: Service {
         }
         try prepareSocketPath(config.socketPath)
 
-        let uploader = Uploader(sink: sink, highWater: config.uploaderHighWater, flushInterval: config.server == nil ? 0 : config.flushInterval)
-        uploader.start()
-        let destinations = Destinations(primary: uploader, primaryServer: config.server, settings: .init(
-            highWater: config.uploaderHighWater, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
-            requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment)))
-        let services = DaemonServices(destinations: destinations, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
+        let registry = RunRegistry()
+        let restored = Mutex<[String]>([])
+        let destinations: Destinations
+        do {
+            destinations = try Destinations(primarySink: sink, primaryServer: config.server, settings: .init(
+                bounds: config.bounds, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
+                requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
+                journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
+                daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry) { handles in
+                restored.withLock { $0.append(contentsOf: handles) }
+            }
+        } catch {
+            try? await group.shutdownGracefully()
+            throw DaemonStartError.store(error.message)
+        }
+        let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
+        removeUnreferencedSpoolFiles(spool, destinations: destinations)
+        let recovery = destinations.recoveryReport
+        if recovery.records > 0 || recovery.runs > 0 || recovery.corruptRecords > 0 || recovery.truncatedBytes > 0 {
+            logger.notice("journal replayed", metadata: [
+                "records": "\(recovery.records)", "runs": "\(recovery.runs)", "bytes": "\(recovery.bytes)",
+                "corrupt_records": "\(recovery.corruptRecords)", "truncated_bytes": "\(recovery.truncatedBytes)",
+                "seconds": "\(String(format: "%.3f", recovery.seconds))",
+            ])
+        }
+        for error in recovery.errors { logger.error("journal could not be replayed", metadata: ["error": "\(error)"]) }
+        scheduleOrphanCheck(restored.withLock { $0 }, services: services, on: group.next())
 
         let server: Channel
         do {
             server = try await bind(group: group, services: services)
         } catch {
-            _ = await uploader.shutdown(timeout: 1)
+            _ = await destinations.shutdown(timeout: 1)
             try? await group.shutdownGracefully()
             throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(error)")
         }
@@ -140,8 +163,17 @@ public final class Daemon: Service {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            // Replies a client does not read stop its reads instead of piling up in memory.
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: 256 << 10, high: 1 << 20))
             .childChannelInitializer { [self] channel in
                 let connection = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
+                let open = openConnections.wrappingAdd(1, ordering: .relaxed).newValue
+                channel.closeFuture.whenComplete { _ in self.openConnections.wrappingSubtract(1, ordering: .relaxed) }
+                if open > config.maxConnections {
+                    logger.warning("connection refused: too many connections", metadata: ["limit": "\(config.maxConnections)"])
+                    let error = ProtocolError(.tooManyConnections, "armoryd already serves \(config.maxConnections) connections (--max-connections); close idle clients or raise the limit.")
+                    return channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(RefusingHandler(error: error)) }
+                }
                 guard let provider = channel as? SocketOptionProvider else {
                     return channel.eventLoop.makeFailedFuture(DaemonStartError.socket("no socket options on channel"))
                 }
@@ -171,6 +203,15 @@ public final class Daemon: Service {
         let oldMask = umask(0o177)
         defer { umask(oldMask) }
         return try await bootstrap.bind(unixDomainSocketPath: config.socketPath).get()
+    }
+
+    /// Half-received artifacts of a previous life cannot be completed (their clients got no
+    /// answer); finished ones the journal still names are kept for upload.
+    private func removeUnreferencedSpoolFiles(_ spool: String, destinations: Destinations) {
+        let kept = destinations.recoveryReport.spoolFiles
+        for leftover in (try? FileManager.default.contentsOfDirectory(atPath: spool)) ?? [] where !kept.contains(spool + "/" + leftover) {
+            try? FileManager.default.removeItem(atPath: spool + "/" + leftover)
+        }
     }
 
     /// After the grace period, runs of a vanished client that nobody reattached end FAILED.
@@ -239,4 +280,25 @@ struct LinuxPeerCredentials: Sendable {
     var pid: Int32 = 0
     var uid: UInt32 = 0
     var gid: UInt32 = 0
+}
+
+/// Answers a connection the daemon cannot serve with one error frame, then closes it.
+final class RefusingHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let error: ProtocolError
+
+    init(error: ProtocolError) { self.error = error }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let bytes = DaemonMessage.error(error).encoded
+        var buffer = context.channel.allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}  // nothing it sends is read
 }

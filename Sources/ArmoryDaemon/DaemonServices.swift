@@ -22,7 +22,7 @@ public final class DaemonServices: Sendable {
     public let socketPath: String
     public let statistics = DaemonStatistics()
 
-    public init(registry: RunRegistry = RunRegistry(), destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
+    public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
         self.registry = registry
         self.destinations = destinations
         self.limits = limits
@@ -32,7 +32,8 @@ public final class DaemonServices: Sendable {
     }
 
     public convenience init(uploader: Uploader, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
-        self.init(destinations: Destinations(primary: uploader), limits: limits, spoolDirectory: spoolDirectory, socketPath: socketPath)
+        let registry = RunRegistry()
+        self.init(registry: registry, destinations: Destinations(primary: uploader, registry: registry), limits: limits, spoolDirectory: spoolDirectory, socketPath: socketPath)
     }
 
     /// The user name of a uid (for `mlflow.user`), or the number when it has none.

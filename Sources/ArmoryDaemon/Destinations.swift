@@ -8,36 +8,210 @@ import Synchronization
 
 /// Every destination the daemon writes to: its own (the primary uploader), and the MLflow servers
 /// or stores that evaluations name in `hello` (their process's `MLFLOW_TRACKING_URI` and
-/// credentials), each with an uploader of its own, created on first use and kept in memory only.
+/// credentials), each with an uploader and a journal of its own, created on first use.
+///
+/// A destination's journal lives in its own directory under the journal root, with a
+/// `destination` file naming the URI (never credentials) and where its credentials come from.
+/// At start every journal is replayed: the daemon's own destinations resume at once; one whose
+/// credentials came from a client waits (`needs-credentials`) until a client of the same uid
+/// names that server again.
 public final class Destinations: Sendable {
     /// How to make the uploader of a destination an evaluation names.
     public struct Settings: Sendable {
-        public var highWater: Int
+        public var bounds: Uploader.Bounds
         public var uploadConcurrency: Int
         public var flushInterval: Double
         public var requestTimeout: Double
         /// TLS settings of the daemon (a client's certificate paths are its own files).
         public var tls: MLflowTLSSettings
+        /// Where journals live (`nil`: no journal, records are in memory only).
+        public var journalRoot: String?
+        public var journalOptions: Journal.Options
+        /// The daemon's own MLflow credentials (for journals of its destinations after a restart).
+        public var daemonCredentials: MLflowCredentials
 
-        public init(highWater: Int = 200_000, uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init()) {
-            self.highWater = highWater
+        public init(bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
+                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), daemonCredentials: MLflowCredentials = .init()) {
+            self.bounds = bounds
             self.uploadConcurrency = uploadConcurrency
             self.flushInterval = flushInterval
             self.requestTimeout = requestTimeout
             self.tls = tls
+            self.journalRoot = journalRoot
+            self.journalOptions = journalOptions
+            self.daemonCredentials = daemonCredentials
         }
+    }
+
+    /// What a journal directory's `destination` file says.
+    struct JournalIdentity: Equatable {
+        /// Where the journal's records go, without user info.
+        var uri: String
+        /// `none`, `daemon` (its own configuration) or `client` (sent over the socket, not kept).
+        var credentials: String
+        var uid: UInt32
+
+        var json: JSONObject { ["uri": .string(uri), "credentials": .string(credentials), "uid": .int(Int64(uid))] }
+
+        init(uri: String, credentials: String, uid: UInt32) {
+            self.uri = uri
+            self.credentials = credentials
+            self.uid = uid
+        }
+
+        init?(file: String) {
+            guard let bytes = FileManager.default.contents(atPath: file), case .object(let o)? = try? JSONParser.parse(Array(bytes)),
+                  let uri = o["uri"]?.stringValue, let source = o["credentials"]?.stringValue, let uid = o["uid"]?.intValue else { return nil }
+            self.init(uri: uri, credentials: source, uid: UInt32(truncatingIfNeeded: uid))
+        }
+    }
+
+    /// A journal replayed at start whose destination waits for a client's credentials.
+    public struct AwaitingCredentials: Sendable {
+        public var uri: String
+        public var uid: UInt32
+        public var pendingRecords: Int
+        public var runs: Int
+        let journal: Journal
+        let recovery: Journal.Recovery
+    }
+
+    /// What recovery found, for the log and `status`.
+    public struct RecoveryReport: Sendable {
+        public var journals = 0
+        public var records = 0
+        public var runs = 0
+        public var corruptRecords = 0
+        public var truncatedBytes = 0
+        public var bytes = 0
+        public var seconds = 0.0
+        /// Journals that could not be reopened, with why.
+        public var errors: [String] = []
+        /// Spool files that unsettled artifact records name.
+        public var spoolFiles = Set<String>()
     }
 
     public let primary: Uploader
     /// The primary destination's identity, so a client naming the same server uses it.
     private let primaryKey: String?
     private let settings: Settings
+    private let registry: RunRegistry
     private let others = Mutex<[String: Uploader]>([:])
+    private let awaiting = Mutex<[String: AwaitingCredentials]>([:])
+    private let report = Mutex(RecoveryReport())
+    /// Told about runs restored from a journal that are still running (their clients are gone).
+    private let onRestoredRuns: @Sendable ([String]) -> Void
 
-    public init(primary: Uploader, primaryServer: MLflowDestination? = nil, settings: Settings = Settings()) {
+    /// Destinations without journals (tests of sessions alone).
+    public init(primary: Uploader, registry: RunRegistry, settings: Settings = Settings()) {
         self.primary = primary
+        self.primaryKey = nil
+        self.settings = settings
+        self.registry = registry
+        self.onRestoredRuns = { _ in }
+    }
+
+    /// Replays the primary's journal (if any) and the journals of other destinations.
+    public init(primarySink: any RecordSink, primaryServer: MLflowDestination? = nil, settings: Settings = Settings(), registry: RunRegistry,
+                onRestoredRuns: @escaping @Sendable ([String]) -> Void = { _ in }) throws(ProtocolError) {
         self.primaryKey = primaryServer.map(Self.key)
         self.settings = settings
+        self.registry = registry
+        self.onRestoredRuns = onRestoredRuns
+        var found: [(String, JournalIdentity)] = []
+        if let root = settings.journalRoot {
+            for name in ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).sorted() {
+                if let identity = JournalIdentity(file: root + "/" + name + "/destination") { found.append((root + "/" + name, identity)) }
+            }
+        }
+        let source = primaryServer.map { $0.credentials.isEmpty ? "none" : "daemon" } ?? "none"
+        let mine = found.first { $0.1.uri == primarySink.destination && $0.1.credentials != "client" }
+        found.removeAll { $0.0 == mine?.0 }
+        let opened = try Self.openJournal(at: mine?.0, identity: JournalIdentity(uri: primarySink.destination, credentials: source, uid: getuid()), sink: primarySink, settings: settings)
+        primary = Uploader(sink: primarySink, bounds: settings.bounds, flushInterval: primarySink.assignsRunIDs ? 0 : settings.flushInterval, journal: opened?.0)
+        primary.start()
+        if let opened { restore(opened.1, into: primary, key: nil) }
+        for (directory, identity) in found { recover(directory: directory, identity: identity) }
+    }
+
+    /// Opens (or creates) a journal directory for a destination; `nil` without a journal root.
+    private static func openJournal(at directory: String?, identity: JournalIdentity, sink: any RecordSink, settings: Settings) throws(ProtocolError) -> (Journal, Journal.Recovery)? {
+        guard let root = settings.journalRoot else { return nil }
+        let dir = directory ?? root + "/" + DaemonServices.newRunID().prefix(16)
+        do {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            if directory == nil {
+                var writer = JSONWriter()
+                writer.write(.object(identity.json))
+                let bytes = writer.bytes
+                guard FileManager.default.createFile(atPath: dir + "/destination", contents: Data(bytes), attributes: [.posixPermissions: 0o600]) else {
+                    throw JournalError.io("cannot write \(dir)/destination")
+                }
+            }
+            return try Journal.open(directory: dir, options: settings.journalOptions, replayBytes: settings.bounds.memoryBytes, barrier: { sink.persist() })
+        } catch {
+            throw ProtocolError(.internalError, "Cannot open the journal in \(dir): \(error). Check that the state directory is writable and not full.")
+        }
+    }
+
+    /// Replays a journal into its uploader and the registry.
+    private func restore(_ recovery: Journal.Recovery, into uploader: Uploader, key: String?) {
+        let unsettled = recovery.state.unsettled
+        let onDisk = recovery.state.leftOnDisk?.count ?? 0
+        uploader.replay(recovery)
+        var running: [String] = []
+        for var entry in recovery.state.runs.values {
+            entry.destination = key
+            registry.insert(entry)
+            if entry.status == .running { running.append(entry.handle) }
+        }
+        report.withLock { r in
+            r.journals += 1
+            r.records += unsettled.count + onDisk
+            r.spoolFiles.formUnion(recovery.state.unsettledSpoolFiles)
+            r.runs += recovery.state.runs.count
+            r.corruptRecords += recovery.corruptRecords
+            r.truncatedBytes += recovery.truncatedBytes
+            r.bytes += recovery.bytes
+            r.seconds += recovery.seconds
+        }
+        onRestoredRuns(running)
+    }
+
+    /// Recovers the journal of a destination other than the daemon's own.
+    private func recover(directory: String, identity: JournalIdentity) {
+        let sink: any RecordSink
+        do throws(ProtocolError) {
+            if MLflowDestination.isRemote(identity.uri) {
+                let credentials = identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()
+                sink = try RESTSink(destination: MLflowDestination(trackingURI: identity.uri, credentials: credentials, tls: settings.tls),
+                                    concurrency: settings.uploadConcurrency, requestTimeoutSeconds: settings.requestTimeout)
+            } else {
+                sink = try FileStoreSink(root: String(identity.uri.dropFirst("file://".count)))
+            }
+            guard let (journal, recovery) = try Self.openJournal(at: directory, identity: identity, sink: sink, settings: settings) else { return }
+            if recovery.state.runs.isEmpty && recovery.state.unsettled.isEmpty && recovery.state.leftOnDisk == nil {
+                journal.close()
+                try? FileManager.default.removeItem(atPath: directory)  // nothing left for it
+                return
+            }
+            if identity.credentials == "client" {
+                let waiting = AwaitingCredentials(uri: identity.uri, uid: identity.uid, pendingRecords: recovery.state.unsettled.count + (recovery.state.leftOnDisk?.count ?? 0),
+                                                  runs: recovery.state.runs.count, journal: journal, recovery: recovery)
+                awaiting.withLock { $0[identity.uri + "|" + String(identity.uid)] = waiting }
+                report.withLock { $0.spoolFiles.formUnion(recovery.state.unsettledSpoolFiles) }
+                return
+            }
+            let uploader = Uploader(sink: sink, bounds: settings.bounds, flushInterval: settings.flushInterval, journal: journal)
+            let key = MLflowDestination.isRemote(identity.uri)
+                ? Self.key(MLflowDestination(trackingURI: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()))
+                : identity.uri
+            others.withLock { $0[key] = uploader }
+            uploader.start()
+            restore(recovery, into: uploader, key: key)
+        } catch {
+            report.withLock { $0.errors.append("\(directory): \(error.message)") }
+        }
     }
 
     /// The uploader of a destination key (`nil`: the daemon's own).
@@ -57,7 +231,8 @@ public final class Destinations: Sendable {
             if key == primaryKey || (credentials.isEmpty && Self.baseKey(destination) == primaryKey.map { String($0.prefix { $0 != "|" }) }) {
                 return nil
             }
-            try create(key) { () throws(ProtocolError) -> any RecordSink in
+            let identity = JournalIdentity(uri: destination.baseURL, credentials: credentials.isEmpty ? "none" : "client", uid: peerUID)
+            try create(key, identity: identity) { () throws(ProtocolError) -> any RecordSink in
                 try RESTSink(destination: destination, concurrency: settings.uploadConcurrency, requestTimeoutSeconds: settings.requestTimeout)
             }
             return key
@@ -68,21 +243,35 @@ public final class Destinations: Sendable {
             path = path.removingPercentEncoding ?? path
             if primary.destination == "file://" + path { return nil }
             let key = "file://" + path
-            try create(key) { () throws(ProtocolError) -> any RecordSink in try FileStoreSink(root: path) }
+            try create(key, identity: JournalIdentity(uri: key, credentials: "none", uid: peerUID)) { () throws(ProtocolError) -> any RecordSink in try FileStoreSink(root: path) }
             return key
         }
         throw ProtocolError(.invalidValue, "Unsupported MLFLOW_TRACKING_URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server, a file:///… store, or armoryd: for the daemon's own destination.")
     }
 
-    private func create(_ key: String, _ makeSink: () throws(ProtocolError) -> any RecordSink) throws(ProtocolError) {
+    private func create(_ key: String, identity: JournalIdentity, _ makeSink: () throws(ProtocolError) -> any RecordSink) throws(ProtocolError) {
         if others.withLock({ $0[key] }) != nil { return }
-        let uploader = Uploader(sink: try makeSink(), highWater: settings.highWater, flushInterval: settings.flushInterval)
+        let sink = try makeSink()
+        // A journal left by a previous life for this server and user resumes with these credentials.
+        let waiting = identity.credentials == "client" ? awaiting.withLock { $0.removeValue(forKey: identity.uri + "|" + String(identity.uid)) } : nil
+        let journal: Journal?
+        if let waiting {
+            journal = waiting.journal
+        } else {
+            journal = try Self.openJournal(at: nil, identity: identity, sink: sink, settings: settings)?.0
+        }
+        let uploader = Uploader(sink: sink, bounds: settings.bounds, flushInterval: settings.flushInterval, journal: journal)
         let inserted = others.withLock { all -> Bool in
             if all[key] != nil { return false }
             all[key] = uploader
             return true
         }
-        if inserted { uploader.start() }
+        guard inserted else {
+            journal?.close()
+            return
+        }
+        uploader.start()
+        if let waiting { restore(waiting.recovery, into: uploader, key: key) }
     }
 
     /// Every uploader, the primary first.
@@ -90,10 +279,18 @@ public final class Destinations: Sendable {
         [primary] + others.withLock { map in map.keys.sorted().compactMap { map[$0] } }
     }
 
-    /// Drains every uploader within `timeout` seconds; returns the records left.
+    /// Journals waiting for a client's credentials.
+    public var awaitingCredentials: [AwaitingCredentials] {
+        awaiting.withLock { $0.values.sorted { $0.uri < $1.uri } }
+    }
+
+    public var recoveryReport: RecoveryReport { report.withLock { $0 } }
+
+    /// Drains every uploader within `timeout` seconds; returns the records left (journaled).
     public func shutdown(timeout: Double) async -> Int {
         var left = 0
         for uploader in all { left += await uploader.shutdown(timeout: timeout) }
+        for waiting in awaiting.withLock({ Array($0.values) }) { waiting.journal.close() }
         return left
     }
 

@@ -16,6 +16,9 @@ public enum SessionOutcome: Sendable {
     case deferred(@Sendable (@escaping @Sendable (Result<JSONObject, ProtocolError>) -> Void) -> Void)
     /// Wait until each uploader settled its ticket (or `timeoutMs` passed), then answer a flush.
     case awaitUploaded(waits: [UploadWait], timeoutMs: Int64)
+    /// Wait until each journal holds its records on disk (or `timeoutMs` passed), then answer a
+    /// `flush wait=durable`.
+    case awaitDurable(waits: [DurableWait], timeoutMs: Int64)
     /// Wait until run `handle` exists in MLflow (its create settled) or `timeoutMs` passed, then
     /// answer with its descriptor (`run_id` null while still pending).
     case awaitRun(handle: String, wait: UploadWait, timeoutMs: Int64)
@@ -26,6 +29,12 @@ public enum SessionOutcome: Sendable {
 public struct UploadWait: Sendable {
     public var uploader: Uploader
     public var ticket: UInt64
+}
+
+/// A journal sequence number of one uploader to wait for.
+public struct DurableWait: Sendable {
+    public var uploader: Uploader
+    public var lsn: UInt64
 }
 
 /// One connection's protocol logic: the handshake, its tracking state, its evaluations and
@@ -44,6 +53,9 @@ public final class Session {
     /// The last uploader ticket of a record this connection produced, per destination (for
     /// `flush wait=uploaded`).
     private var lastTickets: [String: UInt64] = [:]
+    /// The last journal sequence number of a record this connection produced, per destination
+    /// (what an ack waits for).
+    private var lastLSNs: [String: UInt64] = [:]
     /// Where this connection's new runs go (`nil`: the daemon's own destination).
     private var destination: String?
     private var evaluationRuns: [Int64: String] = [:]
@@ -83,6 +95,11 @@ public final class Session {
 
     /// The highest `seq` handled so far (what an ack may cover).
     public var handledSeq: UInt64 { lastSeq }
+
+    /// What must be on disk before everything handled so far may be acknowledged.
+    public var durabilityWaits: [DurableWait] {
+        lastLSNs.compactMap { key, lsn in lsn > 0 ? DurableWait(uploader: services.destinations.uploader(key.isEmpty ? nil : key), lsn: lsn) : nil }
+    }
 
     public func clearPause() { wantsPause = false }
 
@@ -177,7 +194,7 @@ public final class Session {
             return .reply(try closeArtifact(id))
         case .flush(let level, let timeoutMs):
             if level == .durable {
-                return .reply(FlushReply(complete: true, pendingRecords: 0, level: .durable).json)
+                return .awaitDurable(waits: durabilityWaits, timeoutMs: max(0, timeoutMs))
             }
             let waits = lastTickets.map { UploadWait(uploader: services.destinations.uploader($0.key.isEmpty ? nil : $0.key), ticket: $0.value) }
             return .awaitUploaded(waits: waits, timeoutMs: max(0, timeoutMs))
@@ -232,8 +249,10 @@ public final class Session {
         var creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
                                    startTime: nowMs, tags: tags, parentHandle: parent?.handle)
         creation.experimentID = experimentID
+        creation.ownerUID = peer.uid
+        creation.clientPID = peer.pid
         let report = reportLater
-        let (ticket, _) = enqueue(handle, .createRun(creation), to: destination) { result in
+        let ticket = enqueue(handle, .createRun(creation), to: destination) { result in
             switch result {
             case .success(let binding?):
                 _ = try? registry.update(handle) { e in
@@ -394,7 +413,7 @@ public final class Session {
                 entry.destination = destination
                 // Another connection may have attached it meanwhile: keep the first registration.
                 let registered = registry.entry(runID: runID) ?? { registry.insert(entry); return entry }()
-                uploader.bind(registered.handle, runID: stored.runID, experimentID: stored.experimentID)
+                uploader.attach(registered)
                 reply(.success(Self.reattach(registered, connection: connection, registry: registry, uploader: uploader).reply))
             }
         }
@@ -530,11 +549,12 @@ public final class Session {
     }
 
     @discardableResult
-    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) -> (UInt64, Bool) {
-        let (ticket, overloaded) = services.destinations.uploader(destination).enqueue(handle, record, completion: completion)
-        lastTickets[destination ?? ""] = ticket
-        if overloaded { wantsPause = true }
-        return (ticket, overloaded)
+    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) -> UInt64 {
+        let done = services.destinations.uploader(destination).enqueue(handle, record, completion: completion)
+        lastTickets[destination ?? ""] = done.ticket
+        lastLSNs[destination ?? ""] = done.lsn
+        if done.overloaded { wantsPause = true }
+        return done.ticket
     }
 
     // MARK: Artifacts
@@ -544,7 +564,7 @@ public final class Session {
         try MLflowRules.validateArtifactPath(path)
         let id = nextArtifactID
         nextArtifactID += 1
-        let spoolPath = services.spoolDirectory + "/" + run.handle + "-" + String(connectionID) + "-" + String(id)
+        let spoolPath = services.spoolDirectory + "/" + run.handle + "-" + DaemonServices.newRunID().prefix(12)
         let fd = open(spoolPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw ProtocolError(.internalError, "The daemon cannot create a spool file in \(services.spoolDirectory): \(String(cString: strerror(errno))).")
@@ -575,6 +595,13 @@ public final class Session {
     private func closeArtifact(_ id: Int64) throws(ProtocolError) -> JSONObject {
         guard let artifact = artifacts.removeValue(forKey: id) else {
             throw ProtocolError(.unknownHandle, "Unknown artifact id \(id): open it with artifact_open first.")
+        }
+        // The journal will name this file: its bytes are on disk before the record is.
+        guard fsync(artifact.fd) == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(artifact.fd)
+            unlink(artifact.spoolPath)
+            throw ProtocolError(.internalError, "Saving artifact '\(artifact.path)' to the spool failed: \(reason). The artifact was discarded; free disk space and send it again.")
         }
         close(artifact.fd)
         let report = reportLater

@@ -4,7 +4,9 @@ import NIOConcurrencyHelpers
 import NIOCore
 
 /// Carries out a `Session`'s outcomes on one connection: decodes frames, writes replies and
-/// errors, coalesces acks (one per read burst), pauses reading while the uploader is overloaded.
+/// errors, acknowledges frames once their records are in the journal on disk (at most one ack
+/// waiting per connection, so acks coalesce to one per group commit), pauses reading while the
+/// uploader is overloaded.
 final class SessionChannelHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -14,6 +16,8 @@ final class SessionChannelHandler: ChannelInboundHandler {
     private let logger: Logger
     private let onClosed: @Sendable ([String]) -> Void
     private var ackedSeq: UInt64 = 0
+    /// An ack is waiting for the journal.
+    private var ackWaiting = false
     private var framesSinceFlush = 0
     private var errorsSinceFlush = 0
     private var paused = false
@@ -66,6 +70,11 @@ final class SessionChannelHandler: ChannelInboundHandler {
                     context.flush()
                 }
             }
+        case .awaitDurable(let waits, let timeoutMs):
+            let registrations = waits.map { w in { (done: @escaping @Sendable () -> Void) in w.uploader.whenDurable(w.lsn, urgent: true, done) } }
+            answerWhen(registrations, timeoutMs: timeoutMs, context: context) { complete in
+                .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: 0, level: .durable).json)
+            }
         case .awaitUploaded(let waits, let timeoutMs):
             answerWhenSettled(waits, timeoutMs: timeoutMs, context: context) { complete in
                 let pending = complete ? 0 : waits.reduce(0) { $0 + $1.uploader.pending(upTo: $1.ticket) }
@@ -89,15 +98,48 @@ final class SessionChannelHandler: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        let seq = session.handledSeq
-        if seq > ackedSeq {
-            ackedSeq = seq
-            send(.ack(upto: seq), context: context)
-        }
+        requestAck(context: context)
         services.statistics.count(frames: UInt64(framesSinceFlush), metrics: session.takeAcceptedMetrics(), errors: UInt64(errorsSinceFlush))
         framesSinceFlush = 0
         errorsSinceFlush = 0
         context.flush()
+    }
+
+    /// Acks everything handled so far once the journal holds it: at once when it already does,
+    /// else after the next group commit (then once more for whatever arrived meanwhile).
+    private func requestAck(context: ChannelHandlerContext) {
+        let seq = session.handledSeq
+        guard !ackWaiting, seq > ackedSeq else { return }
+        let pending = session.durabilityWaits.filter { !$0.uploader.isDurable($0.lsn) }
+        guard !pending.isEmpty else {
+            ackedSeq = seq
+            send(.ack(upto: seq), context: context)
+            return
+        }
+        ackWaiting = true
+        let remaining = NIOLockedValueBox(pending.count)
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        for wait in pending {
+            wait.uploader.whenDurable(wait.lsn) {
+                guard remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 else { return }
+                loopBound.eventLoop.execute {
+                    let (handler, context) = loopBound.value
+                    handler.ackWaiting = false
+                    handler.ackedSeq = max(handler.ackedSeq, seq)
+                    handler.send(.ack(upto: seq), context: context)
+                    handler.requestAck(context: context)
+                    context.flush()
+                }
+            }
+        }
+    }
+
+    /// A client that does not read its replies stops being read until it catches up.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        let writable = context.channel.isWritable
+        context.channel.setOption(ChannelOptions.autoRead, value: writable && !paused).whenComplete { _ in }
+        if writable && !paused { context.read() }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -139,6 +181,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
 
     /// Answers once every uploader settled its ticket, or when the bound runs out (`complete` false).
     private func answerWhenSettled(_ waits: [UploadWait], timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
+        let registrations = waits.map { w in { (done: @escaping @Sendable () -> Void) in w.uploader.whenSettled(upTo: w.ticket, done) } }
+        answerWhen(registrations, timeoutMs: timeoutMs, context: context, answer)
+    }
+
+    /// Answers once every registration called back, or when the bound runs out (`complete` false).
+    private func answerWhen(_ registrations: [(@escaping @Sendable () -> Void) -> Void], timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
         let respond: @Sendable (Bool) -> Void = { complete in
@@ -151,13 +199,13 @@ final class SessionChannelHandler: ChannelInboundHandler {
             }
         }
         let timeout = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { respond(false) }
-        let remaining = NIOLockedValueBox(waits.count)
-        if waits.isEmpty {
+        let remaining = NIOLockedValueBox(registrations.count)
+        if registrations.isEmpty {
             timeout.cancel()
             respond(true)
         }
-        for wait in waits {
-            wait.uploader.whenSettled(upTo: wait.ticket) {
+        for register in registrations {
+            register {
                 guard remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 else { return }
                 timeout.cancel()
                 respond(true)
@@ -178,7 +226,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
         paused = true
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        let overloaded = services.destinations.all.filter { $0.counterSnapshot.pendingRecords > $0.highWater }
+        let overloaded = services.destinations.all.filter { $0.isOverloaded }
         whenAllDrained(overloaded.isEmpty ? [services.uploader] : overloaded) {
             loopBound.eventLoop.execute {
                 let (handler, context) = loopBound.value

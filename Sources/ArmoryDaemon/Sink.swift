@@ -17,6 +17,9 @@ public struct RunCreation: Sendable, Equatable {
     /// Tags at creation (`mlflow.parentRunId` is added by the uploader once the parent exists).
     public var tags: StringMap
     public var parentHandle: String?
+    /// Who owns the run (the creating connection's uid) and its process, journaled with it.
+    public var ownerUID: UInt32 = 0
+    public var clientPID: Int32 = 0
 }
 
 /// A run the sink already holds (for `attach`).
@@ -47,6 +50,15 @@ public protocol RecordSink: Sendable {
     /// The id of the experiment called `name` (created when `create` and missing); nil when none.
     func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String?
     func close() async
+    /// Runs whose records are about to be replayed from the journal: some may already be stored.
+    func replaying(runIDs: Set<String>)
+    /// Makes everything applied so far durable (before the journal records it as settled).
+    func persist()
+}
+
+extension RecordSink {
+    public func replaying(runIDs: Set<String>) {}
+    public func persist() {}
 }
 
 /// The embedded default sink: MLflow's file-store layout under `$ARMORY_HOME/mlruns`.
@@ -119,6 +131,14 @@ public final class FileStoreSink: RecordSink {
     }
 
     public func close() async {}
+
+    public func replaying(runIDs: Set<String>) {
+        store.withLock { $0.store.replay(runIDs: runIDs) }
+    }
+
+    public func persist() {
+        store.withLock { $0.store.persist() }
+    }
 
     private static func experiment(of runID: String, _ box: inout FileStoreBox) throws(FileStoreError) -> String {
         if let id = box.experimentOfRun[runID] { return id }

@@ -28,8 +28,10 @@ public enum StatusReport {
         o["uptime_s"] = .double((Date().timeIntervalSince(services.startedAt) * 10).rounded() / 10)
         o["socket"] = .string(services.socketPath)
         o["destination"] = .string(services.uploader.destination)
-        o["destinations"] = .array(all.map { destination, c in
-            .object([
+        o["destinations"] = .array(zip(uploaders, all).map { uploader, pair in
+            let (destination, c) = pair
+            let journal = uploader.journal?.snapshotStatistics
+            return .object([
                 "destination": .string(destination),
                 "state": .string(c.isDegraded ? "degraded" : "running"),
                 "pending_records": .int(Int64(c.pendingRecords)),
@@ -37,8 +39,35 @@ public enum StatusReport {
                 "rejected_records": .int(Int64(c.rejectedRecords)),
                 "retries": .int(Int64(c.retries)),
                 "last_error": c.lastError.map { .string($0) } ?? .null,
+                "journal_bytes": .int(Int64(journal?.bytes ?? 0)),
+                "journal_segments": .int(Int64(journal?.segments ?? 0)),
+                "journal_error": journal?.lastError.map { .string($0) } ?? .null,
+            ])
+        } + services.destinations.awaitingCredentials.map { waiting in
+            .object([
+                "destination": .string(waiting.uri),
+                "state": .string("needs-credentials"),
+                "owner_uid": .int(Int64(waiting.uid)),
+                "pending_records": .int(Int64(waiting.pendingRecords)),
+                "applied_records": .int(0),
+                "rejected_records": .int(0),
+                "retries": .int(0),
+                "last_error": .string("waiting for a client of uid \(waiting.uid) to name this server with its credentials"),
+                "runs": .int(Int64(waiting.runs)),
             ])
         })
+        let recovery = services.destinations.recoveryReport
+        let journals = uploaders.compactMap { $0.journal?.snapshotStatistics }
+        o["journal"] = .object([
+            "enabled": .bool(!journals.isEmpty),
+            "bytes": .int(Int64(journals.reduce(0) { $0 + $1.bytes })),
+            "segments": .int(Int64(journals.reduce(0) { $0 + $1.segments })),
+            "replayed_records": .int(Int64(recovery.records)),
+            "replayed_runs": .int(Int64(recovery.runs)),
+            "corrupt_records": .int(Int64(recovery.corruptRecords)),
+            "truncated_bytes": .int(Int64(recovery.truncatedBytes)),
+            "recovery_s": .double((recovery.seconds * 1000).rounded() / 1000),
+        ])
         o["clients"] = .array(clients.map { c in
             .object([
                 "connection": .int(Int64(c.connection)),

@@ -60,6 +60,15 @@ public struct BatchLimits: Sendable, Equatable {
     static func estimate(_ b: LogBatch) -> Int {
         b.metrics.reduce(0) { $0 + estimate($1) } + b.params.reduce(0) { $0 + estimate($1.key, $1.value) } + b.tags.reduce(0) { $0 + estimate($1.key, $1.value) }
     }
+    /// An upper estimate of a record's size in memory.
+    static func estimate(_ r: SinkRecord) -> Int {
+        switch r {
+        case .log(let b): estimate(b)
+        case .createRun(let c): c.tags.reduce(200) { $0 + estimate($1.key, $1.value) }
+        case .updateRun: 64
+        case .artifact(let path, let spool): 64 + path.utf8.count + spool.utf8.count
+        }
+    }
     static func estimate(_ m: MetricPoint) -> Int { m.key.utf8.count * 2 + 90 }
     static func estimate(_ k: String, _ v: String) -> Int { (k.utf8.count + v.utf8.count) * 2 + 30 }
 }
@@ -135,6 +144,8 @@ public struct UploadScheduler: Sendable {
         var isolate = 0
         var parent: String?
         var failed: ProtocolError?
+        /// Replayed after a restart: a create may already have reached the sink.
+        var mayExist = false
     }
 
     public let limits: BatchLimits
@@ -175,11 +186,12 @@ public struct UploadScheduler: Sendable {
 
     /// Queues a record for a run; oversized logs are split. Returns the last ticket used.
     @discardableResult
-    public mutating func enqueue(_ handle: String, _ record: SinkRecord, now: UInt64) -> UInt64 {
+    public mutating func enqueue(_ handle: String, _ record: SinkRecord, now: UInt64, mayExist: Bool = false) -> UInt64 {
         let records: [SinkRecord]
         if case .log(let batch) = record { records = limits.split(batch).map { .log($0) } } else { records = [record] }
         if queues[handle] == nil { queues[handle] = RunQueue() }
         if case .createRun(let c) = record { queues[handle]!.parent = c.parentHandle }
+        if mayExist { queues[handle]!.mayExist = true }
         if queues[handle]!.entries.isEmpty && !queues[handle]!.busy { order.append(handle) }
         var ticket: UInt64 = 0
         for r in records {
@@ -235,7 +247,7 @@ public struct UploadScheduler: Sendable {
                 guard let bound = bindings[parent] else { return nil }  // the parent first
                 parentRunID = bound.runID
             }
-            return Batch(handle: handle, entries: [head], operation: .createRun(creation, parentRunID: parentRunID, attempt: queue.attempt))
+            return Batch(handle: handle, entries: [head], operation: .createRun(creation, parentRunID: parentRunID, attempt: max(queue.attempt, queue.mayExist ? 1 : 0)))
         }
         guard let runID = bindings[handle]?.runID else { return nil }
         switch head.record {

@@ -5,6 +5,7 @@ import ArmoryProtocol
 import Foundation
 import NIOCore
 import NIOPosix
+import DequeModule
 import Synchronization
 
 /// Runs tasks on one NIO event loop thread: the uploader's own, so that neither blocking file
@@ -23,9 +24,14 @@ final class EventLoopTaskExecutor: TaskExecutor {
 /// Sends records to the sink: an `UploadScheduler` under a lock, driven by a task that keeps up
 /// to `sink.concurrency` calls in flight, wakes on new records and on backoff or batching timers.
 ///
-/// Every record gets a ticket; `whenSettled` tells a `flush wait=uploaded` when everything up to
-/// a ticket is settled (applied or refused). Past the high-water mark, producers are told to
-/// pause (connections stop reading) until the queue falls below the low mark.
+/// Every record gets a sequence number (its journal sequence number when there is a journal);
+/// `whenSettled` tells a `flush wait=uploaded` when everything up to one is settled (applied or
+/// refused), and the journal learns the same watermark and each run's MLflow id.
+///
+/// Memory stays bounded whatever the backlog: past `memoryBytes` of queued records, new records
+/// live only in the journal and are read back from disk as the sink catches up. Producers are
+/// told to pause (connections stop reading) only when the journal itself reaches
+/// `maxBacklogBytes` (without a journal: past `highWater` queued records).
 public final class Uploader: Sendable {
     /// A record's outcome: its run's binding when it created one, or the refusal.
     public typealias Completion = @Sendable (Result<UploadScheduler.Binding?, ProtocolError>) -> Void
@@ -37,6 +43,8 @@ public final class Uploader: Sendable {
         public var metricsWritten: UInt64 = 0
         public var rejectedRecords: UInt64 = 0
         public var retries: UInt64 = 0
+        /// Records that wait in the journal only (memory bound reached).
+        public var spilledRecords = 0
         public var lastError: String?
         public var lastErrorMs: Int64?
         public var lastSuccessMs: Int64?
@@ -48,12 +56,45 @@ public final class Uploader: Sendable {
         }
     }
 
+    /// Bounds on what the uploader holds.
+    public struct Bounds: Sendable {
+        /// Without a journal: queued records past which producers pause.
+        public var highWater: Int = 200_000
+        /// With a journal: bytes of queued records kept in memory; the rest waits on disk.
+        public var memoryBytes: Int = 64 << 20
+        /// With a journal: its size past which producers pause.
+        public var maxBacklogBytes: Int = 8 << 30
+
+        public init(highWater: Int = 200_000, memoryBytes: Int = 64 << 20, maxBacklogBytes: Int = 8 << 30) {
+            self.highWater = highWater
+            self.memoryBytes = memoryBytes
+            self.maxBacklogBytes = maxBacklogBytes
+        }
+    }
+
+    /// Records that are in the journal only, waiting to be read back.
+    private struct Spill: Sendable {
+        var firstUnloaded: UInt64
+        var lastSpilled: UInt64
+        var count = 0
+        var position: Journal.Position?
+        var completions: [UInt64: Completion] = [:]
+        var loading = false
+    }
+
     private struct State: Sendable {
         var scheduler: UploadScheduler
         var completions: [UInt64: Completion] = [:]
-        var waiters: [(ticket: UInt64, callback: @Sendable () -> Void)] = []
+        var waiters: [(sequence: UInt64, callback: @Sendable () -> Void)] = []
         var drainedCallbacks: [@Sendable () -> Void] = []
         var counters = Counters()
+        /// Each queued record's last scheduler ticket, sequence number and size, in order.
+        var queued = Deque<(ticket: UInt64, sequence: UInt64, bytes: Int)>()
+        var lastSequence: UInt64 = 0
+        var settledSequence: UInt64 = 0
+        var memoryBytes = 0
+        var journalBytes = 0
+        var spill: Spill?
         var stopping = false
         var stopped = false
     }
@@ -64,17 +105,19 @@ public final class Uploader: Sendable {
     private let wakes: AsyncStream<Void>
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private let executor: EventLoopTaskExecutor
-    public let highWater: Int
-    public let lowWater: Int
+    public let bounds: Bounds
+    /// Where accepted records are made durable (`nil`: in memory only).
+    public let journal: Journal?
 
-    public init(sink: any RecordSink, highWater: Int = 200_000, flushInterval: Double? = nil) {
+    public init(sink: any RecordSink, bounds: Bounds = Bounds(), flushInterval: Double? = nil, journal: Journal? = nil) {
         self.sink = sink
-        self.highWater = highWater
-        self.lowWater = highWater / 2
+        self.journal = journal
+        self.bounds = bounds
         let interval = flushInterval ?? sink.defaultFlushInterval
         state = Mutex(State(scheduler: UploadScheduler(limits: sink.limits, flushIntervalNs: UInt64(max(0, interval) * 1e9))))
         (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         executor = EventLoopTaskExecutor(loop: group.next())
+        journal?.onReclaim = { [weak self] in self?.checkDrained() }
     }
 
     public var destination: String { sink.destination }
@@ -87,24 +130,104 @@ public final class Uploader: Sendable {
 
     // MARK: Producers
 
-    /// Enqueues a record of run `handle`; returns its (last) ticket and whether the queue is over
-    /// its high-water mark.
+    /// What `enqueue` did: the record's sequence number (what `whenSettled` takes), the journal's
+    /// (what `whenDurable` takes; 0 without a journal), and whether producers should pause.
+    public struct Enqueued: Sendable {
+        public var ticket: UInt64
+        public var lsn: UInt64
+        public var overloaded: Bool
+    }
+
+    /// Journals and enqueues a record of run `handle`.
     @discardableResult
-    public func enqueue(_ handle: String, _ record: SinkRecord, completion: Completion? = nil) -> (ticket: UInt64, overloaded: Bool) {
+    public func enqueue(_ handle: String, _ record: SinkRecord, completion: Completion? = nil) -> Enqueued {
         let now = Self.monotonicNs()
-        let result = state.withLock { s -> (UInt64, Bool) in
-            let ticket = s.scheduler.enqueue(handle, record, now: now)
-            if let completion { s.completions[ticket] = completion }
-            s.counters.pendingRecords = s.scheduler.queuedEntries
-            return (ticket, s.scheduler.queuedEntries > highWater)
+        let result = state.withLock { s -> Enqueued in
+            guard let journal else {
+                s.lastSequence += 1
+                queue(&s, handle, record, sequence: s.lastSequence, bytes: 0, now: now, completion: completion)
+                return Enqueued(ticket: s.lastSequence, lsn: 0, overloaded: s.scheduler.queuedEntries > bounds.highWater)
+            }
+            let appended = journal.append(.record(handle: handle, record))
+            s.lastSequence = appended.lsn
+            s.journalBytes = appended.journalBytes
+            if s.spill != nil || s.memoryBytes + appended.bytes > bounds.memoryBytes {
+                if s.spill == nil { s.spill = Spill(firstUnloaded: appended.lsn, lastSpilled: appended.lsn) }
+                s.spill!.lastSpilled = appended.lsn
+                s.spill!.count += 1
+                if let completion { s.spill!.completions[appended.lsn] = completion }
+                s.counters.spilledRecords = s.spill!.count
+                s.counters.pendingRecords += 1
+            } else {
+                queue(&s, handle, record, sequence: appended.lsn, bytes: appended.bytes, now: now, completion: completion)
+            }
+            return Enqueued(ticket: appended.lsn, lsn: appended.lsn, overloaded: appended.journalBytes > bounds.maxBacklogBytes)
         }
         wake.yield()
         return result
     }
 
+    /// Hands a record to the scheduler (in memory).
+    private func queue(_ s: inout State, _ handle: String, _ record: SinkRecord, sequence: UInt64, bytes: Int, now: UInt64, mayExist: Bool = false, completion: Completion?) {
+        let ticket = s.scheduler.enqueue(handle, record, now: now, mayExist: mayExist)
+        s.queued.append((ticket, sequence, bytes))
+        s.memoryBytes += bytes
+        if let completion { s.completions[ticket] = completion }
+        s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
+    }
+
     /// A run that already exists in MLflow (attached): its records need no create.
-    public func bind(_ handle: String, runID: String, experimentID: String?) {
-        state.withLock { $0.scheduler.bind(handle, .init(runID: runID, experimentID: experimentID)) }
+    public func attach(_ entry: RunEntry) {
+        state.withLock { s in
+            if let runID = entry.runID { s.scheduler.bind(entry.handle, .init(runID: runID, experimentID: entry.experimentID)) }
+            journal?.append(.run(entry))
+        }
+    }
+
+    /// Queues again what the journal holds unsettled after a restart: runs keep their ids, a
+    /// create that may have reached the server looks for its run first, artifacts whose spool
+    /// file is gone were already stored. Past the memory bound the rest is read back later.
+    public func replay(_ recovery: Journal.Recovery) {
+        let now = Self.monotonicNs()
+        let runs = recovery.state.runs
+        sink.replaying(runIDs: Set(runs.values.compactMap(\.runID)))
+        state.withLock { s in
+            for entry in runs.values {
+                if let runID = entry.runID { s.scheduler.bind(entry.handle, .init(runID: runID, experimentID: entry.experimentID)) }
+            }
+            let pending = recovery.state.unsettled
+            for p in pending { requeue(&s, p, now: now) }
+            if let disk = recovery.state.leftOnDisk {
+                // The rest stays on disk: read back from the journal as the sink catches up.
+                s.spill = Spill(firstUnloaded: disk.from, lastSpilled: recovery.state.lastRecordLSN, count: disk.count)
+                s.counters.spilledRecords = disk.count
+            }
+            s.lastSequence = max(s.lastSequence, recovery.state.lastRecordLSN)
+            s.settledSequence = recovery.state.settled
+            s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
+        }
+        wake.yield()
+    }
+
+    /// Queues a record read back from the journal.
+    private func requeue(_ s: inout State, _ p: JournalState.Pending, now: UInt64) {
+        if case .artifact(_, let spool) = p.record, access(spool, F_OK) != 0 { return }  // already stored
+        if case .createRun = p.record, s.scheduler.bindings[p.handle] != nil, !sink.assignsRunIDs { return }
+        let completion = s.spill?.completions.removeValue(forKey: p.lsn)
+        queue(&s, p.handle, p.record, sequence: p.lsn, bytes: BatchLimits.estimate(p.record), now: now, mayExist: true, completion: completion)
+    }
+
+    /// Whether the journal holds `lsn` on disk (always, without a journal).
+    public func isDurable(_ lsn: UInt64) -> Bool {
+        guard let journal, lsn > 0 else { return true }
+        return journal.isDurable(lsn)
+    }
+
+    /// Calls `callback` once the journal holds everything up to `lsn` on disk (at once without a
+    /// journal); `urgent` asks for the commit now instead of at the next group commit.
+    public func whenDurable(_ lsn: UInt64, urgent: Bool = false, _ callback: @escaping @Sendable () -> Void) {
+        guard let journal, lsn > 0 else { return callback() }
+        journal.whenDurable(lsn, urgent: urgent, callback)
     }
 
     /// Looks a run up in the sink (for `attach`), off the caller's thread.
@@ -125,37 +248,61 @@ public final class Uploader: Sendable {
         }
     }
 
-    public var lastTicket: UInt64 { state.withLock { $0.scheduler.lastTicket } }
+    /// The sequence number of the last record enqueued.
+    public var lastTicket: UInt64 { state.withLock { $0.lastSequence } }
 
     public var counterSnapshot: Counters { state.withLock { $0.counters } }
 
-    /// Calls `callback` once every ticket ≤ `ticket` is settled; asks the scheduler not to wait
-    /// for fuller batches meanwhile.
+    /// Calls `callback` once every record up to sequence number `ticket` is settled; asks the
+    /// scheduler not to wait for fuller batches meanwhile.
     public func whenSettled(upTo ticket: UInt64, _ callback: @escaping @Sendable () -> Void) {
         let now = state.withLock { s -> Bool in
-            if s.scheduler.settledUpTo >= ticket { return true }
-            s.scheduler.hurry(upTo: ticket)
+            if s.settledSequence >= ticket { return true }
+            let last = s.queued.last { $0.sequence <= ticket }?.ticket ?? s.scheduler.lastTicket
+            s.scheduler.hurry(upTo: s.spill == nil ? last : s.scheduler.lastTicket)
             s.waiters.append((ticket, callback))
             return false
         }
         if now { callback() } else { wake.yield() }
     }
 
-    /// Calls `callback` once the queue is back under its low-water mark.
+    /// Whether producers should pause now.
+    public var isOverloaded: Bool {
+        state.withLock { s in journal == nil ? s.scheduler.queuedEntries > bounds.highWater : s.journalBytes > bounds.maxBacklogBytes }
+    }
+
+    /// Calls `callback` once producers may go on: the queue back under half its high-water mark,
+    /// or the journal back under three quarters of its bound.
     public func whenDrained(_ callback: @escaping @Sendable () -> Void) {
         let now = state.withLock { s -> Bool in
-            if s.scheduler.queuedEntries <= lowWater { return true }
+            if isDrained(&s) { return true }
             s.drainedCallbacks.append(callback)
             return false
         }
         if now { callback() }
     }
 
-    /// How many of the records up to `ticket` are not settled yet.
+    private func isDrained(_ s: inout State) -> Bool {
+        guard let journal else { return s.scheduler.queuedEntries <= bounds.highWater / 2 }
+        s.journalBytes = journal.diskBytes
+        return s.journalBytes <= bounds.maxBacklogBytes / 4 * 3
+    }
+
+    /// Runs the drained callbacks if producers may go on (after the journal shrank).
+    private func checkDrained() {
+        let ready = state.withLock { s -> [@Sendable () -> Void] in
+            guard !s.drainedCallbacks.isEmpty, isDrained(&s) else { return [] }
+            defer { s.drainedCallbacks.removeAll() }
+            return s.drainedCallbacks
+        }
+        for callback in ready { callback() }
+    }
+
+    /// How many of the records up to sequence number `ticket` are not settled yet.
     public func pending(upTo ticket: UInt64) -> Int {
         state.withLock { s in
-            let settled = s.scheduler.settledUpTo
-            return ticket > settled ? min(Int(ticket - settled), s.scheduler.queuedEntries) : 0
+            guard ticket > s.settledSequence else { return 0 }
+            return s.queued.reduce(0) { $0 + ($1.sequence <= ticket ? 1 : 0) } + (s.spill.map { ticket >= $0.firstUnloaded ? $0.count : 0 } ?? 0)
         }
     }
 
@@ -172,8 +319,9 @@ public final class Uploader: Sendable {
         state.withLock { $0.stopped = true }
         wake.finish()
         await sink.close()
+        journal?.close()
         try? await group.shutdownGracefully()
-        return state.withLock { $0.scheduler.queuedEntries }
+        return state.withLock { $0.scheduler.queuedEntries + ($0.spill?.count ?? 0) }
     }
 
     // MARK: The loop
@@ -188,12 +336,13 @@ public final class Uploader: Sendable {
                 while s.scheduler.inFlight < sink.concurrency, let batch = s.scheduler.next(now: now, draining: s.stopping) {
                     out.append(batch)
                 }
-                if s.stopping && s.scheduler.queuedEntries == 0 && s.scheduler.inFlight == 0 {
+                if s.stopping && s.scheduler.queuedEntries == 0 && s.scheduler.inFlight == 0 && s.spill == nil {
                     s.stopped = true
                     return (out, nil, true)
                 }
                 return (out, s.scheduler.nextWake(now: now), false)
             }
+            loadSpilled()
             for batch in batches {
                 Task(executorPreference: executor) { [self] in
                     let outcome = await sink.perform(batch.operation)
@@ -210,10 +359,61 @@ public final class Uploader: Sendable {
         }
     }
 
+    /// Reads spilled records back from the journal once memory has room for them.
+    private func loadSpilled() {
+        guard let journal else { return }
+        let request = state.withLock { s -> (Journal.Position?, UInt64, UInt64)? in
+            guard var spill = s.spill, !spill.loading, s.memoryBytes < bounds.memoryBytes / 2 else { return nil }
+            spill.loading = true
+            s.spill = spill
+            return (spill.position, spill.firstUnloaded, spill.lastSpilled)
+        }
+        guard let (position, first, last) = request else { return }
+        let through = min(last, journal.durableSequence)
+        let (records, next) = through >= first
+            ? journal.records(from: position, after: first - 1, through: through, maxBytes: bounds.memoryBytes / 4)
+            : ([], position)
+        let now = Self.monotonicNs()
+        state.withLock { s in
+            for p in records { requeue(&s, p, now: now) }
+            s.spill!.loading = false
+            s.spill!.position = next
+            if let lastRead = records.last?.lsn {
+                s.spill!.count -= records.count
+                s.spill!.firstUnloaded = lastRead + 1
+            }
+            if s.spill!.firstUnloaded > s.spill!.lastSpilled {
+                s.spill = nil  // caught up: new records go to memory again
+            }
+            s.counters.spilledRecords = s.spill?.count ?? 0
+            s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
+        }
+        if records.isEmpty {
+            // Not on disk yet: try again once the journal committed it.
+            journal.whenDurable(first) { [wake] in wake.yield() }
+        } else {
+            wake.yield()
+        }
+    }
+
     private func finish(_ batch: UploadScheduler.Batch, _ outcome: SinkOutcome) {
         let now = Self.monotonicNs()
         let (callbacks, completions) = state.withLock { s -> ([@Sendable () -> Void], [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)]) in
             let settled = s.scheduler.finish(batch, outcome, now: now, jitter: Double.random(in: 0...1))
+            if let created = settled.created {
+                journal?.append(.bind(handle: batch.handle, runID: created.runID, experimentID: created.experimentID))
+            }
+            let upTo = s.scheduler.settledUpTo
+            while let first = s.queued.first, first.ticket <= upTo {
+                s.settledSequence = first.sequence
+                s.memoryBytes -= first.bytes
+                s.queued.removeFirst()
+            }
+            if s.queued.isEmpty { s.settledSequence = s.spill.map { $0.firstUnloaded - 1 } ?? s.lastSequence }
+            if let journal {
+                // With nothing left at all, everything journaled so far is settled (binds included).
+                journal.settle(upTo: s.queued.isEmpty && s.spill == nil ? journal.appendedLSN : s.settledSequence)
+            }
             var completions: [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)] = []
             for ticket in settled.tickets {
                 if let c = s.completions.removeValue(forKey: ticket) { completions.append((c, .success(settled.created))) }
@@ -225,7 +425,7 @@ public final class Uploader: Sendable {
             s.counters.appliedRecords += UInt64(settled.tickets.count)
             s.counters.rejectedRecords += UInt64(settled.failures.count)
             s.counters.metricsWritten += UInt64(settled.metrics)
-            s.counters.pendingRecords = s.scheduler.queuedEntries
+            s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
             switch outcome {
             case .applied, .created: s.counters.lastSuccessMs = wallNow
             case .retry(_, let reason):
@@ -237,13 +437,13 @@ public final class Uploader: Sendable {
                 s.counters.lastErrorMs = wallNow
             }
             var ready: [@Sendable () -> Void] = []
-            let settledUpTo = s.scheduler.settledUpTo
+            let settledSequence = s.settledSequence
             s.waiters.removeAll { waiter in
-                guard waiter.ticket <= settledUpTo else { return false }
+                guard waiter.sequence <= settledSequence else { return false }
                 ready.append(waiter.callback)
                 return true
             }
-            if s.scheduler.queuedEntries <= lowWater, !s.drainedCallbacks.isEmpty {
+            if !s.drainedCallbacks.isEmpty, isDrained(&s) {
                 ready.append(contentsOf: s.drainedCallbacks)
                 s.drainedCallbacks.removeAll()
             }

@@ -13,6 +13,7 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case unknownHandle = "UNKNOWN_HANDLE"
     case invalidState = "INVALID_STATE"
     case permissionDenied = "PERMISSION_DENIED"
+    case tooManyConnections = "TOO_MANY_CONNECTIONS"
     case notFound = "NOT_FOUND"
     case sinkRejected = "SINK_REJECTED"
     case internalError = "INTERNAL"

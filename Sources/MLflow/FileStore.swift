@@ -62,6 +62,13 @@ public final class FileStore {
     public let root: String
     private var experimentIDs: [String: String] = [:]
     private var metaCache: [String: FileStoreRun] = [:]
+    /// Runs whose records are being replayed from the daemon's journal: a metric line already in
+    /// their files is not written twice.
+    private var replaying = Set<String>()
+    /// The lines already stored per metric file of a replaying run, read once.
+    private var storedLines: [String: Set<Substring>] = [:]
+    /// Files and directories written since the last `persist`.
+    private var dirty = Set<String>()
 
     /// Opens (and lays out, if new) the store at `root`, an absolute path.
     public init(root: String) throws(FileStoreError) {
@@ -158,6 +165,10 @@ public final class FileStore {
 
     /// Sets the run's status and end time (MLflow's `update_run_info`).
     public func updateRun(runID: String, experimentID: String, status: RunStatus, endTime: Int64?) throws(FileStoreError) {
+        if status.isTerminal && replaying.remove(runID) != nil {
+            let prefix = root + "/" + experimentID + "/" + runID + "/"
+            storedLines = storedLines.filter { !$0.key.hasPrefix(prefix) }
+        }
         guard var run = try loadRun(runID: runID, experimentID: experimentID) else { throw .runNotFound(runID) }
         run.status = status
         run.endTime = endTime
@@ -185,7 +196,45 @@ public final class FileStore {
             if lines[m.key] == nil { order.append(m.key); lines[m.key] = [] }
             lines[m.key]!.append(contentsOf: "\(m.timestamp) \(PythonFloat.repr(m.value)) \(m.step)\n".utf8)
         }
-        for key in order { try appendFile(dir + "/metrics/" + key, lines[key]!) }
+        for key in order {
+            let path = dir + "/metrics/" + key
+            var bytes = lines[key]!
+            if replaying.contains(runID) { bytes = try unstored(bytes, in: path) }
+            if !bytes.isEmpty { try appendFile(path, bytes) }
+        }
+    }
+
+    /// Marks runs whose records are replayed: their metric lines are deduplicated against what is
+    /// stored, so a replay never writes a point twice.
+    public func replay(runIDs: Set<String>) {
+        replaying.formUnion(runIDs)
+    }
+
+    /// The lines of `bytes` that `path` does not hold yet.
+    private func unstored(_ bytes: [UInt8], in path: String) throws(FileStoreError) -> [UInt8] {
+        if storedLines[path] == nil {
+            let text = readFile(path).map { String(decoding: $0, as: UTF8.self) } ?? ""
+            storedLines[path] = Set(text.split(separator: "\n"))
+        }
+        let text = String(decoding: bytes, as: UTF8.self)
+        var out: [UInt8] = []
+        for line in text.split(separator: "\n") where !storedLines[path]!.contains(line) {
+            out.append(contentsOf: line.utf8)
+            out.append(UInt8(ascii: "\n"))
+        }
+        return out
+    }
+
+    /// Flushes every file (and directory) written since the last call to disk, before the
+    /// daemon's journal forgets the records they hold.
+    public func persist() {
+        for path in dirty.sorted(by: { $0.count > $1.count }) {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            fsync(fd)
+            close(fd)
+        }
+        dirty.removeAll(keepingCapacity: true)
     }
 
     /// Moves (or copies, across file systems) a finished spool file into the run's artifacts.
@@ -322,6 +371,8 @@ public final class FileStore {
     private func writeAll(_ path: String, _ bytes: [UInt8], flags: Int32) throws(FileStoreError) {
         let fd = open(path, flags | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw .io("cannot open \(path): \(String(cString: strerror(errno)))") }
+        dirty.insert(path)
+        if let slash = path.lastIndex(of: "/") { dirty.insert(String(path[..<slash])) }
         defer { close(fd) }
         var offset = 0
         while offset < bytes.count {

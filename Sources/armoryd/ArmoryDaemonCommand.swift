@@ -51,6 +51,24 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     @Option(help: "Seconds one request to the MLflow server may take.")
     var requestTimeout: Double = 30
 
+    @Option(help: "Milliseconds the journal's group commit waits for more records before it fsyncs (a flush commits at once).")
+    var journalCommitMs: Double = 50
+
+    @Option(help: "Whether the journal fsyncs: 'off' survives a daemon crash but not a power cut (for measuring only).")
+    var journalFsync: Toggle = .on
+
+    @Option(help: "Largest journal backlog on disk (bytes; K, M, G suffixes) before clients are slowed down until the destination catches up.")
+    var maxBacklogBytes: ByteCount = ByteCount(8 << 30)
+
+    @Option(help: "Bytes of queued records each destination keeps in memory; the rest of the backlog waits in the journal on disk.")
+    var memoryBacklogBytes: ByteCount = ByteCount(64 << 20)
+
+    @Option(help: "Mode of the socket file, in octal: 600 lets only this user in, 660 its group too.")
+    var socketMode: String = "600"
+
+    @Option(help: "Connections served at once.")
+    var maxConnections: Int = 1024
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical. Default: $ARMORY_LOG_LEVEL, else info.")
     var logLevel: String?
 
@@ -98,6 +116,17 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         config.limits.maxFrameBytes = maxFrameBytes
         config.orphanGraceSeconds = orphanGrace
         config.shutdownDrainSeconds = shutdownDrain
+        config.journal.commitInterval = max(0, journalCommitMs) / 1000
+        config.journal.fsync = journalFsync == .on
+        guard let mode = mode_t(socketMode, radix: 8), mode <= 0o777 else {
+            throw ValidationError("--socket-mode '\(socketMode)' is not an octal file mode such as 600 or 660.")
+        }
+        config.socketMode = mode
+        config.maxConnections = max(1, maxConnections)
+        config.bounds.maxBacklogBytes = maxBacklogBytes.bytes
+        config.bounds.memoryBytes = memoryBacklogBytes.bytes
+        // Segments small enough that a bounded journal can shrink in steps.
+        config.journal.segmentBytes = max(1 << 20, min(64 << 20, maxBacklogBytes.bytes / 16))
 
         let daemon = Daemon(configuration: config, logger: logger)
         let group = ServiceGroup(services: [daemon], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
@@ -112,4 +141,33 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
 
 extension DaemonStartError {
     var isAlreadyRunning: Bool { if case .alreadyRunning = self { true } else { false } }
+}
+
+/// An on/off setting.
+enum Toggle: String, ExpressibleByArgument, CaseIterable {
+    case on, off
+}
+
+/// A size in bytes, written as a number with an optional K, M or G suffix (powers of 1024).
+struct ByteCount: ExpressibleByArgument {
+    var bytes: Int
+
+    init(_ bytes: Int) { self.bytes = bytes }
+
+    init?(argument: String) {
+        let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+        var text = argument.uppercased()
+        if text.hasSuffix("B") { text.removeLast() }
+        var multiplier = 1
+        if let last = text.last, let unit = units[last] {
+            multiplier = unit
+            text.removeLast()
+        }
+        guard let value = Int(text), value > 0 else { return nil }
+        bytes = value * multiplier
+    }
+
+    var defaultValueDescription: String {
+        bytes % (1 << 30) == 0 ? "\(bytes >> 30)G" : "\(bytes >> 20)M"
+    }
 }

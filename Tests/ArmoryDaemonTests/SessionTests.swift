@@ -49,6 +49,11 @@ final class SessionHarness {
             for wait in waits { wait.uploader.whenSettled(upTo: wait.ticket) { done.withLock { $0 += 1 } } }
             for _ in 0..<500 where done.withLock({ $0 }) < waits.count { usleep(10_000) }
             return .success(["complete": .bool(done.withLock { $0 } == waits.count)])
+        case .awaitDurable(let waits, _):
+            let done = Mutex(0)
+            for wait in waits { wait.uploader.whenDurable(wait.lsn, urgent: true) { done.withLock { $0 += 1 } } }
+            for _ in 0..<500 where done.withLock({ $0 }) < waits.count { usleep(10_000) }
+            return .success(["complete": .bool(done.withLock { $0 } == waits.count)])
         case .awaitRun(let handle, let wait, _):
             let done = Mutex(false)
             wait.uploader.whenSettled(upTo: wait.ticket) { done.withLock { $0 = true } }

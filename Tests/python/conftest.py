@@ -31,10 +31,18 @@ class Daemon:
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=daemon_env,
         )
         deadline = time.time() + 20
-        while not os.path.exists(self.socket):
+        while not self._answers():  # a killed daemon's socket file may still be there
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"armoryd did not start: {(home / 'armoryd.log').read_text()}")
             time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(self.socket)
+                return True
+            except OSError:
+                return False
 
     @property
     def store(self) -> Path:
