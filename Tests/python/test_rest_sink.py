@@ -288,3 +288,46 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
     a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
     assert a == b
     assert set(a) == {"parent", "child"} and a["child"]["has_parent"]
+
+
+def test_a_full_journal_slows_writers_down_and_nothing_is_dropped(tmp_path, mlflow_server):
+    proxy = FaultProxy(mlflow_server.port)
+    daemon = Daemon(tmp_path / "daemon", env={"MLFLOW_TRACKING_URI": proxy.url},
+                    args=("--flush-interval", "0.1", "--request-timeout", "2", "--max-backlog-bytes", "2M", "--memory-backlog-bytes", "256K"))
+    try:
+        proxy.stop_listening()
+        c = RawClient(daemon.socket)
+        c.hello()
+        run = start_chain(c, "full-journal", evaluation="rest-backlog")
+        frames = 1000  # ~3.5 MB of journal: more than the bound
+        sent = []
+
+        def writer():
+            for frame in range(frames):
+                c.send("log", run=run["handle"], metrics=[["m", float(k), frame * 100 + k, BASE_TS + frame * 100 + k] for k in range(100)])
+                sent.append(frame)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(8)
+        assert t.is_alive() and len(sent) < frames, "the writer was never slowed down"
+        stalled_at = len(sent)
+        time.sleep(2)
+        assert len(sent) - stalled_at < 50  # blocked, not dropped: the daemon stopped reading
+        status = daemon.status()
+        assert status["state"] == "degraded" and status["pending_records"] > 0
+        assert status["destinations"][0]["journal_bytes"] >= 2 << 20
+        proxy.start()
+        t.join(timeout=120)
+        assert not t.is_alive()
+        reply = c.request("flush", wait="uploaded", timeout_ms=120000)
+        assert reply["complete"], reply
+        run_id = c.request("run_info", run=run["handle"], wait_ms=10000)["run_id"]
+        history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(run_id, "m")
+        assert sorted(m.step for m in history) == list(range(frames * 100))
+        assert proxy.metrics_forwarded == frames * 100  # nothing sent twice
+        assert not c.errors
+        c.close()
+    finally:
+        daemon.stop()
+        proxy.close()

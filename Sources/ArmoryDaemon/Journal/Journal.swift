@@ -285,7 +285,10 @@ public final class Journal: @unchecked Sendable {
     /// Every record up to `lsn` is settled by the sink (recorded at the next settle interval).
     public func settle(upTo lsn: UInt64) {
         condition.lock()
-        settledLSN = max(settledLSN, lsn)
+        if lsn > settledLSN {
+            settledLSN = lsn
+            condition.signal()  // an idle committer records it after the settle interval
+        }
         condition.unlock()
     }
 
