@@ -34,6 +34,9 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Metrics per run for the drain figure.")
     var drainMetrics = 100_000
 
+    @Option(help: "Gigabytes of journal backlog whose recovery after kill -9 is timed (0: skip).")
+    var recoveryGB = 1.0
+
     @Option(help: "Where to write the JSON results.")
     var output = "Benchmarks/results/latest.json"
 
@@ -92,7 +95,31 @@ struct ArmoryBench: AsyncParsableCommand {
             "daemon_cpu_s_per_million": .double(cpu / total * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
         ])))
 
-        // 3. Drain into a real MLflow server: armoryd end to end next to raw log-batch calls with
+        // 3. The cost of durability: the same ingest into a daemon whose journal does not fsync.
+        let (unsyncedProcess, unsyncedSocket) = try Self.startDaemon(daemon, home: home + "/nofsync", environment: [:], arguments: ["--journal-fsync", "off"])
+        let (unsyncedElapsed, _, _) = try Self.daemonIngest(socketPath: unsyncedSocket, daemonPID: unsyncedProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
+        unsyncedProcess.terminate()
+        unsyncedProcess.waitUntilExit()
+        let unsyncedRate = total / unsyncedElapsed
+        table.append(String(format: "%-44@ %10.0f metrics/s  (same ingest, --journal-fsync off)", "baseline: journal without fsync" as NSString, unsyncedRate))
+        table.append(String(format: "%-44@ %.2fx of the unsynced journal", "ratio (cost of fsync)" as NSString, rate / unsyncedRate))
+        results.append(("durability", .object([
+            "fsync_metrics_per_s": .double(rate.rounded()), "no_fsync_metrics_per_s": .double(unsyncedRate.rounded()), "ratio": .double(rate / unsyncedRate),
+        ])))
+
+        // 4. Recovery: a daemon whose server is unreachable builds a backlog of `recoveryGB` in
+        //    its journal, is killed with SIGKILL, and is started again; timed until it answers.
+        if recoveryGB > 0 {
+            let figure = try Self.recovery(daemon, home: home + "/recovery", bytes: Int(recoveryGB * Double(1 << 30)))
+            table.append(String(format: "%-44@ %10.2f s  (%.2f GB, %d segments; RSS after replay %d MB; the first start of an empty journal took %.2f s)",
+                                "recovery after kill -9" as NSString, figure.seconds, Double(figure.bytes) / Double(1 << 30), figure.segments, figure.rssKB / 1024, figure.emptySeconds))
+            results.append(("recovery", .object([
+                "journal_bytes": .int(Int64(figure.bytes)), "seconds": .double(figure.seconds), "empty_start_seconds": .double(figure.emptySeconds),
+                "rss_mb_after_replay": .int(Int64(figure.rssKB / 1024)), "replayed_records": .int(Int64(figure.records)),
+            ])))
+        }
+
+        // 5. Drain into a real MLflow server: armoryd end to end next to raw log-batch calls with
         //    prebuilt 1000-metric bodies at the same concurrency, against the same server.
         if let mlflow {
             // The server slows as its tables grow: measure the ceiling before and after, use the mean.
@@ -123,12 +150,13 @@ struct ArmoryBench: AsyncParsableCommand {
     }
 
     /// Starts an armoryd on a private socket and home; waits until it listens.
-    static func startDaemon(_ binary: String, home: String, environment: [String: String]) throws -> (Process, String) {
+    static func startDaemon(_ binary: String, home: String, environment: [String: String], arguments: [String] = []) throws -> (Process, String) {
         try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: true)
         let socketPath = home + "/d.sock"
+        unlink(socketPath)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["--socket", socketPath, "--home", home, "--log-level", "warning"]
+        process.arguments = ["--socket", socketPath, "--home", home, "--log-level", "warning"] + arguments
         var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("MLFLOW_TRACKING") }
         for (k, v) in environment { env[k] = v }
         process.environment = env
@@ -278,6 +306,59 @@ struct ArmoryBench: AsyncParsableCommand {
         let status = (try? String(contentsOfFile: "/proc/\(daemonPID)/status", encoding: .utf8)) ?? ""
         let peak = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
         return (elapsed, cpuSeconds(pid: daemonPID) - cpuBefore, peak)
+    }
+
+    /// What the recovery figure measured.
+    struct RecoveryFigure {
+        var bytes: Int, segments: Int, records: Int, seconds: Double, emptySeconds: Double, rssKB: Int
+    }
+
+    /// Fills a journal with `bytes` of backlog (1000-metric frames to a server that refuses
+    /// connections), kills the daemon with SIGKILL, and times its next start until it answers.
+    static func recovery(_ binary: String, home: String, bytes: Int) throws -> RecoveryFigure {
+        let unreachable = ["MLFLOW_TRACKING_URI": "http://127.0.0.1:9"]
+        let arguments = ["--max-backlog-bytes", String(bytes * 2)]
+        var started = nanos()
+        let (process, socketPath) = try startDaemon(binary, home: home, environment: unreachable, arguments: arguments)
+        let emptySeconds = Double(nanos() - started) / 1e9
+        let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
+        let connection = tracker.connection
+        let run = try tracker.evaluation("bench-recovery").start()
+        let time = Int64(Date().timeIntervalSince1970 * 1000)
+        var frame = 0
+        func journalBytes() -> Int {
+            guard case .array(let all)? = (try? connection.status())?["destinations"], case .object(let first)? = all.first,
+                  let n = first["journal_bytes"]?.intValue else { return 0 }
+            return Int(n)
+        }
+        while journalBytes() < bytes {
+            for _ in 0..<200 {
+                run.log(LogBatch(metrics: (0..<1000).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 1000 + $0), timestamp: time) }))
+                frame += 1
+            }
+        }
+        _ = try tracker.flush(.durable, timeout: 120)
+        let journal = journalBytes()
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        connection.disconnect()
+        started = nanos()
+        let (again, againSocket) = try startDaemon(binary, home: home, environment: unreachable, arguments: arguments)
+        while (try? Connection(socketPath: againSocket, program: "armory-bench")) == nil { usleep(5_000) }
+        let seconds = Double(nanos() - started) / 1e9
+        let probe = try Connection(socketPath: againSocket, program: "armory-bench")
+        let status = try probe.status()
+        var segments = 0, records = 0
+        if case .object(let j)? = status["journal"] {
+            segments = Int(j["segments"]?.intValue ?? 0)
+            records = Int(j["replayed_records"]?.intValue ?? 0)
+        }
+        let procStatus = (try? String(contentsOfFile: "/proc/\(again.processIdentifier)/status", encoding: .utf8)) ?? ""
+        let rss = procStatus.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+        probe.disconnect()
+        again.terminate()
+        again.waitUntilExit()
+        return RecoveryFigure(bytes: journal, segments: segments, records: records, seconds: seconds, emptySeconds: emptySeconds, rssKB: rss)
     }
 
     static func cpuSeconds(pid: Int32) -> Double {
