@@ -83,6 +83,24 @@ def wait_drained(daemon, timeout=120):
     raise AssertionError(f"backlog not drained: {daemon.status()}")
 
 
+def durable_chain_then_kill(home, evaluation, steps=0):
+    """Starts a chain run, logs `steps` metrics (each made durable), then SIGKILLs the daemon."""
+    daemon = Daemon(home)
+    c = RawClient(daemon.socket)
+    c.hello()
+    c.send("evaluation", id=1, name=evaluation)
+    c.send("chain", id=2, evaluation=1, name="chain")
+    run = c.request("start", chain=2)
+    for step in range(steps):
+        c.send("log", run=run["handle"], metrics=[["m", float(step), step, BASE_TS + step]])
+        assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
+    assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    daemon.log.close()
+    return run
+
+
 def test_kill9_local_store_every_acked_metric_lands_exactly_once(tmp_path):
     home = tmp_path / "home"
     daemon = Daemon(home)
@@ -134,17 +152,7 @@ def test_kill9_while_eight_clients_stream_to_a_server_nothing_acked_lost_nothing
 
 def test_restored_runs_keep_their_ids_and_end_failed_after_the_grace_period(tmp_path):
     home = tmp_path / "home"
-    daemon = Daemon(home)
-    c = RawClient(daemon.socket)
-    c.hello()
-    c.send("evaluation", id=1, name="restore")
-    c.send("chain", id=2, evaluation=1, name="chain")
-    run = c.request("start", chain=2)
-    c.send("log", run=run["handle"], metrics=[["m", 1.0, 0, BASE_TS]])
-    assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
-    daemon.log.close()
+    run = durable_chain_then_kill(home, "restore", steps=1)
     restarted = Daemon(home, args=("--orphan-grace", "1"))
     try:
         active = {r["handle"]: r for r in restarted.status()["active_runs"]}
@@ -154,23 +162,14 @@ def test_restored_runs_keep_their_ids_and_end_failed_after_the_grace_period(tmp_
         while client.get_run(run["run_id"]).info.status != "FAILED":
             assert time.time() < deadline, "the restored run never ended"
             time.sleep(0.2)
-        assert [m.value for m in client.get_metric_history(run["run_id"], "m")] == [1.0]
+        assert [m.value for m in client.get_metric_history(run["run_id"], "m")] == [0.0]
     finally:
         restarted.stop()
 
 
 def test_a_reconnecting_client_can_take_a_restored_run_back(tmp_path):
     home = tmp_path / "home"
-    daemon = Daemon(home)
-    c = RawClient(daemon.socket)
-    c.hello()
-    c.send("evaluation", id=1, name="reattach")
-    c.send("chain", id=2, evaluation=1, name="chain")
-    run = c.request("start", chain=2)
-    assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
-    daemon.log.close()
+    run = durable_chain_then_kill(home, "reattach")
     restarted = Daemon(home)
     try:
         again = RawClient(restarted.socket)
@@ -187,18 +186,7 @@ def test_a_reconnecting_client_can_take_a_restored_run_back(tmp_path):
 
 def test_a_corrupt_record_is_skipped_counted_and_the_rest_replayed(tmp_path):
     home = tmp_path / "home"
-    daemon = Daemon(home)
-    c = RawClient(daemon.socket)
-    c.hello()
-    c.send("evaluation", id=1, name="corrupt")
-    c.send("chain", id=2, evaluation=1, name="chain")
-    run = c.request("start", chain=2)
-    for step in range(3):
-        c.send("log", run=run["handle"], metrics=[["m", float(step), step, BASE_TS + step]])
-        assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
-    daemon.log.close()
+    durable_chain_then_kill(home, "corrupt", steps=3)
     segments = sorted(glob.glob(str(home / "state" / "journal" / "*" / "segment-*.log")), key=os.path.getsize)
     data = bytearray(Path(segments[-1]).read_bytes())
     marker = data.find(b"\x01\x00\x00\x00m")  # the key of a metric record
