@@ -142,13 +142,15 @@ public final class Uploader: Sendable {
     @discardableResult
     public func enqueue(_ handle: String, _ record: SinkRecord, completion: Completion? = nil) -> Enqueued {
         let now = Self.monotonicNs()
+        let entry = JournalEntry.record(handle: handle, record)
+        let body = journal == nil ? [] : Journal.encode(entry)  // outside the lock
         let result = state.withLock { s -> Enqueued in
             guard let journal else {
                 s.lastSequence += 1
                 queue(&s, handle, record, sequence: s.lastSequence, bytes: 0, now: now, completion: completion)
                 return Enqueued(ticket: s.lastSequence, lsn: 0, overloaded: s.scheduler.queuedEntries > bounds.highWater)
             }
-            let appended = journal.append(.record(handle: handle, record))
+            let appended = journal.append(entry, encoded: body)
             s.lastSequence = appended.lsn
             s.journalBytes = appended.journalBytes
             if s.spill != nil || s.memoryBytes + appended.bytes > bounds.memoryBytes {

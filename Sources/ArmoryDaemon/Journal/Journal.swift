@@ -191,15 +191,26 @@ public final class Journal: @unchecked Sendable {
     /// Appends an entry. Durable once `whenDurable` says so.
     @discardableResult
     public func append(_ entry: JournalEntry) -> Appended {
+        append(entry, encoded: Self.encode(entry))
+    }
+
+    /// An entry's encoded body (done before taking any lock).
+    public static func encode(_ entry: JournalEntry) -> [UInt8] {
         var w = JournalWriter()
         JournalCodec.encode(entry, into: &w)
+        return w.bytes
+    }
+
+    /// Appends an entry already encoded with `encode`.
+    @discardableResult
+    public func append(_ entry: JournalEntry, encoded body: [UInt8]) -> Appended {
         condition.lock()
         defer { condition.unlock() }
         let lsn = nextLSN
         nextLSN += 1
         let wasEmpty = buffer.isEmpty
         let before = buffer.count
-        JournalSegment.frame(lsn: lsn, body: w.bytes, into: &buffer)
+        JournalSegment.frame(lsn: lsn, body: body, into: &buffer)
         bufferMaxLSN = lsn
         state.apply(entry, lsn: lsn)
         if wasEmpty { condition.signal() }

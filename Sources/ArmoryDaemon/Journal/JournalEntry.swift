@@ -133,7 +133,12 @@ enum JournalCodec {
 
 /// Appends little-endian fields to a byte array.
 struct JournalWriter {
-    var bytes: [UInt8] = []
+    var bytes: [UInt8]
+
+    init(capacity: Int = 256) {
+        bytes = []
+        bytes.reserveCapacity(capacity)
+    }
 
     mutating func u8(_ v: UInt8) { bytes.append(v) }
     mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }

@@ -19,18 +19,18 @@ enum JournalSegment {
         var tornBytes = 0
     }
 
-    /// Appends one framed record to `out`.
+    /// Appends one framed record to `out` (in place: no intermediate copy).
     static func frame(lsn: UInt64, body: [UInt8], into out: inout [UInt8]) {
-        var head = JournalWriter()
-        head.u64(lsn)
-        let length = UInt32(8 + body.count)
-        var crcInput = head.bytes
-        crcInput.append(contentsOf: body)
-        var prefix = JournalWriter()
-        prefix.u32(length)
-        prefix.u32(CRC32C.checksum(crcInput))
-        out.append(contentsOf: prefix.bytes)
-        out.append(contentsOf: crcInput)
+        let start = out.count
+        out.reserveCapacity(start + recordHeader + 8 + body.count)
+        withUnsafeBytes(of: UInt32(8 + body.count).littleEndian) { out.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt32(0)) { out.append(contentsOf: $0) }  // the checksum, below
+        withUnsafeBytes(of: lsn.littleEndian) { out.append(contentsOf: $0) }
+        out.append(contentsOf: body)
+        let checksum = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[(start + recordHeader)...])) }
+        withUnsafeBytes(of: checksum.littleEndian) { raw in
+            for i in 0..<4 { out[start + 4 + i] = raw[i] }
+        }
     }
 
     /// Reads every record of a segment into `Scan.entries`.
