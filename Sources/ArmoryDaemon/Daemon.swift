@@ -17,7 +17,7 @@ public struct DaemonConfiguration: Sendable {
     public var socketPath: String
     /// The local MLflow store (`$ARMORY_HOME/mlruns`).
     public var storeRoot: String
-    /// Daemon-owned state (spool; the journal later): `$ARMORY_HOME/state`.
+    /// Daemon-owned state (spool, journal): `$ARMORY_HOME/state`.
     public var stateDirectory: String
     /// Mode of the socket file: 0600 for a user's daemon, 0660 (group `armory`) for the system unit.
     public var socketMode: mode_t = 0o600

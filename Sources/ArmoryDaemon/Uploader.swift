@@ -158,8 +158,6 @@ public final class Uploader: Sendable {
                 s.spill!.lastSpilled = appended.lsn
                 s.spill!.count += 1
                 if let completion { s.spill!.completions[appended.lsn] = completion }
-                s.counters.spilledRecords = s.spill!.count
-                s.counters.pendingRecords += 1
             } else {
                 queue(&s, handle, record, sequence: appended.lsn, bytes: appended.bytes, now: now, completion: completion)
             }
@@ -175,7 +173,6 @@ public final class Uploader: Sendable {
         s.queued.append((ticket, sequence, bytes))
         s.memoryBytes += bytes
         if let completion { s.completions[ticket] = completion }
-        s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
     }
 
     /// A run that already exists in MLflow (attached): its records need no create.
@@ -202,11 +199,9 @@ public final class Uploader: Sendable {
             if let disk = recovery.state.leftOnDisk {
                 // The rest stays on disk: read back from the journal as the sink catches up.
                 s.spill = Spill(firstUnloaded: disk.from, lastSpilled: recovery.state.lastRecordLSN, count: disk.count)
-                s.counters.spilledRecords = disk.count
             }
             s.lastSequence = max(s.lastSequence, recovery.state.lastRecordLSN)
             s.settledSequence = recovery.state.settled
-            s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
         }
         wake.yield()
     }
@@ -253,7 +248,15 @@ public final class Uploader: Sendable {
     /// The sequence number of the last record enqueued.
     public var lastTicket: UInt64 { state.withLock { $0.lastSequence } }
 
-    public var counterSnapshot: Counters { state.withLock { $0.counters } }
+    /// The counters, with the queue figures derived from the state.
+    public var counterSnapshot: Counters {
+        state.withLock { s in
+            var counters = s.counters
+            counters.spilledRecords = s.spill?.count ?? 0
+            counters.pendingRecords = s.scheduler.queuedEntries + counters.spilledRecords
+            return counters
+        }
+    }
 
     /// Calls `callback` once every record up to sequence number `ticket` is settled; asks the
     /// scheduler not to wait for fuller batches meanwhile.
@@ -387,8 +390,6 @@ public final class Uploader: Sendable {
             if s.spill!.firstUnloaded > s.spill!.lastSpilled {
                 s.spill = nil  // caught up: new records go to memory again
             }
-            s.counters.spilledRecords = s.spill?.count ?? 0
-            s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
         }
         if records.isEmpty {
             // Not on disk yet: try again once the journal committed it.
@@ -427,7 +428,6 @@ public final class Uploader: Sendable {
             s.counters.appliedRecords += UInt64(settled.tickets.count)
             s.counters.rejectedRecords += UInt64(settled.failures.count)
             s.counters.metricsWritten += UInt64(settled.metrics)
-            s.counters.pendingRecords = s.scheduler.queuedEntries + (s.spill?.count ?? 0)
             switch outcome {
             case .applied, .created: s.counters.lastSuccessMs = wallNow
             case .retry(_, let reason):
