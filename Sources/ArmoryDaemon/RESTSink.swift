@@ -52,6 +52,8 @@ public final class RESTSink: RecordSink {
                 }
                 try await client.uploadArtifact(artifactURI: uri!, path: path, file: spoolPath)
                 try? FileManager.default.removeItem(atPath: spoolPath)
+            case .deleteTag(let runID, let key):
+                try await client.deleteTag(runID, key: key)
             }
             return .applied
         } catch {
@@ -76,6 +78,10 @@ public final class RESTSink: RecordSink {
         } catch {
             throw Self.translate(error)
         }
+    }
+
+    public func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError) {
+        do { try await client.setExperimentTag(experimentID, key: key, value: value) } catch { throw Self.translate(error) }
     }
 
     public func close() async { await client.shutdown() }

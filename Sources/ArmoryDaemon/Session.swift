@@ -168,8 +168,29 @@ public final class Session {
             try MLflowRules.validateExperimentName(name)
             let uploader = services.destinations.uploader(destination)
             return .deferred { reply in
-                uploader.experiment(named: name, create: create) { result in
+                uploader.callSink({ (sink) async throws(ProtocolError) in try await sink.experiment(named: name, create: create) }) { result in
                     reply(result.map { id in ["experiment_id": id.map { .string($0) } ?? .null] })
+                }
+            }
+        case .setExperimentTag(let experimentID, let key, let value):
+            try MLflowRules.validateKey(key, kind: .tag)
+            try MLflowRules.validateTagValue(value, key: key, limit: MLflowRules.maxExperimentTagValueLength)
+            let uploader = services.destinations.uploader(destination)
+            return .deferred { reply in
+                uploader.callSink({ (sink) async throws(ProtocolError) in
+                    try await sink.setExperimentTag(experimentID: experimentID, key: key, value: value)
+                }) { result in
+                    reply(result.map { [:] })
+                }
+            }
+        case .deleteTag(let handle, let key):
+            try MLflowRules.validateKey(key, kind: .tag)
+            let run = try ownedRun(handle)
+            let report = reportLater
+            enqueue(run.handle, .deleteTag(key: key), to: run.destination) { result in
+                if case .failure(var error) = result {
+                    error.op = "delete_tag"
+                    report(error)
                 }
             }
         case .createRun(let experimentID, let runName, let startTime, let tags):

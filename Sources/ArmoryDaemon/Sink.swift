@@ -49,6 +49,8 @@ public protocol RecordSink: Sendable {
     func findRun(runID: String) async -> StoredRun?
     /// The id of the experiment called `name` (created when `create` and missing); nil when none.
     func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String?
+    /// MLflow's `set_experiment_tag`, applied at once (experiments are not journaled).
+    func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError)
     func close() async
     /// Runs whose records are about to be replayed from the journal: some may already be stored.
     func replaying(runIDs: Set<String>)
@@ -105,6 +107,8 @@ public final class FileStoreSink: RecordSink {
                     try box.store.updateRun(runID: runID, experimentID: try Self.experiment(of: runID, &box), status: status, endTime: endTime)
                 case .artifact(let runID, let path, let spoolPath):
                     try box.store.storeArtifact(runID: runID, experimentID: try Self.experiment(of: runID, &box), path: path, from: spoolPath)
+                case .deleteTag(let runID, let key):
+                    try box.store.deleteTag(runID: runID, experimentID: try Self.experiment(of: runID, &box), key: key)
                 }
                 return .applied
             } catch {
@@ -130,6 +134,12 @@ public final class FileStoreSink: RecordSink {
         }
     }
 
+    public func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError) {
+        try store.withLock { (box: inout FileStoreBox) throws(ProtocolError) in
+            do { try box.store.setExperimentTag(experimentID: experimentID, key: key, value: value) } catch { throw Self.translate(error) }
+        }
+    }
+
     public func close() async {}
 
     public func replaying(runIDs: Set<String>) {
@@ -152,7 +162,7 @@ public final class FileStoreSink: RecordSink {
         return switch error {
         case .paramChanged: ProtocolError(.paramChanged, error.description)
         case .experimentDeleted: ProtocolError(.sinkRejected, error.description)
-        case .runNotFound: ProtocolError(.notFound, error.description)
+        case .runNotFound, .experimentNotFound, .tagNotFound: ProtocolError(.notFound, error.description)
         case .invalidPath: ProtocolError(.invalidValue, error.description)
         case .io: ProtocolError(.sinkRejected, "The local store failed: \(error.description)")
         }

@@ -67,6 +67,7 @@ public struct BatchLimits: Sendable, Equatable {
         case .createRun(let c): c.tags.reduce(200) { $0 + estimate($1.key, $1.value) }
         case .updateRun: 64
         case .artifact(let path, let spool): 64 + path.utf8.count + spool.utf8.count
+        case .deleteTag(let key): 64 + key.utf8.count
         }
     }
     static func estimate(_ m: MetricPoint) -> Int { m.key.utf8.count * 2 + 90 }
@@ -79,6 +80,8 @@ public enum SinkRecord: Sendable, Equatable {
     case log(LogBatch)
     case updateRun(status: RunStatus, endTime: Int64?)
     case artifact(path: String, spoolPath: String)
+    /// MLflow's `delete_tag`: ordered after the tag writes before it.
+    case deleteTag(key: String)
 
     var metricCount: Int { if case .log(let b) = self { b.metrics.count } else { 0 } }
 }
@@ -90,6 +93,7 @@ public enum SinkOperation: Sendable, Equatable {
     case log(runID: String, LogBatch)
     case updateRun(runID: String, status: RunStatus, endTime: Int64?)
     case artifact(runID: String, path: String, spoolPath: String)
+    case deleteTag(runID: String, key: String)
 }
 
 /// How a sink call ended.
@@ -256,6 +260,8 @@ public struct UploadScheduler: Sendable {
             return Batch(handle: handle, entries: [head], operation: .updateRun(runID: runID, status: status, endTime: endTime))
         case .artifact(let path, let spoolPath):
             return Batch(handle: handle, entries: [head], operation: .artifact(runID: runID, path: path, spoolPath: spoolPath))
+        case .deleteTag(let key):
+            return Batch(handle: handle, entries: [head], operation: .deleteTag(runID: runID, key: key))
         case .log(let first):
             var merged = first
             var entries = [head]

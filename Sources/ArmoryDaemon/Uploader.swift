@@ -233,12 +233,14 @@ public final class Uploader: Sendable {
         Task(executorPreference: executor) { body(await sink.findRun(runID: runID)) }
     }
 
-    /// Looks an experiment up (or creates it) in the sink, off the caller's thread.
-    public func experiment(named name: String, create: Bool, _ body: @escaping @Sendable (Result<String?, ProtocolError>) -> Void) {
+    /// Calls the sink directly, off the caller's thread, for what is not queued per run
+    /// (experiment lookups and tags).
+    public func callSink<Value: Sendable>(_ work: @escaping @Sendable (any RecordSink) async throws(ProtocolError) -> Value,
+                                          _ body: @escaping @Sendable (Result<Value, ProtocolError>) -> Void) {
         let sink = sink
         Task(executorPreference: executor) {
             do throws(ProtocolError) {
-                body(.success(try await sink.experiment(named: name, create: create)))
+                body(.success(try await work(sink)))
             } catch {
                 body(.failure(error))
             }

@@ -121,6 +121,10 @@ public enum ClientOp: Sendable, Equatable {
     /// `waitMs` > 0: wait that long for a pending run to exist in MLflow.
     case runInfo(run: String, waitMs: Int64)
     case log(run: String, batch: LogBatch)
+    /// MLflow's `delete_tag`, ordered with the run's other records (fire-and-forget).
+    case deleteTag(run: String, key: String)
+    /// MLflow's `set_experiment_tag`: applied by the sink before the reply.
+    case setExperimentTag(experimentID: String, key: String, value: String)
     // Artifacts.
     case artifactOpen(run: String, path: String)
     case artifactChunk(artifact: Int64, data: [UInt8])
@@ -151,6 +155,8 @@ public enum ClientOp: Sendable, Equatable {
         case .attach: "attach"
         case .runInfo: "run_info"
         case .log: "log"
+        case .deleteTag: "delete_tag"
+        case .setExperimentTag: "set_experiment_tag"
         case .artifactOpen: "artifact_open"
         case .artifactChunk: "artifact_chunk"
         case .artifactClose: "artifact_close"
@@ -162,9 +168,10 @@ public enum ClientOp: Sendable, Equatable {
     /// Whether the daemon answers this op with a reply (else it is fire-and-forget).
     public var expectsReply: Bool {
         switch self {
-        case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun:
+        case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun,
+             .setExperimentTag:
             true
-        case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk:
+        case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk, .deleteTag:
             false
         }
     }
@@ -256,6 +263,9 @@ extension ClientFrame {
         case "run_info": op = .runInfo(run: try f.string("run"), waitMs: max(0, try f.optionalInt("wait_ms") ?? 0))
         case "log":
             op = .log(run: try f.string("run"), batch: try f.logBatch(receivedAtMs: receivedAtMs))
+        case "delete_tag": op = .deleteTag(run: try f.string("run"), key: try f.string("key"))
+        case "set_experiment_tag":
+            op = .setExperimentTag(experimentID: try f.string("experiment_id"), key: try f.string("key"), value: try f.string("value"))
         case "artifact_open": op = .artifactOpen(run: try f.string("run"), path: try f.string("path"))
         case "artifact_chunk":
             let text = try f.string("data")
@@ -445,6 +455,13 @@ extension ClientFrame {
             }
             if !batch.params.isEmpty { o["params"] = .object(batch.params.mapValues { .string($0) }) }
             if !batch.tags.isEmpty { o["tags"] = .object(batch.tags.mapValues { .string($0) }) }
+        case .deleteTag(let run, let key):
+            o["run"] = .string(run)
+            o["key"] = .string(key)
+        case .setExperimentTag(let experimentID, let key, let value):
+            o["experiment_id"] = .string(experimentID)
+            o["key"] = .string(key)
+            o["value"] = .string(value)
         case .artifactOpen(let run, let path):
             o["run"] = .string(run)
             o["path"] = .string(path)

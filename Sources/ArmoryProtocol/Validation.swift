@@ -4,6 +4,7 @@ public enum MLflowRules {
     public static let maxKeyLength = 250
     public static let maxParamValueLength = 6000
     public static let maxTagValueLength = 8000
+    public static let maxExperimentTagValueLength = 20000
     public static let maxExperimentNameLength = 500
 
     /// What kind of key is being checked, for the error message.
@@ -36,10 +37,11 @@ public enum MLflowRules {
         }
     }
 
-    public static func validateTagValue(_ value: String, key: String) throws(ProtocolError) {
+    /// A run's tag value (`limit`: `maxExperimentTagValueLength` for an experiment's tag).
+    public static func validateTagValue(_ value: String, key: String, limit: Int = maxTagValueLength) throws(ProtocolError) {
         let length = value.unicodeScalars.count
-        if length > maxTagValueLength {
-            throw ProtocolError(.invalidValue, "Tag '\(key)' has a value of \(length) characters; MLflow allows at most \(maxTagValueLength). Shorten it or log it as an artifact.")
+        if length > limit {
+            throw ProtocolError(.invalidValue, "Tag '\(key)' has a value of \(length) characters; MLflow allows at most \(limit). Shorten it or log it as an artifact.")
         }
     }
 

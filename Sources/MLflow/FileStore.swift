@@ -35,6 +35,8 @@ public enum FileStoreError: Error, Equatable, Sendable, CustomStringConvertible 
     case paramChanged(key: String, old: String, new: String)
     case experimentDeleted(name: String, id: String)
     case runNotFound(String)
+    case experimentNotFound(String)
+    case tagNotFound(key: String, runID: String)
     case invalidPath(String)
     case io(String)
 
@@ -46,6 +48,10 @@ public enum FileStoreError: Error, Equatable, Sendable, CustomStringConvertible 
             "Experiment '\(name)' (id \(id)) is deleted. Restore it with `mlflow experiments restore --experiment-id \(id)` or choose another evaluation name."
         case .runNotFound(let id):
             "No run with id '\(id)' in the local store."
+        case .experimentNotFound(let id):
+            "No experiment with id '\(id)' in the local store."
+        case .tagNotFound(let key, let runID):
+            "No tag with name: \(key) in run with id \(runID)"
         case .invalidPath(let path):
             "Invalid artifact path '\(path)': use a relative path without '..' segments."
         case .io(let message):
@@ -112,6 +118,15 @@ public final class FileStore {
         return id
     }
 
+    /// Sets an experiment tag (MLflow's `set_experiment_tag`: `<experiment>/tags/<key>`).
+    public func setExperimentTag(experimentID: String, key: String, value: String) throws(FileStoreError) {
+        let dir = root + "/" + experimentID
+        guard !experimentID.contains("/"), !experimentID.hasPrefix("."), readYAML(dir + "/meta.yaml") != nil else {
+            throw .experimentNotFound(experimentID)
+        }
+        try writeFile(dir + "/tags/" + key, Array(value.utf8))
+    }
+
     /// MLflow's experiment ids: 18 random decimal digits, no leading zero.
     static func newExperimentID() -> String {
         var digits = String((1...9).randomElement()!)
@@ -174,6 +189,20 @@ public final class FileStore {
         run.endTime = endTime
         try writeRunMeta(run)
         metaCache[runID] = run
+    }
+
+    /// Removes a run's tag (MLflow's `delete_tag`). A tag already gone is an error, as in MLflow,
+    /// except during a replay, when this call may have removed it before the daemon stopped.
+    public func deleteTag(runID: String, experimentID: String, key: String) throws(FileStoreError) {
+        let path = root + "/" + experimentID + "/" + runID + "/tags/" + key
+        guard unlink(path) == 0 else {
+            if errno == ENOENT {
+                if replaying.contains(runID) { return }
+                throw .tagNotFound(key: key, runID: runID)
+            }
+            throw .io("cannot remove \(path): \(String(cString: strerror(errno)))")
+        }
+        if let slash = path.lastIndex(of: "/") { dirty.insert(String(path[..<slash])) }
     }
 
     /// Appends metrics, writes params (immutable) and tags (overwritten).

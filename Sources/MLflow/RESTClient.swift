@@ -183,6 +183,15 @@ public final class MLflowRESTClient: Sendable {
         _ = try await call(.POST, "runs/update", json: .object(body))
     }
 
+    public func deleteTag(_ runID: String, key: String) async throws(MLflowError) {
+        _ = try await call(.POST, "runs/delete-tag", json: .object(["run_id": .string(runID), "key": .string(key)]))
+    }
+
+    public func setExperimentTag(_ experimentID: String, key: String, value: String) async throws(MLflowError) {
+        _ = try await call(.POST, "experiments/set-experiment-tag",
+                           json: .object(["experiment_id": .string(experimentID), "key": .string(key), "value": .string(value)]))
+    }
+
     /// One `runs/log-batch` (the caller keeps it within MLflow's limits).
     public func logBatch(_ runID: String, _ batch: LogBatch) async throws(MLflowError) {
         try await postLogBatch(Self.logBatchBody(runID: runID, batch))

@@ -20,6 +20,7 @@ import Testing
         .record(handle: "h1", .updateRun(status: .finished, endTime: 99)),
         .record(handle: "h1", .updateRun(status: .running, endTime: nil)),
         .record(handle: "h1", .artifact(path: "a/b.txt", spoolPath: "/s/x")),
+        .record(handle: "h1", .deleteTag(key: "draft")),
         .bind(handle: "h1", runID: "abc", experimentID: nil),
         .settled(12),
         .run(RunEntry(handle: "h2", runID: nil, experimentID: "3", experimentName: "e", name: "n", ownerUID: 7, status: .killed, parentHandle: nil,

@@ -59,6 +59,20 @@ import Testing
         #expect(merged.metrics.count == 900)
     }
 
+    @Test func aDeletedTagIsNeverMergedPastTheTagWritesAroundIt() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: "1"))
+        s.enqueue("a", .log(LogBatch(tags: ["t": "1"])), now: 0)
+        s.enqueue("a", .deleteTag(key: "t"), now: 0)
+        s.enqueue("a", .log(LogBatch(tags: ["t": "2"])), now: 0)
+        var operations: [SinkOperation] = []
+        while let batch = s.next(now: 0) {
+            operations.append(batch.operation)
+            _ = s.finish(batch, .applied, now: 0)
+        }
+        #expect(operations == [.log(runID: "r", LogBatch(tags: ["t": "1"])), .deleteTag(runID: "r", key: "t"), .log(runID: "r", LogBatch(tags: ["t": "2"]))])
+    }
+
     @Test func oversizedRecordsAreSplitAtEnqueue() throws {
         var s = scheduler()
         s.bind("a", .init(runID: "r", experimentID: nil))

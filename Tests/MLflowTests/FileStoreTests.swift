@@ -92,6 +92,21 @@ import Testing
         #expect(read(exp + "/" + run.runID + "/tags/t") == "b")
     }
 
+    @Test func deletedTagsAndExperimentTagsAreWhereMLflowKeepsThem() throws {
+        let store = try FileStore(root: root)
+        let exp = try store.experimentID(named: "e")
+        let run = FileStoreRun(runID: "aaaabbbbccccddddeeeeffff00002222", experimentID: exp, name: "r", userID: "u", status: .running, startTime: 1)
+        try store.createRun(run, tags: ["t": "a"])
+        try store.deleteTag(runID: run.runID, experimentID: exp, key: "t")
+        #expect(read(exp + "/" + run.runID + "/tags/t") == nil)
+        #expect(throws: FileStoreError.tagNotFound(key: "t", runID: run.runID)) { try store.deleteTag(runID: run.runID, experimentID: exp, key: "t") }
+        store.replay(runIDs: [run.runID])  // a replayed delete may find the tag already gone
+        try store.deleteTag(runID: run.runID, experimentID: exp, key: "t")
+        try store.setExperimentTag(experimentID: exp, key: "owner", value: "lab")
+        #expect(read(exp + "/tags/owner") == "lab")
+        #expect(throws: FileStoreError.experimentNotFound("404")) { try store.setExperimentTag(experimentID: "404", key: "k", value: "v") }
+    }
+
     @Test(arguments: ["plain-name", "with space", "yes", "123", "1e5", "0123abcdef", "a: b", "it's", "#hash", "tab\there", "new\nline", "ünïcode", "-dash", "null", ""])
     func yamlScalarsReadBackAsTheSameString(_ value: String) throws {
         let quoted = YAMLScalar.quoted(value)

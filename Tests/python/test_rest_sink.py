@@ -237,9 +237,11 @@ def test_an_evaluation_brings_its_own_destination(daemon, mlflow_server, tmp_pat
 COMPARED_SCRIPT = """
 import os, mlflow
 mlflow.set_experiment(os.environ["EXPERIMENT"])
+mlflow.set_experiment_tag("owner", "lab")
 with mlflow.start_run(run_name="parent"):
     mlflow.log_params({"lr": 0.1, "depth": 3})
-    mlflow.set_tags({"team": "red"})
+    mlflow.set_tags({"team": "red", "draft": "yes"})
+    mlflow.delete_tag("draft")
     for i in range(50):
         mlflow.log_metric("loss", 1.0 / (i + 1), step=i, timestamp=1795400000000 + i)
     with mlflow.start_run(run_name="child", nested=True):
@@ -251,7 +253,7 @@ with mlflow.start_run(run_name="parent"):
 
 def _records(client, experiment, tmp_path):
     exp = client.get_experiment_by_name(experiment)
-    out = {}
+    out = {"experiment tags": {k: v for k, v in exp.tags.items() if not k.startswith("mlflow.")}}
     for run in client.search_runs([exp.experiment_id]):
         name = run.info.run_name
         parent = run.data.tags.get("mlflow.parentRunId")
@@ -288,7 +290,8 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
     client = MlflowClient(tracking_uri=mlflow_server.url)
     a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
     assert a == b
-    assert set(a) == {"parent", "child"} and a["child"]["has_parent"]
+    assert set(a) == {"experiment tags", "parent", "child"} and a["child"]["has_parent"]
+    assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent"]["tags"]
 
 
 def test_a_full_journal_slows_writers_down_and_nothing_is_dropped(tmp_path, mlflow_server):

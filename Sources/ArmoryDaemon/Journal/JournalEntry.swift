@@ -6,7 +6,7 @@ public enum JournalEntry: Sendable, Equatable {
     /// A run as the registry knows it: written when a run is attached, and at the head of every
     /// segment for each run still live, so that older segments can be deleted.
     case run(RunEntry)
-    /// A record for the sink (`createRun`, `log`, `updateRun`, `artifact`).
+    /// A record for the sink (`createRun`, `log`, `updateRun`, `artifact`, `deleteTag`).
     case record(handle: String, SinkRecord)
     /// The run's MLflow id, once the sink created it.
     case bind(handle: String, runID: String, experimentID: String?)
@@ -17,7 +17,7 @@ public enum JournalEntry: Sendable, Equatable {
 /// The compact binary form of journal entries (little-endian, length-prefixed strings).
 enum JournalCodec {
     enum Kind: UInt8 {
-        case run = 1, create, log, update, artifact, bind, settled
+        case run = 1, create, log, update, artifact, bind, settled, deleteTag
     }
 
     /// Thrown for a record whose body does not decode (its checksum matched: a bug or a
@@ -74,6 +74,10 @@ enum JournalCodec {
             w.string(handle)
             w.string(path)
             w.string(spoolPath)
+        case .record(let handle, .deleteTag(let key)):
+            w.u8(Kind.deleteTag.rawValue)
+            w.string(handle)
+            w.string(key)
         case .bind(let handle, let runID, let experimentID):
             w.u8(Kind.bind.rawValue)
             w.string(handle)
@@ -123,6 +127,8 @@ enum JournalCodec {
             return .record(handle: try r.string(), .updateRun(status: try r.status(), endTime: try r.optionalInt()))
         case .artifact:
             return .record(handle: try r.string(), .artifact(path: try r.string(), spoolPath: try r.string()))
+        case .deleteTag:
+            return .record(handle: try r.string(), .deleteTag(key: try r.string()))
         case .bind:
             return .bind(handle: try r.string(), runID: try r.string(), experimentID: try r.optional())
         case .settled:

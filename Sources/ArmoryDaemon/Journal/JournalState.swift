@@ -68,6 +68,8 @@ public struct JournalState: Sendable {
                 runs[handle]?.endTime = endTime
             case .artifact(_, let spool):
                 if collectPending { spools[lsn] = spool }
+            case .deleteTag:
+                break
             }
             lastLSN[handle] = lsn
             lastRecordLSN = max(lastRecordLSN, lsn)

@@ -21,10 +21,11 @@ from urllib.parse import urlparse
 
 from mlflow.entities import Experiment, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import (INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST,
+                                          TEMPORARILY_UNAVAILABLE)
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.tracking.abstract_store import AbstractStore
-from mlflow.utils.validation import _validate_batch_log_data, _validate_experiment_name
+from mlflow.utils.validation import _validate_batch_log_data, _validate_experiment_name, _validate_experiment_tag
 
 from . import _connection
 from .evaluation import Run as DaemonRun
@@ -132,7 +133,11 @@ class ArmorydTrackingStore(AbstractStore):
         return _Plugin.backing_store().search_experiments(*args, **kwargs)
 
     def set_experiment_tag(self, experiment_id, tag):
-        return _Plugin.backing_store().set_experiment_tag(experiment_id, tag)
+        _validate_experiment_tag(tag.key, tag.value)
+        try:
+            _Plugin.connection().request("set_experiment_tag", experiment_id=str(experiment_id), key=tag.key, value=str(tag.value))
+        except _connection.ArmoryError as e:
+            raise MlflowException(f"armoryd: {e}") from None
 
     # -- runs ------------------------------------------------------------------------
 
@@ -246,12 +251,13 @@ class ArmorydTrackingStore(AbstractStore):
         _sync()
 
     def delete_tag(self, run_id, key):
-        _Plugin.settle()
-        _Plugin.backing_store().delete_tag(run_id, key)
         with _Plugin.lock:
             state = _Plugin.runs.get(run_id)
             if state is not None:
-                state["tags"].pop(key, None)
+                if key not in state["tags"]:
+                    raise MlflowException(f"No tag with name: {key} in run with id {run_id}", RESOURCE_DOES_NOT_EXIST)
+                state["tags"].pop(key)
+        _Plugin.connection().send("delete_tag", run=_Plugin.handle(run_id), key=key)
 
     # -- reads forwarded to the destination, after this process's writes landed ------
 

@@ -34,11 +34,17 @@ def test_the_seeds_flow_through_the_fluent_api(daemon, tmp_path):
     out = run_mlflow(f"""
         import mlflow
         mlflow.set_experiment("fluent")
+        mlflow.set_experiment_tag("owner", "lab")
         with mlflow.start_run(run_name="parent", description="about") as parent:
             mlflow.log_param("lr", 0.1)
             mlflow.log_params({{"depth": 3, "opt": "sgd"}})
             mlflow.set_tag("team", "red")
-            mlflow.set_tags({{"a": "1"}})
+            mlflow.set_tags({{"a": "1", "draft": "yes"}})
+            mlflow.delete_tag("draft")
+            try:
+                mlflow.delete_tag("never-set")
+            except mlflow.exceptions.MlflowException as e:
+                print("missing-tag:", "No tag with name: never-set" in str(e), file=__import__("sys").stderr)
             with mlflow.start_run(run_name="child", nested=True) as child:
                 mlflow.log_metric("loss", 0.5, step=1)
                 mlflow.log_metrics({{"acc": 0.9, "nan": float("nan"), "inf": float("inf")}}, step=2)
@@ -58,6 +64,8 @@ def test_the_seeds_flow_through_the_fluent_api(daemon, tmp_path):
     assert parent.info.run_name == "parent" and parent.info.status == "FINISHED"
     assert parent.data.params == {"lr": "0.1", "depth": "3", "opt": "sgd"}
     assert parent.data.tags["team"] == "red" and parent.data.tags["mlflow.note.content"] == "about"
+    assert "draft" not in parent.data.tags and "missing-tag: True" in out.stderr
+    assert c.get_experiment(parent.info.experiment_id).tags["owner"] == "lab"
     assert child.data.tags["mlflow.parentRunId"] == parent_id and child.info.run_name == "child"
     assert child.data.metrics["loss"] == 0.5 and child.data.metrics["custom_metric"] == 42
     assert math.isnan(child.data.metrics["nan"]) and child.data.metrics["inf"] == math.inf
