@@ -40,26 +40,34 @@ def main():
 
     _tracking_store_registry.register("nullstore", lambda store_uri=None, artifact_uri=None: NullStore())
 
-    results = {}
-    for label, uri, n in (("do-nothing store", "nullstore://", 20000), ("mlflow server", server, 200), ("armoryd://", "armoryd://", 20000)):
+    def measure(uri, run_id, n, out_fluent, out_direct):
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        if uri == "nullstore://":
-            run_id = "0" * 32
-        else:
-            experiment = client.get_experiment_by_name("bench-plugin") or client.get_experiment(client.create_experiment("bench-plugin"))
-            run_id = client.create_run(experiment.experiment_id).info.run_id
-        fluent, direct = [], []
         with mlflow.start_run(run_id=run_id):
             for i in range(n):
                 t = time.perf_counter_ns()
                 mlflow.log_metric("fluent", i * 0.001, step=i)
-                fluent.append(time.perf_counter_ns() - t)
+                out_fluent.append(time.perf_counter_ns() - t)
         for i in range(n):
             t = time.perf_counter_ns()
             client.log_metric(run_id, "client", i * 0.001, step=i)
-            direct.append(time.perf_counter_ns() - t)
-        results[label] = {"mlflow.log_metric_us": percentiles(fluent), "MlflowClient.log_metric_us": percentiles(direct), "calls": n}
+            out_direct.append(time.perf_counter_ns() - t)
+
+    def new_run(uri):
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("bench-plugin") or client.get_experiment(client.create_experiment("bench-plugin"))
+        return client.create_run(experiment.experiment_id).info.run_id
+
+    # The floor and armoryd:// alternate in blocks, so that a busy neighbour slows both alike.
+    samples = {label: ([], []) for label in ("do-nothing store", "mlflow server", "armoryd://")}
+    measure(server, new_run(server), 200, *samples["mlflow server"])
+    through_run = new_run("armoryd://")
+    blocks, per_block = 40, 500
+    for _ in range(blocks):
+        measure("nullstore://", "0" * 32, per_block, *samples["do-nothing store"])
+        measure("armoryd://", through_run, per_block, *samples["armoryd://"])
+    results = {label: {"mlflow.log_metric_us": percentiles(fluent), "MlflowClient.log_metric_us": percentiles(direct), "calls": len(fluent)}
+               for label, (fluent, direct) in samples.items()}
     floor, through = results["do-nothing store"], results["armoryd://"]
     for label, r in results.items():
         print(f"{label:<18} mlflow.log_metric p50 {r['mlflow.log_metric_us']['p50']:>9.2f} µs  p99 {r['mlflow.log_metric_us']['p99']:>9.2f} µs   "

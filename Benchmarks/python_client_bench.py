@@ -1,5 +1,5 @@
 """Python call costs, one run, one machine: armory_track's `chain.log_metric` next to the raw
-`sendall` floor and to MLflow's own client (synchronous and `synchronous=False`) against the same
+per-call `sendall` baseline and to MLflow's own client (synchronous and `synchronous=False`) against the same
 local `mlflow server`. Prints a table and writes JSON (argv: armoryd socket, server URL, output)."""
 import json
 import os
@@ -78,13 +78,13 @@ def main():
         "mlflow_async_drain_s_for_5000": round(async_drain_s, 2), "calls": n,
     }
     rows = [("armory_track chain.log_metric", results["armory_track_log_metric_us"]),
-            ("floor: sendall of a prebuilt frame", results["raw_sendall_us"]),
+            ("baseline: one sendall per call, prebuilt", results["raw_sendall_us"]),
             ("MLflow log_metric (synchronous)", results["mlflow_sync_log_metric_us"]),
             ("MLflow log_metric (synchronous=False)", results["mlflow_async_log_metric_us"])]
     for name, p in rows:
         print(f"{name:<44} p50 {p['p50']:>10.2f} µs  p99 {p['p99']:>10.2f} µs")
     a, f = results["armory_track_log_metric_us"], results["raw_sendall_us"]
-    print(f"{'ratio to the sendall floor':<44} p50 {a['p50'] / f['p50']:.2f}x   vs synchronous MLflow {results['mlflow_sync_log_metric_us']['p50'] / a['p50']:.0f}x faster")
+    print(f"{'ratio to one sendall per call':<44} p50 {a['p50'] / f['p50']:.2f}x   vs synchronous MLflow {results['mlflow_sync_log_metric_us']['p50'] / a['p50']:.0f}x faster")
     print(f"MLflow's async queue drained 5000 metrics in {async_drain_s:.2f} s")
     with open(output, "w") as out:
         json.dump(results, out, indent=1)

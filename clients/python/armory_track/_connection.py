@@ -1,13 +1,17 @@
 """One connection per process to armoryd: length-prefixed JSON frames over a Unix socket.
 
 Fire-and-forget frames are appended to a buffer and sent by a flusher thread (a call never waits
-for the daemon); requests wait for their reply; a reader thread takes acks, replies and the
+for the daemon); single metrics are only queued, and the flusher writes a run's queued metrics as
+one `log` frame. Requests wait for their reply; a reader thread takes acks, replies and the
 errors of fire-and-forget frames, which are raised at the next sync point.
 """
 from __future__ import annotations
 
 import atexit
+import collections
+import itertools
 import json
+import operator
 import os
 import socket
 import struct
@@ -19,7 +23,8 @@ PROTOCOL = 1
 CLIENT_VERSION = "0.1.0"
 SYSTEM_SOCKET = "/run/armory/armoryd.sock"
 _MAX_BUFFER = 8 << 20
-_FLUSH_AT = 64 << 10
+_MAX_QUEUED_METRICS = 50_000  # then the caller formats and waits like any frame
+_METRICS_PER_FRAME = 1000
 
 
 class ArmoryError(RuntimeError):
@@ -100,7 +105,15 @@ class Connection:
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # Held while a taken buffer is written: sends leave in the order their buffers were taken,
+        # and callers appending frames never wait for the socket.
+        self._send_lock = threading.Lock()
         self._buffer = bytearray()
+        # Metrics queued by `send_metric` (deque appends are atomic: no lock on the hot path); every
+        # other frame, and the flusher, first moves them into the buffer, so that order is kept.
+        self._metrics: collections.deque = collections.deque()
+        self._flusher_idle = False
+        self._wake = threading.Event()
         self._seq = 0
         self._replies: Dict[int, Dict[str, Any]] = {}
         self._awaited = set()
@@ -128,14 +141,32 @@ class Connection:
         """Appends one frame (caller holds the lock)."""
         while len(self._buffer) > _MAX_BUFFER and self._closed is None:
             self._cond.wait()
-        if not self._buffer:
-            self._cond.notify_all()
+        if self._flusher_idle:
+            self._wake.set()
         self._buffer += struct.pack(">I", len(payload))
         self._buffer += payload
+
+    def _move_metrics(self) -> None:
+        """Writes the queued metrics into the buffer, a run's consecutive ones as one `log` frame
+        (caller holds the lock)."""
+        queued, metrics = [], self._metrics
+        while True:
+            try:
+                queued.append(metrics.popleft())
+            except IndexError:
+                break
+        for run_head, group in itertools.groupby(queued, key=operator.itemgetter(0)):
+            rows = [b"[%s%r,%d,%d]" % (key, value, step, timestamp) if value - value == 0.0
+                    else b"[%s%s,%d,%d]" % (key, _non_finite(value), step, timestamp)
+                    for _, key, value, step, timestamp in group]
+            for start in range(0, len(rows), _METRICS_PER_FRAME):
+                self._seq += 1
+                self._frame(b'%s%s],"seq":%d}' % (run_head, b",".join(rows[start:start + _METRICS_PER_FRAME]), self._seq))
 
     def send(self, op: str, **fields: Any) -> int:
         """A fire-and-forget frame: returns its seq at once."""
         with self._lock:
+            self._move_metrics()
             self._seq += 1
             seq = self._seq
             fields["op"] = op
@@ -143,23 +174,31 @@ class Connection:
             self._frame(json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode())
             return seq
 
-    def send_raw(self, make) -> int:
-        """A fire-and-forget frame whose payload `make(seq)` builds (the hot metric path)."""
-        with self._lock:
-            self._seq += 1
-            self._frame(make(self._seq))
-            return self._seq
+    def send_metric(self, run_head: bytes, key: bytes, value: float, step: int, timestamp: int) -> None:
+        """The hot path: queues one metric, without a lock or any formatting. `run_head` is
+        `{"op":"log","run":<handle>,"metrics":[` and `key` the key as JSON and a comma, both bytes
+        (the same `run_head` object for a run's metrics); `value` a float (NaN and ±Infinity become
+        the protocol's strings)."""
+        metrics = self._metrics
+        metrics.append((run_head, key, value, step, timestamp))
+        if self._flusher_idle:
+            self._wake.set()
+        if len(metrics) > _MAX_QUEUED_METRICS:
+            with self._lock:
+                self._move_metrics()  # waits there while the daemon is behind
 
     def request(self, op: str, timeout: float = 30.0, **fields: Any) -> Dict[str, Any]:
         """Sends a request and waits for its reply; a refusal raises ArmoryError."""
         with self._lock:
+            self._move_metrics()
             self._seq += 1
             seq = self._seq
             fields["op"] = op
             fields["seq"] = seq
             self._awaited.add(seq)
             self._frame(json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode())
-            self._send_now()
+        self._send_pending()
+        with self._lock:
             deadline = None if timeout is None else (_monotonic() + timeout)
             while seq not in self._replies:
                 if self._closed is not None:
@@ -186,28 +225,36 @@ class Connection:
         if errors:
             raise ArmoryError(errors)
 
-    def _send_now(self) -> None:
-        """Sends the buffer from the caller's thread (caller holds the lock)."""
-        if self._buffer and self._closed is None:
-            data = bytes(self._buffer)
-            self._buffer.clear()
+    def _send_pending(self) -> None:
+        """Sends what is buffered from the caller's thread, without holding the buffer's lock."""
+        with self._send_lock:
+            with self._lock:
+                self._move_metrics()
+                if not self._buffer or self._closed is not None:
+                    return
+                data, self._buffer = self._buffer, bytearray()
+                self._cond.notify_all()  # writers held back by a full buffer
             try:
                 self.sock.sendall(data)
             except OSError as e:
-                self._closed = f"writing to armoryd failed: {e}"
-            self._cond.notify_all()
+                with self._lock:
+                    if self._closed is None:
+                        self._closed = f"writing to armoryd failed: {e}"
+                    self._cond.notify_all()
+                    self._wake.set()  # the flusher ends
 
     def _flush_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._buffer and self._closed is None:
-                    self._cond.wait()
-                if self._closed is not None:
-                    return
+        while self._closed is None:
+            if not self._buffer and not self._metrics:
+                self._flusher_idle = True
+                if not self._buffer and not self._metrics:  # a writer sees the flag, or this sees its data
+                    self._wake.wait(1.0)
+                self._wake.clear()
+                self._flusher_idle = False
+                continue
             # Let a burst of calls join the buffer, then send it with one syscall.
             _sleep(0.001)
-            with self._lock:
-                self._send_now()
+            self._send_pending()
 
     def _read_loop(self) -> None:
         data = b""
@@ -224,6 +271,7 @@ class Connection:
                     if self._closed is None:
                         self._closed = reason
                     self._cond.notify_all()
+                    self._wake.set()  # the flusher ends
                 return
             data += chunk
             messages = []
@@ -252,16 +300,21 @@ class Connection:
         return reply
 
     def close(self) -> None:
+        self._send_pending()
         with self._lock:
-            self._send_now()
             if self._closed is None:
                 self._closed = "the connection was closed by the client."
             self._cond.notify_all()
+            self._wake.set()  # the flusher ends
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+
+def _non_finite(value: float) -> bytes:
+    return b'"NaN"' if value != value else (b'"Infinity"' if value > 0 else b'"-Infinity"')
 
 
 def _monotonic() -> float:
@@ -294,6 +347,8 @@ def connection() -> Connection:
 
 def _after_fork_in_child() -> None:
     global _connection, _connection_lock
+    if _connection is not None:  # the parent's: its threads did not survive the fork
+        _connection._closed = "this connection belongs to the parent process (fork)."
     _connection = None  # the child opens its own connection (a fresh tracking session)
     _connection_lock = threading.Lock()
 

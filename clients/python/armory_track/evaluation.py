@@ -40,8 +40,8 @@ class Run:
         self._run_id: Optional[str] = reply.get("run_id")
         self.experiment_id: Optional[str] = reply.get("experiment_id")
         self.name: str = reply.get("name", "")
-        self._head = '{"op":"log","run":' + json.dumps(self.handle) + ',"metrics":[['
-        self._keys: Dict[str, str] = {}
+        self._head = ('{"op":"log","run":' + json.dumps(self.handle) + ',"metrics":[').encode()
+        self._keys: Dict[str, bytes] = {}  # metric key → its JSON and a comma
 
     @property
     def run_id(self) -> str:
@@ -57,17 +57,9 @@ class Run:
     def log_metric(self, key: str, value: float, step: Optional[int] = None, timestamp: Optional[int] = None) -> None:
         k = self._keys.get(key)
         if k is None:
-            k = self._keys[key] = json.dumps(key)
-        v = float(value)
-        if v != v:
-            text = '"NaN"'
-        elif v in (math.inf, -math.inf):
-            text = '"Infinity"' if v > 0 else '"-Infinity"'
-        else:
-            text = repr(v)
+            k = self._keys[key] = (json.dumps(key) + ",").encode()
         ts = int(time.time() * 1000) if timestamp is None else int(timestamp)
-        body = f"{self._head}{k},{text},{int(step or 0)},{ts}]],\"seq\":"
-        connection().send_raw(lambda seq: (body + str(seq) + "}").encode())
+        connection().send_metric(self._head, k, float(value), int(step or 0), ts)
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None, timestamp: Optional[int] = None) -> None:
         ts = int(time.time() * 1000) if timestamp is None else int(timestamp)

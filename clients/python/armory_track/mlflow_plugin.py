@@ -19,7 +19,7 @@ import threading
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
-from mlflow.entities import Experiment, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag
+from mlflow.entities import Experiment, Param, Run, RunData, RunInfo, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST,
                                           TEMPORARILY_UNAVAILABLE)
@@ -167,7 +167,7 @@ class ArmorydTrackingStore(AbstractStore):
         info = RunInfo(run_id=run_id, experiment_id=s["experiment_id"], user_id=s["user_id"], status=s["status"],
                        start_time=s["start_time"], end_time=s["end_time"], lifecycle_stage="active",
                        artifact_uri=_artifact_uri(run_id), run_name=s["run_name"])
-        data = RunData(metrics=[Metric(k, v, t, st) for k, (v, t, st) in s["metrics"].items()],
+        data = RunData(metrics=list(s["metrics"].values()),
                        params=[Param(k, v) for k, v in s["params"].items()],
                        tags=[RunTag(k, v) for k, v in s["tags"].items()])
         return Run(info, data)
@@ -201,7 +201,7 @@ class ArmorydTrackingStore(AbstractStore):
 
     def log_batch(self, run_id, metrics, params, tags):
         if len(metrics) == 1 and not params and not tags:
-            return self._log_one_metric(run_id, metrics[0])
+            return self.log_metric(run_id, metrics[0])
         _validate_batch_log_data(metrics, params, tags)
         handle = _Plugin.handle(run_id)
         fields: Dict[str, Any] = {"run": handle}
@@ -216,31 +216,23 @@ class ArmorydTrackingStore(AbstractStore):
             state = _Plugin.runs.get(run_id)
             if state is not None:
                 for m in metrics:
-                    state["metrics"][m.key] = (m.value, m.timestamp, m.step)
+                    state["metrics"][m.key] = m
                 for p in params:
                     state["params"].setdefault(p.key, str(p.value))
                 for t in tags:
                     state["tags"][t.key] = str(t.value)
 
-    _key_json: Dict[str, str] = {}  # metric keys already validated, with their JSON text
-    _heads: Dict[tuple, str] = {}  # (connection, run) → '{"op":"log","run":"<handle>","metrics":[['
-
-    def _log_one_metric(self, run_id, m) -> None:
-        """The hot path (`log_metric`): MLflow's validation once per key, the frame built directly."""
-        key = self._key_json.get(m.key)
-        if key is None or not isinstance(m.value, (int, float)) or isinstance(m.value, bool) \
-                or not isinstance(m.timestamp, int) or m.timestamp < 0:
-            _validate_batch_log_data([m], [], [])
-            key = self._key_json[m.key] = json.dumps(m.key)
-        connection = _Plugin.connection()
-        head = self._heads.get((connection, run_id))
-        if head is None:
-            head = self._heads[(connection, run_id)] = '{"op":"log","run":' + json.dumps(_Plugin.handle(run_id)) + ',"metrics":[['
-        body = f"{head}{key},{_json_number(m.value)},{int(m.step or 0)},{m.timestamp}]],\"seq\":"
-        connection.send_raw(lambda seq: (body + str(seq) + "}").encode())
-        state = _Plugin.runs.get(run_id)
-        if state is not None:
-            state["metrics"][m.key] = (m.value, m.timestamp, m.step)
+    def log_metric(self, run_id, metric):
+        """The hot path: MLflow's checks once per run and key, then the metric is queued."""
+        key, value, step, timestamp = metric.key, metric.value, metric.step, metric.timestamp
+        entry = _metric_heads.get((run_id, key))
+        if entry is None or entry[0]._closed is not None or type(value) is not float or type(step) is not int \
+                or type(timestamp) is not int or timestamp < 0:
+            entry = _metric_head(run_id, metric)
+            value, step, timestamp = float(value), int(step or 0), int(timestamp)
+        entry[1](entry[2], entry[3], value, step, timestamp)
+        if entry[4] is not None:
+            entry[4][key] = metric
 
     def flush_async_logging(self):
         super().flush_async_logging()
@@ -270,6 +262,23 @@ class ArmorydTrackingStore(AbstractStore):
         return _Plugin.backing_store()._search_runs(experiment_ids, filter_string, run_view_type, max_results, order_by, page_token)
 
 
+# (run id, metric key) → (connection, its send_metric, the run's frame head, the key's JSON, the
+# run's latest metrics or None). A connection closed, or left behind by fork(), is replaced on the
+# next call.
+_metric_heads: Dict[tuple, tuple] = {}
+
+
+def _metric_head(run_id: str, metric) -> tuple:
+    """The slow path of `log_metric`: MLflow's own checks, then the cached frame parts."""
+    _validate_batch_log_data([metric], [], [])
+    connection = _Plugin.connection()
+    run_head = ('{"op":"log","run":' + json.dumps(_Plugin.handle(run_id)) + ',"metrics":[').encode()
+    state = _Plugin.runs.get(run_id)
+    entry = _metric_heads[(run_id, metric.key)] = (connection, connection.send_metric, run_head, (json.dumps(metric.key) + ",").encode(),
+                                                   None if state is None else state["metrics"])
+    return entry
+
+
 def _forwarded(name: str):
     def method(self, *args, **kwargs):
         _Plugin.settle()
@@ -294,15 +303,6 @@ def _sync(level: str = "durable") -> None:
         _Plugin.connection().flush(level)
     except _connection.ArmoryError as e:
         raise MlflowException(f"armoryd refused earlier writes: {e}", INVALID_PARAMETER_VALUE) from None
-
-
-def _json_number(value: float) -> str:
-    v = float(value)
-    if v != v:
-        return '"NaN"'
-    if v in (math.inf, -math.inf):
-        return '"Infinity"' if v > 0 else '"-Infinity"'
-    return repr(v)
 
 
 def _number(value: float):
