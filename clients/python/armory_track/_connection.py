@@ -313,6 +313,14 @@ class Connection:
         self.sock.close()
 
 
+def protocol_number(value: float):
+    """A metric value as the protocol writes it: a float, or "NaN", "Infinity", "-Infinity"."""
+    v = float(value)
+    if v - v == 0.0:
+        return v
+    return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+
+
 def _non_finite(value: float) -> bytes:
     return b'"NaN"' if value != value else (b'"Infinity"' if value > 0 else b'"-Infinity"')
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
-from ._connection import connection
+from ._connection import connection, protocol_number
 from .track import Trackable, _flatten, _next_id, track_call, trackable_context
 
 _STATUS = {"FINISHED", "FAILED", "KILLED"}
@@ -65,8 +64,7 @@ class Run:
         ts = int(time.time() * 1000) if timestamp is None else int(timestamp)
         rows = []
         for key, value in metrics.items():
-            v = float(value)
-            rows.append([key, "NaN" if v != v else ("Infinity" if v == math.inf else ("-Infinity" if v == -math.inf else v)), int(step or 0), ts])
+            rows.append([key, protocol_number(value), int(step or 0), ts])
         connection().send("log", run=self.handle, metrics=rows)
 
     def log_param(self, key: str, value: Any) -> None:

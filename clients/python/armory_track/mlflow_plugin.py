@@ -13,7 +13,6 @@ destination, after the run's pending records are uploaded (read-your-writes, bou
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 from typing import Any, Dict, List, Optional
@@ -206,7 +205,7 @@ class ArmorydTrackingStore(AbstractStore):
         handle = _Plugin.handle(run_id)
         fields: Dict[str, Any] = {"run": handle}
         if metrics:
-            fields["metrics"] = [[m.key, _number(m.value), int(m.step or 0), int(m.timestamp)] for m in metrics]
+            fields["metrics"] = [[m.key, _connection.protocol_number(m.value), int(m.step or 0), int(m.timestamp)] for m in metrics]
         if params:
             fields["params"] = {p.key: str(p.value) for p in params}
         if tags:
@@ -303,15 +302,6 @@ def _sync(level: str = "durable") -> None:
         _Plugin.connection().flush(level)
     except _connection.ArmoryError as e:
         raise MlflowException(f"armoryd refused earlier writes: {e}", INVALID_PARAMETER_VALUE) from None
-
-
-def _number(value: float):
-    v = float(value)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return v
 
 
 class ArmorydArtifactRepository(ArtifactRepository):

@@ -27,14 +27,6 @@ def frames(buffer):
     return out
 
 
-def protocol_value(v):
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return v
-
-
 def test_hot_metric_frames_match_the_general_encoder_and_land_exactly(daemon):
     c = _connection.connection()
     run = c.request("create_run", experiment_id="0", run_name="frames")
@@ -58,7 +50,7 @@ def test_hot_metric_frames_match_the_general_encoder_and_land_exactly(daemon):
     for step, (v, row) in enumerate(zip(values, rows)):
         assert row[0] == key and row[2:] == [step, 1795400000000 + step]
         if isinstance(row[1], str):
-            assert row[1] == protocol_value(v)
+            assert row[1] == _connection.protocol_number(v)
         else:
             assert struct.pack("<d", row[1]) == struct.pack("<d", v), row
     c.request("end", run=run["handle"], status="FINISHED")
