@@ -38,6 +38,17 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // libsystemd (sd-daemon, sd-journal), for the Systemd module only.
+        .systemLibrary(
+            name: "CSystemd",
+            pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]
+        ),
+        // systemd integration: notify protocol, socket activation, journald logging.
+        .target(
+            name: "Systemd",
+            dependencies: ["CSystemd", .product(name: "Logging", package: "swift-log")]
+        ),
         // Sessions, tracking contexts, runs, uploader, socket server.
         .target(
             name: "ArmoryDaemon",
@@ -64,6 +75,7 @@ let package = Package(
             dependencies: [
                 "ArmoryDaemon",
                 "MLflow",
+                "Systemd",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

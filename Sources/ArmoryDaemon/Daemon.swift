@@ -15,6 +15,9 @@ import Synchronization
 /// Everything armoryd needs to start; `armoryd`'s flags and environment fill it in.
 public struct DaemonConfiguration: Sendable {
     public var socketPath: String
+    /// A listening socket handed over by systemd's socket activation: served as is, never
+    /// unlinked (`socketPath` is where it is bound).
+    public var adoptedSocket: Int32?
     /// The local MLflow store (`$ARMORY_HOME/mlruns`).
     public var storeRoot: String
     /// Daemon-owned state (spool, journal): `$ARMORY_HOME/state`.
@@ -73,12 +76,54 @@ public final class Daemon: Service {
     private let nextConnection = Atomic<UInt64>(1)
     private let openConnections = Atomic<Int>(0)
     private let readiness: (@Sendable (String) -> Void)?
+    private let running = Mutex<Running?>(nil)
+
+    /// What a started daemon's health checks and status line look at.
+    private struct Running: @unchecked Sendable {
+        let group: MultiThreadedEventLoopGroup
+        let services: DaemonServices
+    }
 
     /// `onReady` is called once the socket accepts connections.
     public init(configuration: DaemonConfiguration, logger: Logger, onReady: (@Sendable (String) -> Void)? = nil) {
         self.configuration = configuration
         self.logger = logger
         self.readiness = onReady
+    }
+
+    /// A one-line summary (systemd's `STATUS=`): state, clients, active runs, backlog, last upload.
+    public var statusLine: String {
+        guard let services = running.withLock({ $0?.services }) else { return "starting" }
+        return StatusReport.summary(services: services)
+    }
+
+    /// What keeps the daemon from serving, checked for systemd's watchdog: every event loop and
+    /// every uploader (its loop and its lock) must run a no-op within `seconds`. Empty when healthy.
+    public func healthProblems(within seconds: Double) async -> [String] {
+        guard let running = running.withLock({ $0 }) else { return ["not started"] }
+        var checks: [(String, @Sendable (@escaping @Sendable () -> Void) -> Void)] = []
+        for (index, loop) in running.group.makeIterator().enumerated() {
+            checks.append(("event loop \(index)", { done in loop.execute(done) }))
+        }
+        for uploader in running.services.destinations.all {
+            checks.append(("uploader for \(uploader.destination)", { done in uploader.checkResponsive(done) }))
+        }
+        var problems: [String] = []
+        for (name, check) in checks where !(await Self.answers(within: seconds, check)) {
+            problems.append("\(name) did not respond within \(seconds) s")
+        }
+        return problems
+    }
+
+    private static func answers(within seconds: Double, _ check: (@escaping @Sendable () -> Void) -> Void) async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let settled = Atomic<Bool>(false)
+            let finish: @Sendable (Bool) -> Void = { value in
+                if !settled.exchange(true, ordering: .acquiringAndReleasing) { continuation.resume(returning: value) }
+            }
+            DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { finish(false) }
+            check { finish(true) }
+        }
     }
 
     public func run() async throws {
@@ -99,7 +144,7 @@ public final class Daemon: Service {
         } catch {
             throw DaemonStartError.store(error.message)
         }
-        try prepareSocketPath(config.socketPath)
+        if config.adoptedSocket == nil { try prepareSocketPath(config.socketPath) }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
         let registry = RunRegistry()
@@ -138,15 +183,18 @@ public final class Daemon: Service {
             try? await group.shutdownGracefully()
             throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(error)")
         }
-        chmod(config.socketPath, config.socketMode)
-        logger.notice("armoryd \(DaemonServices.version) ready", metadata: ["socket": "\(config.socketPath)", "store": "\(sink.destination)"])
+        if config.adoptedSocket == nil { chmod(config.socketPath, config.socketMode) }
+        running.withLock { $0 = Running(group: group, services: services) }
+        logger.notice("armoryd \(DaemonServices.version) ready", metadata: [
+            "socket": "\(config.socketPath)", "store": "\(sink.destination)", "socket_activated": "\(config.adoptedSocket != nil)",
+        ])
         readiness?(config.socketPath)
 
         try? await gracefulShutdown()
 
         logger.notice("shutting down: no new connections; draining queued records", metadata: ["bound_s": "\(config.shutdownDrainSeconds)"])
         try? await server.close()
-        unlink(config.socketPath)
+        if config.adoptedSocket == nil { unlink(config.socketPath) }  // systemd's socket stays for the next start
         // Connections go first, so that nothing is enqueued once the uploader's drain has begun.
         for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
         let left = await destinations.shutdown(timeout: config.shutdownDrainSeconds)
@@ -199,6 +247,7 @@ public final class Daemon: Service {
                         try channel.pipeline.syncOperations.addHandler(handler)
                     }
             }
+        if let adopted = config.adoptedSocket { return try await bootstrap.withBoundSocket(adopted).get() }
         // Create the socket file with the final mode from the start (no window with a looser one).
         let oldMask = umask(0o177)
         defer { umask(oldMask) }

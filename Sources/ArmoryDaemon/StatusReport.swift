@@ -3,6 +3,28 @@ import Foundation
 
 /// The `status` reply: what `armoryctl status` shows (schema: `proto/schemas/status-reply.json`).
 public enum StatusReport {
+    /// One line for systemd's `STATUS=`: state, clients, active runs, backlog, last upload.
+    public static func summary(services: DaemonServices) -> String {
+        let counters = services.destinations.all.map(\.counterSnapshot)
+        let degraded = counters.contains { $0.isDegraded }
+        let pending = counters.reduce(0) { $0 + $1.pendingRecords }
+        let journalBytes = services.destinations.all.reduce(0) { $0 + ($1.journal?.snapshotStatistics.bytes ?? 0) }
+        let lastSuccess = counters.compactMap(\.lastSuccessMs).max()
+        var line = "\(degraded ? "degraded" : "running"): \(services.statistics.clients.count) clients, \(services.registry.activeRuns.count) active runs, "
+            + "backlog \(pending) records (\(byteCount(journalBytes)) journaled)"
+        if let lastSuccess {
+            line += ", last upload \(max(0, (DaemonServices.nowMs() - lastSuccess) / 1000)) s ago"
+        }
+        if degraded, let error = counters.compactMap(\.lastError).last { line += "; last error: \(error.prefix(120))" }
+        return line
+    }
+
+    static func byteCount(_ bytes: Int) -> String {
+        bytes >= 1 << 30 ? String(format: "%.1f GiB", Double(bytes) / Double(1 << 30))
+            : bytes >= 1 << 20 ? String(format: "%.1f MiB", Double(bytes) / Double(1 << 20))
+            : bytes >= 1 << 10 ? String(format: "%.1f KiB", Double(bytes) / Double(1 << 10)) : "\(bytes) B"
+    }
+
     public static func make(services: DaemonServices) -> JSONObject {
         let uploaders = services.destinations.all
         let all = uploaders.map { ($0.destination, $0.counterSnapshot) }

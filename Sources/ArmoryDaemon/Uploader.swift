@@ -124,6 +124,15 @@ public final class Uploader: Sendable {
     /// Whether the sink takes run ids assigned by the daemon (the local store does).
     public var assignsRunIDs: Bool { sink.assignsRunIDs }
 
+    /// Runs a no-op on the uploader's event loop under its state lock, then `done` (what the
+    /// watchdog's health check waits for: a sink call that blocks the loop holds it back).
+    public func checkResponsive(_ done: @escaping @Sendable () -> Void) {
+        executor.loop.execute { [self] in
+            state.withLock { _ in }
+            done()
+        }
+    }
+
     public func start() {
         Task(executorPreference: executor) { [self] in await run() }
     }

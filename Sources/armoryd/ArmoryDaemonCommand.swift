@@ -8,6 +8,7 @@ import Foundation
 import Logging
 import MLflow
 import ServiceLifecycle
+import Systemd
 
 /// `armoryd`: the per-host tracking daemon.
 @main
@@ -78,14 +79,28 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         guard let level = Logger.Level(rawValue: levelName) else {
             throw ValidationError("Unknown log level '\(levelName)': use trace, debug, info, notice, warning, error or critical.")
         }
+        // Under systemd, stderr is the journal: structured entries instead of plain lines.
+        let toJournal = JournalLogHandler.stderrIsJournal(environment: environment)
         LoggingSystem.bootstrap { label in
+            if toJournal {
+                var handler = JournalLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
         let logger = Logger(label: "armoryd")
 
-        guard let socketPath = SocketDiscovery.daemonPath(flag: socket, environment: environment, isRoot: getuid() == 0) else {
+        // Socket activation: systemd passes the listening socket; armoryd serves it as is.
+        let activated = SocketActivation.listeningSockets()
+        let adopted = activated.first { $0.name == "armoryd" } ?? activated.first
+        if let adopted, !SocketActivation.isListeningUnixStream(adopted.descriptor) {
+            throw ValidationError("systemd passed socket '\(adopted.name)' (fd \(adopted.descriptor)), which is not a listening Unix stream socket: set ListenStream=/path in armoryd.socket.")
+        }
+        let adoptedPath = adopted.flatMap { SocketActivation.boundPath($0.descriptor) }
+        guard let socketPath = adoptedPath ?? SocketDiscovery.daemonPath(flag: socket, environment: environment, isRoot: getuid() == 0) else {
             throw ValidationError("No socket path: XDG_RUNTIME_DIR is not set. Pass --socket PATH or set ARMORY_SOCKET.")
         }
         guard maxFrameBytes >= 1024 else { throw ValidationError("--max-frame-bytes must be at least 1024.") }
@@ -93,6 +108,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let absoluteHome = armoryHome.hasPrefix("/") ? armoryHome : FileManager.default.currentDirectoryPath + "/" + armoryHome
 
         var config = DaemonConfiguration(socketPath: socketPath, storeRoot: absoluteHome + "/mlruns", stateDirectory: absoluteHome + "/state")
+        config.adoptedSocket = adopted?.descriptor
         let uri = trackingURI ?? environment["MLFLOW_TRACKING_URI"].flatMap { $0.isEmpty ? nil : $0 }
         if let uri, !uri.hasPrefix("armoryd:") {
             if MLflowDestination.isRemote(uri) {
@@ -128,8 +144,12 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         // Segments small enough that a bounded journal can shrink in steps.
         config.journal.segmentBytes = max(1 << 20, min(64 << 20, maxBacklogBytes.bytes / 16))
 
-        let daemon = Daemon(configuration: config, logger: logger)
-        let group = ServiceGroup(services: [daemon], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
+        let notifier = SystemdNotifier(environment: environment)
+        let (ready, readyContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let daemon = Daemon(configuration: config, logger: logger) { _ in readyContinuation.yield() }
+        let supervisor = SystemdSupervisor(daemon: daemon, notifier: notifier, ready: ready, logger: logger)
+        // Shutdown runs in reverse order: the supervisor says STOPPING=1 before the daemon drains.
+        let group = ServiceGroup(services: [daemon, supervisor], gracefulShutdownSignals: [.sigterm, .sigint], cancellationSignals: [], logger: logger)
         do {
             try await group.run()
         } catch let error as DaemonStartError {

@@ -86,9 +86,11 @@ def daemon(tmp_path):
 class RawClient:
     """The protocol by hand: length-prefixed JSON frames over the Unix socket."""
 
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str | None = None, connected: socket.socket | None = None):
+        if connected is None:
+            connected = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connected.connect(path)
+        self.sock = connected
         self.seq = 0
         self.buffer = b""
         self.errors = []  # errors of fire-and-forget frames, as the daemon reported them
