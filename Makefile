@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := .build/debug
 
-.PHONY: all bootstrap build demo test test-swift test-python test-compat bench fuzz clean
+.PHONY: all bootstrap build demo test test-swift test-python test-compat bench fuzz install clean
 
 all: build
 
@@ -43,6 +43,32 @@ fuzz: bootstrap
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap
 	@bash scripts/bench.sh
+
+# Binaries, systemd units (system and user), the sysusers entry, the sample configuration and the
+# docs, under PREFIX (default /usr/local) and DESTDIR. CONFIGURATION=debug installs the debug build.
+PREFIX ?= /usr/local
+DESTDIR ?=
+CONFIGURATION ?= release
+SYSCONFDIR ?= /etc
+BINDIR := $(PREFIX)/bin
+UNITDIR := $(PREFIX)/lib/systemd/system
+USERUNITDIR := $(PREFIX)/lib/systemd/user
+SYSUSERSDIR := $(PREFIX)/lib/sysusers.d
+DOCDIR := $(PREFIX)/share/doc/armoryd
+UNIT_PATHS := sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/armoryd|$(DOCDIR)|g'
+
+install:
+	$(SWIFT) build -c $(CONFIGURATION) --product armoryd
+	$(SWIFT) build -c $(CONFIGURATION) --product armoryctl
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(USERUNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(SYSCONFDIR)/armory
+	install -m 0755 .build/$(CONFIGURATION)/armoryd .build/$(CONFIGURATION)/armoryctl $(DESTDIR)$(BINDIR)/
+	for unit in armoryd.service armoryd.socket; do \
+	  $(UNIT_PATHS) systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit && chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit; \
+	  $(UNIT_PATHS) systemd/user/$$unit > $(DESTDIR)$(USERUNITDIR)/$$unit && chmod 0644 $(DESTDIR)$(USERUNITDIR)/$$unit; \
+	done
+	install -m 0644 systemd/armoryd.sysusers $(DESTDIR)$(SYSUSERSDIR)/armoryd.conf
+	install -m 0644 README.md proto/PROTOCOL.md $(DESTDIR)$(DOCDIR)/
+	@echo "installed under $(DESTDIR)$(PREFIX); next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now armoryd.socket"
 
 clean:
 	rm -rf .build

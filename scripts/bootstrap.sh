@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libsystemd-dev pkg-config)
+APT_PACKAGES=(libsystemd-dev pkg-config systemd)
 VENV=${ARMORY_VENV:-.venv}
 MLFLOW_SPEC='mlflow[auth]==3.17.2'
 

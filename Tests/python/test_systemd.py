@@ -228,3 +228,27 @@ def test_the_socket_outlives_a_daemon_restart_and_queued_clients_are_served(tmp_
         if first.poll() is None:
             first.kill()
         listener.close()
+
+
+def test_installed_units_verify_and_the_system_service_is_hardened(tmp_path):
+    """`make install` into a private prefix; systemd's own analyzer checks the units as installed."""
+    from conftest import ROOT
+
+    prefix = tmp_path / "prefix"
+    subprocess.run(["make", "-s", "install", f"PREFIX={prefix}", f"SYSCONFDIR={prefix}/etc", "CONFIGURATION=debug"], cwd=ROOT,
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+    system, user = prefix / "lib/systemd/system", prefix / "lib/systemd/user"
+    assert (prefix / "bin/armoryd").exists() and (prefix / "bin/armoryctl").exists()
+    assert f"ExecStart={prefix}/bin/armoryd" in (system / "armoryd.service").read_text()
+    assert (prefix / "lib/sysusers.d/armoryd.conf").read_text().count("armory") >= 2
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    for args in (["verify", str(system / "armoryd.service"), str(system / "armoryd.socket")],
+                 ["verify", "--user", str(user / "armoryd.service"), str(user / "armoryd.socket")]):
+        out = subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(ROOT / "systemd/armoryd.service")],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    exposure = float(out.stdout.strip().splitlines()[-1].split(":")[1].split()[0])
+    assert exposure <= 1.5, out.stdout
