@@ -32,14 +32,21 @@ public struct MLflowCredentials: Sendable, Hashable, CustomStringConvertible {
         return "no credentials"
     }
 
-    /// Resolves credentials from an environment and a credentials file, MLflow's way.
+    /// Resolves credentials MLflow's way (environment, then the credentials file), with systemd's
+    /// credentials (`LoadCredential=mlflow-username|mlflow-password|mlflow-token`, read from
+    /// `$CREDENTIALS_DIRECTORY`) between the two.
     public static func resolve(environment: [String: String], credentialsFile: String? = nil) -> MLflowCredentials {
         let file = credentialsFile ?? (environment["HOME"] ?? FileManager.default.homeDirectoryForCurrentUser.path) + "/.mlflow/credentials"
         let fromFile = parseCredentialsFile(file, section: "mlflow")
+        let systemd = { (name: String) -> String? in
+            guard let directory = nonEmpty(environment["CREDENTIALS_DIRECTORY"]),
+                  let text = try? String(contentsOfFile: directory + "/mlflow-" + name, encoding: .utf8) else { return nil }
+            return nonEmpty(text.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
         return MLflowCredentials(
-            username: nonEmpty(environment["MLFLOW_TRACKING_USERNAME"]) ?? fromFile["mlflow_tracking_username"],
-            password: nonEmpty(environment["MLFLOW_TRACKING_PASSWORD"]) ?? fromFile["mlflow_tracking_password"],
-            token: nonEmpty(environment["MLFLOW_TRACKING_TOKEN"]) ?? fromFile["mlflow_tracking_token"])
+            username: nonEmpty(environment["MLFLOW_TRACKING_USERNAME"]) ?? systemd("username") ?? fromFile["mlflow_tracking_username"],
+            password: nonEmpty(environment["MLFLOW_TRACKING_PASSWORD"]) ?? systemd("password") ?? fromFile["mlflow_tracking_password"],
+            token: nonEmpty(environment["MLFLOW_TRACKING_TOKEN"]) ?? systemd("token") ?? fromFile["mlflow_tracking_token"])
     }
 
     /// `key = value` lines of one `[section]` of an INI file (MLflow's credentials format).

@@ -27,6 +27,15 @@ import Testing
         #expect(c.username == "file-user" && c.password == "file-pass")
     }
 
+    @Test func systemdCredentialsComeBetweenTheEnvironmentAndTheFile() throws {
+        let directory = NSTemporaryDirectory() + "armory-credentials-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try "secret-token\n".write(toFile: directory + "/mlflow-token", atomically: true, encoding: .utf8)
+        try "unit-user".write(toFile: directory + "/mlflow-username", atomically: true, encoding: .utf8)
+        let c = MLflowCredentials.resolve(environment: ["CREDENTIALS_DIRECTORY": directory, "MLFLOW_TRACKING_PASSWORD": "env-pass"], credentialsFile: file)
+        #expect(c.token == "secret-token" && c.username == "unit-user" && c.password == "env-pass")
+    }
+
     @Test func basicAuthWinsOverAToken() {
         let c = MLflowCredentials.resolve(environment: ["MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p", "MLFLOW_TRACKING_TOKEN": "t"], credentialsFile: "/nonexistent")
         #expect(c.authorization?.hasPrefix("Basic ") == true)
