@@ -11,18 +11,12 @@ public enum StatusReport {
         let journalBytes = services.destinations.all.reduce(0) { $0 + ($1.journal?.snapshotStatistics.bytes ?? 0) }
         let lastSuccess = counters.compactMap(\.lastSuccessMs).max()
         var line = "\(degraded ? "degraded" : "running"): \(services.statistics.clients.count) clients, \(services.registry.activeRuns.count) active runs, "
-            + "backlog \(pending) records (\(byteCount(journalBytes)) journaled)"
+            + "backlog \(pending) records (\(ByteText.render(Int64(journalBytes))) journaled)"
         if let lastSuccess {
             line += ", last upload \(max(0, (DaemonServices.nowMs() - lastSuccess) / 1000)) s ago"
         }
         if degraded, let error = counters.compactMap(\.lastError).last { line += "; last error: \(error.prefix(120))" }
         return line
-    }
-
-    static func byteCount(_ bytes: Int) -> String {
-        bytes >= 1 << 30 ? String(format: "%.1f GiB", Double(bytes) / Double(1 << 30))
-            : bytes >= 1 << 20 ? String(format: "%.1f MiB", Double(bytes) / Double(1 << 20))
-            : bytes >= 1 << 10 ? String(format: "%.1f KiB", Double(bytes) / Double(1 << 10)) : "\(bytes) B"
     }
 
     public static func make(services: DaemonServices) -> JSONObject {
@@ -43,6 +37,9 @@ public enum StatusReport {
         let totals = services.statistics.totals
         let clients = services.statistics.clients
         let runs = services.registry.activeRuns
+        var pendingByRun: [String: Int] = [:]
+        for uploader in uploaders { pendingByRun.merge(uploader.pendingByRun) { $0 + $1 } }
+        let nowMs = DaemonServices.nowMs()
         var o = JSONObject()
         o["state"] = .string(all.contains { $0.1.isDegraded } ? "degraded" : "running")
         o["pid"] = .int(Int64(ProcessInfo.processInfo.processIdentifier))
@@ -108,6 +105,7 @@ public enum StatusReport {
                 "owner_uid": .int(Int64(r.ownerUID)),
                 "client_pid": .int(Int64(r.clientPID)),
                 "connected": .bool(r.connection != nil),
+                "pending_records": .int(Int64(pendingByRun[r.handle] ?? 0)),
             ])
         })
         o["pending_records"] = .int(Int64(counters.pendingRecords))
@@ -115,6 +113,7 @@ public enum StatusReport {
         o["rejected_records"] = .int(Int64(counters.rejectedRecords))
         o["metrics_accepted"] = .int(Int64(totals.metrics))
         o["metrics_written"] = .int(Int64(counters.metricsWritten))
+        o["write_rate_metrics_per_s"] = .double((all.reduce(0) { $0 + $1.1.writeRate.perSecond(atMs: nowMs) } * 10).rounded() / 10)
         o["frames_received"] = .int(Int64(totals.frames))
         o["errors_sent"] = .int(Int64(totals.errors))
         o["last_success_ms"] = counters.lastSuccessMs.map { .int($0) } ?? .null

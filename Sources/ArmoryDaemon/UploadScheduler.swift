@@ -167,6 +167,8 @@ public struct UploadScheduler: Sendable {
     /// Tickets up to this one are wanted now (a flush is waiting): no batching delay.
     private var urgentUpTo: UInt64 = 0
     public private(set) var queuedEntries = 0
+    /// Queued records per run handle (runs with none left out).
+    public var queuedByRun: [String: Int] { queues.compactMapValues { $0.entries.isEmpty ? nil : $0.entries.count } }
     public private(set) var inFlight = 0
 
     public init(limits: BatchLimits, flushIntervalNs: UInt64, backoffBaseNs: UInt64 = 500_000_000, backoffCapNs: UInt64 = 60_000_000_000) {

@@ -48,6 +48,8 @@ public final class Uploader: Sendable {
         public var lastError: String?
         public var lastErrorMs: Int64?
         public var lastSuccessMs: Int64?
+        /// Metrics written per second, over the last ten seconds.
+        public var writeRate = RateWindow()
 
         /// The most recent sink call failed: the store is refusing or unreachable.
         public var isDegraded: Bool {
@@ -256,6 +258,9 @@ public final class Uploader: Sendable {
         }
     }
 
+    /// Records queued in memory per run handle (the journal-only backlog is not broken down).
+    public var pendingByRun: [String: Int] { state.withLock { $0.scheduler.queuedByRun } }
+
     /// The sequence number of the last record enqueued.
     public var lastTicket: UInt64 { state.withLock { $0.lastSequence } }
 
@@ -439,6 +444,7 @@ public final class Uploader: Sendable {
             s.counters.appliedRecords += UInt64(settled.tickets.count)
             s.counters.rejectedRecords += UInt64(settled.failures.count)
             s.counters.metricsWritten += UInt64(settled.metrics)
+            s.counters.writeRate.add(UInt64(settled.metrics), atMs: wallNow)
             switch outcome {
             case .applied, .created: s.counters.lastSuccessMs = wallNow
             case .retry(_, let reason):

@@ -10,7 +10,7 @@ struct ArmoryCtl: ParsableCommand {
         commandName: "armoryctl",
         abstract: "Inspect and control a running armoryd.",
         version: ArmoryTrackVersion.current,
-        subcommands: [Status.self],
+        subcommands: [Status.self, Runs.self, Flush.self, Metrics.self, MLflowServer.self],
         defaultSubcommand: Status.self)
 }
 
@@ -31,6 +31,18 @@ struct ConnectionOptions: ParsableArguments {
             throw ExitCode(3)
         }
     }
+
+    /// The daemon's status reply, or exit 3 when no daemon answers.
+    func status(_ connection: Connection) throws -> JSONObject {
+        do { return try connection.status() } catch {
+            FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
+            throw ExitCode(3)
+        }
+    }
+
+    func printJSON(_ value: JSONValue) {
+        print(String(decoding: value.serialized, as: UTF8.self))
+    }
 }
 
 extension ArmoryCtl {
@@ -43,14 +55,9 @@ extension ArmoryCtl {
         @OptionGroup var options: ConnectionOptions
 
         func run() throws {
-            let connection = try options.connect()
-            let status: JSONObject
-            do { status = try connection.status() } catch {
-                FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
-                throw ExitCode(3)
-            }
+            let status = try options.status(options.connect())
             if options.json {
-                print(String(decoding: JSONValue.object(status).serialized, as: UTF8.self))
+                options.printJSON(.object(status))
             } else {
                 print(StatusText.render(status))
             }
@@ -68,7 +75,12 @@ enum StatusText {
         row("PID", "\(s["pid"]?.intValue ?? 0)")
         row("Uptime", duration(s["uptime_s"]?.doubleValue ?? 0))
         row("Socket", s["socket"]?.stringValue ?? "?")
-        row("Destination", s["destination"]?.stringValue ?? "?")
+        let destinations = s["destinations"]?.arrayValue ?? []
+        row("Destinations", "\(destinations.count)")
+        for d in destinations {  // credentials are never in the status: URIs without user info
+            let error = d["last_error"]?.stringValue.map { "  last error: \($0.prefix(100))" } ?? ""
+            lines.append(String(repeating: " ", count: 16) + "\(d["destination"]?.stringValue ?? "?")  \(d["state"]?.stringValue ?? "?"), \(d["pending_records"]?.intValue ?? 0) pending\(error)")
+        }
         let clients = s["clients"]?.arrayValue ?? []
         row("Clients", "\(clients.count) connected")
         for c in clients {
@@ -80,7 +92,9 @@ enum StatusText {
             let connected = r["connected"]?.boolValue == true ? "" : "  (client gone)"
             lines.append(String(repeating: " ", count: 16) + "\(r["run_id"]?.stringValue ?? "?")  \(r["experiment"]?.stringValue ?? "")/\(r["name"]?.stringValue ?? "")  pid \(r["client_pid"]?.intValue ?? 0)\(connected)")
         }
-        row("Pending", "\(s["pending_records"]?.intValue ?? 0) records")
+        let journalBytes = s["journal"]?["bytes"]?.intValue ?? 0
+        row("Backlog", "\(s["pending_records"]?.intValue ?? 0) records, journal \(ByteText.render(journalBytes))")
+        row("Upload rate", "\(s["write_rate_metrics_per_s"]?.doubleValue ?? 0) metrics/s (last 10 s)")
         row("Written", "\(s["applied_records"]?.intValue ?? 0) records, \(s["metrics_written"]?.intValue ?? 0) metrics")
         row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records")
         if let last = s["last_success_ms"]?.intValue {
