@@ -55,7 +55,7 @@ UNITDIR := $(PREFIX)/lib/systemd/system
 USERUNITDIR := $(PREFIX)/lib/systemd/user
 SYSUSERSDIR := $(PREFIX)/lib/sysusers.d
 DOCDIR := $(PREFIX)/share/doc/armoryd
-UNIT_PATHS := sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/armoryd|$(DOCDIR)|g'
+UNIT_PATHS := sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/armoryd|$(DOCDIR)|g' -e 's|/etc/armory/|$(SYSCONFDIR)/armory/|g'
 
 install:
 	$(SWIFT) build -c $(CONFIGURATION) --product armoryd
@@ -68,6 +68,8 @@ install:
 	done
 	install -m 0644 systemd/armoryd.sysusers $(DESTDIR)$(SYSUSERSDIR)/armoryd.conf
 	install -m 0644 README.md proto/PROTOCOL.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 systemd/armoryd.conf $(DESTDIR)$(DOCDIR)/armoryd.conf.example
+	[ -e $(DESTDIR)$(SYSCONFDIR)/armory/armoryd.conf ] || install -m 0644 systemd/armoryd.conf $(DESTDIR)$(SYSCONFDIR)/armory/armoryd.conf
 	@echo "installed under $(DESTDIR)$(PREFIX); next: systemd-sysusers && systemctl daemon-reload && systemctl enable --now armoryd.socket"
 
 clean:

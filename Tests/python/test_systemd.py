@@ -241,6 +241,11 @@ def test_installed_units_verify_and_the_system_service_is_hardened(tmp_path):
     assert (prefix / "bin/armoryd").exists() and (prefix / "bin/armoryctl").exists()
     assert f"ExecStart={prefix}/bin/armoryd" in (system / "armoryd.service").read_text()
     assert (prefix / "lib/sysusers.d/armoryd.conf").read_text().count("armory") >= 2
+    conf = prefix / "etc/armory/armoryd.conf"
+    assert f"ExecStart={prefix}/bin/armoryd --config {conf}" in (system / "armoryd.service").read_text()
+    checked = subprocess.run([str(prefix / "bin/armoryd"), "--config", str(conf), "--check-config", "--socket", str(tmp_path / "s.sock")],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert checked.returncode == 0 and "home                  /var/lib/armory" in checked.stdout, checked.stdout + checked.stderr
     runtime = tmp_path / "xdg"
     runtime.mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
