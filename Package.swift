@@ -108,6 +108,10 @@ let package = Package(
             ],
             path: "Benchmarks/armory-bench"
         ),
+        .testTarget(
+            name: "SystemdTests",
+            dependencies: ["Systemd", .product(name: "Logging", package: "swift-log")]
+        ),
         .testTarget(name: "ArmoryProtocolTests", dependencies: ["ArmoryProtocol"]),
         .testTarget(name: "MLflowTests", dependencies: ["MLflow", "ArmoryProtocol"]),
         .testTarget(name: "ArmoryDaemonTests", dependencies: ["ArmoryDaemon"]),

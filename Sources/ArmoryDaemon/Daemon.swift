@@ -162,7 +162,8 @@ public final class Daemon: Service {
             try? await group.shutdownGracefully()
             throw DaemonStartError.store(error.message)
         }
-        let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool, socketPath: config.socketPath)
+        let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool,
+                                      socketPath: config.socketPath, logger: logger)
         removeUnreferencedSpoolFiles(spool, destinations: destinations)
         let recovery = destinations.recoveryReport
         if recovery.records > 0 || recovery.runs > 0 || recovery.corruptRecords > 0 || recovery.truncatedBytes > 0 {

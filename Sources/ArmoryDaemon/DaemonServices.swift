@@ -5,6 +5,7 @@ import Musl
 #endif
 import ArmoryProtocol
 import Foundation
+import Logging
 import Synchronization
 
 /// What every session shares: the run registry, the uploader, the daemon's settings.
@@ -21,8 +22,12 @@ public final class DaemonServices: Sendable {
     public let startedAt: Date
     public let socketPath: String
     public let statistics = DaemonStatistics()
+    /// Run lifecycle events (journald fields `RUN_ID`, `EVALUATION`, `CLIENT_PID`, …).
+    public let logger: Logger
 
-    public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
+    public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String,
+                logger: Logger = Logger(label: "armoryd")) {
+        self.logger = logger
         self.registry = registry
         self.destinations = destinations
         self.limits = limits

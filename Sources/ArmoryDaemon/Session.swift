@@ -5,6 +5,7 @@ import Musl
 #endif
 import ArmoryProtocol
 import Foundation
+import Logging
 
 /// What the connection must do after a frame: nothing (a fire-and-forget op succeeded), answer,
 /// report an error, answer later (when the sink has acted), or answer and close.
@@ -291,7 +292,14 @@ public final class Session {
             }
         }
         if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params)), to: destination) }
+        services.logger.info("run started", metadata: runMetadata(entry))
         return (entry, ticket)
+    }
+
+    /// What the log says about a run: journald fields `RUN_ID`, `EVALUATION`, `RUN`, `CLIENT_PID`, `UID`.
+    private func runMetadata(_ entry: RunEntry) -> Logger.Metadata {
+        ["run_id": "\(entry.runID ?? "pending")", "handle": "\(entry.handle)", "evaluation": "\(entry.experimentName)",
+         "run": "\(entry.name)", "client_pid": "\(entry.clientPID)", "uid": "\(entry.ownerUID)"]
     }
 
     /// MLflow's `create_run` (clients speaking MLflow's API): the run is created at once, and the
@@ -396,6 +404,9 @@ public final class Session {
             } ?? nil
             if let ended {
                 enqueue(handle, .updateRun(status: status, endTime: nowMs), to: ended.destination)
+                var metadata = runMetadata(ended)
+                metadata["status"] = "\(status.rawValue)"
+                services.logger.info("run ended", metadata: metadata)
             }
             last = services.registry.entry(handle)
         }

@@ -73,7 +73,7 @@ public struct JournalLogHandler: LogHandler {
 
     /// journald field names: upper-case letters, digits and underscores, not starting with one.
     static func fieldName(_ key: String) -> String {
-        var name = String(key.uppercased().map { $0.isLetter && $0.isASCII || $0.isNumber ? $0 : "_" })
+        var name = String(key.uppercased().map { ($0.isLetter || $0.isNumber) && $0.isASCII ? $0 : "_" })
         while name.hasPrefix("_") { name.removeFirst() }
         if name.first?.isNumber ?? true { name = "F" + name }
         return String(name.prefix(64))
