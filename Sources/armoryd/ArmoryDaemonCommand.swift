@@ -133,8 +133,12 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         }
         let level = try settings.value("log-level", flag: logLevel.flatMap(Logger.Level.init(rawValue:)), default: Logger.Level.info,
                                        what: "a log level (trace, debug, info, notice, warning, error, critical)") { Logger.Level(rawValue: $0) }
-        let flagSocket = adopted.flatMap { SocketActivation.boundPath($0.descriptor) } ?? socket
-        let configuredSocket = try settings.value("socket", flag: flagSocket, default: nil, what: "a socket path") { $0 }
+        // DESIGN.md's order: --socket, else $ARMORY_SOCKET, else the socket systemd passed, else
+        // the file's, else the per-user or system default.
+        let adoptedPath = adopted.map { SocketActivation.boundPath($0.descriptor) ?? "fd \($0.descriptor)" }
+        let useAdopted = socket == nil && (environment["ARMORY_SOCKET"] ?? "").isEmpty && adoptedPath != nil
+        let configuredSocket = useAdopted ? settings.record("socket", adoptedPath!, source: "socket passed by systemd")
+            : try settings.value("socket", flag: socket, default: nil, what: "a socket path") { $0.isEmpty ? nil : $0 }
         guard let socketPath = configuredSocket ?? SocketDiscovery.daemonPath(flag: nil, environment: environment, isRoot: isRoot) else {
             throw ConfigurationError("No socket path: XDG_RUNTIME_DIR is not set. Pass --socket PATH or set ARMORY_SOCKET.")
         }
@@ -145,7 +149,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let absoluteHome = armoryHome.hasPrefix("/") ? armoryHome : FileManager.default.currentDirectoryPath + "/" + armoryHome
 
         var config = DaemonConfiguration(socketPath: socketPath, storeRoot: absoluteHome + "/mlruns", stateDirectory: absoluteHome + "/state")
-        config.adoptedSocket = adopted?.descriptor
+        config.adoptedSocket = useAdopted ? adopted?.descriptor : nil
         let uri = try settings.value("tracking-uri", flag: trackingURI, default: nil, what: "a tracking URI", also: ["MLFLOW_TRACKING_URI"]) {
             $0.isEmpty ? nil : $0
         }

@@ -118,6 +118,12 @@ struct SettingsResolver {
         return defaultValue
     }
 
+    /// Records a value that came from elsewhere (the socket systemd passed), and returns it.
+    mutating func record(_ key: String, _ value: String, source: String) -> String {
+        resolved.append(Resolved(key: key, value: value, source: source))
+        return value
+    }
+
     /// `value` for settings that always have a default.
     mutating func value<Value>(_ key: String, flag: Value?, default defaultValue: Value, what: String, also: [String] = [],
                                _ parse: (String) -> Value?) throws -> Value {
