@@ -66,6 +66,9 @@ public final class Session {
     private lazy var userName = DaemonServices.userName(uid: peer.uid)
     /// Metrics accepted since the handler last reported them (one statistics update per read burst).
     private var acceptedMetrics: UInt64 = 0
+    /// Metric-only `log` records of this read burst, enqueued together by `enqueueDeferred()`
+    /// (one pass through the uploader's and the journal's locks instead of one per frame).
+    private var deferredLogs: [(destination: String?, handle: String, record: SinkRecord)] = []
 
     /// Metrics accepted since the last call.
     public func takeAcceptedMetrics() -> UInt64 {
@@ -112,6 +115,9 @@ public final class Session {
             reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) does not rise (last was \(lastSeq)): seq starts at 1 and rises by 1 on each connection.", seq: frame.seq, op: frame.op.name))
         }
         lastSeq = max(lastSeq, frame.seq)
+        if case .log(_, let batch) = frame.op, batch.params.isEmpty, batch.tags.isEmpty {} else {
+            enqueueDeferred()  // every other op sees the records before it in the uploader
+        }
         do {
             return try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
         } catch var error {
@@ -539,7 +545,7 @@ public final class Session {
         acceptedMetrics &+= UInt64(valid.metrics.count)
         if !valid.isEmpty {
             if valid.params.isEmpty && valid.tags.isEmpty {
-                enqueue(run.handle, .log(valid), to: run.destination)
+                deferredLogs.append((run.destination, run.handle, .log(valid)))
             } else {
                 let report = reportLater
                 enqueue(run.handle, .log(valid), to: run.destination) { result in
@@ -580,12 +586,32 @@ public final class Session {
         if let firstError { throw firstError }
     }
 
-    @discardableResult
-    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) -> UInt64 {
-        let done = services.destinations.uploader(destination).enqueue(handle, record, completion: completion)
+    /// Enqueues the metric-only records of this read burst, per destination in order. The handler
+    /// calls it at the end of every read burst; `handle` before every op that is not one of them.
+    public func enqueueDeferred() {
+        guard !deferredLogs.isEmpty else { return }
+        var start = 0
+        while start < deferredLogs.count {
+            let destination = deferredLogs[start].destination
+            var end = start + 1
+            while end < deferredLogs.count && deferredLogs[end].destination == destination { end += 1 }
+            let done = services.destinations.uploader(destination).enqueue(deferredLogs[start..<end].map { ($0.handle, $0.record, nil) })
+            noteEnqueued(done, to: destination)
+            start = end
+        }
+        deferredLogs.removeAll(keepingCapacity: true)
+    }
+
+    private func noteEnqueued(_ done: Uploader.Enqueued, to destination: String?) {
         lastTickets[destination ?? ""] = done.ticket
         lastLSNs[destination ?? ""] = done.lsn
         if done.overloaded { wantsPause = true }
+    }
+
+    @discardableResult
+    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) -> UInt64 {
+        let done = services.destinations.uploader(destination).enqueue(handle, record, completion: completion)
+        noteEnqueued(done, to: destination)
         return done.ticket
     }
 
@@ -657,6 +683,7 @@ public final class Session {
     /// The connection is gone: drop half-sent artifacts, detach its runs; returns the handles of
     /// runs left running (the daemon ends them FAILED after the grace period unless reattached).
     public func connectionClosed() -> [String] {
+        enqueueDeferred()
         for id in Array(artifacts.keys) { discard(id) }
         services.statistics.disconnected(connectionID)
         return services.registry.detach(connection: connectionID)

@@ -98,6 +98,8 @@ final class SessionChannelHandler: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        session.enqueueDeferred()
+        if session.wantsPause && !paused { pause(context: context) }
         requestAck(context: context)
         services.statistics.count(frames: UInt64(framesSinceFlush), metrics: session.takeAcceptedMetrics(), errors: UInt64(errorsSinceFlush))
         framesSinceFlush = 0

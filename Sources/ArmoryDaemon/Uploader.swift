@@ -152,27 +152,38 @@ public final class Uploader: Sendable {
     /// Journals and enqueues a record of run `handle`.
     @discardableResult
     public func enqueue(_ handle: String, _ record: SinkRecord, completion: Completion? = nil) -> Enqueued {
+        enqueue([(handle, record, completion)])
+    }
+
+    /// Journals and enqueues records in order, under one acquisition of each lock (a connection's
+    /// read burst); returns what `enqueue` returns for the last one.
+    @discardableResult
+    public func enqueue(_ records: [(handle: String, record: SinkRecord, completion: Completion?)]) -> Enqueued {
         let now = Self.monotonicNs()
-        let entry = JournalEntry.record(handle: handle, record)
-        let body = journal == nil ? [] : Journal.encode(entry)  // outside the lock
+        let entries = records.map { JournalEntry.record(handle: $0.handle, $0.record) }
+        let encoded = journal == nil ? [] : entries.map { (entry: $0, body: Journal.encode($0)) }  // outside the locks
         let result = state.withLock { s -> Enqueued in
             guard let journal else {
-                s.lastSequence += 1
-                queue(&s, handle, record, sequence: s.lastSequence, bytes: 0, now: now, completion: completion)
+                for (handle, record, completion) in records {
+                    s.lastSequence += 1
+                    queue(&s, handle, record, sequence: s.lastSequence, bytes: 0, now: now, completion: completion)
+                }
                 return Enqueued(ticket: s.lastSequence, lsn: 0, overloaded: s.scheduler.queuedEntries > bounds.highWater)
             }
-            let appended = journal.append(entry, encoded: body)
-            s.lastSequence = appended.lsn
-            s.journalBytes = appended.journalBytes
-            if s.spill != nil || s.memoryBytes + appended.bytes > bounds.memoryBytes {
-                if s.spill == nil { s.spill = Spill(firstUnloaded: appended.lsn, lastSpilled: appended.lsn) }
-                s.spill!.lastSpilled = appended.lsn
-                s.spill!.count += 1
-                if let completion { s.spill!.completions[appended.lsn] = completion }
-            } else {
-                queue(&s, handle, record, sequence: appended.lsn, bytes: appended.bytes, now: now, completion: completion)
+            let appended = journal.append(encoded)
+            for ((handle, record, completion), appended) in zip(records, appended) {
+                s.lastSequence = appended.lsn
+                s.journalBytes = appended.journalBytes
+                if s.spill != nil || s.memoryBytes + appended.bytes > bounds.memoryBytes {
+                    if s.spill == nil { s.spill = Spill(firstUnloaded: appended.lsn, lastSpilled: appended.lsn) }
+                    s.spill!.lastSpilled = appended.lsn
+                    s.spill!.count += 1
+                    if let completion { s.spill!.completions[appended.lsn] = completion }
+                } else {
+                    queue(&s, handle, record, sequence: appended.lsn, bytes: appended.bytes, now: now, completion: completion)
+                }
             }
-            return Enqueued(ticket: appended.lsn, lsn: appended.lsn, overloaded: appended.journalBytes > bounds.maxBacklogBytes)
+            return Enqueued(ticket: s.lastSequence, lsn: s.lastSequence, overloaded: s.journalBytes > bounds.maxBacklogBytes)
         }
         wake.yield()
         return result

@@ -30,12 +30,15 @@ final class SessionHarness {
         return session
     }
 
-    /// Sends an op and resolves deferred outcomes (waits for the uploader).
+    /// Sends an op as a read burst of its own (as the channel handler does at the end of a burst,
+    /// the burst's metric records are then enqueued) and resolves deferred outcomes.
     @discardableResult
     func send(_ session: Session, _ op: ClientOp) -> Result<JSONObject, ProtocolError>? {
         let seq = (seqs[session.connectionID] ?? 0) + 1
         seqs[session.connectionID] = seq
-        switch session.handle(ClientFrame(seq: seq, op: op), nowMs: 1_795_400_000_000) {
+        let outcome = session.handle(ClientFrame(seq: seq, op: op), nowMs: 1_795_400_000_000)
+        session.enqueueDeferred()
+        switch outcome {
         case .none: return nil
         case .reply(let body): return .success(body)
         case .error(let error), .close(let error): return .failure(error)
@@ -181,6 +184,25 @@ final class SessionHarness {
         #expect(try String(contentsOfFile: dir + "/params/lr", encoding: .utf8) == "0.1")
         #expect(try String(contentsOfFile: dir + "/params/new", encoding: .utf8) == "x")
         #expect(try String(contentsOfFile: dir + "/metrics/loss", encoding: .utf8) == "5 1.0 0\n")
+    }
+
+    @Test func aBurstsMetricRecordsReachTheUploaderTogetherBeforeAnyOtherOp() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .evaluation(id: 1, name: "eval", description: nil))
+        let run = try h.descriptor(s, .start(.evaluation(1)))
+        let uploader = h.services.uploader
+        let before = uploader.lastTicket
+        for seq in 100..<103 {  // three frames of one read burst
+            _ = s.handle(ClientFrame(seq: UInt64(seq), op: .log(run: run.handle, batch: LogBatch(metrics: [MetricPoint(key: "m", value: 1, step: Int64(seq), timestamp: 1)]))), nowMs: 1)
+        }
+        #expect(uploader.lastTicket == before)  // held until the burst ends
+        guard case .awaitUploaded(let waits, _) = s.handle(ClientFrame(seq: 103, op: .flush(.uploaded, timeoutMs: 1000)), nowMs: 1) else {
+            Issue.record("flush did not wait for the upload")
+            return
+        }
+        #expect(uploader.lastTicket == before + 3)  // the flush saw them first
+        #expect(waits.map(\.ticket) == [before + 3])
     }
 
     @Test func invalidKeysAreNamedAndValidEntriesStillLand() throws {

@@ -204,18 +204,28 @@ public final class Journal: @unchecked Sendable {
     /// Appends an entry already encoded with `encode`.
     @discardableResult
     public func append(_ entry: JournalEntry, encoded body: [UInt8]) -> Appended {
+        append([(entry, body)])[0]
+    }
+
+    /// Appends entries already encoded with `encode`, in order, under one acquisition of the lock.
+    public func append(_ entries: [(entry: JournalEntry, body: [UInt8])]) -> [Appended] {
         condition.lock()
         defer { condition.unlock() }
-        let lsn = nextLSN
-        nextLSN += 1
         let wasEmpty = buffer.isEmpty
-        let before = buffer.count
-        JournalSegment.frame(lsn: lsn, body: body, into: &buffer)
-        bufferMaxLSN = lsn
-        state.apply(entry, lsn: lsn)
-        if wasEmpty { condition.signal() }
-        let size = buffer.count - before
-        return Appended(lsn: lsn, bytes: size, journalBytes: segmentBytesTotal + buffer.count)
+        let onDisk = segmentBytesTotal
+        var out: [Appended] = []
+        out.reserveCapacity(entries.count)
+        for (entry, body) in entries {
+            let lsn = nextLSN
+            nextLSN += 1
+            let before = buffer.count
+            JournalSegment.frame(lsn: lsn, body: body, into: &buffer)
+            bufferMaxLSN = lsn
+            state.apply(entry, lsn: lsn)
+            out.append(Appended(lsn: lsn, bytes: buffer.count - before, journalBytes: onDisk + buffer.count))
+        }
+        if wasEmpty && !buffer.isEmpty { condition.signal() }
+        return out
     }
 
     /// The journal's size on disk (whole segments) and in its buffer.
