@@ -42,7 +42,7 @@ fuzz: bootstrap
 
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap
-	@bash scripts/bench.sh
+	@bash scripts/bench.sh $(BENCH_ARGS)
 
 # Binaries, systemd units (system and user), the sysusers entry, the sample configuration and the
 # docs, under PREFIX (default /usr/local) and DESTDIR. CONFIGURATION=debug installs the debug build.

@@ -114,7 +114,7 @@ let package = Package(
         ),
         .testTarget(name: "ArmoryProtocolTests", dependencies: ["ArmoryProtocol"]),
         .testTarget(name: "MLflowTests", dependencies: ["MLflow", "ArmoryProtocol"]),
-        .testTarget(name: "ArmoryDaemonTests", dependencies: ["ArmoryDaemon"]),
+        .testTarget(name: "ArmoryDaemonTests", dependencies: ["ArmoryDaemon"], exclude: ["Fixtures"]),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["ArmoryTrack", "ArmoryDaemon", "ArmoryProtocol"]

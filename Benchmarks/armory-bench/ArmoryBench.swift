@@ -19,11 +19,20 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Fire-and-forget calls timed one by one.")
     var calls = 100_000
 
-    @Option(help: "Concurrent clients for the ingest figure.")
+    @Option(help: "Concurrent clients for the headline ingest figure and the cost of fsync.")
     var clients = 8
 
-    @Option(help: "Metrics each ingest client sends.")
+    @Option(help: "Metrics each client sends for the headline ingest figure.")
     var metricsPerClient = 250_000
+
+    @Option(help: "Client counts of the ingest matrix (each with single-metric and 100-metric frames), comma-separated.")
+    var ingestClients = "1,8,64"
+
+    @Option(help: "Metrics per ingest-matrix scenario, split across its clients.")
+    var ingestMetrics = 2_000_000
+
+    @Option(help: "Sections to run, comma-separated: calls, ingest, matrix, durability, recovery, drain.")
+    var sections = "calls,ingest,matrix,durability,recovery,drain"
 
     @Option(help: "An MLflow server (http://127.0.0.1:PORT) for the drain figure; skipped when absent.")
     var mlflow: String?
@@ -52,12 +61,14 @@ struct ArmoryBench: AsyncParsableCommand {
 
         var results: [(String, JSONValue)] = []
         var table: [String] = []
+        let wanted = Set(sections.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+        let sample = Self.sampleFrame(handle: "h0123456789abcdef0123")
 
         // 1. Client call cost: ArmoryTrack's logMetric vs a raw write() of the same frame bytes.
+        if wanted.contains("calls") {
         let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
         let callEvaluation = tracker.evaluation("bench-call-cost")
         let run = try callEvaluation.start()
-        let sample = Self.sampleFrame(handle: run.handle)
         let floor = Self.rawWriteLatencies(frame: sample, count: calls)
         var latencies = [UInt64](repeating: 0, count: calls)
         for i in 0..<1000 { run.logMetric("warmup", Double(i), step: Int64(i)) }
@@ -78,13 +89,16 @@ struct ArmoryBench: AsyncParsableCommand {
             "ratio_p50": .double(call.p50 / raw.p50), "ratio_p99": .double(call.p99 / raw.p99),
         ])))
         tracker.connection.disconnect()
+        }
 
         // 2. Sustained ingest with N concurrent clients into the daemon and its local store,
         //    next to N raw socket writers of the same frames into a reader that discards them.
+        let total = Double(clients * metricsPerClient)
+        var rate = 0.0
+        if wanted.contains("ingest") {
         let ceiling = Self.rawIngest(clients: clients, frame: sample, frames: metricsPerClient)
         let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: socketPath, daemonPID: process.processIdentifier, clients: clients, metrics: metricsPerClient)
-        let total = Double(clients * metricsPerClient)
-        let rate = total / elapsed
+        rate = total / elapsed
         table.append(String(format: "%-44@ %10.0f metrics/s  (%d clients × %d single-metric frames, written to the store; %.2f CPU-s per 1M; peak RSS %d MB)",
                             "armoryd ingest" as NSString, rate, clients, metricsPerClient, cpu / total * 1e6, peakKB / 1024))
         table.append(String(format: "%-44@ %10.0f frames/s", "baseline: raw socket writes, same frames" as NSString, ceiling))
@@ -94,8 +108,36 @@ struct ArmoryBench: AsyncParsableCommand {
             "metrics_per_s": .double(rate.rounded()), "raw_frames_per_s": .double(ceiling.rounded()), "ratio": .double(rate / ceiling),
             "daemon_cpu_s_per_million": .double(cpu / total * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
         ])))
+        }
+
+        // 2b. The ingest matrix: 1, 8 and 64 concurrent clients, single-metric and 100-metric
+        //     frames, acked once fsynced and written to the local store.
+        if wanted.contains("matrix") {
+            var rows: [JSONValue] = []
+            for count in ingestClients.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
+                for perFrame in [1, 100] {
+                    let perClient = max(perFrame, ingestMetrics / count / perFrame * perFrame)
+                    let (matrixProcess, matrixSocket) = try Self.startDaemon(daemon, home: home + "/matrix-\(count)-\(perFrame)", environment: [:])
+                    let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: matrixSocket, daemonPID: matrixProcess.processIdentifier,
+                                                                      clients: count, metrics: perClient, perFrame: perFrame)
+                    matrixProcess.terminate()
+                    matrixProcess.waitUntilExit()
+                    let metrics = Double(count * perClient)
+                    table.append(String(format: "%-44@ %10.0f metrics/s %9.0f frames/s  %.2f CPU-s per 1M  peak RSS %d MB",
+                                        "ingest \(count) clients × \(perFrame)-metric frames" as NSString, metrics / elapsed, metrics / Double(perFrame) / elapsed,
+                                        cpu / metrics * 1e6, peakKB / 1024))
+                    rows.append(.object([
+                        "clients": .int(Int64(count)), "metrics_per_frame": .int(Int64(perFrame)), "metrics": .int(Int64(metrics)),
+                        "metrics_per_s": .double((metrics / elapsed).rounded()), "frames_per_s": .double((metrics / Double(perFrame) / elapsed).rounded()),
+                        "daemon_cpu_s_per_million": .double(cpu / metrics * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
+                    ]))
+                }
+            }
+            results.append(("ingest_matrix", .array(rows)))
+        }
 
         // 3. The cost of durability: the same ingest into a daemon whose journal does not fsync.
+        if wanted.contains("durability") && wanted.contains("ingest") {
         let (unsyncedProcess, unsyncedSocket) = try Self.startDaemon(daemon, home: home + "/nofsync", environment: [:], arguments: ["--journal-fsync", "off"])
         let (unsyncedElapsed, _, _) = try Self.daemonIngest(socketPath: unsyncedSocket, daemonPID: unsyncedProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
         unsyncedProcess.terminate()
@@ -106,10 +148,11 @@ struct ArmoryBench: AsyncParsableCommand {
         results.append(("durability", .object([
             "fsync_metrics_per_s": .double(rate.rounded()), "no_fsync_metrics_per_s": .double(unsyncedRate.rounded()), "ratio": .double(rate / unsyncedRate),
         ])))
+        }
 
         // 4. Recovery: a daemon whose server is unreachable builds a backlog of `recoveryGB` in
         //    its journal, is killed with SIGKILL, and is started again; timed until it answers.
-        if recoveryGB > 0 {
+        if recoveryGB > 0 && wanted.contains("recovery") {
             let figure = try Self.recovery(daemon, home: home + "/recovery", bytes: Int(recoveryGB * Double(1 << 30)))
             table.append(String(format: "%-44@ %10.2f s  (%.2f GB, %d segments; RSS after replay %d MB; the first start of an empty journal took %.2f s)",
                                 "recovery after kill -9" as NSString, figure.seconds, Double(figure.bytes) / Double(1 << 30), figure.segments, figure.rssKB / 1024, figure.emptySeconds))
@@ -121,7 +164,7 @@ struct ArmoryBench: AsyncParsableCommand {
 
         // 5. Drain into a real MLflow server: armoryd end to end next to raw log-batch calls with
         //    prebuilt 1000-metric bodies at the same concurrency, against the same server.
-        if let mlflow {
+        if let mlflow, wanted.contains("drain") {
             // The server slows as its tables grow: measure the ceiling before and after, use the mean.
             let rawBefore = try await Self.rawLogBatch(server: mlflow, runs: drainRuns, metrics: drainMetrics)
             let (drainProcess, drainSocket) = try Self.startDaemon(daemon, home: home + "/drain", environment: ["MLFLOW_TRACKING_URI": mlflow])
@@ -296,11 +339,18 @@ struct ArmoryBench: AsyncParsableCommand {
 
     /// N client threads, each its own connection and run, logging single-metric frames; timed
     /// until every metric is confirmed written by the store (flush wait=uploaded).
-    static func daemonIngest(socketPath: String, daemonPID: Int32, clients: Int, metrics: Int) throws -> (Double, Double, Int) {
+    static func daemonIngest(socketPath: String, daemonPID: Int32, clients: Int, metrics: Int, perFrame: Int = 1) throws -> (Double, Double, Int) {
         let cpuBefore = cpuSeconds(pid: daemonPID)
         let start = nanos()
         try runClients(clients, socketPath: socketPath, evaluation: "bench-ingest") { run in
-            for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
+            if perFrame == 1 {
+                for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
+                return
+            }
+            let keys = (0..<perFrame).map { "m\($0)" }
+            for step in 0..<(metrics / perFrame) {
+                run.log(LogBatch(metrics: keys.enumerated().map { MetricPoint(key: $1, value: Double($0), step: Int64(step), timestamp: 1_795_400_000_000 + Int64(step)) }))
+            }
         }
         let elapsed = Double(nanos() - start) / 1e9
         let status = (try? String(contentsOfFile: "/proc/\(daemonPID)/status", encoding: .utf8)) ?? ""
