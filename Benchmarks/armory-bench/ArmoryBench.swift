@@ -31,8 +31,14 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Metrics per ingest-matrix scenario, split across its clients.")
     var ingestMetrics = 2_000_000
 
-    @Option(help: "Sections to run, comma-separated: calls, ingest, matrix, durability, recovery, drain.")
-    var sections = "calls,ingest,matrix,durability,recovery,drain"
+    @Option(help: "Sections to run, comma-separated: calls, ingest, matrix, durability, recovery, drain, sampling.")
+    var sections = "calls,ingest,matrix,durability,recovery,drain,sampling"
+
+    @Option(help: "Active runs during the system-metrics sampling figure.")
+    var samplingRuns = 64
+
+    @Option(help: "Seconds the sampling figure measures the daemon's CPU for.")
+    var samplingSeconds = 20.0
 
     @Option(help: "An MLflow server (http://127.0.0.1:PORT) for the drain figure; skipped when absent.")
     var mlflow: String?
@@ -180,6 +186,34 @@ struct ArmoryBench: AsyncParsableCommand {
                 "runs": .int(Int64(drainRuns)), "metrics_per_run": .int(Int64(drainMetrics)),
                 "armoryd_metrics_per_s": .double(drained.rounded()), "raw_log_batch_metrics_per_s": .double(raw.rounded()),
                 "raw_before": .double(rawBefore.rounded()), "raw_after": .double(rawAfter.rounded()), "ratio": .double(drained / raw),
+            ])))
+        }
+
+        // 6. The daemon's CPU cost of system-metrics sampling with many active runs: the same
+        //    daemon and runs with sampling every second and with sampling off.
+        if wanted.contains("sampling") {
+            var cost: [String: Double] = [:]
+            for (label, interval) in [("on", "1"), ("off", "0")] {
+                let (sampler, samplerSocket) = try Self.startDaemon(daemon, home: home + "/sampling-" + label, environment: [:],
+                                                                   arguments: ["--system-metrics-interval", interval])
+                let tracker = try Tracker(socketPath: samplerSocket, program: "armory-bench")
+                let evaluation = tracker.evaluation("bench-sampling")
+                for i in 0..<max(0, samplingRuns - 1) { _ = try evaluation.addChain("run-\(i)").start() }
+                try tracker.flush(.uploaded, timeout: 60)
+                let before = Self.cpuSeconds(pid: sampler.processIdentifier)
+                try await Task.sleep(for: .seconds(samplingSeconds))
+                cost[label] = (Self.cpuSeconds(pid: sampler.processIdentifier) - before) / samplingSeconds
+                try evaluation.end()
+                tracker.connection.disconnect()
+                sampler.terminate()
+                sampler.waitUntilExit()
+            }
+            let perSecond = max(0, cost["on"]! - cost["off"]!) * 100
+            table.append(String(format: "%-44@ %6.2f %% of a core at a 1 s interval (%.2f %% at the default 10 s); daemon %.2f %% with, %.2f %% without",
+                                "system-metrics sampling, \(samplingRuns) runs" as NSString, perSecond, perSecond / 10, cost["on"]! * 100, cost["off"]! * 100))
+            results.append(("sampling", .object([
+                "runs": .int(Int64(samplingRuns)), "core_percent_at_1s": .double(perSecond), "core_percent_at_10s": .double(perSecond / 10),
+                "daemon_core_percent_sampling": .double(cost["on"]! * 100), "daemon_core_percent_not_sampling": .double(cost["off"]! * 100),
             ])))
         }
 

@@ -45,6 +45,8 @@ public struct DaemonConfiguration: Sendable {
     public var requestTimeout: Double = 30
     /// How the journal under `stateDirectory/journal` commits (group-commit interval, fsync).
     public var journal = Journal.Options()
+    /// Seconds between samples of system metrics logged to every active run (0: none).
+    public var systemMetricsInterval: Double = 10
 
     public init(socketPath: String, storeRoot: String, stateDirectory: String) {
         self.socketPath = socketPath
@@ -175,6 +177,10 @@ public final class Daemon: Service {
         }
         for error in recovery.errors { logger.error("journal could not be replayed", metadata: ["error": "\(error)"]) }
         scheduleOrphanCheck(restored.withLock { $0 }, services: services, on: group.next())
+        let sampling = config.systemMetricsInterval > 0
+            ? SystemMetricsService(services: services, interval: config.systemMetricsInterval, sampler: SystemSampler(diskPath: config.stateDirectory))
+                .start(on: group.next())
+            : nil
 
         let server: Channel
         do {
@@ -194,6 +200,7 @@ public final class Daemon: Service {
         try? await gracefulShutdown()
 
         logger.notice("shutting down: no new connections; draining queued records", metadata: ["bound_s": "\(config.shutdownDrainSeconds)"])
+        sampling?.cancel()
         try? await server.close()
         if config.adoptedSocket == nil { unlink(config.socketPath) }  // systemd's socket stays for the next start
         // Connections go first, so that nothing is enqueued once the uploader's drain has begun.

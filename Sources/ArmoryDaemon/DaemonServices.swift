@@ -22,6 +22,8 @@ public final class DaemonServices: Sendable {
     public let startedAt: Date
     public let socketPath: String
     public let statistics = DaemonStatistics()
+    /// The host's latest figures, when the daemon samples system metrics.
+    public let host = HostFigures()
     /// Run lifecycle events (journald fields `RUN_ID`, `EVALUATION`, `CLIENT_PID`, …).
     public let logger: Logger
 

@@ -35,6 +35,9 @@ public struct RunEntry: Sendable, Equatable {
     public var failure: ProtocolError?
     /// The destination it is written to (`nil`: the daemon's own).
     public var destination: String?
+    /// Whether the daemon logs `system/...` metrics to it (tag `armory.system_metrics: off`, or
+    /// the client's `hello`, turns them off).
+    public var systemMetrics = true
 
     public var descriptor: RunDescriptor {
         RunDescriptor(handle: handle, runID: runID, experimentID: experimentID, name: name, status: status, parentHandle: parentHandle)

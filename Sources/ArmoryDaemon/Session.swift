@@ -272,6 +272,7 @@ public final class Session {
                              ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
                              connection: connectionID, clientPID: peer.pid)
         entry.destination = destination
+        entry.systemMetrics = (hello?.systemMetrics ?? true) && Self.systemMetricsWanted(tags) != false
         services.registry.insert(entry)
         let registry = services.registry
         var creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
@@ -300,6 +301,11 @@ public final class Session {
         if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params)), to: destination) }
         services.logger.info("run started", metadata: runMetadata(entry))
         return (entry, ticket)
+    }
+
+    /// The tag `armory.system_metrics` (`off`/`false`/`0` turn the daemon's system metrics off).
+    static func systemMetricsWanted(_ tags: StringMap) -> Bool? {
+        tags["armory.system_metrics"].map { !["off", "false", "0", "no"].contains($0.lowercased()) }
     }
 
     /// What the log says about a run: journald fields `RUN_ID`, `EVALUATION`, `RUN`, `CLIENT_PID`, `UID`.
@@ -504,6 +510,9 @@ public final class Session {
                 firstError = firstError ?? error
                 rejected += 1
             }
+        }
+        if let wanted = Self.systemMetricsWanted(batch.tags) {
+            _ = try? services.registry.update(handle) { $0.systemMetrics = wanted }
         }
         for (key, value) in batch.tags {
             do throws(ProtocolError) {

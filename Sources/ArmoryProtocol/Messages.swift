@@ -81,6 +81,8 @@ public struct Hello: Sendable, Equatable {
     public var trackingURI: String?
     /// The process's MLflow credentials, for its own tracking URI (kept in daemon memory only).
     public var credentials: MLflowCredentials
+    /// `false`: the daemon logs no `system/...` metrics to this connection's runs.
+    public var systemMetrics: Bool = true
 
     public init(protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String,
                 trackingURI: String? = nil, credentials: MLflowCredentials = MLflowCredentials()) {
@@ -219,13 +221,15 @@ extension ClientFrame {
         let op: ClientOp
         switch opName {
         case "hello":
-            op = .hello(Hello(
+            var hello = Hello(
                 protocolVersion: Int(try f.int("protocol")),
                 client: try f.optionalString("client") ?? "unknown",
                 clientVersion: try f.optionalString("client_version") ?? "",
                 program: try f.optionalString("program") ?? "",
                 trackingURI: try f.optionalString("tracking_uri"),
-                credentials: MLflowCredentials(json: object["credentials"])))
+                credentials: MLflowCredentials(json: object["credentials"]))
+            hello.systemMetrics = try f.optionalBool("system_metrics") ?? true
+            op = .hello(hello)
         case "param":
             op = .trackParam(key: try f.string("key"), value: try f.string("value"))
         case "params":
@@ -402,6 +406,7 @@ extension ClientFrame {
             o["program"] = .string(h.program)
             if let uri = h.trackingURI { o["tracking_uri"] = .string(uri) }
             if let credentials = h.credentials.json { o["credentials"] = credentials }
+            if !h.systemMetrics { o["system_metrics"] = .bool(false) }
         case .trackParam(let key, let value):
             o["key"] = .string(key)
             o["value"] = .string(value)

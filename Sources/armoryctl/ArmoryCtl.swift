@@ -95,6 +95,14 @@ enum StatusText {
         let journalBytes = s["journal"]?["bytes"]?.intValue ?? 0
         row("Backlog", "\(s["pending_records"]?.intValue ?? 0) records, journal \(ByteText.render(journalBytes))")
         row("Upload rate", "\(s["write_rate_metrics_per_s"]?.doubleValue ?? 0) metrics/s (last 10 s)")
+        if let host = s["host"]?.objectValue, !host.isEmpty {
+            func figure(_ key: String) -> String { host[key]?.doubleValue.map { String(format: "%.1f", $0) } ?? "?" }
+            var text = "CPU \(figure("cpu_utilization_percentage"))%, memory \(figure("system_memory_usage_megabytes")) MB (\(figure("system_memory_usage_percentage"))%), "
+                + "disk \(figure("disk_usage_percentage"))% (\(figure("disk_available_megabytes")) MB free)"
+            let gpus = host.keys.filter { $0.hasSuffix("_utilization_percentage") && $0.hasPrefix("gpu_") }.sorted()
+            for gpu in gpus { text += ", \(gpu.dropLast("_utilization_percentage".count)) \(figure(gpu))%" }
+            row("Host", text)
+        }
         row("Written", "\(s["applied_records"]?.intValue ?? 0) records, \(s["metrics_written"]?.intValue ?? 0) metrics")
         row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records")
         if let last = s["last_success_ms"]?.intValue {

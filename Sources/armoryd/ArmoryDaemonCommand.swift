@@ -79,6 +79,9 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default info).")
     var logLevel: String?
 
+    @Option(help: "Seconds between the samples of system metrics (system/...) logged to every active run (default 10; 0: none).")
+    var systemMetricsInterval: Double?
+
     /// The daemon's configuration and log level, from flags, environment, file and defaults.
     struct Resolution {
         var configuration: DaemonConfiguration
@@ -178,6 +181,9 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
             throw ConfigurationError("--upload-concurrency must be ≥ 1, --flush-interval ≥ 0, --request-timeout > 0.")
         }
         config.limits.maxFrameBytes = maxFrameBytes
+        config.systemMetricsInterval = try settings.value("system-metrics-interval", flag: systemMetricsInterval, default: 10, what: seconds) {
+            Self.nonNegative($0)
+        }
         config.orphanGraceSeconds = try settings.value("orphan-grace", flag: orphanGrace, default: 60, what: seconds) { Self.nonNegative($0) }
         config.shutdownDrainSeconds = try settings.value("shutdown-drain", flag: shutdownDrain, default: 30, what: seconds) { Self.nonNegative($0) }
         config.journal.commitInterval = try settings.value("journal-commit-ms", flag: journalCommitMs, default: 50, what: "milliseconds ≥ 0") {

@@ -20,7 +20,7 @@ struct SettingsResolver {
     static let known: Set<String> = [
         "socket", "home", "tracking-uri", "max-frame-bytes", "orphan-grace", "shutdown-drain", "upload-concurrency",
         "flush-interval", "request-timeout", "journal-commit-ms", "journal-fsync", "max-backlog-bytes",
-        "memory-backlog-bytes", "socket-mode", "max-connections", "log-level",
+        "memory-backlog-bytes", "socket-mode", "max-connections", "log-level", "system-metrics-interval",
     ]
 
     /// One resolved setting, for `--check-config`.

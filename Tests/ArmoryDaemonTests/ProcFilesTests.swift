@@ -46,3 +46,42 @@ import Testing
         #expect(ProcFiles.process(stat: "12 (x) S 1", status: status) == nil)
     }
 }
+
+/// The sampler over recorded `/proc` files: rates between two samples, MLflow's names.
+@Suite struct SystemSamplerTests {
+    @Test func cpuIsARateBetweenSamplesAndMemoryFollowsPsutil() throws {
+        let root = NSTemporaryDirectory() + "armory-proc-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: root + "/proc/net", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: root + "/proc/77", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        func put(_ fixture: String, _ path: String) throws {
+            try ProcFilesTests.fixture(fixture).write(toFile: root + path, atomically: true, encoding: .utf8)
+        }
+        try put("stat.0", "/proc/stat")
+        try put("meminfo", "/proc/meminfo")
+        try put("net-dev", "/proc/net/dev")
+        try put("pid-stat", "/proc/77/stat")
+        try put("pid-status", "/proc/77/status")
+        var sampler = SystemSampler(root: root, diskPath: root, gpus: nil)
+        let first = sampler.sampleHost()
+        #expect(first.metrics["cpu_utilization_percentage"] == nil)  // no rate from one sample
+        #expect(first.metrics["system_memory_usage_percentage"] == SystemSampler.round1(Double(24684092 - 20002532 - 3808836 - 549640 - 53912) / 24684092 * 100))
+        #expect(first.metrics["disk_usage_percentage"] != nil && first.networkReceived >= 771180879)
+        try put("stat.1", "/proc/stat")
+        let second = sampler.sampleHost()
+        let a = try #require(ProcFiles.cpuTimes(stat: ProcFilesTests.fixture("stat.0")))
+        let b = try #require(ProcFiles.cpuTimes(stat: ProcFilesTests.fixture("stat.1")))
+        let busy = Double((b.total - a.total) - (b.idle - a.idle)) / Double(b.total - a.total) * 100
+        #expect(second.metrics["cpu_utilization_percentage"] == SystemSampler.round1(busy))
+        // A process: RSS and threads at once, CPU from the second sample on (ticks / tick rate / seconds).
+        let sampled = sampler.sampleProcess(77, now: 100)
+        let process = try #require(sampled)
+        #expect(process["process_memory_rss_megabytes"] == SystemSampler.round1(159436.0 * 1024 / 1e6) && process["process_threads"] == 6)
+        #expect(process["process_cpu_utilization_percentage"] == nil)
+        let sampledAgain = sampler.sampleProcess(77, now: 110)
+        let again = try #require(sampledAgain)
+        #expect(again["process_cpu_utilization_percentage"] == 0)
+        let gone = sampler.sampleProcess(78, now: 110)
+        #expect(gone == nil)
+    }
+}

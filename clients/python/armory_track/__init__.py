@@ -5,7 +5,7 @@ writes to MLflow: calls return in microseconds, records are durable in the daemo
 evaluation processes share one daemon.
 """
 from ._connection import ArmoryError, Connection, connection, socket_candidates
-from .evaluation import Chain, Evaluation, Run, attach
+from .evaluation import Chain, Evaluation, Run, attach, track_metrics, track_system_metrics
 from .track import (
     Trackable,
     get_current_params,
@@ -27,5 +27,5 @@ def flush(wait: str = "durable", timeout: float = 10.0):
 __all__ = [
     "ArmoryError", "Chain", "Connection", "Evaluation", "Run", "Trackable", "attach", "connection", "flush",
     "get_current_params", "reset_params", "socket_candidates", "track_call", "track_init_params", "track_param",
-    "track_params", "trackable_context", "tracking_context",
+    "track_metrics", "track_params", "track_system_metrics", "trackable_context", "tracking_context",
 ]

@@ -128,6 +128,8 @@ class Connection:
         # Where this process's runs go: ARMORY_TRACKING_URI (for processes whose MLFLOW_TRACKING_URI
         # is armoryd://), else MLFLOW_TRACKING_URI; none, or armoryd:, is the daemon's own.
         uri = environ.get("ARMORY_TRACKING_URI") or environ.get("MLFLOW_TRACKING_URI")
+        if environ.get("ARMORY_SYSTEM_METRICS", "").lower() in ("off", "false", "0", "no"):
+            hello["system_metrics"] = False
         if uri:
             hello["tracking_uri"] = uri
             credentials = _mlflow_credentials(environ)

@@ -4,6 +4,7 @@ metrics and exporters)."""
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import os
 import time
@@ -126,6 +127,38 @@ def attach(run_id: str) -> Run:
     return Run(connection().request("attach", run_id=run_id))
 
 
+# The runs of the `with ….run()` blocks the caller is in, innermost last.
+_active_runs: contextvars.ContextVar = contextvars.ContextVar("armory_track_active_runs", default=())
+
+
+def track_metrics(metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+    """Armory's helper: logs each value to the active chain (the innermost `with ….run()`).
+    A float is one point (at `step`); a sequence of floats is one point per element, its index
+    the step; tensors and NumPy values are read with `.item()` (or `.tolist()`)."""
+    runs = _active_runs.get()
+    if not runs:
+        raise RuntimeError("track_metrics needs an active chain: call it inside `with chain.run():`.")
+    run = runs[-1]
+    for key, value in metrics.items():
+        if hasattr(value, "tolist") and getattr(value, "ndim", 0):
+            value = value.tolist()
+        elif hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, (list, tuple)):
+            for index, element in enumerate(value):
+                run.log_metric(key, float(element.item() if hasattr(element, "item") else element), step=index)
+        else:
+            run.log_metric(key, float(value), step=step)
+
+
+@contextmanager
+def track_system_metrics(run_id: Optional[str] = None):
+    """Armory's `track_system_metrics`: a no-op here, since armoryd samples the host and each
+    client process once for every active run (system/... metrics). Kept so that code using it
+    runs unchanged."""
+    yield
+
+
 class _RunLifecycle:
     """Start, end and run-as-a-context for an evaluation's parent run or a chain's nested run."""
 
@@ -158,13 +191,17 @@ class _RunLifecycle:
 
     @contextmanager
     def run(self):
-        """Runs it: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C."""
+        """Runs it: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C. Inside, it is
+        the active run `track_metrics` logs to."""
         run = self.start()
+        token = _active_runs.set(_active_runs.get() + (run,))
         try:
             yield self._run_context_value(run)
         except BaseException as e:
             self.end(_status_for(e))
             raise
+        finally:
+            _active_runs.reset(token)
         self.end("FINISHED")
 
 

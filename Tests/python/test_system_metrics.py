@@ -1,0 +1,136 @@
+"""System metrics sampled once per host by the daemon and logged to every active run under
+MLflow's `system/...` names; read back with MLflow's own client."""
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, Daemon, RawClient
+
+HOST_METRICS = {
+    "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes", "system/system_memory_usage_percentage",
+    "system/disk_usage_percentage", "system/disk_usage_megabytes", "system/disk_available_megabytes",
+    "system/network_receive_megabytes", "system/network_transmit_megabytes",
+}
+PROCESS_METRICS = {"system/process_cpu_utilization_percentage", "system/process_memory_rss_megabytes", "system/process_threads"}
+
+
+def start(c, name):
+    c.send("evaluation", id=1, name=name)
+    c.send("chain", id=2, evaluation=1, name="benign")
+    parent = c.request("start", evaluation=1)
+    return parent, c.request("start", chain=2)
+
+
+def test_active_runs_get_host_and_process_metrics_at_the_interval_until_they_end(tmp_path):
+    d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.5"))
+    try:
+        c = RawClient(d.socket)
+        c.hello()
+        parent, chain = start(c, "sysmetrics")
+        time.sleep(2.8)
+        c.request("end", evaluation=1, status="FINISHED")
+        ended = time.time()
+        status = d.status()
+        assert status["host"]["cpu_utilization_percentage"] >= 0 and status["host"]["system_memory_usage_megabytes"] > 0
+        time.sleep(1.5)
+        c.request("flush", wait="uploaded", timeout_ms=10000)
+        client = MlflowClient(tracking_uri=d.store_uri)
+        for run in (parent, chain):
+            data = client.get_run(run["run_id"]).data
+            assert HOST_METRICS - {"system/cpu_utilization_percentage"} <= set(data.metrics), set(data.metrics)
+            assert PROCESS_METRICS - {"system/process_cpu_utilization_percentage"} <= set(data.metrics)
+            history = client.get_metric_history(run["run_id"], "system/system_memory_usage_megabytes")
+            steps = sorted(m.step for m in history)
+            assert steps == list(range(len(steps))) and 4 <= len(steps) <= 7, steps  # one per 0.5 s, counted per run
+            times = sorted(m.timestamp for m in history)
+            assert all(300 <= b - a <= 1500 for a, b in zip(times, times[1:])), times
+            assert max(times) <= ended * 1000 + 200  # none after the run ended
+            rss = client.get_metric_history(run["run_id"], "system/process_memory_rss_megabytes")
+            assert all(m.value > 1 for m in rss)  # this test process's own RSS
+        c.close()
+    finally:
+        d.stop()
+
+
+def test_the_process_figures_follow_a_busy_client(tmp_path):
+    d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.5"))
+    try:
+        script = textwrap.dedent("""
+            import time
+            from armory_track import Evaluation
+            evaluation = Evaluation("busy")
+            chain = evaluation.add_chain("spin")
+            with evaluation.run():
+                with chain.run() as run:
+                    end = time.time() + 3
+                    while time.time() < end:
+                        pass
+            print(chain.run_id)
+        """)
+        out = subprocess.run([sys.executable, "-c", script], env=d.env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        run_id = out.stdout.strip().splitlines()[-1]
+        client = MlflowClient(tracking_uri=d.store_uri)
+        deadline = time.time() + 10
+        while not (cpu := client.get_metric_history(run_id, "system/process_cpu_utilization_percentage")):
+            assert time.time() < deadline
+            time.sleep(0.2)
+        assert max(m.value for m in cpu) >= 60, [m.value for m in cpu]  # one core, busy (CI noise allowed for)
+    finally:
+        d.stop()
+
+
+def test_a_process_or_a_run_can_opt_out(tmp_path):
+    d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.3"))
+    try:
+        script = textwrap.dedent("""
+            import time
+            from armory_track import Evaluation
+            evaluation = Evaluation("opted-out")
+            with evaluation.run() as run:
+                time.sleep(1.2)
+            print(evaluation.run_id)
+        """)
+        out = subprocess.run([sys.executable, "-c", script], env={**d.env(), "ARMORY_SYSTEM_METRICS": "off"}, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        client = MlflowClient(tracking_uri=d.store_uri)
+        assert not [k for k in client.get_run(out.stdout.strip()).data.metrics if k.startswith("system/")]
+        # A run tagged armory.system_metrics=off stops getting them.
+        c = RawClient(d.socket)
+        c.hello()
+        _, chain = start(c, "tag-opt-out")
+        time.sleep(0.8)
+        c.send("log", run=chain["handle"], tags={"armory.system_metrics": "off"})
+        c.request("flush", wait="uploaded", timeout_ms=10000)
+        before = len(client.get_metric_history(chain["run_id"], "system/system_memory_usage_megabytes"))
+        time.sleep(1.0)
+        c.request("flush", wait="uploaded", timeout_ms=10000)
+        assert before >= 1 and len(client.get_metric_history(chain["run_id"], "system/system_memory_usage_megabytes")) == before
+        c.close()
+    finally:
+        d.stop()
+
+
+def test_gpus_through_nvml_where_the_library_exists(tmp_path):
+    if not ctypes.util.find_library("nvidia-ml"):
+        pytest.skip("no libnvidia-ml here: GPU metrics are left out, without an error")
+    d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.5"))
+    try:
+        c = RawClient(d.socket)
+        c.hello()
+        _, chain = start(c, "gpu")
+        time.sleep(1.5)
+        c.request("end", evaluation=1, status="FINISHED")
+        c.request("flush", wait="uploaded", timeout_ms=10000)
+        metrics = MlflowClient(tracking_uri=d.store_uri).get_run(chain["run_id"]).data.metrics
+        assert "system/gpu_0_utilization_percentage" in metrics and "system/gpu_0_memory_usage_megabytes" in metrics
+        c.close()
+    finally:
+        d.stop()
