@@ -66,7 +66,8 @@ def test_the_process_figures_follow_a_busy_client(tmp_path):
             import time
             from armory_track import Evaluation
             evaluation = Evaluation("busy")
-            chain = evaluation.add_chain("spin")
+            with evaluation.add_chain("spin") as chain:
+                pass
             with evaluation.run():
                 with chain.run() as run:
                     end = time.time() + 3

@@ -210,3 +210,32 @@ def test_the_example_evaluation_lands(daemon):
     assert len(c.get_metric_history(benign.info.run_id, "loss")) == 100
     assert [a.path for a in c.list_artifacts(benign.info.run_id, "exports/00000/00")] == ["exports/00000/00/input.png"]
     assert [a.path for a in c.list_artifacts(benign.info.run_id, "metrics")] == ["metrics/accuracy.txt"]
+
+
+class _Scalar:
+    """Stands in for a 0-d tensor (what `.item()` reads)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def item(self):
+        return self.value
+
+
+def test_track_metrics_logs_to_the_active_chain(daemon):
+    evaluation = Evaluation("track-metrics")
+    with evaluation.add_chain("benign") as chain:
+        pass
+    with pytest.raises(RuntimeError, match="active chain"):
+        armory_track.track_metrics({"acc": 1.0})
+    with evaluation.run():
+        with chain.run():
+            armory_track.track_metrics({"acc": 0.9, "per_class": [0.25, 0.5, _Scalar(0.75)], "loss": _Scalar(2.5)}, step=3)
+            with armory_track.track_system_metrics(chain.run_id):  # a no-op, kept for compatibility
+                pass
+    evaluation.wait_uploaded(30)
+    client = MlflowClient(tracking_uri="file://" + str(daemon.store))
+    assert [(m.step, m.value) for m in client.get_metric_history(chain.run_id, "acc")] == [(3, 0.9)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(chain.run_id, "per_class")) == [(0, 0.25), (1, 0.5), (2, 0.75)]
+    assert [(m.step, m.value) for m in client.get_metric_history(chain.run_id, "loss")] == [(3, 2.5)]
+    assert not client.get_metric_history(evaluation.run_id, "acc")
