@@ -1,8 +1,6 @@
 """System metrics sampled once per host by the daemon and logged to every active run under
 MLflow's `system/...` names; read back with MLflow's own client."""
 import ctypes.util
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, Daemon, RawClient
+from conftest import Daemon, RawClient
 
 HOST_METRICS = {
     "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes", "system/system_memory_usage_percentage",
@@ -19,6 +17,16 @@ HOST_METRICS = {
     "system/network_receive_megabytes", "system/network_transmit_megabytes",
 }
 PROCESS_METRICS = {"system/process_cpu_utilization_percentage", "system/process_memory_rss_megabytes", "system/process_threads"}
+
+
+def run_chain(d, body, env=None):
+    """An armory_track evaluation in a process of its own, `body` inside its chain's run; returns the chain's run id."""
+    script = "import time\nfrom armory_track import Evaluation\nevaluation = Evaluation('client')\n" \
+             "with evaluation.add_chain('chain') as chain:\n    pass\nwith evaluation.run():\n    with chain.run():\n" \
+             + textwrap.indent(body, " " * 8) + "\nprint(chain.run_id)\n"
+    out = subprocess.run([sys.executable, "-c", script], env={**d.env(), **(env or {})}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
 
 
 def start(c, name):
@@ -62,22 +70,7 @@ def test_active_runs_get_host_and_process_metrics_at_the_interval_until_they_end
 def test_the_process_figures_follow_a_busy_client(tmp_path):
     d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.5"))
     try:
-        script = textwrap.dedent("""
-            import time
-            from armory_track import Evaluation
-            evaluation = Evaluation("busy")
-            with evaluation.add_chain("spin") as chain:
-                pass
-            with evaluation.run():
-                with chain.run() as run:
-                    end = time.time() + 3
-                    while time.time() < end:
-                        pass
-            print(chain.run_id)
-        """)
-        out = subprocess.run([sys.executable, "-c", script], env=d.env(), capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        run_id = out.stdout.strip().splitlines()[-1]
+        run_id = run_chain(d, "end = time.time() + 3\nwhile time.time() < end:\n    pass")
         client = MlflowClient(tracking_uri=d.store_uri)
         deadline = time.time() + 10
         while not (cpu := client.get_metric_history(run_id, "system/process_cpu_utilization_percentage")):
@@ -91,18 +84,9 @@ def test_the_process_figures_follow_a_busy_client(tmp_path):
 def test_a_process_or_a_run_can_opt_out(tmp_path):
     d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.3"))
     try:
-        script = textwrap.dedent("""
-            import time
-            from armory_track import Evaluation
-            evaluation = Evaluation("opted-out")
-            with evaluation.run() as run:
-                time.sleep(1.2)
-            print(evaluation.run_id)
-        """)
-        out = subprocess.run([sys.executable, "-c", script], env={**d.env(), "ARMORY_SYSTEM_METRICS": "off"}, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
+        run_id = run_chain(d, "time.sleep(1.2)", env={"ARMORY_SYSTEM_METRICS": "off"})
         client = MlflowClient(tracking_uri=d.store_uri)
-        assert not [k for k in client.get_run(out.stdout.strip()).data.metrics if k.startswith("system/")]
+        assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
         # A run tagged armory.system_metrics=off stops getting them.
         c = RawClient(d.socket)
         c.hello()
