@@ -12,7 +12,8 @@ if "$BIN/armoryctl" status >/dev/null 2>&1; then
   echo "demo: reusing the armoryd that is already running"
 else
   echo "demo: starting armoryd in the background (log: $ARMORY_HOME/armoryd.log)"
-  nohup "$BIN/armoryd" >>"$ARMORY_HOME/armoryd.log" 2>&1 </dev/null &
+  # System metrics every second (default 10 s), so that even this short example shows charts.
+  nohup "$BIN/armoryd" --system-metrics-interval 1 >>"$ARMORY_HOME/armoryd.log" 2>&1 </dev/null &
   for _ in $(seq 1 100); do
     "$BIN/armoryctl" status >/dev/null 2>&1 && break
     sleep 0.1
