@@ -36,15 +36,20 @@ def start(c, name):
     return parent, c.request("start", chain=2)
 
 
+def sampled(d, name, seconds):
+    """An evaluation and its chain, active for `seconds` on daemon `d`, then ended."""
+    c = RawClient(d.socket)
+    c.hello()
+    parent, chain = start(c, name)
+    time.sleep(seconds)
+    c.request("end", evaluation=1, status="FINISHED")
+    return c, parent, chain, time.time()
+
+
 def test_active_runs_get_host_and_process_metrics_at_the_interval_until_they_end(tmp_path):
     d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.5"))
     try:
-        c = RawClient(d.socket)
-        c.hello()
-        parent, chain = start(c, "sysmetrics")
-        time.sleep(2.8)
-        c.request("end", evaluation=1, status="FINISHED")
-        ended = time.time()
+        c, parent, chain, ended = sampled(d, "sysmetrics", 2.8)
         status = d.status()
         assert status["host"]["cpu_utilization_percentage"] >= 0 and status["host"]["system_memory_usage_megabytes"] > 0
         time.sleep(1.5)
@@ -108,11 +113,7 @@ def test_gpus_through_nvml_where_the_library_exists(tmp_path):
         pytest.skip("no libnvidia-ml here: GPU metrics are left out, without an error")
     d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.5"))
     try:
-        c = RawClient(d.socket)
-        c.hello()
-        _, chain = start(c, "gpu")
-        time.sleep(1.5)
-        c.request("end", evaluation=1, status="FINISHED")
+        c, _, chain, _ = sampled(d, "gpu", 1.5)
         c.request("flush", wait="uploaded", timeout_ms=10000)
         metrics = MlflowClient(tracking_uri=d.store_uri).get_run(chain["run_id"]).data.metrics
         assert "system/gpu_0_utilization_percentage" in metrics and "system/gpu_0_memory_usage_megabytes" in metrics
