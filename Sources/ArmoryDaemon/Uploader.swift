@@ -174,13 +174,14 @@ public final class Uploader: Sendable {
             for ((handle, record, completion), appended) in zip(records, appended) {
                 s.lastSequence = appended.lsn
                 s.journalBytes = appended.journalBytes
-                if s.spill != nil || s.memoryBytes + appended.bytes > bounds.memoryBytes {
+                let footprint = BatchLimits.memoryFootprint(record)
+                if s.spill != nil || s.memoryBytes + footprint > bounds.memoryBytes {
                     if s.spill == nil { s.spill = Spill(firstUnloaded: appended.lsn, lastSpilled: appended.lsn) }
                     s.spill!.lastSpilled = appended.lsn
                     s.spill!.count += 1
                     if let completion { s.spill!.completions[appended.lsn] = completion }
                 } else {
-                    queue(&s, handle, record, sequence: appended.lsn, bytes: appended.bytes, now: now, completion: completion)
+                    queue(&s, handle, record, sequence: appended.lsn, bytes: footprint, now: now, completion: completion)
                 }
             }
             return Enqueued(ticket: s.lastSequence, lsn: s.lastSequence, overloaded: s.journalBytes > bounds.maxBacklogBytes)
@@ -233,7 +234,7 @@ public final class Uploader: Sendable {
         if case .artifact(_, let spool) = p.record, access(spool, F_OK) != 0 { return }  // already stored
         if case .createRun = p.record, s.scheduler.bindings[p.handle] != nil, !sink.assignsRunIDs { return }
         let completion = s.spill?.completions.removeValue(forKey: p.lsn)
-        queue(&s, p.handle, p.record, sequence: p.lsn, bytes: BatchLimits.estimate(p.record), now: now, mayExist: true, completion: completion)
+        queue(&s, p.handle, p.record, sequence: p.lsn, bytes: BatchLimits.memoryFootprint(p.record), now: now, mayExist: true, completion: completion)
     }
 
     /// Whether the journal holds `lsn` on disk (always, without a journal).

@@ -74,7 +74,7 @@ public struct JournalState: Sendable {
             lastLSN[handle] = lsn
             lastRecordLSN = max(lastRecordLSN, lsn)
             if collectPending {
-                let size = BatchLimits.estimate(record)
+                let size = BatchLimits.memoryFootprint(record)
                 if overflowFrom == nil && pendingBytes + size <= pendingBudget {
                     pending.append(Pending(lsn: lsn, handle: handle, record: record))
                     pendingBytes += size
