@@ -195,6 +195,7 @@ public struct ClientFrame: Sendable, Equatable {
 extension ClientFrame {
     /// Decodes a frame payload. `receivedAtMs` stamps metrics that carry no timestamp.
     public static func decode(payload: [UInt8], receivedAtMs: Int64, maxDepth: Int = ProtocolLimits.default.maxDepth) throws(ProtocolError) -> ClientFrame {
+        if let frame = payload.withUnsafeBytes({ LogFrameDecoder.decode($0) }) { return frame }
         let json: JSONValue
         do {
             json = try JSONParser.parse(payload, maxDepth: maxDepth)
