@@ -27,7 +27,10 @@ class Daemon:
         daemon_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
         daemon_env.update(env or {})
         self.proc = subprocess.Popen(
-            [str(BIN / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info", *args],
+            # No system metrics unless a test asks (its own --system-metrics-interval comes later and
+            # wins): many tests count the metrics that reach MLflow exactly.
+            [str(BIN / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info",
+             "--system-metrics-interval", "0", *args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=daemon_env,
         )
         deadline = time.time() + 20
