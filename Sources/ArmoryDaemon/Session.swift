@@ -78,6 +78,8 @@ public final class Session {
 
     /// Metric keys already found valid on this connection (most runs log a handful of keys).
     private var validMetricKeys = Set<String>()
+    /// Runs whose client logs `system/...` metrics itself (the daemon no longer samples them).
+    private var clientSampledRuns = Set<String>()
     /// Set when the uploader passed its high-water mark: the connection should stop reading.
     public private(set) var wantsPause = false
 
@@ -499,6 +501,12 @@ public final class Session {
         var rejected = 0
         valid.metrics.reserveCapacity(batch.metrics.count)
         for metric in batch.metrics {
+            // The client runs its own monitor (MLflow's SystemMetricsMonitor through armoryd://):
+            // the daemon stops sampling that run, so that no step is logged twice.
+            if metric.key.utf8.first == UInt8(ascii: "s"), metric.key.hasPrefix("system/"), !clientSampledRuns.contains(handle) {
+                clientSampledRuns.insert(handle)
+                _ = try? services.registry.update(handle) { $0.systemMetrics = false }
+            }
             do throws(ProtocolError) {
                 if !validMetricKeys.contains(metric.key) {
                     try MLflowRules.validateKey(metric.key, kind: .metric)

@@ -205,6 +205,16 @@ final class SessionHarness {
         #expect(waits.map(\.ticket) == [before + 3])
     }
 
+    @Test func aRunWhoseClientLogsSystemMetricsIsNoLongerSampledByTheDaemon() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .evaluation(id: 1, name: "eval", description: nil))
+        let run = try h.descriptor(s, .start(.evaluation(1)))
+        #expect(h.services.registry.entry(run.handle)?.systemMetrics == true)
+        h.send(s, .log(run: run.handle, batch: LogBatch(metrics: [MetricPoint(key: "system/cpu_utilization_percentage", value: 5, step: 0, timestamp: 1)])))
+        #expect(h.services.registry.entry(run.handle)?.systemMetrics == false)  // MLflow's own monitor is running
+    }
+
     @Test func invalidKeysAreNamedAndValidEntriesStillLand() throws {
         let h = try SessionHarness()
         let s = h.session()
