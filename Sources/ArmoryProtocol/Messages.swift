@@ -398,7 +398,7 @@ extension ClientFrame {
 extension ClientFrame {
     /// The frame's JSON object.
     public var json: JSONValue {
-        var o: JSONObject = ["op": .string(op.name), "seq": .int(Int64(seq))]
+        var o: JSONObject = ["op": .string(op.name)]
         switch op {
         case .hello(let h):
             o["protocol"] = .int(Int64(h.protocolVersion))
@@ -480,6 +480,8 @@ extension ClientFrame {
             o["wait"] = .string(level.rawValue)
             o["timeout_ms"] = .int(timeoutMs)
         }
+        // `seq` last: a metrics-only `log` frame then has the exact form `LogFrameDecoder` reads.
+        o["seq"] = .int(Int64(seq))
         return .object(o)
     }
 

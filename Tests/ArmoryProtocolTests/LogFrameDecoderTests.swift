@@ -83,6 +83,13 @@ import Testing
         #expect(fast == nil || fast == Self.general(payload), "\(text)")
     }
 
+    @Test func theGeneralEncodersMetricFramesTakeTheFastPath() {
+        let batch = LogBatch(metrics: (0..<100).map { MetricPoint(key: "m\($0)", value: Double($0) / 3, step: 7, timestamp: 1_795_400_000_000) })
+        let frame = ClientFrame(seq: 9, op: .log(run: "h42", batch: batch))
+        let payload = frame.json.serialized
+        #expect(Self.fast(payload) == frame)
+    }
+
     @Test func invalidUTF8IsDeclined() {
         var payload = Array(#"{"op":"log","run":"h","metrics":[["a"#.utf8)
         payload += [0xFF, 0xFE]
