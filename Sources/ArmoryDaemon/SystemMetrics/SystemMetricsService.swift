@@ -54,7 +54,8 @@ public final class SystemMetricsService: Sendable {
                 processes[pid] = s.sampler.sampleProcess(pid, now: now)
             }
             s.sampler.keepProcesses(Set(processes.keys))
-            s.runs = s.runs.filter { handle, _ in runs.contains { $0.handle == handle } }
+            let active = Set(runs.map(\.handle))
+            s.runs = s.runs.filter { active.contains($0.key) }
             return runs.map { run in
                 let baseline = s.runs[run.handle] ?? (0, host.networkReceived, host.networkSent)
                 var metrics = host.metrics
