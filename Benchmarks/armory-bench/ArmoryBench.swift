@@ -14,7 +14,7 @@ struct ArmoryBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "armory-bench", abstract: "Benchmarks armoryd against baselines measured in the same run.")
 
     @Option(help: "The armoryd binary to start (a release build).")
-    var daemon: String
+    var daemon: String?
 
     @Option(help: "Fire-and-forget calls timed one by one.")
     var calls = 100_000
@@ -31,8 +31,17 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Metrics per ingest-matrix scenario, split across its clients.")
     var ingestMetrics = 2_000_000
 
-    @Option(help: "Sections to run, comma-separated: calls, ingest, matrix, durability, recovery, drain, sampling.")
-    var sections = "calls,ingest,matrix,durability,recovery,drain,sampling"
+    @Option(help: "Sections to run, comma-separated: calls, ingest, matrix, durability, recovery, drain, sampling, scale.")
+    var sections = "calls,ingest,matrix,durability,recovery,drain,sampling,scale"
+
+    @Option(help: "Metrics per run of the scale figure, comma-separated (one client, single-metric frames).")
+    var scaleRunMetrics = "1000,10000,100000,1000000"
+
+    @Option(help: "Connected clients of the scale figure, comma-separated (idle, then busy).")
+    var scaleClients = "1,16,64,256"
+
+    @Option(help: "Metrics the busy phase of each scale-clients row sends, split across its clients.")
+    var scaleBusyMetrics = 1_000_000
 
     @Option(help: "Active runs during the system-metrics sampling figure.")
     var samplingRuns = 64
@@ -55,7 +64,19 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Where to write the JSON results.")
     var output = "Benchmarks/results/latest.json"
 
+    @Option(help: .hidden) var clientSocket: String?
+    @Option(help: .hidden) var clientEvaluation = "bench"
+    @Option(help: .hidden) var clientName = "client"
+    @Option(help: .hidden) var clientMetrics = 0
+    @Option(help: .hidden) var clientPerFrame = 1
+
     func run() async throws {
+        if let clientSocket {
+            // Client mode: this process is one of the benchmark's clients (see ClientProcesses).
+            try ClientWorkload(socketPath: clientSocket, evaluation: clientEvaluation, metrics: clientMetrics, perFrame: clientPerFrame).runHere(name: clientName)
+            return
+        }
+        guard let daemon else { throw ValidationError("--daemon is required: the armoryd binary to start") }
         let home = "/tmp/armory-bench-" + String(getpid())
         try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: home) }
@@ -162,9 +183,12 @@ struct ArmoryBench: AsyncParsableCommand {
             let figure = try Self.recovery(daemon, home: home + "/recovery", bytes: Int(recoveryGB * Double(1 << 30)))
             table.append(String(format: "%-44@ %10.2f s  (%.2f GB, %d segments; RSS after replay %d MB; the first start of an empty journal took %.2f s)",
                                 "recovery after kill -9" as NSString, figure.seconds, Double(figure.bytes) / Double(1 << 30), figure.segments, figure.rssKB / 1024, figure.emptySeconds))
+            table.append(String(format: "%-44@ %@", "daemon RSS while the backlog grew" as NSString,
+                                figure.rssByBacklog.map { "\($0.bytes >> 20) MB backlog: \($0.rssKB / 1024) MB" }.joined(separator: ", ") as NSString))
             results.append(("recovery", .object([
                 "journal_bytes": .int(Int64(figure.bytes)), "seconds": .double(figure.seconds), "empty_start_seconds": .double(figure.emptySeconds),
                 "rss_mb_after_replay": .int(Int64(figure.rssKB / 1024)), "replayed_records": .int(Int64(figure.records)),
+                "rss_mb_by_backlog_mb": .array(figure.rssByBacklog.map { .object(["backlog_mb": .int(Int64($0.bytes >> 20)), "rss_mb": .int(Int64($0.rssKB / 1024))]) }),
             ])))
         }
 
@@ -217,6 +241,47 @@ struct ArmoryBench: AsyncParsableCommand {
             ])))
         }
 
+        // 7. Scale: time and memory for one run of 1k to 1M metrics, and for 1 to 256 connected
+        //    clients, idle (RSS, wake-ups per second) and then busy (rate, peak RSS).
+        if wanted.contains("scale") {
+            var runRows: [JSONValue] = []
+            for metrics in scaleRunMetrics.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
+                let (scaleProcess, scaleSocket) = try Self.startDaemon(daemon, home: home + "/scale-run-\(metrics)", environment: [:])
+                let (elapsed, _, peakKB) = try Self.daemonIngest(socketPath: scaleSocket, daemonPID: scaleProcess.processIdentifier, clients: 1, metrics: metrics)
+                scaleProcess.terminate()
+                scaleProcess.waitUntilExit()
+                table.append(String(format: "%-44@ %8.3f s  %6.2f µs per metric  peak RSS %d MB", "scale: one run of \(metrics) metrics" as NSString,
+                                    elapsed, elapsed / Double(metrics) * 1e6, peakKB / 1024))
+                runRows.append(.object(["metrics": .int(Int64(metrics)), "seconds": .double(elapsed), "us_per_metric": .double(elapsed / Double(metrics) * 1e6),
+                                        "daemon_peak_rss_mb": .int(Int64(peakKB / 1024))]))
+            }
+            var clientRows: [JSONValue] = []
+            for count in scaleClients.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
+                // Sampling off: its cost with many runs is the sampling figure's.
+                let (scaleProcess, scaleSocket) = try Self.startDaemon(daemon, home: home + "/scale-clients-\(count)", environment: [:],
+                                                                       arguments: ["--system-metrics-interval", "0"])
+                let pid = scaleProcess.processIdentifier
+                let perClient = max(1, scaleBusyMetrics / count)
+                let processes = try ClientProcesses(count, ClientWorkload(socketPath: scaleSocket, evaluation: "bench-scale", metrics: perClient, perFrame: 1))
+                try await Task.sleep(for: .seconds(2))
+                let wakeups = Self.wakeups(pid: pid, over: 10)
+                let idleKB = Self.procStatusKB(pid: pid, "VmRSS")
+                let cpuBefore = Self.cpuSeconds(pid: pid)
+                let elapsed = try processes.go()
+                let cpu = Self.cpuSeconds(pid: pid) - cpuBefore
+                let peakKB = Self.procStatusKB(pid: pid, "VmHWM")
+                scaleProcess.terminate()
+                scaleProcess.waitUntilExit()
+                let metrics = Double(perClient * count)
+                table.append(String(format: "%-44@ idle: RSS %d MB, %.2f wake-ups/s; busy: %.0f metrics/s, %.2f CPU-s per 1M, peak RSS %d MB",
+                                    "scale: \(count) connected clients" as NSString, idleKB / 1024, wakeups, metrics / elapsed, cpu / metrics * 1e6, peakKB / 1024))
+                clientRows.append(.object(["clients": .int(Int64(count)), "idle_rss_mb": .int(Int64(idleKB / 1024)), "idle_wakeups_per_s": .double(wakeups),
+                                           "busy_metrics_per_s": .double((metrics / elapsed).rounded()), "busy_cpu_s_per_million": .double(cpu / metrics * 1e6),
+                                           "busy_peak_rss_mb": .int(Int64(peakKB / 1024))]))
+            }
+            results.append(("scale", .object(["run_metrics": .array(runRows), "clients": .array(clientRows)])))
+        }
+
         print(table.joined(separator: "\n"))
         var doc = JSONObject()
         doc["machine"] = .object(["cores": .int(Int64(ProcessInfo.processInfo.activeProcessorCount)), "date": .string(ISO8601DateFormatter().string(from: Date()))])
@@ -242,44 +307,11 @@ struct ArmoryBench: AsyncParsableCommand {
         return (process, socketPath)
     }
 
-    /// `runs` client threads, one run each, `metrics` in 100-metric frames; timed until the
+    /// `runs` client processes, one run each, `metrics` in 100-metric frames; timed until the
     /// server confirmed every metric.
     static func armorydDrain(socketPath: String, runs: Int, metrics: Int) throws -> Double {
-        let start = nanos()
-        try runClients(runs, socketPath: socketPath, evaluation: "bench-drain") { run in
-            let time = Int64(Date().timeIntervalSince1970 * 1000)
-            for frame in 0..<(metrics / 100) {
-                run.log(LogBatch(metrics: (0..<100).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 100 + $0), timestamp: time) }))
-            }
-        }
-        return Double(runs * metrics) / (Double(nanos() - start) / 1e9)
-    }
-
-    /// Runs `count` client threads, each with its own connection and chain run: `body` logs,
-    /// then the client waits until everything is confirmed uploaded and ends its evaluation.
-    static func runClients(_ count: Int, socketPath: String, evaluation name: String, _ body: @escaping @Sendable (Run) -> Void) throws {
-        let group = DispatchGroup()
-        let firstError = Mutex<String?>(nil)
-        for c in 0..<count {
-            group.enter()
-            Thread {
-                defer { group.leave() }
-                do {
-                    let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-                    let evaluation = tracker.evaluation(name)
-                    let run = try evaluation.addChain("client-\(c)-\(getpid())").start()
-                    body(run)
-                    let reply = try tracker.flush(.uploaded, timeout: 1800)
-                    if !reply.complete { firstError.withLock { $0 = $0 ?? "upload did not complete" } }
-                    try evaluation.end()
-                    tracker.connection.disconnect()
-                } catch {
-                    firstError.withLock { $0 = $0 ?? "\(error)" }
-                }
-            }.start()
-        }
-        group.wait()
-        if let message = firstError.withLock({ $0 }) { throw ValidationError("a benchmark client failed: \(message)") }
+        let clients = try ClientProcesses(runs, ClientWorkload(socketPath: socketPath, evaluation: "bench-drain", metrics: metrics, perFrame: 100))
+        return Double(runs * metrics) / (try clients.go())
     }
 
     /// The ceiling: `runs` concurrent loops posting prebuilt 1000-metric `log-batch` bodies.
@@ -290,8 +322,13 @@ struct ArmoryBench: AsyncParsableCommand {
         let time = Int64(Date().timeIntervalSince1970 * 1000)
         for r in 0..<runs {
             let run = try await client.createRun(experimentID: experiment, runName: "raw-\(r)", startTime: time, userID: "bench", tags: [:])
+            // The shape armoryd's drain sends: 100 keys per step, 10 steps per body.
             bodies.append((0..<(metrics / 1000)).map { b in
-                MLflowRESTClient.logBatchBody(runID: run.runID, LogBatch(metrics: (0..<1000).map { MetricPoint(key: "m", value: Double($0), step: Int64(b * 1000 + $0), timestamp: time) }))
+                var points: [MetricPoint] = []
+                for step in (b * 10)..<(b * 10 + 10) {
+                    for key in 0..<100 { points.append(MetricPoint(key: "m\(key)", value: Double(key), step: Int64(step), timestamp: time + Int64(step))) }
+                }
+                return MLflowRESTClient.logBatchBody(runID: run.runID, LogBatch(metrics: points))
             })
         }
         let start = nanos()
@@ -371,30 +408,48 @@ struct ArmoryBench: AsyncParsableCommand {
         return Double(clients * frames) / (Double(nanos() - start) / 1e9)
     }
 
-    /// N client threads, each its own connection and run, logging single-metric frames; timed
-    /// until every metric is confirmed written by the store (flush wait=uploaded).
+    /// N client processes, each its own connection and run, logging `metrics` in frames of
+    /// `perFrame`; timed until every metric is confirmed written by the store (flush wait=uploaded).
+    /// Returns the seconds, the daemon's CPU seconds and its peak RSS in KB.
     static func daemonIngest(socketPath: String, daemonPID: Int32, clients: Int, metrics: Int, perFrame: Int = 1) throws -> (Double, Double, Int) {
+        let processes = try ClientProcesses(clients, ClientWorkload(socketPath: socketPath, evaluation: "bench-ingest", metrics: metrics, perFrame: perFrame))
         let cpuBefore = cpuSeconds(pid: daemonPID)
-        let start = nanos()
-        try runClients(clients, socketPath: socketPath, evaluation: "bench-ingest") { run in
-            if perFrame == 1 {
-                for i in 0..<metrics { run.logMetric("m", Double(i), step: Int64(i)) }
-                return
-            }
-            let keys = (0..<perFrame).map { "m\($0)" }
-            for step in 0..<(metrics / perFrame) {
-                run.log(LogBatch(metrics: keys.enumerated().map { MetricPoint(key: $1, value: Double($0), step: Int64(step), timestamp: 1_795_400_000_000 + Int64(step)) }))
-            }
+        let elapsed = try processes.go()
+        return (elapsed, cpuSeconds(pid: daemonPID) - cpuBefore, procStatusKB(pid: daemonPID, "VmHWM"))
+    }
+
+    /// A `kB` figure of `/proc/<pid>/status` (VmRSS, VmHWM).
+    static func procStatusKB(pid: Int32, _ field: String) -> Int {
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        return status.split(separator: "\n").first { $0.hasPrefix(field + ":") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+    }
+
+    /// Wake-ups per second of every thread of `pid` over `seconds`: context switches (voluntary
+    /// and not), polled every 100 ms so that threads which exit meanwhile still count.
+    static func wakeups(pid: Int32, over seconds: Double) -> Double {
+        func switches() -> [String: Int] {
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+            return Dictionary(uniqueKeysWithValues: tasks.map { task in
+                let status = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8)) ?? ""
+                return (task, status.split(separator: "\n").filter { $0.hasPrefix("voluntary_ctxt_switches:") || $0.hasPrefix("nonvoluntary_ctxt_switches:") }
+                    .compactMap { Int($0.split(separator: "\t").last ?? "") }.reduce(0, +))
+            })
         }
-        let elapsed = Double(nanos() - start) / 1e9
-        let status = (try? String(contentsOfFile: "/proc/\(daemonPID)/status", encoding: .utf8)) ?? ""
-        let peak = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
-        return (elapsed, cpuSeconds(pid: daemonPID) - cpuBefore, peak)
+        let first = switches()
+        var last = first
+        let end = nanos() + UInt64(seconds * 1e9)
+        while nanos() < end {
+            usleep(100_000)
+            last.merge(switches()) { max($0, $1) }
+        }
+        return Double(last.reduce(0) { $0 + $1.value - (first[$1.key] ?? 0) }) / seconds
     }
 
     /// What the recovery figure measured.
     struct RecoveryFigure {
         var bytes: Int, segments: Int, records: Int, seconds: Double, emptySeconds: Double, rssKB: Int
+        /// The daemon's RSS (KB) as its backlog passed 1/8, 1/4, 1/2 and all of `bytes`.
+        var rssByBacklog: [(bytes: Int, rssKB: Int)]
     }
 
     /// Fills a journal with `bytes` of backlog (1000-metric frames to a server that refuses
@@ -415,7 +470,15 @@ struct ArmoryBench: AsyncParsableCommand {
                   let n = first["journal_bytes"]?.intValue else { return 0 }
             return Int(n)
         }
-        while journalBytes() < bytes {
+        var rssByBacklog: [(bytes: Int, rssKB: Int)] = []
+        var thresholds = [bytes / 8, bytes / 4, bytes / 2]
+        while true {
+            let backlog = journalBytes()
+            if let next = thresholds.first, backlog >= next {
+                rssByBacklog.append((backlog, procStatusKB(pid: process.processIdentifier, "VmRSS")))
+                thresholds.removeFirst()
+            }
+            if backlog >= bytes { break }
             for _ in 0..<200 {
                 run.log(LogBatch(metrics: (0..<1000).map { MetricPoint(key: "m", value: Double($0), step: Int64(frame * 1000 + $0), timestamp: time) }))
                 frame += 1
@@ -423,6 +486,7 @@ struct ArmoryBench: AsyncParsableCommand {
         }
         _ = try tracker.flush(.durable, timeout: 120)
         let journal = journalBytes()
+        rssByBacklog.append((journal, procStatusKB(pid: process.processIdentifier, "VmRSS")))
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
         connection.disconnect()
@@ -437,12 +501,11 @@ struct ArmoryBench: AsyncParsableCommand {
             segments = Int(j["segments"]?.intValue ?? 0)
             records = Int(j["replayed_records"]?.intValue ?? 0)
         }
-        let procStatus = (try? String(contentsOfFile: "/proc/\(again.processIdentifier)/status", encoding: .utf8)) ?? ""
-        let rss = procStatus.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+        let rss = procStatusKB(pid: again.processIdentifier, "VmRSS")
         probe.disconnect()
         again.terminate()
         again.waitUntilExit()
-        return RecoveryFigure(bytes: journal, segments: segments, records: records, seconds: seconds, emptySeconds: emptySeconds, rssKB: rss)
+        return RecoveryFigure(bytes: journal, segments: segments, records: records, seconds: seconds, emptySeconds: emptySeconds, rssKB: rss, rssByBacklog: rssByBacklog)
     }
 
     static func cpuSeconds(pid: Int32) -> Double {
