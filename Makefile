@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := .build/debug
 
-.PHONY: all bootstrap build demo test test-swift test-python test-compat bench fuzz install clean
+.PHONY: all bootstrap build demo test test-swift test-python test-scale test-compat bench bench-lab fuzz install clean
 
 all: build
 
@@ -21,6 +21,7 @@ demo: build
 test: build
 	$(MAKE) test-swift
 	$(MAKE) test-python
+	$(MAKE) test-scale
 
 test-swift:
 	$(SWIFT) test
@@ -29,6 +30,11 @@ test-swift:
 test-python:
 	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python
 	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q clients/python/tests
+
+# The lab deployment (deploy/testbed.py): PostgreSQL, an `mlflow server` on it and 4 armoryd
+# hosts (network namespaces where the machine allows).
+test-scale: build
+	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/scale
 
 # Unmodified MLflow-using libraries (Lightning's MLFlowLogger) through armoryd://: torch is large,
 # so this is not part of `make test`.
@@ -43,6 +49,12 @@ fuzz: bootstrap
 # Benchmarks: release build, figures next to baselines measured in the same run.
 bench: bootstrap
 	@bash scripts/bench.sh $(BENCH_ARGS)
+
+# Aggregate throughput of 1, 2 and 4 lab hosts into a PostgreSQL-backed MLflow server.
+bench-lab: bootstrap
+	$(SWIFT) build -c release --product armoryd
+	$(SWIFT) build -c release --product armoryctl
+	$(PY) Benchmarks/lab_bench.py $(BENCH_ARGS)
 
 # Binaries, systemd units (system and user), the sysusers entry, the sample configuration and the
 # docs, under PREFIX (default /usr/local) and DESTDIR. CONFIGURATION=debug installs the debug build.

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libsystemd-dev pkg-config systemd)
+# postgresql and iproute2: the lab test bed (deploy/testbed.py) of `make test-scale`.
+APT_PACKAGES=(libsystemd-dev pkg-config systemd postgresql iproute2)
 VENV=${ARMORY_VENV:-.venv}
 MLFLOW_SPEC='mlflow[auth]==3.17.2'
 
@@ -23,11 +24,11 @@ fi
 command -v swift >/dev/null || { echo "bootstrap: swift is not on PATH (Swift 6.x is required: https://www.swift.org/install/linux/)" >&2; exit 1; }
 
 stamp="$VENV/.armory-bootstrap"
-want="$MLFLOW_SPEC pytest jsonschema psutil"
+want="$MLFLOW_SPEC psycopg[binary] pytest jsonschema psutil"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: creating $VENV with $want (about a minute)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" pytest jsonschema psutil </dev/null
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" "psycopg[binary]" pytest jsonschema psutil </dev/null
   echo "$want" > "$stamp"
 fi
 # The Python client, editable, so that tests and examples use this checkout's code.
