@@ -31,6 +31,9 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Metrics per ingest-matrix scenario, split across its clients.")
     var ingestMetrics = 2_000_000
 
+    @Option(help: "Where the ingest matrix writes: null (journaled, then discarded: the daemon's own cost) or local (the local store).")
+    var ingestSink = "null"
+
     @Option(help: "Sections to run, comma-separated: calls, ingest, matrix, durability, recovery, drain, sampling, scale.")
     var sections = "calls,ingest,matrix,durability,recovery,drain,sampling,scale"
 
@@ -144,17 +147,18 @@ struct ArmoryBench: AsyncParsableCommand {
             for count in ingestClients.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
                 for perFrame in [1, 100] {
                     let perClient = max(perFrame, ingestMetrics / count / perFrame * perFrame)
-                    let (matrixProcess, matrixSocket) = try Self.startDaemon(daemon, home: home + "/matrix-\(count)-\(perFrame)", environment: [:])
+                    let (matrixProcess, matrixSocket) = try Self.startDaemon(daemon, home: home + "/matrix-\(count)-\(perFrame)", environment: [:],
+                                                                             arguments: ingestSink == "null" ? ["--tracking-uri", "null:"] : [])
                     let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: matrixSocket, daemonPID: matrixProcess.processIdentifier,
                                                                       clients: count, metrics: perClient, perFrame: perFrame)
                     matrixProcess.terminate()
                     matrixProcess.waitUntilExit()
                     let metrics = Double(count * perClient)
                     table.append(String(format: "%-44@ %10.0f metrics/s %9.0f frames/s  %.2f CPU-s per 1M  peak RSS %d MB",
-                                        "ingest \(count) clients × \(perFrame)-metric frames" as NSString, metrics / elapsed, metrics / Double(perFrame) / elapsed,
+                                        "ingest (\(ingestSink)) \(count) clients × \(perFrame)-metric frames" as NSString, metrics / elapsed, metrics / Double(perFrame) / elapsed,
                                         cpu / metrics * 1e6, peakKB / 1024))
                     rows.append(.object([
-                        "clients": .int(Int64(count)), "metrics_per_frame": .int(Int64(perFrame)), "metrics": .int(Int64(metrics)),
+                        "clients": .int(Int64(count)), "metrics_per_frame": .int(Int64(perFrame)), "metrics": .int(Int64(metrics)), "sink": .string(ingestSink),
                         "metrics_per_s": .double((metrics / elapsed).rounded()), "frames_per_s": .double((metrics / Double(perFrame) / elapsed).rounded()),
                         "daemon_cpu_s_per_million": .double(cpu / metrics * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
                     ]))

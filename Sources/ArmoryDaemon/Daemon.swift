@@ -37,6 +37,8 @@ public struct DaemonConfiguration: Sendable {
     public var bounds = Uploader.Bounds()
     /// An MLflow server to write to instead of the local store (the daemon's `MLFLOW_TRACKING_URI`).
     public var server: MLflowDestination?
+    /// Records are journaled and then discarded (`null:`): the daemon's own cost, for benchmarks.
+    public var discardsRecords = false
     /// Sink calls in flight at once (REST).
     public var uploadConcurrency: Int = 4
     /// How long log records wait for a fuller batch (REST).
@@ -138,7 +140,9 @@ public final class Daemon: Service {
         }
         let sink: any RecordSink
         do {
-            if let server = config.server {
+            if config.discardsRecords {
+                sink = NullSink()
+            } else if let server = config.server {
                 sink = try RESTSink(destination: server, concurrency: config.uploadConcurrency, requestTimeoutSeconds: config.requestTimeout)
             } else {
                 sink = try FileStoreSink(root: config.storeRoot)

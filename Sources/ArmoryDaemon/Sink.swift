@@ -168,3 +168,26 @@ public final class FileStoreSink: RecordSink {
         }
     }
 }
+
+/// A sink that stores nothing: records are journaled, acked and counted as written, then dropped.
+/// It measures the daemon's own cost without a store's (`armoryd --tracking-uri null:`).
+public final class NullSink: RecordSink {
+    public let destination = "null: (records are journaled, then discarded)"
+
+    public init() {}
+
+    public var concurrency: Int { 1 }
+    public var limits: BatchLimits { .localStore }
+    public var defaultFlushInterval: Double { 0 }
+    public var assignsRunIDs: Bool { true }
+
+    public func perform(_ operation: SinkOperation) async -> SinkOutcome {
+        guard case .createRun(let creation, _, _) = operation else { return .applied }
+        return .created(runID: creation.runID ?? DaemonServices.newRunID(), experimentID: creation.experimentID ?? "0")
+    }
+
+    public func findRun(runID: String) async -> StoredRun? { nil }
+    public func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String? { "0" }
+    public func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError) {}
+    public func close() async {}
+}

@@ -63,11 +63,11 @@ public final class Uploader: Sendable {
         /// Without a journal: queued records past which producers pause.
         public var highWater: Int = 200_000
         /// With a journal: bytes of queued records kept in memory; the rest waits on disk.
-        public var memoryBytes: Int = 64 << 20
+        public var memoryBytes: Int = 16 << 20
         /// With a journal: its size past which producers pause.
         public var maxBacklogBytes: Int = 8 << 30
 
-        public init(highWater: Int = 200_000, memoryBytes: Int = 64 << 20, maxBacklogBytes: Int = 8 << 30) {
+        public init(highWater: Int = 200_000, memoryBytes: Int = 16 << 20, maxBacklogBytes: Int = 8 << 30) {
             self.highWater = highWater
             self.memoryBytes = memoryBytes
             self.maxBacklogBytes = maxBacklogBytes

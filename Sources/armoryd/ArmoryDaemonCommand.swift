@@ -46,7 +46,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     @Option(help: "Seconds SIGTERM waits for queued records to reach the store (default 30).")
     var shutdownDrain: Double?
 
-    @Option(help: "MLflow tracking server (http(s)://…) or local store (file:///…) to write to. Default: $MLFLOW_TRACKING_URI, else <home>/mlruns.")
+    @Option(help: "MLflow tracking server (http(s)://…) or local store (file:///…) to write to (null: journals records, then discards them: for benchmarks). Default: $MLFLOW_TRACKING_URI, else <home>/mlruns.")
     var trackingURI: String?
 
     @Option(help: "Requests in flight at once to an MLflow server (default 4).")
@@ -67,7 +67,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     @Option(help: "Largest journal backlog on disk (bytes; K, M, G suffixes) before clients are slowed down until the destination catches up (default 8G).")
     var maxBacklogBytes: ByteCount?
 
-    @Option(help: "Bytes of queued records each destination keeps in memory; the rest of the backlog waits in the journal on disk (default 64M).")
+    @Option(help: "Bytes of queued records each destination keeps in memory; the rest of the backlog waits in the journal on disk (default 16M).")
     var memoryBacklogBytes: ByteCount?
 
     @Option(help: "Mode of the socket file, in octal (default 600): 600 lets only this user in, 660 its group too.")
@@ -162,11 +162,13 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
                     trackingURI: uri,
                     credentials: MLflowCredentials.resolve(environment: environment),
                     tls: MLflowTLSSettings.resolve(environment: environment))
+            } else if uri == "null:" {
+                config.discardsRecords = true
             } else if uri.hasPrefix("file:") || uri.hasPrefix("/") {
                 let path = uri.hasPrefix("file://") ? String(uri.dropFirst(7)) : (uri.hasPrefix("file:") ? String(uri.dropFirst(5)) : uri)
                 config.storeRoot = path.removingPercentEncoding ?? path
             } else {
-                throw ConfigurationError("Setting 'tracking-uri': unsupported URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server or file:///… for a local store.")
+                throw ConfigurationError("Setting 'tracking-uri': unsupported URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server, file:///… for a local store (or null: to discard records after journaling them, for benchmarks).")
             }
         }
         let seconds = "a number of seconds ≥ 0"
@@ -202,7 +204,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         }
         config.bounds.maxBacklogBytes = try settings.value("max-backlog-bytes", flag: maxBacklogBytes, default: ByteCount(8 << 30),
                                                           what: "a size such as 512M or 8G") { ByteCount(argument: $0) }.bytes
-        config.bounds.memoryBytes = try settings.value("memory-backlog-bytes", flag: memoryBacklogBytes, default: ByteCount(64 << 20),
+        config.bounds.memoryBytes = try settings.value("memory-backlog-bytes", flag: memoryBacklogBytes, default: ByteCount(16 << 20),
                                                       what: "a size such as 64M") { ByteCount(argument: $0) }.bytes
         // Segments small enough that a bounded journal can shrink in steps.
         config.journal.segmentBytes = max(1 << 20, min(64 << 20, config.bounds.maxBacklogBytes / 16))

@@ -64,3 +64,24 @@ def test_armoryctl_answers_every_time(daemon):
                 for _ in range(60)]
     bad = [f.stderr for f in failures if f.returncode != 0]
     assert not bad, bad[:3]
+
+
+def test_null_destination_journals_and_discards(tmp_path):
+    """`--tracking-uri null:` (the benchmarks' null sink): frames are acked, counted as written
+    and settled, and nothing reaches a store."""
+    d = Daemon(tmp_path, args=("--tracking-uri", "null:"))
+    client = RawClient(d.socket)
+    client.hello()
+    client.send("evaluation", id=1, name="discarded")
+    run = client.request("start", evaluation=1)
+    for step in range(500):
+        client.send("log", run=run["handle"], metrics=[["m", step, step, 1795400000000 + step]])
+    client.request("end", evaluation=1, status="FINISHED")
+    reply = client.request("flush", wait="uploaded", timeout_ms=10000)
+    assert reply["complete"] is True
+    status = d.status()
+    assert status["destination"].startswith("null:")
+    assert status["metrics_written"] == 500 and status["pending_records"] == 0
+    assert not d.store.exists()
+    client.close()
+    assert d.stop() == 0
