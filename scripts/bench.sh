@@ -13,6 +13,7 @@ port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 server=$!
 trap 'kill -- -$server 2>/dev/null || kill $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+sleep 15  # the server's job consumers busy the CPU for a while after it answers
 .build/release/armory-bench --daemon .build/release/armoryd --mlflow "http://127.0.0.1:$port" "$@"
 
 # The Python client next to MLflow's own, against the same server.

@@ -127,7 +127,10 @@ struct ArmoryBench: AsyncParsableCommand {
         var rate = 0.0
         if wanted.contains("ingest") {
         let ceiling = Self.rawIngest(clients: clients, frame: sample, frames: metricsPerClient)
-        let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: socketPath, daemonPID: process.processIdentifier, clients: clients, metrics: metricsPerClient)
+        let (ingestProcess, ingestSocket) = try Self.startDaemon(daemon, home: home + "/ingest", environment: [:])
+        let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: ingestSocket, daemonPID: ingestProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
+        ingestProcess.terminate()
+        ingestProcess.waitUntilExit()
         rate = total / elapsed
         table.append(String(format: "%-44@ %10.0f metrics/s  (%d clients × %d single-metric frames, written to the store; %.2f CPU-s per 1M; peak RSS %d MB)",
                             "armoryd ingest" as NSString, rate, clients, metricsPerClient, cpu / total * 1e6, peakKB / 1024))
