@@ -392,6 +392,18 @@ public final class Uploader: Sendable {
         }
     }
 
+    /// Subtracts a settled record's footprint from the memory in use (`queued` is in ticket order).
+    private static func release(_ ticket: UInt64, _ s: inout State) {
+        var low = s.queued.startIndex, high = s.queued.endIndex
+        while low < high {
+            let mid = (low + high) / 2
+            if s.queued[mid].ticket < ticket { low = mid + 1 } else { high = mid }
+        }
+        guard low < s.queued.endIndex, s.queued[low].ticket == ticket else { return }
+        s.memoryBytes -= s.queued[low].bytes
+        s.queued[low].bytes = 0
+    }
+
     /// Reads spilled records back from the journal once memory has room for them.
     private func loadSpilled() {
         guard let journal else { return }
@@ -437,6 +449,10 @@ public final class Uploader: Sendable {
             if let created = settled.created {
                 journal?.append(.bind(handle: batch.handle, runID: created.runID, experimentID: created.experimentID))
             }
+            // Memory is given back as each record settles, in any order: runs settle at their own
+            // pace, and the journal's watermark (below) waits for the oldest.
+            for ticket in settled.tickets { Self.release(ticket, &s) }
+            for (ticket, _) in settled.failures { Self.release(ticket, &s) }
             let upTo = s.scheduler.settledUpTo
             while let first = s.queued.first, first.ticket <= upTo {
                 s.settledSequence = first.sequence
