@@ -121,7 +121,7 @@ public final class FileStore {
     /// Sets an experiment tag (MLflow's `set_experiment_tag`: `<experiment>/tags/<key>`).
     public func setExperimentTag(experimentID: String, key: String, value: String) throws(FileStoreError) {
         let dir = root + "/" + experimentID
-        guard !experimentID.contains("/"), !experimentID.hasPrefix("."), readYAML(dir + "/meta.yaml") != nil else {
+        guard !experimentID.contains("/"), !experimentID.hasPrefix("."), StoreFiles.yaml(dir + "/meta.yaml") != nil else {
             throw .experimentNotFound(experimentID)
         }
         try writeFile(dir + "/tags/" + key, Array(value.utf8))
@@ -139,7 +139,7 @@ public final class FileStore {
         var deleted: [String: String] = [:]
         for (dir, isTrash) in [(root, false), (root + "/.trash", true)] {
             for entry in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where !entry.hasPrefix(".") {
-                guard let meta = readYAML(dir + "/" + entry + "/meta.yaml"), let name = meta["name"] else { continue }
+                guard let meta = StoreFiles.yaml(dir + "/" + entry + "/meta.yaml"), let name = meta["name"] else { continue }
                 if isTrash || meta["lifecycle_stage"] == "deleted" { deleted[name] = entry } else { active[name] = entry }
             }
         }
@@ -210,7 +210,7 @@ public final class FileStore {
         let dir = root + "/" + experimentID + "/" + runID
         for (key, value) in batch.params {
             let path = dir + "/params/" + key
-            if let existing = readFile(path) {
+            if let existing = StoreFiles.read(path) {
                 let old = String(decoding: existing, as: UTF8.self)
                 if old != value { throw .paramChanged(key: key, old: old, new: value) }
                 continue
@@ -242,7 +242,7 @@ public final class FileStore {
     /// The lines of `bytes` that `path` does not hold yet.
     private func unstored(_ bytes: [UInt8], in path: String) throws(FileStoreError) -> [UInt8] {
         if storedLines[path] == nil {
-            let text = readFile(path).map { String(decoding: $0, as: UTF8.self) } ?? ""
+            let text = StoreFiles.read(path).map { String(decoding: $0, as: UTF8.self) } ?? ""
             storedLines[path] = Set(text.split(separator: "\n"))
         }
         let text = String(decoding: bytes, as: UTF8.self)
@@ -294,17 +294,17 @@ public final class FileStore {
 
     /// The run's params as the store holds them.
     public func params(of run: FileStoreRun) -> StringMap {
-        readTree(runDirectory(run) + "/params")
+        StoreFiles.tree(runDirectory(run) + "/params")
     }
 
     /// The run's tags as the store holds them.
     public func tags(of run: FileStoreRun) -> StringMap {
-        readTree(runDirectory(run) + "/tags")
+        StoreFiles.tree(runDirectory(run) + "/tags")
     }
 
     private func loadRun(runID: String, experimentID: String) throws(FileStoreError) -> FileStoreRun? {
         if let cached = metaCache[runID], cached.experimentID == experimentID { return cached }
-        guard let meta = readYAML(root + "/" + experimentID + "/" + runID + "/meta.yaml") else { return nil }
+        guard let meta = StoreFiles.yaml(root + "/" + experimentID + "/" + runID + "/meta.yaml") else { return nil }
         let statusCode = Int(meta["status"] ?? "") ?? 1
         let run = FileStoreRun(
             runID: runID, experimentID: experimentID, name: meta["run_name"] ?? "",
@@ -412,42 +412,5 @@ public final class FileStore {
             }
             offset += n
         }
-    }
-
-    private func readFile(_ path: String) -> [UInt8]? {
-        FileManager.default.contents(atPath: path).map { Array($0) }
-    }
-
-    /// Files under `dir` as a map from their relative path to their content (keys with `/` nest).
-    private func readTree(_ dir: String) -> StringMap {
-        var out = StringMap()
-        guard let walker = FileManager.default.enumerator(atPath: dir) else { return out }
-        while let relative = walker.nextObject() as? String {
-            var isDir: ObjCBool = false
-            let path = dir + "/" + relative
-            if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), !isDir.boolValue, let bytes = readFile(path) {
-                out[relative] = String(decoding: bytes, as: UTF8.self)
-            }
-        }
-        return out
-    }
-
-    /// Reads the flat `key: value` lines of a `meta.yaml` (what we write, and what MLflow writes).
-    private func readYAML(_ path: String) -> [String: String]? {
-        guard let bytes = readFile(path) else { return nil }
-        var out: [String: String] = [:]
-        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
-            guard let colon = line.firstIndex(of: ":"), !line.hasPrefix(" ") else { continue }
-            let key = String(line[..<colon])
-            var value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-            if value.hasPrefix("'") && value.hasSuffix("'") && value.count >= 2 {
-                value = String(value.dropFirst().dropLast()).replacingOccurrences(of: "''", with: "'")
-            } else if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2,
-                      case .string(let s)? = try? JSONParser.parse(Array(value.utf8)) {
-                value = s
-            }
-            out[key] = value
-        }
-        return out
     }
 }

@@ -1,0 +1,144 @@
+import ArmoryProtocol
+import Foundation
+
+/// Reading the files of MLflow's file-store layout, shared by the writer and the reader.
+enum StoreFiles {
+    static func read(_ path: String) -> [UInt8]? {
+        FileManager.default.contents(atPath: path).map { Array($0) }
+    }
+
+    /// Files under `dir` as a map from their relative path to their content (keys with `/` nest).
+    static func tree(_ dir: String) -> StringMap {
+        var out = StringMap()
+        for relative in files(under: dir) {
+            if let bytes = read(dir + "/" + relative) { out[relative] = String(decoding: bytes, as: UTF8.self) }
+        }
+        return out
+    }
+
+    /// The relative paths of the regular files under `dir`, sorted.
+    static func files(under dir: String) -> [String] {
+        guard let walker = FileManager.default.enumerator(atPath: dir) else { return [] }
+        var out: [String] = []
+        while let relative = walker.nextObject() as? String {
+            var isDir: ObjCBool = false
+            if FileManager.default.fileExists(atPath: dir + "/" + relative, isDirectory: &isDir), !isDir.boolValue { out.append(relative) }
+        }
+        return out.sorted()
+    }
+
+    /// Reads the flat `key: value` lines of a `meta.yaml` (what we write, and what MLflow writes).
+    static func yaml(_ path: String) -> [String: String]? {
+        guard let bytes = read(path) else { return nil }
+        var out: [String: String] = [:]
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":"), !line.hasPrefix(" ") else { continue }
+            let key = String(line[..<colon])
+            var value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            if value.hasPrefix("'") && value.hasSuffix("'") && value.count >= 2 {
+                value = String(value.dropFirst().dropLast()).replacingOccurrences(of: "''", with: "'")
+            } else if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2,
+                      case .string(let s)? = try? JSONParser.parse(Array(value.utf8)) {
+                value = s
+            }
+            out[key] = value
+        }
+        return out
+    }
+}
+
+/// Reads any MLflow file store (`mlruns/`): written by armoryd, by MLflow itself, or copied off
+/// another host. Read-only; artifacts are found under each run's directory, never through the
+/// absolute URI recorded in `meta.yaml` (a copied store still names its old place).
+public struct FileStoreReader: Sendable {
+    /// An experiment as its `meta.yaml` records it.
+    public struct Experiment: Sendable, Equatable {
+        public var id: String
+        public var name: String
+        public var isDeleted: Bool
+        public var tags: StringMap
+    }
+
+    /// A run as its `meta.yaml` records it, with where it lives.
+    public struct Run: Sendable, Equatable {
+        public var info: FileStoreRun
+        public var isDeleted: Bool
+        public var directory: String
+    }
+
+    public let root: String
+
+    /// Opens the store at `root`; refuses a directory that is not an MLflow file store.
+    public init(root: String) throws(FileStoreError) {
+        let trimmed = root.count > 1 && root.hasSuffix("/") ? String(root.dropLast()) : root
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: trimmed, isDirectory: &isDir), isDir.boolValue else {
+            throw .io("\(trimmed) does not exist or is not a directory: name an MLflow store (a directory such as ~/.armory/mlruns).")
+        }
+        self.root = trimmed
+        guard !experiments().isEmpty else {
+            throw .io("\(trimmed) is not an MLflow file store: it holds no experiment (no <id>/meta.yaml). Name the mlruns directory itself.")
+        }
+    }
+
+    /// Every experiment, active and deleted, by id.
+    public func experiments() -> [Experiment] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        return entries.filter { !$0.hasPrefix(".") }.sorted().compactMap { id in
+            guard let meta = StoreFiles.yaml(root + "/" + id + "/meta.yaml"), let name = meta["name"] else { return nil }
+            return Experiment(id: meta["experiment_id"].flatMap { $0.isEmpty ? nil : $0 } ?? id, name: name,
+                              isDeleted: meta["lifecycle_stage"] == "deleted", tags: StoreFiles.tree(root + "/" + id + "/tags"))
+        }
+    }
+
+    /// The runs of an experiment, oldest first.
+    public func runs(of experiment: Experiment) -> [Run] {
+        let dir = root + "/" + experiment.id
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return entries.compactMap { entry -> Run? in
+            guard entry != "tags", let meta = StoreFiles.yaml(dir + "/" + entry + "/meta.yaml") else { return nil }
+            let info = FileStoreRun(runID: meta["run_id"].flatMap { $0.isEmpty ? nil : $0 } ?? entry, experimentID: experiment.id,
+                                    name: meta["run_name"] ?? "", userID: meta["user_id"] ?? "", status: FileStore.status(code: Int(meta["status"] ?? "") ?? 1),
+                                    startTime: Int64(meta["start_time"] ?? "") ?? 0, endTime: Int64(meta["end_time"] ?? ""))
+            return Run(info: info, isDeleted: meta["lifecycle_stage"] == "deleted", directory: dir + "/" + entry)
+        }.sorted { ($0.info.startTime, $0.info.runID) < ($1.info.startTime, $1.info.runID) }
+    }
+
+    public func params(of run: Run) -> StringMap { StoreFiles.tree(run.directory + "/params") }
+
+    public func tags(of run: Run) -> StringMap { StoreFiles.tree(run.directory + "/tags") }
+
+    /// The run's metric keys (a key with `/` is a nested file).
+    public func metricKeys(of run: Run) -> [String] { StoreFiles.files(under: run.directory + "/metrics") }
+
+    /// A metric's points in the order they were logged, from the `from`-th line on.
+    /// A line that does not parse (a torn last line) is skipped.
+    public func metricPoints(of run: Run, key: String, from first: Int = 0) -> [MetricPoint] {
+        guard let bytes = StoreFiles.read(run.directory + "/metrics/" + key) else { return [] }
+        var out: [MetricPoint] = []
+        for (index, line) in bytes.split(separator: UInt8(ascii: "\n")).enumerated() where index >= first {
+            if let point = Self.point(key: key, line: line) { out.append(point) }
+        }
+        return out
+    }
+
+    /// One metric line, `<timestamp ms> <value> <step>` (values as Python prints them: `nan`, `inf`).
+    static func point(key: String, line: ArraySlice<UInt8>) -> MetricPoint? {
+        let fields = line.split(separator: UInt8(ascii: " "))
+        guard fields.count == 3, let timestamp = Int64(String(decoding: fields[0], as: UTF8.self)),
+              let value = Double(String(decoding: fields[1], as: UTF8.self)), let step = Int64(String(decoding: fields[2], as: UTF8.self)) else { return nil }
+        return MetricPoint(key: key, value: value, step: step, timestamp: timestamp)
+    }
+
+    /// The run's artifact files, relative to its artifact root, with their sizes.
+    public func artifacts(of run: Run) -> [(path: String, bytes: Int)] {
+        let dir = run.directory + "/artifacts"
+        return StoreFiles.files(under: dir).map { path in
+            let size = (try? FileManager.default.attributesOfItem(atPath: dir + "/" + path)[.size] as? Int) ?? 0
+            return (path, size ?? 0)
+        }
+    }
+
+    /// Where an artifact's bytes are.
+    public func artifactFile(of run: Run, path: String) -> String { run.directory + "/artifacts/" + path }
+}
