@@ -169,7 +169,7 @@ public final class Daemon: Service {
             throw DaemonStartError.store(error.message)
         }
         let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool,
-                                      socketPath: config.socketPath, logger: logger)
+                                      socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger)
         removeUnreferencedSpoolFiles(spool, destinations: destinations)
         let recovery = destinations.recoveryReport
         if recovery.records > 0 || recovery.runs > 0 || recovery.corruptRecords > 0 || recovery.truncatedBytes > 0 {

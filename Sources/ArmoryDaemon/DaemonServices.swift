@@ -26,10 +26,13 @@ public final class DaemonServices: Sendable {
     public let host = HostFigures()
     /// Run lifecycle events (journald fields `RUN_ID`, `EVALUATION`, `CLIENT_PID`, …).
     public let logger: Logger
+    /// `armoryctl sync` jobs.
+    public let syncs: SyncJobs
 
     public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String,
-                logger: Logger = Logger(label: "armoryd")) {
+                localStore: String? = nil, logger: Logger = Logger(label: "armoryd")) {
         self.logger = logger
+        self.syncs = SyncJobs(localStore: localStore)
         self.registry = registry
         self.destinations = destinations
         self.limits = limits

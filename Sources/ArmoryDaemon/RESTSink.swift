@@ -63,6 +63,19 @@ public final class RESTSink: RecordSink {
         }
     }
 
+    public func syncedRun(experimentID: String, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncDestination? {
+        do {
+            guard let run = try await client.findRun(experimentID: experimentID, tag: SyncTags.sourceRun, value: sourceRunID) else { return nil }
+            artifactURIs.withLock { $0[run.runID] = run.artifactURI }
+            var counts: [String: Int] = [:]
+            for key in metricKeys { counts[key] = try await client.metricHistory(run.runID, key: key).count }
+            return SyncDestination(runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
+                                   metricCounts: counts, artifactBytes: try await client.listArtifacts(runID: run.runID))
+        } catch {
+            throw Self.translate(error)
+        }
+    }
+
     public func findRun(runID: String) async -> StoredRun? {
         guard let run = try? await client.getRun(runID) else { return nil }
         artifactURIs.withLock { $0[run.runID] = run.artifactURI }

@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import ArmoryProtocol
+import MLflow
 import Foundation
 import Logging
 
@@ -230,8 +231,39 @@ public final class Session {
             return .awaitUploaded(waits: waits, timeoutMs: max(0, timeoutMs))
         case .status:
             return .reply(StatusReport.make(services: services))
+        case .sync(let request):
+            return .reply(try startSync(request))
+        case .syncStatus:
+            return .reply(["jobs": .array(services.syncs.all.map(\.json))])
         }
         return .none
+    }
+
+    // MARK: Sync
+
+    /// Starts copying a local store into this connection's destination (its hello's tracking
+    /// URI and credentials). Another user's path is not read for them: only the daemon's own
+    /// store, or a path of a client running as the daemon's user (or root).
+    private func startSync(_ request: SyncRequest) throws(ProtocolError) -> JSONObject {
+        let uploader = services.destinations.uploader(destination)
+        guard uploader.destination.hasPrefix("http") else {
+            throw ProtocolError(.invalidValue, "sync needs an MLflow server as its destination (--to http(s)://…); this connection's destination is \(uploader.destination).")
+        }
+        let source: String
+        if let from = request.from {
+            guard peer.uid == getuid() || peer.uid == 0 else {
+                throw ProtocolError(.permissionDenied, "armoryd runs as uid \(getuid()) and does not read \(from) for uid \(peer.uid): sync your own store with your own daemon (a user unit), or ask an admin.")
+            }
+            source = from
+        } else {
+            guard let own = services.syncs.localStore else {
+                throw ProtocolError(.invalidValue, "This daemon has no local store (it writes to \(services.uploader.destination)): name one with --from PATH.")
+            }
+            source = own
+        }
+        do throws(FileStoreError) { _ = try FileStoreReader(root: source) } catch { throw ProtocolError(.invalidValue, error.description) }
+        let job = services.syncs.start(request, source: source, uploader: uploader, spoolDirectory: services.spoolDirectory, logger: services.logger)
+        return ["job": job.json]
     }
 
     // MARK: Handshake

@@ -56,11 +56,18 @@ public protocol RecordSink: Sendable {
     func replaying(runIDs: Set<String>)
     /// Makes everything applied so far durable (before the journal records it as settled).
     func persist()
+    /// `sync`: the copy of a source run in `experimentID` (found by its `armory.sync.source_run`
+    /// tag) with the counts of `metricKeys` it holds; nil when there is none yet.
+    func syncedRun(experimentID: String, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncDestination?
 }
 
 extension RecordSink {
     public func replaying(runIDs: Set<String>) {}
     public func persist() {}
+
+    public func syncedRun(experimentID: String, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncDestination? {
+        throw ProtocolError(.invalidValue, "\(destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…).")
+    }
 }
 
 /// The embedded default sink: MLflow's file-store layout under `$ARMORY_HOME/mlruns`.

@@ -134,6 +134,11 @@ public enum ClientOp: Sendable, Equatable {
     // Control.
     case flush(FlushLevel, timeoutMs: Int64)
     case status
+    /// `armoryctl sync`: copy runs of a local store into this connection's destination, in the
+    /// background; the reply is the job as it starts.
+    case sync(SyncRequest)
+    /// The sync jobs of this daemon and their progress.
+    case syncStatus
 
     /// The op's name on the wire.
     public var name: String {
@@ -164,6 +169,8 @@ public enum ClientOp: Sendable, Equatable {
         case .artifactClose: "artifact_close"
         case .flush: "flush"
         case .status: "status"
+        case .sync: "sync"
+        case .syncStatus: "sync_status"
         }
     }
 
@@ -171,11 +178,27 @@ public enum ClientOp: Sendable, Equatable {
     public var expectsReply: Bool {
         switch self {
         case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun,
-             .setExperimentTag:
+             .setExperimentTag, .sync, .syncStatus:
             true
         case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk, .deleteTag:
             false
         }
+    }
+}
+
+/// What `sync` copies: runs of the store at `from` (default: the daemon's own local store),
+/// limited to the named experiments and runs when given; `dryRun` plans without sending.
+public struct SyncRequest: Sendable, Equatable {
+    public var from: String?
+    public var experiments: [String]
+    public var runs: [String]
+    public var dryRun: Bool
+
+    public init(from: String? = nil, experiments: [String] = [], runs: [String] = [], dryRun: Bool = false) {
+        self.from = from
+        self.experiments = experiments
+        self.runs = runs
+        self.dryRun = dryRun
     }
 }
 
@@ -286,6 +309,10 @@ extension ClientFrame {
             }
             op = .flush(level, timeoutMs: try f.optionalInt("timeout_ms") ?? 10_000)
         case "status": op = .status
+        case "sync":
+            op = .sync(SyncRequest(from: try f.optionalString("from"), experiments: try f.stringArray("experiments"), runs: try f.stringArray("runs"),
+                                   dryRun: try f.optionalBool("dry_run") ?? false))
+        case "sync_status": op = .syncStatus
         default:
             throw ProtocolError(.unknownOp, "Unknown op '\(opName)'. This daemon speaks protocol \(ProtocolVersion.supported); see proto/PROTOCOL.md for the ops it knows.", seq: seq)
         }
@@ -335,6 +362,18 @@ extension ClientFrame {
             for element in array {
                 guard let i = element.intValue else { throw missing(key, "an array of integers") }
                 out.append(i)
+            }
+            return out
+        }
+
+        /// An optional array of strings (absent: empty).
+        func stringArray(_ key: String) throws(ProtocolError) -> [String] {
+            guard let v = object[key], !v.isNull else { return [] }
+            guard let array = v.arrayValue else { throw missing(key, "an array of strings") }
+            var out: [String] = []
+            for element in array {
+                guard let text = element.stringValue else { throw missing(key, "an array of strings") }
+                out.append(text)
             }
             return out
         }
@@ -415,8 +454,13 @@ extension ClientFrame {
             o["prefix"] = .string(prefix)
             o["func"] = .string(function)
             o["values"] = .object(values.mapValues { .string($0) })
-        case .resetParams, .popContext, .getParams, .status:
+        case .resetParams, .popContext, .getParams, .status, .syncStatus:
             break
+        case .sync(let request):
+            if let from = request.from { o["from"] = .string(from) }
+            if !request.experiments.isEmpty { o["experiments"] = .array(request.experiments.map { .string($0) }) }
+            if !request.runs.isEmpty { o["runs"] = .array(request.runs.map { .string($0) }) }
+            if request.dryRun { o["dry_run"] = .bool(true) }
         case .pushContext(let nested, let trackables):
             o["nested"] = .bool(nested)
             o["trackables"] = .bool(trackables)

@@ -246,6 +246,26 @@ public final class MLflowRESTClient: Sendable {
 
     // MARK: Artifacts
 
+    /// Every artifact file of a run (walking directories), with its size in bytes.
+    public func listArtifacts(runID: String) async throws(MLflowError) -> [String: Int] {
+        var files: [String: Int] = [:]
+        var directories = [""]
+        while let directory = directories.popLast() {
+            var query = [("run_id", runID)]
+            if !directory.isEmpty { query.append(("path", directory)) }
+            let body = try await call(.GET, "artifacts/list", query: query)
+            for entry in body["files"]?.arrayValue ?? [] {
+                guard let path = entry["path"]?.stringValue else { continue }
+                if entry["is_dir"]?.boolValue == true {
+                    directories.append(path)
+                } else {
+                    files[path] = Int(entry["file_size"]?.intValue ?? 0)
+                }
+            }
+        }
+        return files
+    }
+
     /// Uploads a file to `path` under a run's artifact URI: through the server's artifact proxy
     /// (`mlflow-artifacts:` URIs, streamed from disk) or into a `file:` artifact root.
     public func uploadArtifact(artifactURI: String, path: String, file: String) async throws(MLflowError) {

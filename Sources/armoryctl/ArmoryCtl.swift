@@ -10,7 +10,7 @@ struct ArmoryCtl: ParsableCommand {
         commandName: "armoryctl",
         abstract: "Inspect and control a running armoryd.",
         version: ArmoryTrackVersion.current,
-        subcommands: [Status.self, Runs.self, Flush.self, Metrics.self, MLflowServer.self],
+        subcommands: [Status.self, Runs.self, Flush.self, Sync.self, Metrics.self, MLflowServer.self],
         defaultSubcommand: Status.self)
 }
 

@@ -1,0 +1,74 @@
+"""`armoryctl sync`: local runs copied into a real `mlflow server`, exactly once, and resumed."""
+import json
+import subprocess
+import time
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN
+from examplecheck import assert_example_recorded, run_example
+
+
+def sync(daemon, server, *args):
+    out = subprocess.run([str(BIN / "armoryctl"), "sync", "--to", server.url, "--json", "--socket", daemon.socket, *args],
+                         capture_output=True, text=True, timeout=300, env=daemon.env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def copies(client, experiment_name):
+    """The destination's runs of an experiment, by their source run id."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return {r.data.tags["armory.sync.source_run"]: r for r in runs}
+
+
+def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_new(daemon, mlflow_server, tmp_path):
+    parent, chains = run_example(daemon)
+    written = lambda: daemon.status()["metrics_written"]  # noqa: E731
+    before = written()
+
+    job = sync(daemon, mlflow_server)
+    assert job["state"] == "complete" and job["runs_total"] == 3 and job["runs_created"] == 3, job
+    server = MlflowClient(mlflow_server.url)
+    copied = copies(server, "armory-example")
+    assert set(copied) == {parent, *chains.values()}
+    assert all(r.data.tags["armory.sync.state"] == "complete" for r in copied.values())
+    # Everything the example recorded, read back from the server under the copies' ids.
+    assert_example_recorded(server, copied[parent].info.run_id, {c: copied[r].info.run_id for c, r in chains.items()}, tmp_path / "dl")
+    source = MlflowClient(daemon.store_uri)
+    for run_id, copy in copied.items():
+        original = source.get_run(run_id)
+        assert copy.data.params == original.data.params
+        assert copy.info.start_time == original.info.start_time and copy.info.end_time == original.info.end_time
+        for key in original.data.metrics:
+            points = lambda c, r: sorted((m.step, m.timestamp, m.value) for m in c.get_metric_history(r, key))  # noqa: E731
+            assert points(server, copy.info.run_id) == points(source, run_id)
+    uploaded = written() - before
+    assert uploaded == job["metrics_queued"] > 0
+
+    # Twice: nothing created, nothing sent.
+    again = sync(daemon, mlflow_server)
+    assert again["runs_up_to_date"] == 3 and again["runs_created"] == 0 and again["metrics_queued"] == 0, again
+    assert written() - before == uploaded
+    assert len(copies(server, "armory-example")) == 3
+
+    # A run grows (here by MLflow's own client on the store): exactly the new points arrive.
+    benign = chains["benign"]
+    now = int(time.time() * 1000)
+    source.log_batch(benign, metrics=[Metric("late", float(i), now + i, i) for i in range(1000)])
+    grown = sync(daemon, mlflow_server)
+    assert grown["metrics_queued"] == 1000 and grown["runs_up_to_date"] == 2, grown
+    assert written() - before == uploaded + 1000
+    history = server.get_metric_history(copied[benign].info.run_id, "late")
+    assert sorted(m.step for m in history) == list(range(1000))
+
+
+def test_sync_refuses_what_it_cannot_do(daemon, mlflow_server, tmp_path):
+    (tmp_path / "not-a-store").mkdir()
+    out = subprocess.run([str(BIN / "armoryctl"), "sync", "--to", mlflow_server.url, "--from", str(tmp_path / "not-a-store"), "--socket", daemon.socket],
+                         capture_output=True, text=True, timeout=60, env=daemon.env())
+    assert out.returncode == 1 and "not an MLflow file store" in out.stderr
+    out = subprocess.run([str(BIN / "armoryctl"), "sync", "--socket", daemon.socket], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--to" in out.stderr
