@@ -63,16 +63,45 @@ public final class RESTSink: RecordSink {
         }
     }
 
-    public func syncedRun(experimentID: String, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncDestination? {
+    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncedRunLookup {
         do {
-            guard let run = try await client.findRun(experimentID: experimentID, tag: SyncTags.sourceRun, value: sourceRunID) else { return nil }
-            artifactURIs.withLock { $0[run.runID] = run.artifactURI }
-            var counts: [String: Int] = [:]
-            for key in metricKeys { counts[key] = try await client.metricHistory(run.runID, key: key).count }
-            return SyncDestination(runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
-                                   metricCounts: counts, artifactBytes: try await client.listArtifacts(runID: run.runID))
+            return try await Self.retrying(until: Self.syncPatienceSeconds) { () async throws(MLflowError) -> SyncedRunLookup in
+                let experimentID: String
+                if create {
+                    experimentID = try await self.experimentID(experimentName)
+                } else {
+                    guard let found = try await self.client.experiment(named: experimentName), found.lifecycleStage == "active" else { return SyncedRunLookup(experimentID: nil, run: nil) }
+                    experimentID = found.id
+                }
+                guard let run = try await self.client.findRun(experimentID: experimentID, tag: SyncTags.sourceRun, value: sourceRunID) else {
+                    return SyncedRunLookup(experimentID: experimentID, run: nil)
+                }
+                self.artifactURIs.withLock { $0[run.runID] = run.artifactURI }
+                var counts: [String: Int] = [:]
+                for key in metricKeys { counts[key] = try await self.client.metricHistory(run.runID, key: key).count }
+                return SyncedRunLookup(experimentID: experimentID, run: SyncDestination(
+                    runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
+                    metricCounts: counts, artifactBytes: try await self.client.listArtifacts(runID: run.runID)))
+            }
         } catch {
             throw Self.translate(error)
+        }
+    }
+
+    /// How long a sync's reads wait for an unreachable or overloaded server before the sync fails.
+    static let syncPatienceSeconds = 600.0
+
+    /// Runs `work` again after errors worth retrying (connection refused, 429, 5xx), backing off
+    /// from 0.5 s to 30 s (or the server's Retry-After), for at most `seconds`.
+    static func retrying<Value>(until seconds: Double, _ work: () async throws(MLflowError) -> Value) async throws(MLflowError) -> Value {
+        let deadline = Date().addingTimeInterval(seconds)
+        var delay = 0.5
+        while true {
+            do { return try await work() } catch {
+                guard error.isRetryable, Date() < deadline else { throw error }
+                try? await Task.sleep(for: .seconds(min(error.retryAfter ?? delay, 30)))
+                delay = min(delay * 2, 30)
+            }
         }
     }
 

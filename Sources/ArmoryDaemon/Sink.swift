@@ -56,18 +56,26 @@ public protocol RecordSink: Sendable {
     func replaying(runIDs: Set<String>)
     /// Makes everything applied so far durable (before the journal records it as settled).
     func persist()
-    /// `sync`: the copy of a source run in `experimentID` (found by its `armory.sync.source_run`
-    /// tag) with the counts of `metricKeys` it holds; nil when there is none yet.
-    func syncedRun(experimentID: String, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncDestination?
+    /// `sync`: the experiment called `experimentName` (created when `create` and missing) and the
+    /// copy of a source run in it (found by its `armory.sync.source_run` tag) with the counts of
+    /// `metricKeys` it holds. Waits out an unreachable server for a while.
+    func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncedRunLookup
 }
 
 extension RecordSink {
     public func replaying(runIDs: Set<String>) {}
     public func persist() {}
 
-    public func syncedRun(experimentID: String, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncDestination? {
+    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncedRunLookup {
         throw ProtocolError(.invalidValue, "\(destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…).")
     }
+}
+
+/// What a sync destination holds for one source run: its experiment's id (nil when it does not
+/// exist and was not to be created) and the run's copy (nil when there is none yet).
+public struct SyncedRunLookup: Sendable {
+    public var experimentID: String?
+    public var run: SyncDestination?
 }
 
 /// The embedded default sink: MLflow's file-store layout under `$ARMORY_HOME/mlruns`.

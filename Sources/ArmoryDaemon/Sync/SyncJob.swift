@@ -95,15 +95,13 @@ public final class SyncJob: Sendable {
             selected.sort { (depth($0.1), $0.1.info.startTime) < (depth($1.1), $1.1.info.startTime) }
             progress.withLock { $0.runsTotal = selected.count; $0.state = "copying" }
 
-            var experimentIDs: [String: String] = [:]
+            // Records of earlier syncs still queued (replayed after a restart, say) land first, so
+            // that what the destination holds is what it will hold.
+            let earlier = uploader.lastTicket
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: earlier) { done.resume() } }
             var destinationIDs: [String: String] = [:]  // source run id -> destination run id, when known
             for (experiment, run) in selected {
-                if experimentIDs[experiment.name] == nil {
-                    let name = experiment.name
-                    experimentIDs[name] = try await call { (sink) async throws(ProtocolError) -> String? in try await sink.experiment(named: name, create: !self.request.dryRun) } ?? ""
-                }
-                let experimentID = experimentIDs[experiment.name]!
-                try await copy(run, reader: reader, experimentID: experimentID, identity: identity, destinationIDs: &destinationIDs)
+                try await copy(run, reader: reader, experiment: experiment.name, identity: identity, destinationIDs: &destinationIDs)
             }
             if request.dryRun {
                 progress.withLock { $0.state = "complete" }
@@ -122,16 +120,19 @@ public final class SyncJob: Sendable {
     }
 
     /// Plans one run against the destination and queues what it lacks.
-    private func copy(_ run: FileStoreReader.Run, reader: FileStoreReader, experimentID: String, identity: String, destinationIDs: inout [String: String]) async throws {
+    private func copy(_ run: FileStoreReader.Run, reader: FileStoreReader, experiment: String, identity: String, destinationIDs: inout [String: String]) async throws {
         let runID = run.info.runID
         let keys = reader.metricKeys(of: run)
         let counts = Dictionary(uniqueKeysWithValues: keys.map { ($0, reader.metricPoints(of: run, key: $0).count) })
         let artifacts = reader.artifacts(of: run)
         let source = SyncSource(run: run.info, params: reader.params(of: run), tags: reader.tags(of: run), metricCounts: counts,
                                 artifactBytes: Dictionary(artifacts.map { ($0.path, $0.bytes) }, uniquingKeysWith: { a, _ in a }))
-        let existing = experimentID.isEmpty ? nil : try await call { (sink) async throws(ProtocolError) -> SyncDestination? in
-            try await sink.syncedRun(experimentID: experimentID, sourceRunID: runID, metricKeys: keys)
+        let create = !request.dryRun
+        let lookup = try await call { (sink) async throws(ProtocolError) -> SyncedRunLookup in
+            try await sink.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys)
         }
+        let existing = lookup.run
+        let experimentID = lookup.experimentID ?? ""
         let sourceParent = source.tags["mlflow.parentRunId"]
         let parentHandle = sourceParent.map { Self.handle($0) }
         let parentID = sourceParent.flatMap { destinationIDs[$0] }
