@@ -160,7 +160,8 @@ public final class Destinations: Sendable {
         let onDisk = recovery.state.leftOnDisk?.count ?? 0
         uploader.replay(recovery)
         var running: [String] = []
-        for var entry in recovery.state.runs.values {
+        // A sync's runs are not clients' runs: nothing to reattach or end (the next sync resumes them).
+        for var entry in recovery.state.runs.values where !entry.handle.hasPrefix(SyncJob.handlePrefix) {
             entry.destination = key
             registry.insert(entry)
             if entry.status == .running { running.append(entry.handle) }

@@ -92,6 +92,8 @@ public final class Uploader: Sendable {
         var counters = Counters()
         /// Each queued record's last scheduler ticket, sequence number and size, in order.
         var queued = Deque<(ticket: UInt64, sequence: UInt64, bytes: Int)>()
+        /// The last record a restart found in the journal.
+        var replayedThrough: UInt64 = 0
         var lastSequence: UInt64 = 0
         var settledSequence: UInt64 = 0
         var memoryBytes = 0
@@ -217,6 +219,7 @@ public final class Uploader: Sendable {
             for entry in runs.values {
                 if let runID = entry.runID { s.scheduler.bind(entry.handle, .init(runID: runID, experimentID: entry.experimentID)) }
             }
+            s.replayedThrough = recovery.state.lastRecordLSN
             let pending = recovery.state.unsettled
             for p in pending { requeue(&s, p, now: now) }
             if let disk = recovery.state.leftOnDisk {
@@ -225,6 +228,11 @@ public final class Uploader: Sendable {
             }
             s.lastSequence = max(s.lastSequence, recovery.state.lastRecordLSN)
             s.settledSequence = recovery.state.settled
+            if s.queued.isEmpty && s.spill == nil {
+                // Nothing left to send (what remained was dropped, e.g. a sync's): all settled.
+                s.settledSequence = s.lastSequence
+                journal?.settle(upTo: s.lastSequence)
+            }
         }
         wake.yield()
     }
@@ -232,6 +240,12 @@ public final class Uploader: Sendable {
     /// Queues a record read back from the journal.
     private func requeue(_ s: inout State, _ p: JournalState.Pending, now: UInt64) {
         if case .artifact(_, let spool) = p.record, access(spool, F_OK) != 0 { return }  // already stored
+        // A sync's records from before a restart are not sent again: the next sync asks the
+        // destination what it holds and sends the rest, so nothing lands twice.
+        if p.lsn <= s.replayedThrough, p.handle.hasPrefix(SyncJob.handlePrefix) {
+            if case .artifact(_, let spool) = p.record { unlink(spool) }
+            return
+        }
         if case .createRun = p.record, s.scheduler.bindings[p.handle] != nil, !sink.assignsRunIDs { return }
         let completion = s.spill?.completions.removeValue(forKey: p.lsn)
         queue(&s, p.handle, p.record, sequence: p.lsn, bytes: BatchLimits.memoryFootprint(p.record), now: now, mayExist: true, completion: completion)

@@ -72,3 +72,92 @@ def test_sync_refuses_what_it_cannot_do(daemon, mlflow_server, tmp_path):
     assert out.returncode == 1 and "not an MLflow file store" in out.stderr
     out = subprocess.run([str(BIN / "armoryctl"), "sync", "--socket", daemon.socket], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--to" in out.stderr
+
+
+def mlflow_written_store(path, experiment, runs, points):
+    """A store written by MLflow's own client (not by armoryd): `runs` runs of `points` points."""
+    client = MlflowClient(f"file://{path}")
+    experiment_id = client.create_experiment(experiment)
+    now = int(time.time() * 1000)
+    for r in range(runs):
+        run = client.create_run(experiment_id, run_name=f"r{r}")
+        client.log_param(run.info.run_id, "index", str(r))
+        for start in range(0, points, 1000):
+            client.log_batch(run.info.run_id, metrics=[Metric("m", float(r * points + i), now + i, i) for i in range(start, min(points, start + 1000))])
+        client.set_terminated(run.info.run_id)
+    return path
+
+
+def start_sync(daemon, to, store):
+    return subprocess.Popen([str(BIN / "armoryctl"), "sync", "--to", to, "--from", str(store), "--json", "--socket", daemon.socket],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env())
+
+
+def check_copied(server_url, experiment, runs, points):
+    server = MlflowClient(server_url)
+    copied = copies(server, experiment)
+    assert len(copied) == runs and len(server.search_runs([server.get_experiment_by_name(experiment).experiment_id], max_results=5000)) == runs
+    for run in copied.values():
+        assert run.data.tags["armory.sync.state"] == "complete" and run.info.status == "FINISHED"
+        history = server.get_metric_history(run.info.run_id, "m")
+        r = int(run.data.params["index"])
+        assert sorted((m.step, m.value) for m in history) == [(i, float(r * points + i)) for i in range(points)]
+
+
+def test_sync_killed_mid_way_resumes_without_duplicates(tmp_path, mlflow_server):
+    from conftest import Daemon
+    from faultproxy import FaultProxy
+    store = mlflow_written_store(tmp_path / "carried", "sync-crash", runs=20, points=10_000)
+    proxy = FaultProxy(mlflow_server.port)  # counts the metrics that reach the server
+    daemon = Daemon(tmp_path / "d")
+    try:
+        job = start_sync(daemon, proxy.url, store)
+        deadline = time.time() + 120
+        while proxy.metrics_forwarded < 20_000 and time.time() < deadline:
+            time.sleep(0.1)
+        assert proxy.metrics_forwarded >= 20_000, "the sync did not get going"
+        daemon.proc.kill()
+        daemon.proc.wait()
+        job.wait(timeout=30)
+        assert proxy.metrics_forwarded < 200_000  # killed mid-way
+        daemon = Daemon(tmp_path / "d")  # the same state directory: its journal replays
+        out = start_sync(daemon, proxy.url, store)
+        stdout, stderr = out.communicate(timeout=300)
+        assert out.returncode == 0, stdout + stderr
+        check_copied(proxy.url, "sync-crash", 20, 10_000)
+        assert proxy.metrics_forwarded == 200_000  # every point sent once, across the kill
+    finally:
+        daemon.stop()
+        proxy.close()
+
+
+def test_sync_waits_out_a_destination_outage(tmp_path, mlflow_server):
+    from conftest import Daemon
+    from faultproxy import FaultProxy
+    store = mlflow_written_store(tmp_path / "carried", "sync-outage", runs=5, points=20_000)
+    proxy = FaultProxy(mlflow_server.port)
+    daemon = Daemon(tmp_path / "d", args=("--request-timeout", "2"))
+    try:
+        job = start_sync(daemon, proxy.url, store)
+        deadline = time.time() + 120
+        while proxy.metrics_forwarded == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        # Down for 20 s: no new connections, and 503 on the ones the daemon keeps open.
+        proxy.stop_listening()
+        outage_ends = time.time() + 20
+        while time.time() < outage_ends:
+            with proxy.lock:
+                proxy.faults[:] = [("/api/", ("status", 503, None))] * 100
+            time.sleep(0.05)
+        with proxy.lock:
+            proxy.faults.clear()
+        assert job.poll() is None  # still waiting
+        assert proxy.faults_served > 0 and proxy.metrics_forwarded < 100_000  # the outage hit mid-sync
+        proxy.start()
+        stdout, stderr = job.communicate(timeout=300)
+        assert job.returncode == 0, stdout + stderr
+        assert json.loads(stdout)["state"] == "complete"
+        check_copied(proxy.url, "sync-outage", 5, 20_000)
+    finally:
+        daemon.stop()
+        proxy.close()
