@@ -32,6 +32,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def socket_answers(path: str) -> bool:
+    """Whether a daemon accepts connections on the Unix socket `path` (a stale file does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 def wait_until(predicate, timeout: float, what: str, log: Path | None = None):
     deadline = time.time() + timeout
     while not predicate():
@@ -272,12 +282,7 @@ class LabHost:
             raise RuntimeError(f"host {self.index}: armoryd exited: " + (self.home / "armoryd.log").read_text()[-3000:])
 
     def answers(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(self.socket)
-                return True
-            except OSError:
-                return False
+        return socket_answers(self.socket)
 
     def kill(self):
         """SIGKILL, as a crash or the OOM killer would."""

@@ -118,6 +118,7 @@ public enum StatusReport {
         o["errors_sent"] = .int(Int64(totals.errors))
         o["last_success_ms"] = counters.lastSuccessMs.map { .int($0) } ?? .null
         o["last_error"] = counters.lastError.map { .string($0) } ?? .null
+        o["syncs"] = .array(services.syncs.all.map(\.json))
         o["host"] = .object(JSONObject(uniqueKeysWithValues: services.host.current.sorted { $0.key < $1.key }.map { ($0.key, .double($0.value)) }))
         return o
     }

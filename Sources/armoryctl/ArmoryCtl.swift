@@ -112,6 +112,9 @@ enum StatusText {
             row("Last write", "never")
         }
         row("Last error", s["last_error"]?.stringValue ?? "none")
+        for job in s["syncs"]?.arrayValue ?? [] where !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
+            row("Sync", ArmoryCtl.Sync.describe(job))
+        }
         return lines.joined(separator: "\n")
     }
 

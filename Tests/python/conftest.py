@@ -5,12 +5,15 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "deploy"))
+from testbed import socket_answers  # noqa: E402
 BIN = Path(os.environ.get("ARMORY_BIN", ROOT / ".build" / "debug"))
 
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
@@ -40,12 +43,7 @@ class Daemon:
             time.sleep(0.05)
 
     def _answers(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(self.socket)
-                return True
-            except OSError:
-                return False
+        return socket_answers(self.socket)
 
     @property
     def store(self) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, RawClient
+from testbed import socket_answers as answers
 
 
 class NotifySocket:
@@ -66,15 +67,6 @@ def start_notified_daemon(tmp_path, watchdog_usec=None, args=()):
     proc = subprocess.Popen([str(BIN / "armoryd"), "--socket", str(home / "d.sock"), "--home", str(home), *args],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return proc, notify, home
-
-
-def answers(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
 
 
 def test_ready_only_once_the_socket_accepts_then_status_watchdog_and_stopping(tmp_path):
