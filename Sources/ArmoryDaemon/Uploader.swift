@@ -215,7 +215,7 @@ public final class Uploader: Sendable {
         let now = Self.monotonicNs()
         let runs = recovery.state.runs
         sink.replaying(runIDs: Set(runs.values.compactMap(\.runID)))
-        state.withLock { s in
+        let ready = state.withLock { s -> [@Sendable () -> Void] in
             for entry in runs.values {
                 if let runID = entry.runID { s.scheduler.bind(entry.handle, .init(runID: runID, experimentID: entry.experimentID)) }
             }
@@ -228,12 +228,9 @@ public final class Uploader: Sendable {
             }
             s.lastSequence = max(s.lastSequence, recovery.state.lastRecordLSN)
             s.settledSequence = recovery.state.settled
-            if s.queued.isEmpty && s.spill == nil {
-                // Nothing left to send (what remained was dropped, e.g. a sync's): all settled.
-                s.settledSequence = s.lastSequence
-                journal?.settle(upTo: s.lastSequence)
-            }
+            return settleIfIdle(&s)
         }
+        for callback in ready { callback() }
         wake.yield()
     }
 
@@ -436,7 +433,7 @@ public final class Uploader: Sendable {
             ? journal.records(from: position, after: first - 1, through: through, maxBytes: bounds.memoryBytes / 16)
             : ([], position)
         let now = Self.monotonicNs()
-        state.withLock { s in
+        let ready = state.withLock { s -> [@Sendable () -> Void] in
             for p in records { requeue(&s, p, now: now) }
             s.spill!.loading = false
             s.spill!.position = next
@@ -447,7 +444,9 @@ public final class Uploader: Sendable {
             if s.spill!.firstUnloaded > s.spill!.lastSpilled {
                 s.spill = nil  // caught up: new records go to memory again
             }
+            return settleIfIdle(&s)
         }
+        for callback in ready { callback() }
         if records.isEmpty {
             // Not on disk yet: try again once the journal committed it.
             journal.whenDurable(first) { [wake] in wake.yield() }
@@ -500,22 +499,37 @@ public final class Uploader: Sendable {
                 s.counters.lastError = error.message
                 s.counters.lastErrorMs = wallNow
             }
-            var ready: [@Sendable () -> Void] = []
-            let settledSequence = s.settledSequence
-            s.waiters.removeAll { waiter in
-                guard waiter.sequence <= settledSequence else { return false }
-                ready.append(waiter.callback)
-                return true
-            }
-            if !s.drainedCallbacks.isEmpty, isDrained(&s) {
-                ready.append(contentsOf: s.drainedCallbacks)
-                s.drainedCallbacks.removeAll()
-            }
-            return (ready, completions)
+            return (takeReady(&s), completions)
         }
         for (completion, result) in completions { completion(result) }
         for callback in callbacks { callback() }
         wake.yield()
+    }
+
+    /// The callbacks of waiters whose sequence is settled, and of drain waiters once producers
+    /// may go on.
+    private func takeReady(_ s: inout State) -> [@Sendable () -> Void] {
+        var ready: [@Sendable () -> Void] = []
+        let settledSequence = s.settledSequence
+        s.waiters.removeAll { waiter in
+            guard waiter.sequence <= settledSequence else { return false }
+            ready.append(waiter.callback)
+            return true
+        }
+        if !s.drainedCallbacks.isEmpty, isDrained(&s) {
+            ready.append(contentsOf: s.drainedCallbacks)
+            s.drainedCallbacks.removeAll()
+        }
+        return ready
+    }
+
+    /// With nothing queued and nothing left on disk, everything journaled is settled (records a
+    /// restart dropped, say): records that, and returns who waited for it.
+    private func settleIfIdle(_ s: inout State) -> [@Sendable () -> Void] {
+        guard s.queued.isEmpty, s.spill == nil else { return [] }
+        s.settledSequence = s.lastSequence
+        journal?.settle(upTo: s.lastSequence)
+        return takeReady(&s)
     }
 
     static func monotonicNs() -> UInt64 {
