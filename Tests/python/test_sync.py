@@ -18,10 +18,11 @@ def sync(daemon, server, *args):
 
 
 def copies(client, experiment_name):
-    """The destination's runs of an experiment, by their source run id."""
+    """The destination's copies in an experiment, by their source run id (the server is shared:
+    other tests' runs may be in an experiment of the same name)."""
     experiment = client.get_experiment_by_name(experiment_name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    return {r.data.tags["armory.sync.source_run"]: r for r in runs}
+    runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    return {r.data.tags["armory.sync.source_run"]: r for r in runs if "armory.sync.source_run" in r.data.tags}
 
 
 def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_new(daemon, mlflow_server, tmp_path):
