@@ -71,6 +71,9 @@ public final class SyncJob: Sendable {
             for experiment in reader.experiments() where !experiment.isDeleted && (request.experiments.isEmpty || request.experiments.contains(experiment.name)) {
                 for run in reader.runs(of: experiment) where !run.isDeleted { selected.append((experiment, run)) }
             }
+            // Each run's parent link, read once (tags are files).
+            let parentOf = Dictionary(selected.compactMap { _, run in reader.tags(of: run)["mlflow.parentRunId"].map { (run.info.runID, $0) } },
+                                      uniquingKeysWith: { a, _ in a })
             if !request.runs.isEmpty {
                 // A named run brings its ancestors along, so that its parent link can be rewritten.
                 var wanted = Set(request.runs)
@@ -78,7 +81,7 @@ public final class SyncJob: Sendable {
                 while grew {
                     grew = false
                     for (_, run) in selected where wanted.contains(run.info.runID) {
-                        if let parent = reader.tags(of: run)["mlflow.parentRunId"], wanted.insert(parent).inserted { grew = true }
+                        if let parent = parentOf[run.info.runID], wanted.insert(parent).inserted { grew = true }
                     }
                 }
                 let missing = Set(request.runs).subtracting(selected.map(\.1.info.runID))
@@ -86,13 +89,14 @@ public final class SyncJob: Sendable {
                 selected = selected.filter { wanted.contains($0.1.info.runID) }
             }
             // Parents before their children.
-            let byID = Dictionary(selected.map { ($0.1.info.runID, $0) }, uniquingKeysWith: { a, _ in a })
-            func depth(_ run: FileStoreReader.Run) -> Int {
-                var d = 0, current = run
-                while d < 64, let parent = reader.tags(of: current)["mlflow.parentRunId"], let up = byID[parent]?.1 { d += 1; current = up }
-                return d
+            let present = Set(selected.map(\.1.info.runID))
+            var depth: [String: Int] = [:]
+            for (_, run) in selected {
+                var d = 0, current = run.info.runID
+                while d < 64, let parent = parentOf[current], present.contains(parent) { d += 1; current = parent }
+                depth[run.info.runID] = d
             }
-            selected.sort { (depth($0.1), $0.1.info.startTime) < (depth($1.1), $1.1.info.startTime) }
+            selected.sort { (depth[$0.1.info.runID]!, $0.1.info.startTime) < (depth[$1.1.info.runID]!, $1.1.info.startTime) }
             progress.withLock { $0.runsTotal = selected.count; $0.state = "copying" }
 
             // Records of earlier syncs still queued (replayed after a restart, say) land first, so
