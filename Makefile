@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := .build/debug
 
-.PHONY: all bootstrap build demo test test-swift test-python test-scale test-compat bench bench-lab fuzz install clean
+.PHONY: all bootstrap build demo test test-swift test-python test-scale test-compat bench bench-lab bench-sync fuzz install clean
 
 all: build
 
@@ -55,6 +55,12 @@ bench-lab: bootstrap
 	$(SWIFT) build -c release --product armoryd
 	$(SWIFT) build -c release --product armoryctl
 	$(PY) Benchmarks/lab_bench.py $(BENCH_ARGS)
+
+# `armoryctl sync` into a private MLflow server: metrics/s and artifact MB/s next to raw calls.
+bench-sync: bootstrap
+	$(SWIFT) build -c release --product armoryd
+	$(SWIFT) build -c release --product armoryctl
+	$(PY) Benchmarks/sync_bench.py $(BENCH_ARGS)
 
 # Binaries, systemd units (system and user), the sysusers entry, the sample configuration and the
 # docs, under PREFIX (default /usr/local) and DESTDIR. CONFIGURATION=debug installs the debug build.

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 swift build -c release --product armoryd
 swift build -c release --product armory-bench
+swift build -c release --product armoryctl
 work=$(mktemp -d /tmp/armory-bench-mlflow.XXXXXX)
 mlflow_bin="$(pwd)/.venv/bin/mlflow"
 port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -24,3 +25,6 @@ for _ in $(seq 1 100); do [ -S "$home/d.sock" ] && break; sleep 0.05; done
 .venv/bin/python Benchmarks/python_client_bench.py "$home/d.sock" "http://127.0.0.1:$port" Benchmarks/results/python-latest.json
 .venv/bin/python Benchmarks/mlflow_plugin_bench.py "$home/d.sock" "http://127.0.0.1:$port" Benchmarks/results/mlflow-plugin-latest.json
 kill "$daemon"; wait "$daemon" 2>/dev/null || true
+
+# `armoryctl sync` into the same server, next to raw log-batch and artifact PUTs.
+.venv/bin/python Benchmarks/sync_bench.py --mlflow "http://127.0.0.1:$port"

@@ -63,9 +63,9 @@ public final class RESTSink: RecordSink {
         }
     }
 
-    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncedRunLookup {
+    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
         do {
-            return try await Self.retrying(until: Self.syncPatienceSeconds) { () async throws(MLflowError) -> SyncedRunLookup in
+            return try await Self.retrying(until: patience) { () async throws(MLflowError) -> SyncedRunLookup in
                 let experimentID: String
                 if create {
                     experimentID = try await self.experimentID(experimentName)
@@ -83,13 +83,12 @@ public final class RESTSink: RecordSink {
                     runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
                     metricCounts: counts, artifactBytes: try await self.client.listArtifacts(runID: run.runID)))
             }
+        } catch where error.isRetryable {
+            throw ProtocolError(.unreachable, "\(destination) did not answer for \(Int(patience)) s (last: \(error)). Check the address and that the server is up, then sync again: it resumes where it stopped.")
         } catch {
             throw Self.translate(error)
         }
     }
-
-    /// How long a sync's reads wait for an unreachable or overloaded server before the sync fails.
-    static let syncPatienceSeconds = 600.0
 
     /// Runs `work` again after errors worth retrying (connection refused, 429, 5xx), backing off
     /// from 0.5 s to 30 s (or the server's Retry-After), for at most `seconds`.

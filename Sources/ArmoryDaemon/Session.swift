@@ -246,8 +246,11 @@ public final class Session {
     /// store, or a path of a client running as the daemon's user (or root).
     private func startSync(_ request: SyncRequest) throws(ProtocolError) -> JSONObject {
         let uploader = services.destinations.uploader(destination)
-        guard uploader.destination.hasPrefix("http") else {
-            throw ProtocolError(.invalidValue, "sync needs an MLflow server as its destination (--to http(s)://…); this connection's destination is \(uploader.destination).")
+        if destination == nil, let uri = hello?.trackingURI, !uri.isEmpty, !uri.hasPrefix("armoryd:"), !MLflowDestination.isRemote(uri), peer.uid != getuid() {
+            throw ProtocolError(.permissionDenied, "armoryd runs as uid \(getuid()) and does not write to \(uri) for uid \(peer.uid): sync into an MLflow server, or into your own store with your own daemon (a user unit).")
+        }
+        guard uploader.destination.hasPrefix("http") || uploader.destination.hasPrefix("file://") else {
+            throw ProtocolError(.invalidValue, "sync needs an MLflow server (--to http(s)://…) or a local store (--to PATH) as its destination; this connection's destination is \(uploader.destination).")
         }
         let source: String
         if let from = request.from {
@@ -262,8 +265,15 @@ public final class Session {
             source = own
         }
         do throws(FileStoreError) { _ = try FileStoreReader(root: source) } catch { throw ProtocolError(.invalidValue, error.description) }
+        if uploader.destination.hasPrefix("file://"), Self.samePath(String(uploader.destination.dropFirst(7)), source) {
+            throw ProtocolError(.invalidValue, "\(source) is both the source and the destination: name another store with --from or --to.")
+        }
         let job = services.syncs.start(request, source: source, uploader: uploader, spoolDirectory: services.spoolDirectory, logger: services.logger)
         return ["job": job.json]
+    }
+
+    private static func samePath(_ a: String, _ b: String) -> Bool {
+        URL(fileURLWithPath: a).resolvingSymlinksInPath().standardizedFileURL == URL(fileURLWithPath: b).resolvingSymlinksInPath().standardizedFileURL
     }
 
     // MARK: Handshake

@@ -58,16 +58,17 @@ public protocol RecordSink: Sendable {
     func persist()
     /// `sync`: the experiment called `experimentName` (created when `create` and missing) and the
     /// copy of a source run in it (found by its `armory.sync.source_run` tag) with the counts of
-    /// `metricKeys` it holds. Waits out an unreachable server for a while.
-    func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncedRunLookup
+    /// `metricKeys` it holds. Waits out an unreachable server for up to `patience` seconds, then
+    /// throws `UNREACHABLE`.
+    func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup
 }
 
 extension RecordSink {
     public func replaying(runIDs: Set<String>) {}
     public func persist() {}
 
-    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String]) async throws(ProtocolError) -> SyncedRunLookup {
-        throw ProtocolError(.invalidValue, "\(destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…).")
+    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
+        throw ProtocolError(.invalidValue, "\(destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…) or a local store.")
     }
 }
 
@@ -152,6 +153,27 @@ public final class FileStoreSink: RecordSink {
     public func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError) {
         try store.withLock { (box: inout FileStoreBox) throws(ProtocolError) in
             do { try box.store.setExperimentTag(experimentID: experimentID, key: key, value: value) } catch { throw Self.translate(error) }
+        }
+    }
+
+    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
+        try store.withLock { (box: inout FileStoreBox) throws(ProtocolError) -> SyncedRunLookup in
+            do {
+                let id = create ? try box.store.experimentID(named: experimentName) : try box.store.existingExperimentID(named: experimentName)
+                guard let id else { return SyncedRunLookup(experimentID: nil, run: nil) }
+                let reader = try FileStoreReader(root: box.store.root)
+                guard let experiment = reader.experiments().first(where: { $0.id == id }),
+                      let run = reader.runs(of: experiment).first(where: { !$0.isDeleted && reader.tag(of: $0, key: SyncTags.sourceRun) == sourceRunID }) else {
+                    return SyncedRunLookup(experimentID: id, run: nil)
+                }
+                box.experimentOfRun[run.info.runID] = id
+                return SyncedRunLookup(experimentID: id, run: SyncDestination(
+                    runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: reader.tags(of: run),
+                    metricCounts: Dictionary(uniqueKeysWithValues: metricKeys.map { ($0, reader.metricCount(of: run, key: $0)) }),
+                    artifactBytes: Dictionary(reader.artifacts(of: run).map { ($0.path, $0.bytes) }, uniquingKeysWith: { a, _ in a })))
+            } catch {
+                throw Self.translate(error)
+            }
         }
     }
 

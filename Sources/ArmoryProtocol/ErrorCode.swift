@@ -16,6 +16,7 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case tooManyConnections = "TOO_MANY_CONNECTIONS"
     case notFound = "NOT_FOUND"
     case sinkRejected = "SINK_REJECTED"
+    case unreachable = "UNREACHABLE"
     case internalError = "INTERNAL"
 }
 

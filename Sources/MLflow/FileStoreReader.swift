@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ArmoryProtocol
 import Foundation
 
@@ -108,22 +111,43 @@ public struct FileStoreReader: Sendable {
 
     public func tags(of run: Run) -> StringMap { StoreFiles.tree(run.directory + "/tags") }
 
+    /// One tag of the run (one file read, for scanning many runs).
+    public func tag(of run: Run, key: String) -> String? {
+        StoreFiles.read(run.directory + "/tags/" + key).map { String(decoding: $0, as: UTF8.self) }
+    }
+
     /// The run's metric keys (a key with `/` is a nested file).
     public func metricKeys(of run: Run) -> [String] { StoreFiles.files(under: run.directory + "/metrics") }
 
-    /// A metric's points in the order they were logged, from the `from`-th line on.
-    /// A line that does not parse (a torn last line) is skipped.
-    public func metricPoints(of run: Run, key: String, from first: Int = 0) -> [MetricPoint] {
-        guard let bytes = StoreFiles.read(run.directory + "/metrics/" + key) else { return [] }
-        var out: [MetricPoint] = []
-        for (index, line) in bytes.split(separator: UInt8(ascii: "\n")).enumerated() where index >= first {
-            if let point = Self.point(key: key, line: line) { out.append(point) }
+    /// How many points a metric holds: its complete (newline-ended) lines, counted as the file
+    /// streams by, without parsing them. A torn last line is not a point yet.
+    public func metricCount(of run: Run, key: String) -> Int {
+        guard let file = fopen(run.directory + "/metrics/" + key, "r") else { return 0 }
+        defer { fclose(file) }
+        var count = 0
+        var block = [UInt8](repeating: 0, count: 1 << 16)
+        while case let read = fread(&block, 1, block.count, file), read > 0 {
+            for byte in block[..<read] where byte == UInt8(ascii: "\n") { count += 1 }
         }
+        return count
+    }
+
+    /// A metric's points in the order they were logged, from the `from`-th complete line on.
+    public func metricPoints(of run: Run, key: String, from first: Int = 0) -> [MetricPoint] {
+        guard let stream = MetricStream(path: run.directory + "/metrics/" + key, key: key, from: first) else { return [] }
+        var out: [MetricPoint] = []
+        while let chunk = stream.next(upTo: 1 << 16) { out += chunk }
         return out
     }
 
+    /// A metric's points from the `from`-th complete line on, read as a stream (a long history is
+    /// never held whole); nil when the run has no such metric.
+    public func metricStream(of run: Run, key: String, from first: Int) -> MetricStream? {
+        MetricStream(path: run.directory + "/metrics/" + key, key: key, from: first)
+    }
+
     /// One metric line, `<timestamp ms> <value> <step>` (values as Python prints them: `nan`, `inf`).
-    static func point(key: String, line: ArraySlice<UInt8>) -> MetricPoint? {
+    static func point<Line: Collection<UInt8>>(key: String, line: Line) -> MetricPoint? {
         let fields = line.split(separator: UInt8(ascii: " "))
         guard fields.count == 3, let timestamp = Int64(String(decoding: fields[0], as: UTF8.self)),
               let value = Double(String(decoding: fields[1], as: UTF8.self)), let step = Int64(String(decoding: fields[2], as: UTF8.self)) else { return nil }
@@ -141,4 +165,39 @@ public struct FileStoreReader: Sendable {
 
     /// Where an artifact's bytes are.
     public func artifactFile(of run: Run, path: String) -> String { run.directory + "/artifacts/" + path }
+}
+
+/// Reads one metric file's points a chunk at a time. A line that does not parse is skipped; a
+/// torn last line (no newline yet) is not read.
+public final class MetricStream {
+    private let file: UnsafeMutablePointer<FILE>
+    private let key: String
+    private var skip: Int
+    private var line: UnsafeMutablePointer<CChar>?
+    private var capacity = 0
+
+    init?(path: String, key: String, from first: Int) {
+        guard let file = fopen(path, "r") else { return nil }
+        self.file = file
+        self.key = key
+        self.skip = first
+    }
+
+    deinit {
+        free(line)
+        fclose(file)
+    }
+
+    /// The next points, at most `count` of them; nil at the end.
+    public func next(upTo count: Int) -> [MetricPoint]? {
+        var chunk: [MetricPoint] = []
+        while chunk.count < count, case let length = getline(&line, &capacity, file), length > 0, let text = line, text[length - 1] == 10 {
+            if skip > 0 {
+                skip -= 1
+            } else if let point = FileStoreReader.point(key: key, line: UnsafeRawBufferPointer(start: text, count: length - 1)) {
+                chunk.append(point)
+            }
+        }
+        return chunk.isEmpty ? nil : chunk
+    }
 }

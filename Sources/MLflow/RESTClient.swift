@@ -298,15 +298,15 @@ public final class MLflowRESTClient: Sendable {
     private func put(url: String, file: String) async throws(MLflowError) {
         guard let handle = FileHandle(forReadingAtPath: file) else { throw .refused("Spooled artifact \(file) is missing.") }
         let size = (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? Int) ?? 0
-        let chunks = AsyncStream<ByteBuffer> { continuation in
-            while true {
-                let data = handle.readData(ofLength: 1 << 20)
-                if data.isEmpty { break }
-                continuation.yield(ByteBuffer(bytes: data))
+        // Pulled a megabyte at a time as the connection takes them: the file is never held whole.
+        let chunks = AsyncStream<ByteBuffer>(unfolding: {
+            let data = handle.readData(ofLength: 1 << 20)
+            guard !data.isEmpty else {
+                try? handle.close()
+                return nil
             }
-            try? handle.close()
-            continuation.finish()
-        }
+            return ByteBuffer(bytes: data)
+        })
         var request = HTTPClientRequest(url: url)
         request.method = .PUT
         request.headers = headers(contentType: "application/octet-stream")

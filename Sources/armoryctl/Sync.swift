@@ -4,22 +4,23 @@ import ArmoryTrack
 import Foundation
 
 extension ArmoryCtl {
-    /// `armoryctl sync`: copy local runs into an MLflow server, exactly once, in the daemon.
+    /// `armoryctl sync`: copy local runs into an MLflow server or another store, exactly once, in the daemon.
     struct Sync: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Copy runs of a local store into an MLflow server: exactly once, resumable, in the background.",
+            abstract: "Copy runs of a local store into an MLflow server or another store: exactly once, resumable, in the background.",
             discussion: """
                 The daemon copies experiments (by name), runs with their status and times, params, tags, every metric point \
                 and artifacts, keeping nested runs' parent links. Each copy carries the tag armory.sync.source_run, so a \
                 later sync (from this host or another) finds it and sends only what is missing; armory.sync.state is \
                 'partial' until a run is complete. Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN of this shell. \
-                Interrupting armoryctl leaves the sync running: `armoryctl sync --status` shows it.
+                Interrupting armoryctl leaves the sync running: `armoryctl sync --status` shows it. A local store as \
+                destination (--to PATH) must be writable by the daemon's user.
                 Exit status: 0 complete, 1 failed or param conflicts, 3 no daemon.
                 """)
 
         @OptionGroup var options: ConnectionOptions
 
-        @Option(help: "The MLflow server to copy into (http(s)://…).")
+        @Option(help: "Where to copy: an MLflow server (http(s)://…) or another local store (a path or file:///…).")
         var to: String?
 
         @Option(help: "The store to copy from (default: the daemon's own local store).")
@@ -38,7 +39,7 @@ extension ArmoryCtl {
         var status = false
 
         func validate() throws {
-            if !status && to == nil { throw ValidationError("Name the destination: --to http(s)://… (or --status).") }
+            if !status && to == nil { throw ValidationError("Name the destination: --to http(s)://… or --to PATH (or --status).") }
         }
 
         func run() throws {
@@ -51,7 +52,7 @@ extension ArmoryCtl {
             }
             // The destination and its credentials travel in hello, as a client's own MLflow server does.
             var environment = ProcessInfo.processInfo.environment
-            environment["ARMORY_TRACKING_URI"] = to
+            environment["ARMORY_TRACKING_URI"] = to.map { $0.contains(":") ? $0 : "file://" + Self.absolute($0) }
             let connection: Connection
             do { connection = try Connection(socketPath: options.socket, client: "armoryctl", environment: environment) } catch {
                 FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
@@ -61,14 +62,18 @@ extension ArmoryCtl {
             guard let id = started["job"]?["id"]?.intValue else { throw ValidationError("armoryd sent no sync job.") }
             let progress = ProgressBar(enabled: !options.json && isatty(STDERR_FILENO) == 1)
             var job = started["job"]!
+            var rate = SyncRate()
             while !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
-                progress.show(done: Self.fraction(job), text: Self.describe(job))
+                rate.observe(job, at: Date())
+                progress.show(done: SyncRate.fraction(job), text: Self.describe(job) + rate.text(job))
                 Thread.sleep(forTimeInterval: 0.25)
                 job = try request(.syncStatus, connection: connection)["jobs"]?.arrayValue?.first { $0["id"]?.intValue == id } ?? job
             }
             progress.finish()
-            if options.json { options.printJSON(job) } else { print(Self.describe(job)) }
-            for conflict in job["conflicts"]?.arrayValue ?? [] { FileHandle.standardError.write(Data("armoryctl: \(conflict.stringValue ?? "")\n".utf8)) }
+            if options.json { options.printJSON(job) } else { print(Self.describe(job, problems: false)) }
+            let problems = (job["conflicts"]?.arrayValue ?? []).map { $0.stringValue ?? "" } + (job["failures"]?.arrayValue ?? []).map { "not copied: " + ($0.stringValue ?? "") }
+                + [job["error"]?.stringValue.map { "sync failed: " + $0 }].compactMap { $0 }
+            for problem in problems { FileHandle.standardError.write(Data("armoryctl: \(problem)\n".utf8)) }
             if job["state"]?.stringValue == "failed" || !(job["conflicts"]?.arrayValue ?? []).isEmpty { throw ExitCode(1) }
         }
 
@@ -83,21 +88,65 @@ extension ArmoryCtl {
             path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
         }
 
-        static func fraction(_ job: JSONValue) -> Double {
-            let total = Double(job["runs_total"]?.intValue ?? 0)
-            return total > 0 ? Double(job["runs_done"]?.intValue ?? 0) / total : 0
-        }
-
-        /// One line: state, runs, metrics, bytes.
-        static func describe(_ job: JSONValue) -> String {
+        /// One line: state, runs, metrics, bytes; then, with `problems`, what was not copied and why.
+        static func describe(_ job: JSONValue, problems: Bool = true) -> String {
+            func n(_ key: String) -> Int { Int(job[key]?.intValue ?? 0) }
             let state = job["state"]?.stringValue ?? "?"
-            var line = "sync \(job["id"]?.intValue ?? 0) \(state): \(job["runs_done"]?.intValue ?? 0)/\(job["runs_total"]?.intValue ?? 0) runs"
-            line += " (\(job["runs_created"]?.intValue ?? 0) created, \(job["runs_up_to_date"]?.intValue ?? 0) up to date)"
-            line += ", \(job["metrics_queued"]?.intValue ?? 0) metrics, \(job["artifact_bytes_queued"]?.intValue ?? 0) artifact bytes"
-            if let pending = job["pending_records"]?.intValue, pending > 0 { line += ", \(pending) records still uploading" }
+            var line = "sync \(n("id")) \(state): \(n("runs_done"))/\(n("runs_total")) runs"
+            line += " (\(n("runs_created")) created, \(n("runs_up_to_date")) up to date)"
+            line += ", \(n("metrics_landed"))/\(n("metrics_total")) metrics"
+            line += ", \(SyncRate.bytes(n("artifact_bytes_landed")))/\(SyncRate.bytes(n("artifact_bytes_total"))) of artifacts"
+            if n("pending_records") > 0 { line += ", \(n("pending_records")) records uploading" }
             line += "  \(job["from"]?.stringValue ?? "") -> \(job["to"]?.stringValue ?? "")"
+            guard problems else { return line }
+            for failure in job["failures"]?.arrayValue ?? [] { line += "\n  not copied: \(failure.stringValue ?? "")" }
             if let error = job["error"]?.stringValue { line += "\n  error: \(error)" }
             return line
         }
+    }
+}
+
+/// The rate and time left of a sync, from the landed counts of successive polls. Metrics and
+/// artifact bytes are one amount of work: a metric counts as the 64 bytes it takes on the wire.
+struct SyncRate {
+    private var last: (at: Date, metrics: Int, bytes: Int)?
+    private var metricsPerSecond = 0.0
+    private var bytesPerSecond = 0.0
+
+    static let bytesPerMetric = 64.0
+
+    static func fraction(_ job: JSONValue) -> Double {
+        let total = Double(job["metrics_total"]?.intValue ?? 0) * bytesPerMetric + Double(job["artifact_bytes_total"]?.intValue ?? 0)
+        let done = Double(job["metrics_landed"]?.intValue ?? 0) * bytesPerMetric + Double(job["artifact_bytes_landed"]?.intValue ?? 0)
+        return total > 0 ? done / total : 0
+    }
+
+    /// Takes one poll in: rates are smoothed over about two seconds.
+    mutating func observe(_ job: JSONValue, at now: Date) {
+        let metrics = Int(job["metrics_landed"]?.intValue ?? 0), bytes = Int(job["artifact_bytes_landed"]?.intValue ?? 0)
+        if let last, case let elapsed = now.timeIntervalSince(last.at), elapsed > 0 {
+            let weight = min(1, elapsed / 2)
+            let metricRate = Double(metrics - last.metrics) / elapsed, byteRate = Double(bytes - last.bytes) / elapsed
+            metricsPerSecond += weight * (metricRate - metricsPerSecond)
+            bytesPerSecond += weight * (byteRate - bytesPerSecond)
+        }
+        last = (now, metrics, bytes)
+    }
+
+    /// `  12,000 metrics/s, 40 MB/s, 0:42 left` (the time left once there is a rate).
+    func text(_ job: JSONValue) -> String {
+        guard last != nil, metricsPerSecond > 0 || bytesPerSecond > 0 else { return "" }
+        var out = "  \(Int(metricsPerSecond)) metrics/s, \(Self.bytes(Int(bytesPerSecond)))/s"
+        let total = Double(job["metrics_total"]?.intValue ?? 0) * Self.bytesPerMetric + Double(job["artifact_bytes_total"]?.intValue ?? 0)
+        let left = total * (1 - Self.fraction(job)) / (metricsPerSecond * Self.bytesPerMetric + bytesPerSecond)
+        if left.isFinite, job["state"]?.stringValue != "planning" { out += ", \(Int(left) / 60):\(String(format: "%02d", Int(left) % 60)) left" }
+        return out
+    }
+
+    static func bytes(_ n: Int) -> String {
+        let units = ["B", "KB", "MB", "GB", "TB"]
+        var value = Double(n), unit = 0
+        while value >= 1000 && unit < units.count - 1 { value /= 1000; unit += 1 }
+        return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
     }
 }

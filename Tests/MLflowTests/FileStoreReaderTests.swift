@@ -60,6 +60,21 @@ import Testing
         handle.write(Data("9 0.2".utf8))
         try handle.close()
         #expect(reader.metricPoints(of: child, key: "loss").count == 3)
+        #expect(reader.metricCount(of: child, key: "loss") == 3)  // counted the way points are read
+    }
+
+    @Test func aLongHistoryStreamsInChunksFromAnyLine() throws {
+        let (reader, _) = try writtenAndMoved()
+        let child = try #require(reader.experiments().flatMap { reader.runs(of: $0) }.first { $0.info.name == "benign" })
+        let lines = (0..<2500).map { "\(1000 + $0) \(Double($0) / 4) \($0)\n" }.joined()
+        try Data(lines.utf8).write(to: URL(fileURLWithPath: child.directory + "/metrics/long"))
+        #expect(reader.metricCount(of: child, key: "long") == 2500)
+        let stream = try #require(reader.metricStream(of: child, key: "long", from: 700))
+        var chunks: [[MetricPoint]] = []
+        while let chunk = stream.next(upTo: 1000) { chunks.append(chunk) }
+        #expect(chunks.map(\.count) == [1000, 800])
+        #expect(chunks.joined().map(\.step) == Array(700..<2500) && chunks[1].last?.value == 2499.0 / 4 && chunks[0].first?.timestamp == 1700)
+        #expect(reader.metricStream(of: child, key: "absent", from: 0) == nil)
     }
 
     @Test func aDirectoryThatIsNotAStoreIsAClearError() throws {

@@ -141,6 +141,7 @@ class MLflowServer:
 
     def __init__(self, directory: Path, extra_args=(), env=None):
         directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         mlflow_cli = os.path.join(os.path.dirname(os.sys.executable), "mlflow")
@@ -179,5 +180,17 @@ class MLflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     server = MLflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
+
+
+AUTH_PASSWORD = "armory-test-Pw1"
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server(tmp_path_factory):
+    """A real `mlflow server --app-name basic-auth`: user `admin`, password `AUTH_PASSWORD`."""
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow-auth-server"), extra_args=("--app-name", "basic-auth"),
+                          env={"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret", "MLFLOW_AUTH_ADMIN_PASSWORD": AUTH_PASSWORD})
     yield server
     server.stop()

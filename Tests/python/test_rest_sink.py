@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, Daemon, MLflowServer, RawClient
+from conftest import AUTH_PASSWORD, BIN, Daemon, RawClient
 from examplecheck import assert_example_recorded, run_example
 from faultproxy import FaultProxy
 
@@ -114,33 +114,28 @@ def test_changed_param_is_reported_and_the_rest_lands(rest_daemon, mlflow_server
     c.close()
 
 
-def test_basic_auth_right_credentials_land_wrong_ones_are_clear_errors(tmp_path):
-    password = "armory-test-Pw1"
-    server = MLflowServer(tmp_path / "auth-server", extra_args=("--app-name", "basic-auth"),
-                          env={"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret", "MLFLOW_AUTH_ADMIN_PASSWORD": password})
+def test_basic_auth_right_credentials_land_wrong_ones_are_clear_errors(tmp_path, mlflow_auth_server):
+    password, server = AUTH_PASSWORD, mlflow_auth_server
+    good = Daemon(tmp_path / "good", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password})
+    parent, chains = run_example(good, env={"ARMORY_WAIT_UPLOAD": "60"})
+    assert password not in good.status()["destination"]
+    good.stop()
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", password
     try:
-        good = Daemon(tmp_path / "good", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password})
-        parent, chains = run_example(good, env={"ARMORY_WAIT_UPLOAD": "60"})
-        assert password not in good.status()["destination"]
-        good.stop()
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", password
-        try:
-            assert_example_recorded(MlflowClient(tracking_uri=server.url), parent, chains, tmp_path)
-        finally:
-            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
-
-        bad = Daemon(tmp_path / "bad", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"})
-        out = subprocess.run([str(BIN / "armory-example")], env=bad.env(), capture_output=True, text=True, timeout=60)
-        assert out.returncode != 0
-        assert "401" in out.stderr and "MLFLOW_TRACKING_USERNAME" in out.stderr
-        status = bad.status()
-        assert status["state"] == "degraded" and "401" in status["last_error"]
-        assert "wrong" not in str(status)
-        log = (tmp_path / "bad" / "armoryd.log").read_text()
-        assert "wrong" not in log
-        bad.stop()
+        assert_example_recorded(MlflowClient(tracking_uri=server.url), parent, chains, tmp_path)
     finally:
-        server.stop()
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+
+    bad = Daemon(tmp_path / "bad", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"})
+    out = subprocess.run([str(BIN / "armory-example")], env=bad.env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "401" in out.stderr and "MLFLOW_TRACKING_USERNAME" in out.stderr
+    status = bad.status()
+    assert status["state"] == "degraded" and "401" in status["last_error"]
+    assert "wrong" not in str(status)
+    log = (tmp_path / "bad" / "armoryd.log").read_text()
+    assert "wrong" not in log
+    bad.stop()
 
 
 @pytest.fixture

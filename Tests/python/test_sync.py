@@ -1,8 +1,12 @@
 """`armoryctl sync`: local runs copied into a real `mlflow server`, exactly once, and resumed."""
 import json
+import shutil
+import socket
 import subprocess
 import time
+import uuid
 
+import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -10,8 +14,8 @@ from conftest import BIN
 from examplecheck import assert_example_recorded, run_example
 
 
-def sync(daemon, server, *args):
-    out = subprocess.run([str(BIN / "armoryctl"), "sync", "--to", server.url, "--json", "--socket", daemon.socket, *args],
+def sync(daemon, to, *args):
+    out = subprocess.run([str(BIN / "armoryctl"), "sync", "--to", to, "--json", "--socket", daemon.socket, *args],
                          capture_output=True, text=True, timeout=300, env=daemon.env())
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
@@ -25,14 +29,17 @@ def copies(client, experiment_name):
     return {r.data.tags["armory.sync.source_run"]: r for r in runs if "armory.sync.source_run" in r.data.tags}
 
 
-def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_new(daemon, mlflow_server, tmp_path):
+@pytest.mark.parametrize("into", ["server", "store"])
+def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_new(daemon, mlflow_server, tmp_path, into):
+    """Into the MLflow server, and (same checks) into another local store, read by MLflow's client."""
     parent, chains = run_example(daemon)
     written = lambda: daemon.status()["metrics_written"]  # noqa: E731
     before = written()
+    to, url = (mlflow_server.url, mlflow_server.url) if into == "server" else (str(tmp_path / "carried"), f"file://{tmp_path / 'carried'}")
 
-    job = sync(daemon, mlflow_server)
+    job = sync(daemon, to)
     assert job["state"] == "complete" and job["runs_total"] == 3 and job["runs_created"] == 3, job
-    server = MlflowClient(mlflow_server.url)
+    server = MlflowClient(url)
     copied = copies(server, "armory-example")
     assert set(copied) == {parent, *chains.values()}
     assert all(r.data.tags["armory.sync.state"] == "complete" for r in copied.values())
@@ -50,7 +57,7 @@ def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_
     assert uploaded == job["metrics_queued"] > 0
 
     # Twice: nothing created, nothing sent.
-    again = sync(daemon, mlflow_server)
+    again = sync(daemon, to)
     assert again["runs_up_to_date"] == 3 and again["runs_created"] == 0 and again["metrics_queued"] == 0, again
     assert written() - before == uploaded
     assert len(copies(server, "armory-example")) == 3
@@ -59,7 +66,7 @@ def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_
     benign = chains["benign"]
     now = int(time.time() * 1000)
     source.log_batch(benign, metrics=[Metric("late", float(i), now + i, i) for i in range(1000)])
-    grown = sync(daemon, mlflow_server)
+    grown = sync(daemon, to)
     assert grown["metrics_queued"] == 1000 and grown["runs_up_to_date"] == 2, grown
     assert written() - before == uploaded + 1000
     history = server.get_metric_history(copied[benign].info.run_id, "late")
@@ -75,6 +82,9 @@ def test_sync_refuses_what_it_cannot_do(daemon, mlflow_server, tmp_path):
     assert out.returncode == 1 and "not an MLflow file store" in out.stderr
     out = subprocess.run([str(BIN / "armoryctl"), "sync", "--socket", daemon.socket], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--to" in out.stderr
+    out = subprocess.run([str(BIN / "armoryctl"), "sync", "--to", str(daemon.store), "--socket", daemon.socket],
+                         capture_output=True, text=True, timeout=60, env=daemon.env())
+    assert out.returncode == 1 and "both the source and the destination" in out.stderr, out.stderr
 
 
 def mlflow_written_store(path, experiment, runs, points):
@@ -107,6 +117,33 @@ def check_copied(server_url, experiment, runs, points):
         assert sorted((m.step, m.value) for m in history) == [(i, float(r * points + i)) for i in range(points)]
 
 
+def test_sync_killed_mid_way_resumes_without_duplicates(tmp_path, mlflow_server):
+    from conftest import Daemon
+    from faultproxy import FaultProxy
+    store = mlflow_written_store(tmp_path / "carried", "sync-crash", runs=20, points=10_000)
+    proxy = FaultProxy(mlflow_server.port)  # counts the metrics that reach the server
+    daemon = Daemon(tmp_path / "d")
+    try:
+        job = start_sync(daemon, proxy.url, store)
+        deadline = time.time() + 120
+        while proxy.metrics_forwarded < 20_000 and time.time() < deadline:
+            time.sleep(0.1)
+        assert proxy.metrics_forwarded >= 20_000, "the sync did not get going"
+        daemon.proc.kill()
+        daemon.proc.wait()
+        job.wait(timeout=30)
+        assert proxy.metrics_forwarded < 200_000  # killed mid-way
+        daemon = Daemon(tmp_path / "d")  # the same state directory: its journal replays
+        out = start_sync(daemon, proxy.url, store)
+        stdout, stderr = out.communicate(timeout=300)
+        assert out.returncode == 0, stdout + stderr
+        check_copied(proxy.url, "sync-crash", 20, 10_000)
+        assert proxy.metrics_forwarded == 200_000  # every point sent once, across the kill
+    finally:
+        daemon.stop()
+        proxy.close()
+
+
 def test_sync_waits_out_a_destination_outage(tmp_path, mlflow_server):
     from conftest import Daemon
     from faultproxy import FaultProxy
@@ -137,3 +174,95 @@ def test_sync_waits_out_a_destination_outage(tmp_path, mlflow_server):
     finally:
         daemon.stop()
         proxy.close()
+
+
+def run_sync(daemon, to, store, env=None, timeout=300):
+    return subprocess.run([str(BIN / "armoryctl"), "sync", "--to", to, "--from", str(store), "--json", "--socket", daemon.socket],
+                          capture_output=True, text=True, timeout=timeout, env=dict(daemon.env(), **(env or {})))
+
+
+def test_refused_credentials_and_an_unreachable_server_are_clear_errors(daemon, mlflow_auth_server, tmp_path):
+    store = mlflow_written_store(tmp_path / "carried", f"sync-auth-{uuid.uuid4().hex[:8]}", runs=1, points=10)
+    out = run_sync(daemon, mlflow_auth_server.url, store, env={"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"})
+    assert out.returncode == 1 and "401" in out.stderr and "MLFLOW_TRACKING_USERNAME" in out.stderr, out.stderr
+    assert "wrong" not in out.stdout + out.stderr
+    job = json.loads(out.stdout)
+    assert job["state"] == "failed" and job["runs_created"] == 0
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.time()
+    out = run_sync(daemon, f"http://127.0.0.1:{port}", store, timeout=120)
+    assert out.returncode == 1 and "did not answer" in out.stderr and "Check the address" in out.stderr, out.stderr
+    assert time.time() - started < 60
+
+
+def test_a_deleted_experiment_and_a_rejected_record_fail_their_runs_only(daemon, mlflow_server, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    gone, kept = f"sync-gone-{tag}", f"sync-kept-{tag}"
+    source = MlflowClient(f"file://{tmp_path / 'carried'}")
+    runs = {}
+    for experiment, names in ((gone, ["g0"]), (kept, ["k0", "k1"])):
+        experiment_id = source.create_experiment(experiment)
+        for name in names:
+            run = source.create_run(experiment_id, run_name=name)
+            source.log_metric(run.info.run_id, "m", 1.0, step=0)
+            source.set_terminated(run.info.run_id)
+            runs[name] = run
+    # A metric name MLflow servers refuse, as a hand-edited store may hold.
+    k1 = runs["k1"]
+    (tmp_path / "carried" / k1.info.experiment_id / k1.info.run_id / "metrics" / "loss@epoch").write_text("1795400000000 0.5 0\n")
+    server = MlflowClient(mlflow_server.url)
+    server.delete_experiment(server.create_experiment(gone))
+
+    out = run_sync(daemon, mlflow_server.url, tmp_path / "carried")
+    assert out.returncode == 1, out.stdout + out.stderr
+    job = json.loads(out.stdout)
+    assert job["state"] == "failed" and len(job["failures"]) == 2, job
+    assert "deleted" in out.stderr and "mlflow experiments restore" in out.stderr and "loss@epoch" in out.stderr, out.stderr
+    copied = copies(server, kept)
+    assert copied[runs["k0"].info.run_id].data.tags["armory.sync.state"] == "complete"
+    # The run whose record was refused is there, and says it is not whole.
+    assert copied[k1.info.run_id].data.tags["armory.sync.state"] == "partial"
+
+
+def peak_rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+
+def test_a_gigabyte_of_artifacts_syncs_without_the_daemon_growing(tmp_path, mlflow_server):
+    from conftest import Daemon
+    source = MlflowClient(f"file://{tmp_path / 'carried'}")
+    experiment = f"sync-big-{uuid.uuid4().hex[:8]}"
+    run = source.create_run(source.create_experiment(experiment), run_name="big")
+    source.set_terminated(run.info.run_id)
+    artifacts = tmp_path / "carried" / run.info.experiment_id / run.info.run_id / "artifacts" / "weights"
+    artifacts.mkdir(parents=True)
+    for i in range(4):  # 4 x 256 MiB, each ending in bytes of its own
+        with open(artifacts / f"shard-{i}.bin", "wb") as f:
+            f.truncate(256 << 20)
+            f.seek(-16, 2)
+            f.write(f"end of shard {i:3d}".encode())
+    daemon = Daemon(tmp_path / "d")
+    try:
+        before = peak_rss_mb(daemon.proc.pid)
+        out = run_sync(daemon, mlflow_server.url, tmp_path / "carried")
+        assert out.returncode == 0, out.stdout + out.stderr
+        job = json.loads(out.stdout)
+        assert job["artifact_bytes_landed"] == job["artifact_bytes_total"] == 4 * (256 << 20)
+        grown = peak_rss_mb(daemon.proc.pid) - before
+        assert grown < 64, f"the daemon grew by {grown:.0f} MB while syncing 1 GiB of artifacts"
+        server = MlflowClient(mlflow_server.url)
+        (copy,) = copies(server, experiment).values()
+        listed = {a.path: a.file_size for a in server.list_artifacts(copy.info.run_id, "weights")}
+        assert listed == {f"weights/shard-{i}.bin": 256 << 20 for i in range(4)}
+        stored = mlflow_server.directory / "artifacts" / copy.info.experiment_id / copy.info.run_id / "artifacts" / "weights"
+        with open(stored / "shard-3.bin", "rb") as f:
+            f.seek(-16, 2)
+            assert f.read() == b"end of shard   3"
+        shutil.rmtree(stored)  # a gigabyte the session's server need not keep
+    finally:
+        daemon.stop()

@@ -19,9 +19,17 @@ public final class SyncJob: Sendable {
         public var runsDone = 0
         public var runsCreated = 0
         public var runsUpToDate = 0
+        /// Planned so far (grows as runs are planned), and queued for upload.
+        public var metricsTotal = 0
         public var metricsQueued = 0
+        public var artifactBytesTotal = 0
         public var artifactBytesQueued = 0
+        /// Confirmed by the destination.
+        public var metricsLanded = 0
+        public var artifactBytesLanded = 0
         public var conflicts: [String] = []
+        /// Runs not copied whole, and why.
+        public var failures: [String] = []
         public var error: String?
         public var runs: [JSONValue] = []
     }
@@ -53,69 +61,80 @@ public final class SyncJob: Sendable {
             "id": .int(Int64(id)), "state": .string(p.state), "from": .string(source), "to": .string(destination),
             "dry_run": .bool(request.dryRun), "runs_total": .int(Int64(p.runsTotal)), "runs_done": .int(Int64(p.runsDone)),
             "runs_created": .int(Int64(p.runsCreated)), "runs_up_to_date": .int(Int64(p.runsUpToDate)),
-            "metrics_queued": .int(Int64(p.metricsQueued)), "artifact_bytes_queued": .int(Int64(p.artifactBytesQueued)),
+            "metrics_total": .int(Int64(p.metricsTotal)), "metrics_queued": .int(Int64(p.metricsQueued)),
+            "artifact_bytes_total": .int(Int64(p.artifactBytesTotal)), "artifact_bytes_queued": .int(Int64(p.artifactBytesQueued)),
+            "metrics_landed": .int(Int64(p.metricsLanded)), "artifact_bytes_landed": .int(Int64(p.artifactBytesLanded)),
+            "failures": .array(p.failures.map { .string($0) }),
             "pending_records": .int(Int64(p.state == "uploading" || p.state == "complete" ? uploader.pending(upTo: lastTicket.load(ordering: .relaxed)) : 0)),
             "conflicts": .array(p.conflicts.map { .string($0) }), "error": p.error.map { .string($0) } ?? .null, "runs": .array(p.runs),
         ])
     }
 
     private let lastTicket = Atomic<UInt64>(0)
+    /// Why runs failed, by source run id (a rejected record, a refused experiment).
+    private let failures = Mutex<[String: String]>([:])
 
-    /// Runs the job to its end: plans and queues every run, then waits until the destination
-    /// confirmed all of it.
+    /// How long the first look at the destination waits for it: an address that does not answer
+    /// at all fails the job soon, with nothing copied.
+    static let firstPatienceSeconds = 15.0
+    /// How long later looks wait out an outage (uploads themselves wait as long as it takes).
+    static let patienceSeconds = 600.0
+    /// Records queued ahead of what the destination confirmed: the sync reads its store no faster
+    /// than the destination takes it, so neither memory nor the journal grow with the store.
+    static let windowRecords = 200
+
+    /// Runs the job to its end: plans and queues every run, waits until the destination confirmed
+    /// all of it, then marks the runs that landed whole `complete`.
     func run() async {
         do {
             let reader = try FileStoreReader(root: source)
             let identity = Self.storeIdentity(reader)
-            var selected: [(FileStoreReader.Experiment, FileStoreReader.Run)] = []
-            for experiment in reader.experiments() where !experiment.isDeleted && (request.experiments.isEmpty || request.experiments.contains(experiment.name)) {
-                for run in reader.runs(of: experiment) where !run.isDeleted { selected.append((experiment, run)) }
-            }
-            // Each run's parent link, read once (tags are files).
-            let parentOf = Dictionary(selected.compactMap { _, run in reader.tags(of: run)["mlflow.parentRunId"].map { (run.info.runID, $0) } },
-                                      uniquingKeysWith: { a, _ in a })
-            if !request.runs.isEmpty {
-                // A named run brings its ancestors along, so that its parent link can be rewritten.
-                var wanted = Set(request.runs)
-                var grew = true
-                while grew {
-                    grew = false
-                    for (_, run) in selected where wanted.contains(run.info.runID) {
-                        if let parent = parentOf[run.info.runID], wanted.insert(parent).inserted { grew = true }
-                    }
-                }
-                let missing = Set(request.runs).subtracting(selected.map(\.1.info.runID))
-                if !missing.isEmpty { throw ProtocolError(.notFound, "No run \(missing.sorted().joined(separator: ", ")) in \(source).") }
-                selected = selected.filter { wanted.contains($0.1.info.runID) }
-            }
-            // Parents before their children.
-            let present = Set(selected.map(\.1.info.runID))
-            var depth: [String: Int] = [:]
-            for (_, run) in selected {
-                var d = 0, current = run.info.runID
-                while d < 64, let parent = parentOf[current], present.contains(parent) { d += 1; current = parent }
-                depth[run.info.runID] = d
-            }
-            selected.sort { (depth[$0.1.info.runID]!, $0.1.info.startTime) < (depth[$1.1.info.runID]!, $1.1.info.startTime) }
-            progress.withLock { $0.runsTotal = selected.count; $0.state = "copying" }
+            let selected = try select(reader)
+            progress.withLock { $0.runsTotal = selected.runs.count }
 
             // Records of earlier syncs still queued (replayed after a restart, say) land first, so
             // that what the destination holds is what it will hold.
-            let earlier = uploader.lastTicket
-            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: earlier) { done.resume() } }
-            var destinationIDs: [String: String] = [:]  // source run id -> destination run id, when known
-            for (experiment, run) in selected {
-                try await copy(run, reader: reader, experiment: experiment.name, identity: identity, destinationIDs: &destinationIDs)
+            await settled(upTo: uploader.lastTicket)
+            var copied = Copied()
+            var planned: [PlannedRun] = []
+            for (index, (experiment, run)) in selected.runs.enumerated() {
+                if let parent = selected.parentOf[run.info.runID], let why = failures.withLock({ $0[parent] }) {
+                    fail(run.info.runID, "its parent run \(parent) was not copied (\(why))")
+                    continue
+                }
+                do throws(ProtocolError) {
+                    if let next = try await plan(run, reader: reader, experiment: experiment.name, identity: identity, into: &copied,
+                                                 patience: index == 0 ? Self.firstPatienceSeconds : Self.patienceSeconds) {
+                        planned.append(next)
+                    }
+                } catch {
+                    // Refused credentials, or a destination that stopped answering: every other run would fail the same way.
+                    if error.code == .permissionDenied || error.code == .unreachable { throw error }
+                    fail(run.info.runID, error.message)
+                }
+            }
+            if !request.dryRun { progress.withLock { $0.state = "copying" } }
+            for next in planned where !request.dryRun {
+                if let parent = next.source.tags["mlflow.parentRunId"], let why = failures.withLock({ $0[parent] }) {
+                    fail(next.source.run.runID, "its parent run \(parent) was not copied (\(why))")
+                    continue
+                }
+                await send(next, reader: reader, into: &copied)
             }
             if request.dryRun {
-                progress.withLock { $0.state = "complete" }
+                finish(runs: selected.runs.count)
                 return
             }
             progress.withLock { $0.state = "uploading" }
-            let ticket = lastTicket.load(ordering: .relaxed)
-            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: ticket) { done.resume() } }
-            progress.withLock { $0.state = "complete" }
-            logger.info("sync complete", metadata: ["from": "\(source)", "to": "\(destination)", "runs": "\(selected.count)"])
+            await settled(upTo: lastTicket.load(ordering: .relaxed))
+            // Only a run whose every record landed is marked complete; one with a rejected record
+            // stays partial, so that no half copy looks whole.
+            let failed = failures.withLock { $0 }
+            for (runID, handle) in copied.toMark where failed[runID] == nil {
+                enqueue(handle, runID, .log(LogBatch(tags: [SyncTags.state: "complete"])))
+            }
+            await settled(upTo: lastTicket.load(ordering: .relaxed))
+            finish(runs: selected.runs.count)
         } catch let error as ProtocolError {
             progress.withLock { $0.state = "failed"; $0.error = error.message }
         } catch {
@@ -123,25 +142,110 @@ public final class SyncJob: Sendable {
         }
     }
 
-    /// Plans one run against the destination and queues what it lacks.
-    private func copy(_ run: FileStoreReader.Run, reader: FileStoreReader, experiment: String, identity: String, destinationIDs: inout [String: String]) async throws {
+    /// The runs to copy, parents before their children, and each run's parent link.
+    private func select(_ reader: FileStoreReader) throws(ProtocolError) -> (runs: [(FileStoreReader.Experiment, FileStoreReader.Run)], parentOf: [String: String]) {
+        var selected: [(FileStoreReader.Experiment, FileStoreReader.Run)] = []
+        for experiment in reader.experiments() where !experiment.isDeleted && (request.experiments.isEmpty || request.experiments.contains(experiment.name)) {
+            for run in reader.runs(of: experiment) where !run.isDeleted { selected.append((experiment, run)) }
+        }
+        let missingExperiments = Set(request.experiments).subtracting(selected.map(\.0.name))
+        if !missingExperiments.isEmpty {
+            throw ProtocolError(.notFound, "No experiment \(missingExperiments.sorted().map { "'\($0)'" }.joined(separator: ", ")) with runs in \(source).")
+        }
+        // Each run's parent link, read once (tags are files).
+        let parentOf = Dictionary(selected.compactMap { _, run in reader.tag(of: run, key: "mlflow.parentRunId").map { (run.info.runID, $0) } },
+                                  uniquingKeysWith: { a, _ in a })
+        if !request.runs.isEmpty {
+            // A named run brings its ancestors along, so that its parent link can be rewritten.
+            var wanted = Set(request.runs)
+            var grew = true
+            while grew {
+                grew = false
+                for (_, run) in selected where wanted.contains(run.info.runID) {
+                    if let parent = parentOf[run.info.runID], wanted.insert(parent).inserted { grew = true }
+                }
+            }
+            let missing = Set(request.runs).subtracting(selected.map(\.1.info.runID))
+            if !missing.isEmpty { throw ProtocolError(.notFound, "No run \(missing.sorted().joined(separator: ", ")) in \(source).") }
+            selected = selected.filter { wanted.contains($0.1.info.runID) }
+        }
+        let present = Set(selected.map(\.1.info.runID))
+        var depth: [String: Int] = [:]
+        for (_, run) in selected {
+            var d = 0, current = run.info.runID
+            while d < 64, let parent = parentOf[current], present.contains(parent) { d += 1; current = parent }
+            depth[run.info.runID] = d
+        }
+        selected.sort { (depth[$0.1.info.runID]!, $0.1.info.startTime) < (depth[$1.1.info.runID]!, $1.1.info.startTime) }
+        return (selected, parentOf)
+    }
+
+    /// What the copying pass leaves for the end: destination ids known so far, and the runs to
+    /// mark complete once everything has landed.
+    private struct Copied {
+        var destinationIDs: [String: String] = [:]  // source run id -> destination run id, when known
+        var toMark: [(runID: String, handle: String)] = []
+        /// The pacing window: the ticket it waits for, and records queued since it was taken.
+        var window: (ticket: UInt64, records: Int) = (0, 0)
+    }
+
+    private func fail(_ runID: String, _ why: String) {
+        failures.withLock { $0[runID] = $0[runID] ?? why }
+    }
+
+    private func finish(runs: Int) {
+        let failed = failures.withLock { $0 }
+        progress.withLock {
+            $0.failures = failed.sorted { $0.key < $1.key }.map { "run \($0.key): \($0.value)" }
+            if failed.isEmpty {
+                $0.state = "complete"
+            } else {
+                $0.state = "failed"
+                $0.error = "\(failed.count) of \(runs) runs not copied whole; the rest are complete (a run not copied whole stays tagged armory.sync.state=partial). Fix what the failures name, then sync again."
+            }
+        }
+        logger.info("sync finished", metadata: ["from": "\(source)", "to": "\(destination)", "runs": "\(runs)", "failed": "\(failed.count)"])
+    }
+
+    private func settled(upTo ticket: UInt64) async {
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: ticket) { done.resume() } }
+    }
+
+    /// Holds the copying pass back while more than a window of its records wait for the destination.
+    private func pace(_ copied: inout Copied) async {
+        copied.window.records += 1
+        guard copied.window.records >= Self.windowRecords else { return }
+        await settled(upTo: copied.window.ticket)
+        copied.window = (lastTicket.load(ordering: .relaxed), 0)
+    }
+
+    /// One run, planned: what the source holds, what the destination holds of it, what to send.
+    private struct PlannedRun {
+        var run: FileStoreReader.Run
+        var source: SyncSource
+        var experimentID: String
+        var existing: SyncDestination?
+        var plan: SyncRunPlan
+    }
+
+    /// Plans one run against what the destination holds of it; nil when there is nothing to send.
+    private func plan(_ run: FileStoreReader.Run, reader: FileStoreReader, experiment: String, identity: String, into copied: inout Copied, patience: Double) async throws(ProtocolError) -> PlannedRun? {
         let runID = run.info.runID
         let keys = reader.metricKeys(of: run)
-        let counts = Dictionary(uniqueKeysWithValues: keys.map { ($0, reader.metricPoints(of: run, key: $0).count) })
+        let counts = Dictionary(uniqueKeysWithValues: keys.map { ($0, reader.metricCount(of: run, key: $0)) })
         let artifacts = reader.artifacts(of: run)
         let source = SyncSource(run: run.info, params: reader.params(of: run), tags: reader.tags(of: run), metricCounts: counts,
                                 artifactBytes: Dictionary(artifacts.map { ($0.path, $0.bytes) }, uniquingKeysWith: { a, _ in a }))
         let create = !request.dryRun
         let lookup = try await call { (sink) async throws(ProtocolError) -> SyncedRunLookup in
-            try await sink.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys)
+            try await sink.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys, patience: patience)
         }
         let existing = lookup.run
         let experimentID = lookup.experimentID ?? ""
         let sourceParent = source.tags["mlflow.parentRunId"]
-        let parentHandle = sourceParent.map { Self.handle($0) }
-        let parentID = sourceParent.flatMap { destinationIDs[$0] }
+        let parentID = sourceParent.flatMap { copied.destinationIDs[$0] }
         let plan = SyncRunPlan.plan(source, destination: existing, parentRunID: existing == nil ? nil : parentID, storeIdentity: identity)
-        if let existing { destinationIDs[runID] = existing.runID }
+        if let existing { copied.destinationIDs[runID] = existing.runID }
         var summary: JSONObject = [
             "source_run": .string(runID), "name": .string(run.info.name), "destination_run": existing.map { .string($0.runID) } ?? .null,
             "created": .bool(plan.create), "metrics": .int(Int64(plan.metricPoints)), "params": .int(Int64(plan.params.count)),
@@ -154,55 +258,85 @@ public final class SyncJob: Sendable {
         progress.withLock {
             $0.runs.append(.object(summary))
             $0.conflicts += conflicts
+            $0.metricsTotal += plan.metricPoints
+            $0.artifactBytesTotal += plan.artifacts.reduce(0) { $0 + (source.artifactBytes[$1] ?? 0) }
         }
         if request.dryRun || plan.upToDate {
             progress.withLock { $0.runsDone += 1; if plan.upToDate { $0.runsUpToDate += 1 } }
-            return
+            return nil
         }
+        return PlannedRun(run: run, source: source, experimentID: experimentID, existing: existing, plan: plan)
+    }
 
+    /// Queues what a planned run lacks at the destination, at the pace the destination takes it.
+    private func send(_ planned: PlannedRun, reader: FileStoreReader, into copied: inout Copied) async {
+        let (run, source, plan, existing, experimentID) = (planned.run, planned.source, planned.plan, planned.existing, planned.experimentID)
+        let runID = run.info.runID
+        let sourceParent = source.tags["mlflow.parentRunId"]
         let handle = Self.handle(runID)
         if let existing {
             uploader.attach(RunEntry(handle: handle, runID: existing.runID, experimentID: experimentID, experimentName: "", name: run.info.name,
                                      ownerUID: getuid(), status: existing.status, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
-            if !plan.tags.isEmpty { enqueue(handle, .log(LogBatch(tags: plan.tags))) }
+            if !plan.tags.isEmpty { enqueue(handle, runID, .log(LogBatch(tags: plan.tags))) }
         } else {
             var tags = plan.tags
             tags["armory.handle"] = handle  // lets a create that may have reached the server be found, not repeated
             // The parent link: the uploader adds the parent's id once the parent exists (it may be
             // created by this very sync); a parent that already existed is bound by id.
-            if let sourceParent, let parentID = destinationIDs[sourceParent] {
+            if let sourceParent, let parentID = copied.destinationIDs[sourceParent] {
                 uploader.attach(RunEntry(handle: Self.handle(sourceParent), runID: parentID, experimentID: experimentID, experimentName: "", name: "",
                                          ownerUID: getuid(), status: .running, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
             }
             var creation = RunCreation(handle: handle, runID: nil, experimentName: "", name: run.info.name, userID: run.info.userID,
-                                       startTime: run.info.startTime, tags: tags, parentHandle: sourceParent == nil ? nil : parentHandle)
+                                       startTime: run.info.startTime, tags: tags, parentHandle: sourceParent.map { Self.handle($0) })
             creation.experimentID = experimentID
             creation.ownerUID = getuid()
-            enqueue(handle, .createRun(creation))
+            enqueue(handle, runID, .createRun(creation))
         }
-        if !plan.params.isEmpty {
-            for chunk in Array(plan.params).chunked(100) { enqueue(handle, .log(LogBatch(params: StringMap(uniqueKeysWithValues: chunk.map { ($0.key, $0.value) })))) }
+        for chunk in Array(plan.params).chunked(100) {
+            enqueue(handle, runID, .log(LogBatch(params: StringMap(uniqueKeysWithValues: chunk.map { ($0.key, $0.value) }))))
         }
         for metric in plan.metrics {
-            let points = reader.metricPoints(of: run, key: metric.key, from: metric.from)
-            for chunk in points.chunked(1000) { enqueue(handle, .log(LogBatch(metrics: Array(chunk)))) }
-            progress.withLock { $0.metricsQueued += points.count }
+            // Only the points counted at planning: a run still growing gets the rest next time.
+            guard let stream = reader.metricStream(of: run, key: metric.key, from: metric.from) else { continue }
+            var left = metric.count
+            while left > 0, let points = stream.next(upTo: min(left, 1000)) {
+                left -= points.count
+                enqueue(handle, runID, .log(LogBatch(metrics: points)))
+                progress.withLock { $0.metricsQueued += points.count }
+                await pace(&copied)
+            }
         }
         for path in plan.artifacts {
             let spool = spoolDirectory + "/sync-" + DaemonServices.newRunID()
             let file = reader.artifactFile(of: run, path: path)
             // A hard link costs nothing; across file systems, a streamed copy.
-            if link(file, spool) != 0 { try FileManager.default.copyItem(atPath: file, toPath: spool) }
-            enqueue(handle, .artifact(path: path, spoolPath: spool))
-            progress.withLock { $0.artifactBytesQueued += source.artifactBytes[path] ?? 0 }
+            if link(file, spool) != 0 {
+                do { try FileManager.default.copyItem(atPath: file, toPath: spool) } catch {
+                    fail(runID, "cannot read artifact \(path): \(error.localizedDescription)")
+                    continue
+                }
+            }
+            let bytes = source.artifactBytes[path] ?? 0
+            enqueue(handle, runID, .artifact(path: path, spoolPath: spool), bytes: bytes)
+            progress.withLock { $0.artifactBytesQueued += bytes }
+            await pace(&copied)
         }
-        if let status = plan.status { enqueue(handle, .updateRun(status: status.status, endTime: status.endTime)) }
-        if plan.marksComplete { enqueue(handle, .log(LogBatch(tags: [SyncTags.state: "complete"]))) }
+        if let status = plan.status { enqueue(handle, runID, .updateRun(status: status.status, endTime: status.endTime)) }
+        if plan.marksComplete { copied.toMark.append((runID, handle)) }
+        await pace(&copied)
         progress.withLock { $0.runsDone += 1; if plan.create { $0.runsCreated += 1 } }
     }
 
-    private func enqueue(_ handle: String, _ record: SinkRecord) {
-        let enqueued = uploader.enqueue(handle, record)
+    /// Queues one record of a run's copy; a rejection fails that run (it is not marked complete).
+    private func enqueue(_ handle: String, _ runID: String, _ record: SinkRecord, bytes: Int = 0) {
+        let metrics = record.metricCount
+        let enqueued = uploader.enqueue(handle, record) { [weak self] result in
+            switch result {
+            case .success: self?.progress.withLock { $0.metricsLanded += metrics; $0.artifactBytesLanded += bytes }
+            case .failure(let error): self?.fail(runID, error.message)
+            }
+        }
         lastTicket.store(enqueued.ticket, ordering: .relaxed)
     }
 
