@@ -1,6 +1,7 @@
 """`armoryctl sync`: local runs copied into a real `mlflow server`, exactly once, and resumed."""
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -37,9 +38,15 @@ def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_
     before = written()
     to, url = (mlflow_server.url, mlflow_server.url) if into == "server" else (str(tmp_path / "carried"), f"file://{tmp_path / 'carried'}")
 
+    server = MlflowClient(url)
+    dry = sync(daemon, to, "--dry-run")  # says what it would copy, sends nothing
+    assert dry["state"] == "complete" and dry["runs_total"] == 3 and all(r["created"] for r in dry["runs"]), dry
+    assert dry["metrics_total"] > 0 and dry["metrics_queued"] == dry["runs_created"] == 0
+    assert server.get_experiment_by_name("armory-example") is None or not set(copies(server, "armory-example")) & {parent, *chains.values()}
+
     job = sync(daemon, to)
     assert job["state"] == "complete" and job["runs_total"] == 3 and job["runs_created"] == 3, job
-    server = MlflowClient(url)
+    assert job["metrics_landed"] == job["metrics_total"] == dry["metrics_total"]
     copied = copies(server, "armory-example")
     assert set(copied) == {parent, *chains.values()}
     assert all(r.data.tags["armory.sync.state"] == "complete" for r in copied.values())
@@ -72,7 +79,7 @@ def test_the_example_synced_twice_lands_once_and_a_grown_run_sends_only_what_is_
     history = server.get_metric_history(copied[benign].info.run_id, "late")
     assert sorted(m.step for m in history) == list(range(1000))
     jobs = daemon.status()["syncs"]  # `armoryctl status` shows the jobs too
-    assert [j["state"] for j in jobs] == ["complete"] * 3 and jobs[-1]["metrics_queued"] == 1000
+    assert [j["state"] for j in jobs] == ["complete"] * 4 and jobs[-1]["metrics_queued"] == 1000  # the dry run is one
 
 
 def test_sync_refuses_what_it_cannot_do(daemon, mlflow_server, tmp_path):
@@ -142,6 +149,27 @@ def test_sync_killed_mid_way_resumes_without_duplicates(tmp_path, mlflow_server)
     finally:
         daemon.stop()
         proxy.close()
+
+
+def test_an_interrupted_armoryctl_leaves_the_sync_running(daemon, mlflow_server, tmp_path):
+    experiment = f"sync-bg-{uuid.uuid4().hex[:8]}"
+    job = start_sync(daemon, mlflow_server.url, mlflow_written_store(tmp_path / "carried", experiment, runs=4, points=20_000))
+
+    def status():
+        out = subprocess.run([str(BIN / "armoryctl"), "sync", "--status", "--json", "--socket", daemon.socket], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)["jobs"][-1]
+
+    deadline = time.time() + 60
+    while status()["metrics_landed"] == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    job.wait(timeout=10)
+    assert status()["state"] != "complete"  # interrupted mid-way...
+    deadline = time.time() + 300
+    while status()["state"] not in ("complete", "failed") and time.time() < deadline:
+        time.sleep(0.2)
+    assert status()["state"] == "complete" and status()["metrics_landed"] == 80_000  # ...and finished in the daemon
+    check_copied(mlflow_server.url, experiment, 4, 20_000)
 
 
 def test_sync_waits_out_a_destination_outage(tmp_path, mlflow_server):
