@@ -22,6 +22,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # the source stores are written by MLflow's file store
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Benchmarks"))
 from lab_bench import UPLOAD_CONCURRENCY, post, raw_log_batch  # noqa: E402

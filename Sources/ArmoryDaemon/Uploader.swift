@@ -200,6 +200,14 @@ public final class Uploader: Sendable {
         if let completion { s.completions[ticket] = completion }
     }
 
+    /// Calls the sink makes at once.
+    public var concurrency: Int { sink.concurrency }
+
+    /// The destination's id of a handle's run, once it exists there.
+    public func runID(of handle: String) -> String? {
+        state.withLock { $0.scheduler.bindings[handle]?.runID }
+    }
+
     /// A run that already exists in MLflow (attached): its records need no create.
     public func attach(_ entry: RunEntry) {
         state.withLock { s in

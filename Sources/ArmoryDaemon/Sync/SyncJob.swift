@@ -65,7 +65,7 @@ public final class SyncJob: Sendable {
             "artifact_bytes_total": .int(Int64(p.artifactBytesTotal)), "artifact_bytes_queued": .int(Int64(p.artifactBytesQueued)),
             "metrics_landed": .int(Int64(p.metricsLanded)), "artifact_bytes_landed": .int(Int64(p.artifactBytesLanded)),
             "failures": .array(p.failures.map { .string($0) }),
-            "pending_records": .int(Int64(p.state == "uploading" || p.state == "complete" ? uploader.pending(upTo: lastTicket.load(ordering: .relaxed)) : 0)),
+            "pending_records": .int(Int64(uploader.pending(upTo: lastTicket.load(ordering: .relaxed)))),
             "conflicts": .array(p.conflicts.map { .string($0) }), "error": p.error.map { .string($0) } ?? .null, "runs": .array(p.runs),
         ])
     }
@@ -307,7 +307,21 @@ public final class SyncJob: Sendable {
                 await pace(&copied)
             }
         }
-        for path in plan.artifacts {
+        // Artifacts are whole files, independent of each other: they go up on as many lanes as the
+        // destination takes calls at once (handles bound to the same run; one call in flight each).
+        var lanes = [handle]
+        if plan.artifacts.count > 1, uploader.concurrency > 1 {
+            await settled(upTo: lastTicket.load(ordering: .relaxed))  // the run exists now (or failed)
+            if let destinationRunID = uploader.runID(of: handle) {
+                for lane in 1..<min(plan.artifacts.count, uploader.concurrency) {
+                    let laneHandle = handle + "#" + String(lane)
+                    uploader.attach(RunEntry(handle: laneHandle, runID: destinationRunID, experimentID: experimentID, experimentName: "", name: run.info.name,
+                                             ownerUID: getuid(), status: .running, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+                    lanes.append(laneHandle)
+                }
+            }
+        }
+        for (index, path) in plan.artifacts.enumerated() {
             let spool = spoolDirectory + "/sync-" + DaemonServices.newRunID()
             let file = reader.artifactFile(of: run, path: path)
             // A hard link costs nothing; across file systems, a streamed copy.
@@ -318,7 +332,7 @@ public final class SyncJob: Sendable {
                 }
             }
             let bytes = source.artifactBytes[path] ?? 0
-            enqueue(handle, runID, .artifact(path: path, spoolPath: spool), bytes: bytes)
+            enqueue(lanes[index % lanes.count], runID, .artifact(path: path, spoolPath: spool), bytes: bytes)
             progress.withLock { $0.artifactBytesQueued += bytes }
             await pace(&copied)
         }
