@@ -157,7 +157,8 @@ def test_an_interrupted_armoryctl_leaves_the_sync_running(daemon, mlflow_server,
 
     def status():
         out = subprocess.run([str(BIN / "armoryctl"), "sync", "--status", "--json", "--socket", daemon.socket], capture_output=True, text=True, check=True)
-        return json.loads(out.stdout)["jobs"][-1]
+        jobs = json.loads(out.stdout)["jobs"]
+        return jobs[-1] if jobs else {"state": "not started yet", "metrics_landed": 0}
 
     deadline = time.time() + 60
     while status()["metrics_landed"] == 0 and time.time() < deadline:

@@ -97,11 +97,7 @@ public final class SyncJob: Sendable {
             await settled(upTo: uploader.lastTicket)
             var copied = Copied()
             var planned: [PlannedRun] = []
-            for (index, (experiment, run)) in selected.runs.enumerated() {
-                if let parent = selected.parentOf[run.info.runID], let why = failures.withLock({ $0[parent] }) {
-                    fail(run.info.runID, "its parent run \(parent) was not copied (\(why))")
-                    continue
-                }
+            for (index, (experiment, run)) in selected.runs.enumerated() where !failedWithParent(run.info.runID, parent: selected.parentOf[run.info.runID]) {
                 do throws(ProtocolError) {
                     if let next = try await plan(run, reader: reader, experiment: experiment.name, identity: identity, into: &copied,
                                                  patience: index == 0 ? Self.firstPatienceSeconds : Self.patienceSeconds) {
@@ -113,17 +109,13 @@ public final class SyncJob: Sendable {
                     fail(run.info.runID, error.message)
                 }
             }
-            if !request.dryRun { progress.withLock { $0.state = "copying" } }
-            for next in planned where !request.dryRun {
-                if let parent = next.source.tags["mlflow.parentRunId"], let why = failures.withLock({ $0[parent] }) {
-                    fail(next.source.run.runID, "its parent run \(parent) was not copied (\(why))")
-                    continue
-                }
-                await send(next, reader: reader, into: &copied)
-            }
             if request.dryRun {
                 finish(runs: selected.runs.count)
                 return
+            }
+            progress.withLock { $0.state = "copying" }
+            for next in planned where !failedWithParent(next.source.run.runID, parent: next.source.tags["mlflow.parentRunId"]) {
+                await send(next, reader: reader, into: &copied)
             }
             progress.withLock { $0.state = "uploading" }
             await settled(upTo: lastTicket.load(ordering: .relaxed))
@@ -191,6 +183,13 @@ public final class SyncJob: Sendable {
 
     private func fail(_ runID: String, _ why: String) {
         failures.withLock { $0[runID] = $0[runID] ?? why }
+    }
+
+    /// Fails a run whose parent was not copied (its link could not be rewritten); true if so.
+    private func failedWithParent(_ runID: String, parent: String?) -> Bool {
+        guard let parent, let why = failures.withLock({ $0[parent] }) else { return false }
+        fail(runID, "its parent run \(parent) was not copied (\(why))")
+        return true
     }
 
     private func finish(runs: Int) {
