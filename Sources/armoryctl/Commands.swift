@@ -150,7 +150,11 @@ struct ProgressBar {
         let width = 30
         let filled = Int((min(1, max(0, fraction)) * Double(width)).rounded())
         let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)
-        FileHandle.standardError.write(Data("\r\(bar) \(Int(fraction * 100))%  \(text)\u{1B}[K".utf8))
+        // One terminal line at most: a wrapped line would not be overwritten by the next `\r`.
+        var size = winsize()
+        let columns = ioctl(STDERR_FILENO, UInt(TIOCGWINSZ), &size) == 0 && size.ws_col > 0 ? Int(size.ws_col) : 200
+        let line = "\(bar) \(Int(fraction * 100))%  \(text)"
+        FileHandle.standardError.write(Data("\r\(line.prefix(max(columns - 1, width)))\u{1B}[K".utf8))
     }
 
     func finish() {

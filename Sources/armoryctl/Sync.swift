@@ -65,7 +65,7 @@ extension ArmoryCtl {
             var rate = SyncRate()
             while !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
                 rate.observe(job, at: Date())
-                progress.show(done: SyncRate.fraction(job), text: Self.describe(job) + rate.text(job))
+                progress.show(done: SyncRate.fraction(job), text: rate.text(job))
                 Thread.sleep(forTimeInterval: 0.25)
                 job = try request(.syncStatus, connection: connection)["jobs"]?.arrayValue?.first { $0["id"]?.intValue == id } ?? job
             }
@@ -88,14 +88,16 @@ extension ArmoryCtl {
             path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
         }
 
-        /// One line: state, runs, metrics, bytes; then, with `problems`, what was not copied and why.
+        /// One line: state, runs, metrics, bytes, where from and to; then, with `problems`, what
+        /// was not copied and why.
         static func describe(_ job: JSONValue, problems: Bool = true) -> String {
             func n(_ key: String) -> Int { Int(job[key]?.intValue ?? 0) }
-            let state = job["state"]?.stringValue ?? "?"
-            var line = "sync \(n("id")) \(state): \(n("runs_done"))/\(n("runs_total")) runs"
+            var line = "sync \(n("id")) \(job["state"]?.stringValue ?? "?"): \(n("runs_done"))/\(n("runs_total")) runs"
             line += " (\(n("runs_created")) created, \(n("runs_up_to_date")) up to date)"
             line += ", \(n("metrics_landed"))/\(n("metrics_total")) metrics"
-            line += ", \(SyncRate.bytes(n("artifact_bytes_landed")))/\(SyncRate.bytes(n("artifact_bytes_total"))) of artifacts"
+            if n("artifact_bytes_total") > 0 {
+                line += ", \(SyncRate.bytes(n("artifact_bytes_landed")))/\(SyncRate.bytes(n("artifact_bytes_total"))) of artifacts"
+            }
             if n("pending_records") > 0 { line += ", \(n("pending_records")) records uploading" }
             line += "  \(job["from"]?.stringValue ?? "") -> \(job["to"]?.stringValue ?? "")"
             guard problems else { return line }
@@ -133,14 +135,21 @@ struct SyncRate {
         last = (now, metrics, bytes)
     }
 
-    /// `  12,000 metrics/s, 40 MB/s, 0:42 left` (the time left once there is a rate).
+    /// What the progress bar shows after its percentage, most wanted first (a narrow terminal
+    /// cuts the end): `0:42 left · copying 3/6 runs · 40000/120000 metrics · 1.2 GB/3.4 GB · 12000 metrics/s · 40.0 MB/s`.
     func text(_ job: JSONValue) -> String {
-        guard last != nil, metricsPerSecond > 0 || bytesPerSecond > 0 else { return "" }
-        var out = "  \(Int(metricsPerSecond)) metrics/s, \(Self.bytes(Int(bytesPerSecond)))/s"
-        let total = Double(job["metrics_total"]?.intValue ?? 0) * Self.bytesPerMetric + Double(job["artifact_bytes_total"]?.intValue ?? 0)
-        let left = total * (1 - Self.fraction(job)) / (metricsPerSecond * Self.bytesPerMetric + bytesPerSecond)
-        if left.isFinite, job["state"]?.stringValue != "planning" { out += ", \(Int(left) / 60):\(String(format: "%02d", Int(left) % 60)) left" }
-        return out
+        func n(_ key: String) -> Int { Int(job[key]?.intValue ?? 0) }
+        let artifacts = n("artifact_bytes_total") > 0
+        var parts = ["\(job["state"]?.stringValue ?? "?") \(n("runs_done"))/\(n("runs_total")) runs", "\(n("metrics_landed"))/\(n("metrics_total")) metrics"]
+        if artifacts { parts.append("\(Self.bytes(n("artifact_bytes_landed")))/\(Self.bytes(n("artifact_bytes_total")))") }
+        if last != nil, metricsPerSecond > 0 || bytesPerSecond > 0 {
+            parts.append("\(Int(metricsPerSecond)) metrics/s")
+            if artifacts { parts.append("\(Self.bytes(Int(bytesPerSecond)))/s") }
+            let total = Double(n("metrics_total")) * Self.bytesPerMetric + Double(n("artifact_bytes_total"))
+            let left = total * (1 - Self.fraction(job)) / (metricsPerSecond * Self.bytesPerMetric + bytesPerSecond)
+            if left.isFinite, job["state"]?.stringValue != "planning" { parts.insert("\(Int(left) / 60):\(String(format: "%02d", Int(left) % 60)) left", at: 0) }
+        }
+        return parts.joined(separator: " · ")
     }
 
     static func bytes(_ n: Int) -> String {

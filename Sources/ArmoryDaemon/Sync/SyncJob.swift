@@ -200,7 +200,8 @@ public final class SyncJob: Sendable {
                 $0.state = "complete"
             } else {
                 $0.state = "failed"
-                $0.error = "\(failed.count) of \(runs) runs not copied whole; the rest are complete (a run not copied whole stays tagged armory.sync.state=partial). Fix what the failures name, then sync again."
+                let rest = failed.count == runs ? "" : "; the other \(runs - failed.count) are complete"
+                $0.error = "\(failed.count) of \(runs) runs not copied whole\(rest). A run not copied whole stays tagged armory.sync.state=partial: fix what the failures name, then sync again."
             }
         }
         logger.info("sync finished", metadata: ["from": "\(source)", "to": "\(destination)", "runs": "\(runs)", "failed": "\(failed.count)"])
