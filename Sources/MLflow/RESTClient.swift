@@ -296,21 +296,11 @@ public final class MLflowRESTClient: Sendable {
     }
 
     private func put(url: String, file: String) async throws(MLflowError) {
-        guard let handle = FileHandle(forReadingAtPath: file) else { throw .refused("Spooled artifact \(file) is missing.") }
-        let size = (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? Int) ?? 0
-        // Pulled a megabyte at a time as the connection takes them: the file is never held whole.
-        let chunks = AsyncStream<ByteBuffer>(unfolding: {
-            let data = handle.readData(ofLength: 1 << 20)
-            guard !data.isEmpty else {
-                try? handle.close()
-                return nil
-            }
-            return ByteBuffer(bytes: data)
-        })
+        guard let chunks = FileChunks(path: file) else { throw .refused("Spooled artifact \(file) is missing.") }
         var request = HTTPClientRequest(url: url)
         request.method = .PUT
         request.headers = headers(contentType: "application/octet-stream")
-        request.body = .stream(chunks, length: .known(Int64(size)))
+        request.body = .stream(chunks, length: .known(Int64(chunks.size)))
         _ = try await execute(request)
     }
 
@@ -399,5 +389,48 @@ public final class MLflowRESTClient: Sendable {
             if let k = t["key"]?.stringValue { out.tags[k] = t["value"]?.stringValue ?? "" }
         }
         return out
+    }
+}
+
+/// A file's bytes as a request body: read straight into buffers a megabyte per pull, as the
+/// connection takes them, so that a file is never held whole.
+struct FileChunks: AsyncSequence, Sendable {
+    typealias Element = ByteBuffer
+
+    /// The open file, closed when the last reader lets go of it (also when a request fails mid-way).
+    final class Descriptor: Sendable {
+        let fd: Int32
+        init(_ fd: Int32) { self.fd = fd }
+        deinit { close(fd) }
+    }
+
+    let path: String
+    let size: Int
+
+    init?(path: String) {
+        var status = stat()
+        guard stat(path, &status) == 0 else { return nil }
+        self.path = path
+        self.size = Int(status.st_size)
+    }
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        let file: Descriptor?
+
+        mutating func next() async throws -> ByteBuffer? {
+            guard let file else { throw MLflowError.refused("Cannot open the spooled artifact.") }
+            var buffer = ByteBufferAllocator().buffer(capacity: 1 << 20)
+            let read = try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 1 << 20) { bytes in
+                let n = Glibc.read(file.fd, bytes.baseAddress, bytes.count)
+                guard n >= 0 else { throw MLflowError.refused("Reading the spooled artifact failed: \(String(cString: strerror(errno))).") }
+                return n
+            }
+            return read == 0 ? nil : buffer
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        return AsyncIterator(file: fd < 0 ? nil : Descriptor(fd))
     }
 }

@@ -282,8 +282,11 @@ def test_a_gigabyte_of_artifacts_syncs_without_the_daemon_growing(tmp_path, mlfl
         assert out.returncode == 0, out.stdout + out.stderr
         job = json.loads(out.stdout)
         assert job["artifact_bytes_landed"] == job["artifact_bytes_total"] == 4 * (256 << 20)
+        # Bounded by the uploads in flight, not by the bytes: 4 lanes of 1 MiB reads grew this debug
+        # build by 30-75 MB (malloc arenas of the threads involved; a release build: +16 MB), where
+        # one file held whole adds its 256 MiB per lane.
         grown = peak_rss_mb(daemon.proc.pid) - before
-        assert grown < 64, f"the daemon grew by {grown:.0f} MB while syncing 1 GiB of artifacts"
+        assert grown < 128, f"the daemon grew by {grown:.0f} MB while syncing 1 GiB of artifacts"
         server = MlflowClient(mlflow_server.url)
         (copy,) = copies(server, experiment).values()
         listed = {a.path: a.file_size for a in server.list_artifacts(copy.info.run_id, "weights")}
