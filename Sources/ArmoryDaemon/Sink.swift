@@ -170,7 +170,7 @@ public final class FileStoreSink: RecordSink {
                 return SyncedRunLookup(experimentID: id, run: SyncDestination(
                     runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: reader.tags(of: run),
                     metricCounts: Dictionary(uniqueKeysWithValues: metricKeys.map { ($0, reader.metricCount(of: run, key: $0)) }),
-                    artifactBytes: Dictionary(reader.artifacts(of: run).map { ($0.path, $0.bytes) }, uniquingKeysWith: { a, _ in a })))
+                    artifactBytes: reader.artifactSizes(of: run)))
             } catch {
                 throw Self.translate(error)
             }

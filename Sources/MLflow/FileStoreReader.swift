@@ -163,6 +163,11 @@ public struct FileStoreReader: Sendable {
         }
     }
 
+    /// The run's artifact files by relative path, with their sizes.
+    public func artifactSizes(of run: Run) -> [String: Int] {
+        Dictionary(artifacts(of: run).map { ($0.path, $0.bytes) }, uniquingKeysWith: { a, _ in a })
+    }
+
     /// Where an artifact's bytes are.
     public func artifactFile(of run: Run, path: String) -> String { run.directory + "/artifacts/" + path }
 }

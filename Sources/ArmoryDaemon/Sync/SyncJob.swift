@@ -233,9 +233,8 @@ public final class SyncJob: Sendable {
         let runID = run.info.runID
         let keys = reader.metricKeys(of: run)
         let counts = Dictionary(uniqueKeysWithValues: keys.map { ($0, reader.metricCount(of: run, key: $0)) })
-        let artifacts = reader.artifacts(of: run)
         let source = SyncSource(run: run.info, params: reader.params(of: run), tags: reader.tags(of: run), metricCounts: counts,
-                                artifactBytes: Dictionary(artifacts.map { ($0.path, $0.bytes) }, uniquingKeysWith: { a, _ in a }))
+                                artifactBytes: reader.artifactSizes(of: run))
         let create = !request.dryRun
         let lookup = try await call { (sink) async throws(ProtocolError) -> SyncedRunLookup in
             try await sink.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys, patience: patience)
@@ -275,8 +274,7 @@ public final class SyncJob: Sendable {
         let sourceParent = source.tags["mlflow.parentRunId"]
         let handle = Self.handle(runID)
         if let existing {
-            uploader.attach(RunEntry(handle: handle, runID: existing.runID, experimentID: experimentID, experimentName: "", name: run.info.name,
-                                     ownerUID: getuid(), status: existing.status, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+            bind(handle, to: existing.runID, experimentID: experimentID, name: run.info.name, status: existing.status)
             if !plan.tags.isEmpty { enqueue(handle, runID, .log(LogBatch(tags: plan.tags))) }
         } else {
             var tags = plan.tags
@@ -284,8 +282,7 @@ public final class SyncJob: Sendable {
             // The parent link: the uploader adds the parent's id once the parent exists (it may be
             // created by this very sync); a parent that already existed is bound by id.
             if let sourceParent, let parentID = copied.destinationIDs[sourceParent] {
-                uploader.attach(RunEntry(handle: Self.handle(sourceParent), runID: parentID, experimentID: experimentID, experimentName: "", name: "",
-                                         ownerUID: getuid(), status: .running, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+                bind(Self.handle(sourceParent), to: parentID, experimentID: experimentID, name: "", status: .running)
             }
             var creation = RunCreation(handle: handle, runID: nil, experimentName: "", name: run.info.name, userID: run.info.userID,
                                        startTime: run.info.startTime, tags: tags, parentHandle: sourceParent.map { Self.handle($0) })
@@ -315,8 +312,7 @@ public final class SyncJob: Sendable {
             if let destinationRunID = uploader.runID(of: handle) {
                 for lane in 1..<min(plan.artifacts.count, uploader.concurrency) {
                     let laneHandle = handle + "#" + String(lane)
-                    uploader.attach(RunEntry(handle: laneHandle, runID: destinationRunID, experimentID: experimentID, experimentName: "", name: run.info.name,
-                                             ownerUID: getuid(), status: .running, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+                    bind(laneHandle, to: destinationRunID, experimentID: experimentID, name: run.info.name, status: .running)
                     lanes.append(laneHandle)
                 }
             }
@@ -340,6 +336,12 @@ public final class SyncJob: Sendable {
         if plan.marksComplete { copied.toMark.append((runID, handle)) }
         await pace(&copied)
         progress.withLock { $0.runsDone += 1; if plan.create { $0.runsCreated += 1 } }
+    }
+
+    /// Binds an uploader handle to a run the destination already holds.
+    private func bind(_ handle: String, to runID: String, experimentID: String, name: String, status: RunStatus) {
+        uploader.attach(RunEntry(handle: handle, runID: runID, experimentID: experimentID, experimentName: "", name: name,
+                                 ownerUID: getuid(), status: status, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
     }
 
     /// Queues one record of a run's copy; a rejection fails that run (it is not marked complete).
