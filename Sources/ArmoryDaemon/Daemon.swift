@@ -155,21 +155,42 @@ public final class Daemon: Service {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
         let registry = RunRegistry()
         let restored = Mutex<[String]>([])
+        let restoredSessions = Mutex<[SessionRecord]>([])
+        let servicesBox = Mutex<DaemonServices?>(nil)
+        let timerLoop = group.next()
+        let logger = logger
+        let sessions = SessionTable(graceSeconds: config.orphanGraceSeconds, schedule: { seconds, body in
+            timerLoop.scheduleTask(in: .milliseconds(Int64(seconds * 1000))) { body() }
+        }, onExpired: { session, record in
+            guard let services = servicesBox.withLock({ $0 }) else { return }
+            session?.expire()
+            let id = session?.id ?? record?.id ?? ""
+            for uploader in services.destinations.all { uploader.enqueue([], tail: .sessionEnd(id: id)) }
+            Self.endOrphans(session?.record.runHandles ?? record?.runHandles ?? [], services: services, logger: logger)
+        })
         let destinations: Destinations
         do {
             destinations = try Destinations(primarySink: sink, primaryServer: config.server, settings: .init(
                 bounds: config.bounds, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
                 requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
                 journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
-                daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry) { handles in
+                daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry, onRestoredRuns: { handles in
                 restored.withLock { $0.append(contentsOf: handles) }
-            }
+            }, onRestoredSessions: { records in
+                // Journals replayed later (a client's credentials arrived) restore their sessions at once.
+                if servicesBox.withLock({ $0 }) != nil { sessions.restore(records) } else { restoredSessions.withLock { $0.append(contentsOf: records) } }
+            })
         } catch {
             try? await group.shutdownGracefully()
             throw DaemonStartError.store(error.message)
         }
         let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool,
-                                      socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger)
+                                      socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger,
+                                      sessions: sessions)
+        servicesBox.withLock { $0 = services }
+        let records = restoredSessions.withLock { $0 }
+        sessions.restore(records)
+        if !records.isEmpty { logger.notice("sessions restored, waiting for their clients", metadata: ["sessions": "\(records.count)", "grace_s": "\(config.orphanGraceSeconds)"]) }
         removeUnreferencedSpoolFiles(spool, destinations: destinations)
         let recovery = destinations.recoveryReport
         if recovery.records > 0 || recovery.runs > 0 || recovery.corruptRecords > 0 || recovery.truncatedBytes > 0 {
@@ -252,9 +273,7 @@ public final class Daemon: Service {
                                 loopBound.value.writeAndFlush(buffer, promise: nil)
                             }
                         }
-                        let handler = SessionChannelHandler(session: session, services: services, logger: logger) { orphans in
-                            self.scheduleOrphanCheck(orphans, services: services, on: channel.eventLoop)
-                        }
+                        let handler = SessionChannelHandler(session: session, services: services, logger: logger) { channel.close(promise: nil) }
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameChannelDecoder(maxFrameBytes: config.limits.maxFrameBytes)))
                         try channel.pipeline.syncOperations.addHandler(handler)
                     }
@@ -275,23 +294,28 @@ public final class Daemon: Service {
         }
     }
 
-    /// After the grace period, runs of a vanished client that nobody reattached end FAILED.
+    /// After the grace period, runs restored from the journal that no session took end FAILED.
     private func scheduleOrphanCheck(_ handles: [String], services: DaemonServices, on loop: EventLoop) {
         guard !handles.isEmpty else { return }
         let logger = logger
         loop.scheduleTask(in: .milliseconds(Int64(configuration.orphanGraceSeconds * 1000))) {
-            for handle in handles {
-                let now = DaemonServices.nowMs()
-                let ended = (try? services.registry.update(handle) { entry -> RunEntry? in
-                    guard entry.connection == nil, entry.status == .running else { return nil }
-                    entry.status = .failed
-                    entry.endTime = now
-                    return entry
-                }) ?? nil
-                if let ended = ended ?? nil {
-                    logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID ?? handle)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
-                    services.destinations.uploader(ended.destination).enqueue(handle, .updateRun(status: .failed, endTime: now))
-                }
+            Self.endOrphans(handles, services: services, logger: logger)
+        }
+    }
+
+    /// Ends FAILED those of `handles` still running with no session writing them (their client vanished).
+    static func endOrphans(_ handles: [String], services: DaemonServices, logger: Logger) {
+        for handle in handles {
+            let now = DaemonServices.nowMs()
+            let ended = (try? services.registry.update(handle) { entry -> RunEntry? in
+                guard entry.connection == nil, entry.status == .running else { return nil }
+                entry.status = .failed
+                entry.endTime = now
+                return entry
+            }) ?? nil
+            if let ended = ended ?? nil {
+                logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID ?? handle)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
+                services.destinations.uploader(ended.destination).enqueue(handle, .updateRun(status: .failed, endTime: now))
             }
         }
     }

@@ -28,10 +28,15 @@ public final class DaemonServices: Sendable {
     public let logger: Logger
     /// `armoryctl sync` jobs.
     public let syncs: SyncJobs
+    /// Client sessions, attached or waiting to be resumed.
+    public let sessions: SessionTable
 
     public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String,
-                localStore: String? = nil, logger: Logger = Logger(label: "armoryd")) {
+                localStore: String? = nil, logger: Logger = Logger(label: "armoryd"), sessions: SessionTable? = nil) {
         self.logger = logger
+        self.sessions = sessions ?? SessionTable(graceSeconds: 60, schedule: { seconds, body in
+            DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: body)
+        }, onExpired: { session, _ in session?.expire() })
         self.syncs = SyncJobs(localStore: localStore)
         self.registry = registry
         self.destinations = destinations

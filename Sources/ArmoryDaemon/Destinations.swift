@@ -101,6 +101,8 @@ public final class Destinations: Sendable {
     private let report = Mutex(RecoveryReport())
     /// Told about runs restored from a journal that are still running (their clients are gone).
     private let onRestoredRuns: @Sendable ([String]) -> Void
+    /// Told about client sessions restored from a journal (waiting for their clients to resume).
+    private let onRestoredSessions: @Sendable ([SessionRecord]) -> Void
 
     /// Destinations without journals (tests of sessions alone).
     public init(primary: Uploader, registry: RunRegistry, settings: Settings = Settings()) {
@@ -109,15 +111,18 @@ public final class Destinations: Sendable {
         self.settings = settings
         self.registry = registry
         self.onRestoredRuns = { _ in }
+        self.onRestoredSessions = { _ in }
     }
 
     /// Replays the primary's journal (if any) and the journals of other destinations.
     public init(primarySink: any RecordSink, primaryServer: MLflowDestination? = nil, settings: Settings = Settings(), registry: RunRegistry,
-                onRestoredRuns: @escaping @Sendable ([String]) -> Void = { _ in }) throws(ProtocolError) {
+                onRestoredRuns: @escaping @Sendable ([String]) -> Void = { _ in },
+                onRestoredSessions: @escaping @Sendable ([SessionRecord]) -> Void = { _ in }) throws(ProtocolError) {
         self.primaryKey = primaryServer.map(Self.key)
         self.settings = settings
         self.registry = registry
         self.onRestoredRuns = onRestoredRuns
+        self.onRestoredSessions = onRestoredSessions
         var found: [(String, JournalIdentity)] = []
         if let root = settings.journalRoot {
             for name in ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).sorted() {
@@ -177,6 +182,7 @@ public final class Destinations: Sendable {
             r.seconds += recovery.seconds
         }
         onRestoredRuns(running)
+        if !recovery.state.sessions.isEmpty { onRestoredSessions(Array(recovery.state.sessions.values)) }
     }
 
     /// Recovers the journal of a destination other than the daemon's own.
@@ -191,7 +197,7 @@ public final class Destinations: Sendable {
                 sink = try FileStoreSink(root: String(identity.uri.dropFirst("file://".count)))
             }
             guard let (journal, recovery) = try Self.openJournal(at: directory, identity: identity, sink: sink, settings: settings) else { return }
-            if recovery.state.runs.isEmpty && recovery.state.unsettled.isEmpty && recovery.state.leftOnDisk == nil {
+            if recovery.state.runs.isEmpty && recovery.state.unsettled.isEmpty && recovery.state.leftOnDisk == nil && recovery.state.sessions.isEmpty {
                 journal.close()
                 try? FileManager.default.removeItem(atPath: directory)  // nothing left for it
                 return

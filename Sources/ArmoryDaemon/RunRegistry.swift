@@ -78,6 +78,16 @@ public final class RunRegistry: Sendable {
         runs.withLock { $0.values.filter { $0.status == .running }.sorted { $0.handle < $1.handle } }
     }
 
+    /// A resumed session's runs are written by it again (those nobody else took meanwhile).
+    public func reattach(_ handles: [String], connection: UInt64, clientPID: Int32) {
+        runs.withLock { all in
+            for handle in handles where all[handle] != nil && all[handle]!.connection == nil {
+                all[handle]!.connection = connection
+                all[handle]!.clientPID = clientPID
+            }
+        }
+    }
+
     /// Detaches every run of a closed connection; returns the handles of those still running.
     public func detach(connection: UInt64) -> [String] {
         runs.withLock { all in

@@ -159,10 +159,12 @@ public final class Uploader: Sendable {
 
     /// Journals and enqueues records in order, under one acquisition of each lock (a connection's
     /// read burst); returns what `enqueue` returns for the last one.
+    /// `tail`, a journal-only entry (a session's record or mark), is appended right after them,
+    /// in the same write: a restart finds both or neither.
     @discardableResult
-    public func enqueue(_ records: [(handle: String, record: SinkRecord, completion: Completion?)]) -> Enqueued {
+    public func enqueue(_ records: [(handle: String, record: SinkRecord, completion: Completion?)], tail: JournalEntry? = nil) -> Enqueued {
         let now = Self.monotonicNs()
-        let entries = records.map { JournalEntry.record(handle: $0.handle, $0.record) }
+        let entries = records.map { JournalEntry.record(handle: $0.handle, $0.record) } + (tail.map { [$0] } ?? [])
         let encoded = journal == nil ? [] : entries.map { (entry: $0, body: Journal.encode($0)) }  // outside the locks
         let result = state.withLock { s -> Enqueued in
             guard let journal else {
@@ -186,9 +188,9 @@ public final class Uploader: Sendable {
                     queue(&s, handle, record, sequence: appended.lsn, bytes: footprint, now: now, completion: completion)
                 }
             }
-            return Enqueued(ticket: s.lastSequence, lsn: s.lastSequence, overloaded: s.journalBytes > bounds.maxBacklogBytes)
+            return Enqueued(ticket: s.lastSequence, lsn: appended.last?.lsn ?? s.lastSequence, overloaded: s.journalBytes > bounds.maxBacklogBytes)
         }
-        wake.yield()
+        if !records.isEmpty { wake.yield() }
         return result
     }
 

@@ -106,8 +106,22 @@ public struct HelloReply: Sendable, Equatable {
     public var pid: Int32
     /// Where this connection's runs go (`file:///…` or the server's URL, never with credentials).
     public var destination: String?
+    /// The session this connection carries (what a later `hello` names in `resume`).
+    public var session: String?
+    /// The outcome of `resume`: `nil` when none was asked.
+    public var resumed: Resumed?
 
-    public init(daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32, destination: String? = nil) {
+    /// What a `resume` found: the session continues from `held` (the highest `seq` the daemon holds
+    /// for it: the client resends the frames after it), or a new session was opened and why.
+    public enum Resumed: Sendable, Equatable {
+        case continued(held: UInt64)
+        case notResumed(reason: String)
+    }
+
+    public init(daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32, destination: String? = nil,
+                session: String? = nil, resumed: Resumed? = nil) {
+        self.session = session
+        self.resumed = resumed
         self.daemonVersion = daemonVersion
         self.protocolVersion = protocolVersion
         self.limits = limits
@@ -117,7 +131,7 @@ public struct HelloReply: Sendable, Equatable {
     }
 
     public var json: JSONObject {
-        [
+        var o: JSONObject = [
             "daemon_version": .string(daemonVersion),
             "protocol": .int(Int64(protocolVersion)),
             "limits": .object([
@@ -129,6 +143,18 @@ public struct HelloReply: Sendable, Equatable {
             "pid": .int(Int64(pid)),
             "destination": destination.map { .string($0) } ?? .null,
         ]
+        if let session { o["session"] = .string(session) }
+        switch resumed {
+        case .continued(let held)?:
+            o["resumed"] = .bool(true)
+            o["held"] = .int(Int64(held))
+        case .notResumed(let reason)?:
+            o["resumed"] = .bool(false)
+            o["reason"] = .string(reason)
+        case nil:
+            break
+        }
+        return o
     }
 
     public init?(json o: JSONObject) {
@@ -139,7 +165,13 @@ public struct HelloReply: Sendable, Equatable {
                 maxFrameBytes: Int(limits["max_frame_bytes"]?.intValue ?? Int64(ProtocolLimits.default.maxFrameBytes)),
                 maxChunkBytes: Int(limits["max_chunk_bytes"]?.intValue ?? Int64(ProtocolLimits.default.maxChunkBytes)),
                 maxDepth: Int(limits["max_depth"]?.intValue ?? Int64(ProtocolLimits.default.maxDepth))),
-            uid: UInt32(o["uid"]?.intValue ?? 0), pid: Int32(o["pid"]?.intValue ?? 0), destination: o["destination"]?.stringValue)
+            uid: UInt32(o["uid"]?.intValue ?? 0), pid: Int32(o["pid"]?.intValue ?? 0), destination: o["destination"]?.stringValue,
+            session: o["session"]?.stringValue)
+        switch o["resumed"]?.boolValue {
+        case true?: resumed = .continued(held: UInt64(max(0, o["held"]?.intValue ?? 0)))
+        case false?: resumed = .notResumed(reason: o["reason"]?.stringValue ?? "")
+        case nil: resumed = nil
+        }
     }
 }
 

@@ -7,6 +7,8 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case unsupportedProtocol = "UNSUPPORTED_PROTOCOL"
     case helloRequired = "HELLO_REQUIRED"
     case badSequence = "BAD_SEQUENCE"
+    /// A member that has the right type but says nothing the daemon can act on (e.g. `resume`).
+    case badRequest = "BAD_REQUEST"
     case invalidKey = "INVALID_KEY"
     case invalidValue = "INVALID_VALUE"
     case paramChanged = "PARAM_CHANGED"
@@ -16,6 +18,8 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case tooManyConnections = "TOO_MANY_CONNECTIONS"
     case notFound = "NOT_FOUND"
     case sinkRejected = "SINK_REJECTED"
+    /// The daemon restarted while an artifact was being sent: send it again from its first chunk.
+    case artifactInterrupted = "ARTIFACT_INTERRUPTED"
     case unreachable = "UNREACHABLE"
     case internalError = "INTERNAL"
 }

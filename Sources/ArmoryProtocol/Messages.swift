@@ -83,6 +83,19 @@ public struct Hello: Sendable, Equatable {
     public var credentials: MLflowCredentials
     /// `false`: the daemon logs no `system/...` metrics to this connection's runs.
     public var systemMetrics: Bool = true
+    /// Continue a session this client had before its connection broke (or the daemon restarted).
+    public var resume: Resume?
+
+    /// `hello`'s `resume`: the session to continue and the highest `seq` the client saw acked.
+    public struct Resume: Sendable, Equatable {
+        public var session: String
+        public var acked: UInt64
+
+        public init(session: String, acked: UInt64) {
+            self.session = session
+            self.acked = acked
+        }
+    }
 
     public init(protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String,
                 trackingURI: String? = nil, credentials: MLflowCredentials = MLflowCredentials()) {
@@ -253,6 +266,7 @@ extension ClientFrame {
                 trackingURI: try f.optionalString("tracking_uri"),
                 credentials: MLflowCredentials(json: object["credentials"]))
             hello.systemMetrics = try f.optionalBool("system_metrics") ?? true
+            hello.resume = try Self.resume(object["resume"], seq: seq)
             op = .hello(hello)
         case "param":
             op = .trackParam(key: try f.string("key"), value: try f.string("value"))
@@ -320,6 +334,24 @@ extension ClientFrame {
     }
 
     /// Typed access to a frame's members, with errors that name the member and the op.
+    /// `hello`'s `resume` member: `{"session": <32 hex digits>, "acked": <seq ≥ 0>}`, or absent.
+    static func resume(_ value: JSONValue?, seq: UInt64) throws(ProtocolError) -> Hello.Resume? {
+        guard let value, !value.isNull else { return nil }
+        guard let o = value.objectValue, let session = o["session"]?.stringValue, Self.isSessionID(session) else {
+            throw ProtocolError(.badRequest, "\"resume\" must be {\"session\": <the 32 hex digits hello's reply named>, \"acked\": <the highest seq acked>}; send hello without \"resume\" to open a new session.", seq: seq, op: "hello")
+        }
+        let acked = o["acked"]?.intValue ?? 0
+        guard acked >= 0 else {
+            throw ProtocolError(.badRequest, "\"resume.acked\" must be the highest seq the daemon acknowledged (0 or more).", seq: seq, op: "hello")
+        }
+        return Hello.Resume(session: session, acked: UInt64(acked))
+    }
+
+    /// A session id as the daemon hands them out: 32 lowercase hex digits (128 random bits).
+    public static func isSessionID(_ s: String) -> Bool {
+        s.utf8.count == 32 && s.utf8.allSatisfy { (48...57).contains($0) || (97...102).contains($0) }
+    }
+
     private struct Fields {
         let object: JSONObject
         var seq: UInt64?
@@ -447,6 +479,7 @@ extension ClientFrame {
             if let uri = h.trackingURI { o["tracking_uri"] = .string(uri) }
             if let credentials = h.credentials.json { o["credentials"] = credentials }
             if !h.systemMetrics { o["system_metrics"] = .bool(false) }
+            if let r = h.resume { o["resume"] = .object(["session": .string(r.session), "acked": .int(Int64(r.acked))]) }
         case .trackParam(let key, let value):
             o["key"] = .string(key)
             o["value"] = .string(value)

@@ -377,7 +377,7 @@ public final class Journal: @unchecked Sendable {
             condition.lock()
             while buffer.isEmpty && waiters.isEmpty && !closing && !settleDue(now: Self.now()) {
                 if settledLSN > settledWritten {
-                    condition.wait(until: Date(timeIntervalSinceNow: lastSettleWrite + options.settleInterval - Self.now()))
+                    _ = condition.wait(until: Date(timeIntervalSinceNow: lastSettleWrite + options.settleInterval - Self.now()))
                 } else {
                     condition.wait()
                 }
@@ -386,7 +386,7 @@ public final class Journal: @unchecked Sendable {
             while !urgent && !closing {
                 let wait = lastCommit + options.commitInterval - Self.now()
                 if wait <= 0 { break }
-                condition.wait(until: Date(timeIntervalSinceNow: wait))
+                _ = condition.wait(until: Date(timeIntervalSinceNow: wait))
             }
             let settleTo = settleDue(now: Self.now()) || closing ? settledLSN : settledWritten
             condition.unlock()

@@ -12,12 +12,19 @@ public enum JournalEntry: Sendable, Equatable {
     case bind(handle: String, runID: String, experimentID: String?)
     /// Every record with a sequence number up to this one was applied or refused by the sink.
     case settled(UInt64)
+    /// A client session as of a frame (its tracking state, evaluations, chains, replies), written
+    /// with that frame's records; at the head of every segment for each live session.
+    case session(SessionRecord)
+    /// The session's frames up to `seq` are journaled (written after a read burst's records).
+    case sessionMark(id: String, seq: UInt64)
+    /// The session expired: nobody resumed it within the grace period.
+    case sessionEnd(id: String)
 }
 
 /// The compact binary form of journal entries (little-endian, length-prefixed strings).
 enum JournalCodec {
     enum Kind: UInt8 {
-        case run = 1, create, log, update, artifact, bind, settled, deleteTag
+        case run = 1, create, log, update, artifact, bind, settled, deleteTag, session, sessionMark, sessionEnd
     }
 
     /// Thrown for a record whose body does not decode (its checksum matched: a bug or a
@@ -86,6 +93,19 @@ enum JournalCodec {
         case .settled(let lsn):
             w.u8(Kind.settled.rawValue)
             w.u64(lsn)
+        case .session(let record):
+            w.u8(Kind.session.rawValue)
+            var json = JSONWriter(capacity: 512)
+            json.write(record.json)
+            w.u32(UInt32(json.bytes.count))
+            w.bytes.append(contentsOf: json.bytes)
+        case .sessionMark(let id, let seq):
+            w.u8(Kind.sessionMark.rawValue)
+            w.string(id)
+            w.u64(seq)
+        case .sessionEnd(let id):
+            w.u8(Kind.sessionEnd.rawValue)
+            w.string(id)
         }
     }
 
@@ -133,6 +153,14 @@ enum JournalCodec {
             return .bind(handle: try r.string(), runID: try r.string(), experimentID: try r.optional())
         case .settled:
             return .settled(try r.u64())
+        case .session:
+            let count = Int(try r.u32())
+            guard let json = try? JSONParser.parse(Array(try r.take(count))), let record = SessionRecord(json: json) else { throw Malformed() }
+            return .session(record)
+        case .sessionMark:
+            return .sessionMark(id: try r.string(), seq: try r.u64())
+        case .sessionEnd:
+            return .sessionEnd(id: try r.string())
         }
     }
 }
@@ -177,7 +205,7 @@ struct JournalReader {
 
     var remaining: Int { bytes.count - index }
 
-    private mutating func take(_ n: Int) throws(JournalCodec.Malformed) -> UnsafeRawBufferPointer {
+    mutating func take(_ n: Int) throws(JournalCodec.Malformed) -> UnsafeRawBufferPointer {
         guard n >= 0, n <= remaining else { throw JournalCodec.Malformed() }
         defer { index += n }
         return UnsafeRawBufferPointer(rebasing: bytes[index..<index + n])

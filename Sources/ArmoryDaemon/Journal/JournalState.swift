@@ -12,6 +12,8 @@ public struct JournalState: Sendable {
     }
 
     public private(set) var runs: [String: RunEntry] = [:]
+    /// Client sessions not yet ended, as of their latest record and mark.
+    public private(set) var sessions: [String: SessionRecord] = [:]
     /// The sequence number of the last record of each run (a run is forgotten once it ended and
     /// everything up to it is settled).
     private var lastLSN: [String: UInt64] = [:]
@@ -53,6 +55,12 @@ public struct JournalState: Sendable {
             runs[handle]?.experimentID = experimentID
         case .settled(let upTo):
             settled = max(settled, upTo)
+        case .session(let record):
+            if (sessions[record.id]?.seq ?? 0) <= record.seq { sessions[record.id] = record }
+        case .sessionMark(let id, let seq):
+            if let held = sessions[id]?.seq, held < seq { sessions[id]!.seq = seq }
+        case .sessionEnd(let id):
+            sessions[id] = nil
         case .record(let handle, let record):
             switch record {
             case .createRun(let c):
@@ -112,8 +120,9 @@ public struct JournalState: Sendable {
         }
     }
 
-    /// What a new segment starts with: every live run and the watermark.
+    /// What a new segment starts with: every live run, every live session and the watermark.
     public func snapshot() -> [JournalEntry] {
-        runs.values.sorted { $0.handle < $1.handle }.map { JournalEntry.run($0) } + [.settled(settled)]
+        runs.values.sorted { $0.handle < $1.handle }.map { JournalEntry.run($0) }
+            + sessions.values.sorted { $0.id < $1.id }.map { JournalEntry.session($0) } + [.settled(settled)]
     }
 }

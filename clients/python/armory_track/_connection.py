@@ -4,6 +4,12 @@ Fire-and-forget frames are appended to a buffer and sent by a flusher thread (a 
 for the daemon); single metrics are only queued, and the flusher writes a run's queued metrics as
 one `log` frame. Requests wait for their reply; a reader thread takes acks, replies and the
 errors of fire-and-forget frames, which are raised at the next sync point.
+
+The session outlives the socket: every frame sent is kept until the daemon acknowledges it. When
+the connection breaks (a daemon restart, an upgrade, the watchdog), a reconnect thread connects
+again for up to ARMORY_RECONNECT_SECONDS (default 300), resumes the session (`hello` with
+`resume`) and resends what the daemon does not hold; calls meanwhile go on as usual (requests
+wait). At most ARMORY_RETAIN_BYTES (default 64 MiB) are kept: past it, callers wait for acks.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ SYSTEM_SOCKET = "/run/armory/armoryd.sock"
 _MAX_BUFFER = 8 << 20
 _MAX_QUEUED_METRICS = 50_000  # then the caller formats and waits like any frame
 _METRICS_PER_FRAME = 1000
+_DEFAULT_RETAIN_BYTES = 64 << 20
+_DEFAULT_RECONNECT_SECONDS = 300.0
+# Errors after which the daemon closes the connection: resending would only repeat them.
+_CLOSING_CODES = ("FRAME_TOO_LARGE", "UNSUPPORTED_PROTOCOL")
 
 
 class ArmoryError(RuntimeError):
@@ -79,29 +89,39 @@ def _mlflow_credentials(environ=os.environ) -> Dict[str, str]:
     return out
 
 
+def _connect(path: Optional[str]):
+    """The first socket that accepts, and its path; raises ConnectionError naming every path tried."""
+    candidates = [path] if path else socket_candidates()
+    last = "no candidate path"
+    for candidate in candidates:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(candidate)
+        except OSError as e:
+            s.close()
+            last = f"{candidate}: {e.strerror or e}"
+            continue
+        return s, candidate
+    tried = ", ".join([path] if path else _described_candidates())
+    raise ConnectionError(
+        f"No armoryd is listening (tried {tried}: {last}). Start one with "
+        "`systemctl --user start armoryd.socket` (or the system unit), or run `armoryd &`; "
+        "set ARMORY_SOCKET if it listens elsewhere.")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 class Connection:
     """A thread-safe connection to armoryd. Use `connection()` for the per-process one."""
 
     def __init__(self, path: Optional[str] = None, timeout: float = 10.0):
-        candidates = [path] if path else socket_candidates()
-        last = "no candidate path"
-        self.sock = None
-        for candidate in candidates:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(candidate)
-            except OSError as e:
-                s.close()
-                last = f"{candidate}: {e.strerror or e}"
-                continue
-            self.sock, self.path = s, candidate
-            break
-        if self.sock is None:
-            tried = ", ".join([path] if path else _described_candidates())
-            raise ConnectionError(
-                f"No armoryd is listening (tried {tried}: {last}). Start one with "
-                "`systemctl --user start armoryd.socket` (or the system unit), or run `armoryd &`; "
-                "set ARMORY_SOCKET if it listens elsewhere.")
+        self._explicit_path = path
+        self.sock, self.path = _connect(path)
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -120,8 +140,20 @@ class Connection:
         self._errors: List[Dict[str, Any]] = []
         self._closed: Optional[str] = None
         self.acked = 0
+        # Sent frames kept until acked, as (seq of the last frame in it, bytes), in order; and the
+        # frames of requests still waiting for their reply (resent after a resume if the daemon
+        # held them but its reply was lost).
+        self._retained: collections.deque = collections.deque()
+        self._retained_bytes = 0
+        self._request_frames: Dict[int, bytes] = {}
+        self._max_retained = int(_env_float("ARMORY_RETAIN_BYTES", _DEFAULT_RETAIN_BYTES))
+        self._reconnect_seconds = _env_float("ARMORY_RECONNECT_SECONDS", _DEFAULT_RECONNECT_SECONDS)
+        self._reconnecting = False
+        self._fatal: Optional[str] = None
+        self.session: Optional[str] = None
+        self.resumes = 0
         threading.Thread(target=self._flush_loop, name="armory-flusher", daemon=True).start()
-        threading.Thread(target=self._read_loop, name="armory-reader", daemon=True).start()
+        threading.Thread(target=self._read_loop, args=(self.sock,), name="armory-reader", daemon=True).start()
         environ = os.environ
         hello = {"protocol": PROTOCOL, "client": "armory_track", "client_version": CLIENT_VERSION,
                  "program": os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""}
@@ -135,14 +167,18 @@ class Connection:
             credentials = _mlflow_credentials(environ)
             if credentials:
                 hello["credentials"] = credentials
+        self._hello_fields = hello
         self.hello = self.request("hello", timeout=timeout, **hello)
+        self.session = self.hello.get("session")
 
     # -- sending ---------------------------------------------------------------
 
     def _frame(self, payload: bytes) -> None:
-        """Appends one frame (caller holds the lock)."""
-        while len(self._buffer) > _MAX_BUFFER and self._closed is None:
-            self._cond.wait()
+        """Appends one frame (caller holds the lock); waits while the buffer or what is kept for
+        resending is full."""
+        while self._closed is None and self._buffer and (
+                len(self._buffer) > _MAX_BUFFER or self._retained_bytes + len(self._buffer) > self._max_retained):
+            self._cond.wait(1.0)
         if self._flusher_idle:
             self._wake.set()
         self._buffer += struct.pack(">I", len(payload))
@@ -168,6 +204,8 @@ class Connection:
     def send(self, op: str, **fields: Any) -> int:
         """A fire-and-forget frame: returns its seq at once."""
         with self._lock:
+            if self._closed is not None:
+                raise ConnectionError(self._closed)
             self._move_metrics()
             self._seq += 1
             seq = self._seq
@@ -192,27 +230,33 @@ class Connection:
     def request(self, op: str, timeout: float = 30.0, **fields: Any) -> Dict[str, Any]:
         """Sends a request and waits for its reply; a refusal raises ArmoryError."""
         with self._lock:
+            if self._closed is not None:
+                raise ConnectionError(self._closed)
             self._move_metrics()
             self._seq += 1
             seq = self._seq
             fields["op"] = op
             fields["seq"] = seq
             self._awaited.add(seq)
-            self._frame(json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode())
+            payload = json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode()
+            self._request_frames[seq] = struct.pack(">I", len(payload)) + payload
+            self._frame(payload)
         self._send_pending()
         with self._lock:
             deadline = None if timeout is None else (_monotonic() + timeout)
-            while seq not in self._replies:
-                if self._closed is not None:
-                    self._awaited.discard(seq)
-                    raise ConnectionError(self._closed)
-                remaining = None if deadline is None else deadline - _monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._awaited.discard(seq)
-                    raise TimeoutError(f"armoryd did not answer '{op}' within {timeout} s (socket {self.path}).")
-                self._cond.wait(remaining)
-            self._awaited.discard(seq)
-            reply = self._replies.pop(seq)
+            try:
+                while seq not in self._replies:
+                    if self._closed is not None:
+                        raise ConnectionError(self._closed)
+                    remaining = None if deadline is None else deadline - _monotonic()
+                    # While the daemon is away, a request waits within the reconnect budget instead.
+                    if remaining is not None and remaining <= 0 and not self._reconnecting:
+                        raise TimeoutError(f"armoryd did not answer '{op}' within {timeout} s (socket {self.path}).")
+                    self._cond.wait(0.5 if self._reconnecting or remaining is None else min(remaining, 0.5))
+                reply = self._replies.pop(seq)
+            finally:
+                self._awaited.discard(seq)
+                self._request_frames.pop(seq, None)
         if reply.get("op") == "error":
             raise ArmoryError([reply])
         return reply
@@ -228,25 +272,157 @@ class Connection:
             raise ArmoryError(errors)
 
     def _send_pending(self) -> None:
-        """Sends what is buffered from the caller's thread, without holding the buffer's lock."""
+        """Sends what is buffered from the caller's thread, without holding the buffer's lock;
+        keeps it until the daemon acknowledges it."""
         with self._send_lock:
             with self._lock:
                 self._move_metrics()
-                if not self._buffer or self._closed is not None:
+                if not self._buffer or self._closed is not None or self._reconnecting:
                     return
                 data, self._buffer = self._buffer, bytearray()
+                self._retained.append((self._seq, data))
+                self._retained_bytes += len(data)
                 self._cond.notify_all()  # writers held back by a full buffer
+                sock = self.sock
             try:
-                self.sock.sendall(data)
+                sock.sendall(data)
             except OSError as e:
+                self._lost(sock, f"writing to armoryd failed: {e}")
+
+    # -- resuming --------------------------------------------------------------
+
+    def _lost(self, sock, reason: str) -> None:
+        """The socket broke: resume the session on a new one (or close, with no session yet)."""
+        with self._lock:
+            if sock is not self.sock or self._reconnecting or self._closed is not None:
+                return
+            if self.session is None or self._reconnect_seconds <= 0 or self._fatal:
+                # A frame the daemon closed the connection for would be refused again on resume.
+                self._closed = f"armoryd closed the connection: {self._fatal}" if self._fatal else reason
+                self._cond.notify_all()
+                self._wake.set()  # the flusher ends
+                return
+            self._reconnecting = True
+            self._cond.notify_all()
+        try:
+            sock.close()
+        except OSError:
+            pass
+        threading.Thread(target=self._reconnect, args=(reason,), name="armory-reconnect", daemon=True).start()
+
+    def _undelivered(self) -> str:
+        """What a give-up leaves undelivered, for the error (caller holds the lock)."""
+        first = self.acked + 1
+        frames = self._seq - self.acked
+        held = self._retained_bytes + len(self._buffer)
+        return (f"{frames} frame(s) after seq {self.acked} (seq {first}-{self._seq}, {held} bytes"
+                f"{', and ' + str(len(self._metrics)) + ' queued metrics' if self._metrics else ''}) were not delivered")
+
+    def _reconnect(self, reason: str) -> None:
+        deadline = _monotonic() + self._reconnect_seconds
+        delay = 0.02
+        last = reason
+        while True:
+            with self._lock:
+                if self._closed is not None:
+                    return
+            try:
+                sock, path = _connect(self._explicit_path)
+            except ConnectionError as e:
+                last = str(e).split(" Start one")[0]
+            else:
+                try:
+                    if self._resume(sock, path):
+                        return
+                except (OSError, ValueError) as e:
+                    last = f"resuming on {path} failed: {e}"
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+                with self._lock:
+                    if self._closed is not None:
+                        return
+            if _monotonic() >= deadline:
                 with self._lock:
                     if self._closed is None:
-                        self._closed = f"writing to armoryd failed: {e}"
+                        self._closed = (
+                            f"armoryd did not come back within ARMORY_RECONNECT_SECONDS={self._reconnect_seconds:g} s "
+                            f"(the connection broke: {reason}; last try: {last}): {self._undelivered()}. "
+                            "They are lost unless the daemon comes back; restart the evaluation once it runs.")
+                    self._reconnecting = False
                     self._cond.notify_all()
-                    self._wake.set()  # the flusher ends
+                    self._wake.set()
+                return
+            _sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _resume(self, sock, path: str) -> bool:
+        """Sends `hello` with `resume` on `sock`, then resends what the daemon does not hold.
+        Returns False to try again later; a refused or lost session closes the connection."""
+        with self._lock:
+            self._seq += 1
+            hello_seq = self._seq
+            acked = self.acked
+        fields = dict(self._hello_fields, op="hello", seq=hello_seq, resume={"session": self.session, "acked": acked})
+        payload = json.dumps(fields, separators=(",", ":"), default=str).encode()
+        sock.settimeout(10.0)
+        sock.sendall(struct.pack(">I", len(payload)) + payload)
+        data = b""
+        reply = None
+        while reply is None:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise OSError("the daemon closed the connection during the handshake")
+            data += chunk
+            while len(data) >= 4 and reply is None:
+                (length,) = struct.unpack(">I", data[:4])
+                if len(data) < 4 + length:
+                    break
+                message = json.loads(data[4:4 + length])
+                data = data[4 + length:]
+                if message.get("seq") == hello_seq:
+                    reply = message
+        sock.settimeout(None)
+        if reply.get("op") == "error" or not reply.get("resumed"):
+            why = reply.get("message") or reply.get("reason") or "unknown"
+            with self._lock:
+                if self._closed is None:
+                    self._closed = (f"armoryd no longer holds this process's session {self.session} ({why}): "
+                                    f"{self._undelivered()}. Its runs end FAILED after the daemon's grace period; "
+                                    "run the evaluation again.")
+                self._reconnecting = False
+                self._cond.notify_all()
+                self._wake.set()
+            sock.close()
+            return True
+        held = int(reply.get("held", 0))
+        with self._send_lock:
+            with self._lock:
+                # Requests the daemon holds whose replies were lost go again (answered as the first
+                # time), then every kept frame after what it holds, in order.
+                resend = [frame for seq, frame in sorted(self._request_frames.items()) if seq <= held]
+                resend += [data for last, data in self._retained if last > held]
+                self.sock, self.path = sock, path
+                self._reconnecting = False
+                self.resumes += 1
+                self._cond.notify_all()
+                self._wake.set()
+            # Frames that came right behind the hello reply (acks) are the new reader's first input.
+            threading.Thread(target=self._read_loop, args=(sock, data), name="armory-reader", daemon=True).start()
+            try:
+                sock.sendall(b"".join(resend))
+            except OSError as e:
+                self._lost(sock, f"writing to armoryd failed: {e}")
+        self._send_pending()
+        return True
 
     def _flush_loop(self) -> None:
         while self._closed is None:
+            if self._reconnecting:
+                self._wake.wait(0.1)  # the resume sends what piled up
+                self._wake.clear()
+                continue
             if not self._buffer and not self._metrics:
                 self._flusher_idle = True
                 if not self._buffer and not self._metrics:  # a writer sees the flag, or this sees its data
@@ -258,24 +434,23 @@ class Connection:
             _sleep(0.001)
             self._send_pending()
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, sock, data: bytes = b"") -> None:
+        chunk = data
         data = b""
         while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError as e:
-                chunk = b""
-                reason = f"reading from armoryd failed: {e}"
-            else:
-                reason = f"armoryd closed the connection (socket {self.path})."
             if not chunk:
-                with self._lock:
-                    if self._closed is None:
-                        self._closed = reason
-                    self._cond.notify_all()
-                    self._wake.set()  # the flusher ends
-                return
+                try:
+                    chunk = sock.recv(65536)
+                except OSError as e:
+                    chunk = b""
+                    reason = f"reading from armoryd failed: {e}"
+                else:
+                    reason = f"armoryd closed the connection (socket {self.path})."
+                if not chunk:
+                    self._lost(sock, reason)
+                    return
             data += chunk
+            chunk = b""
             messages = []
             while len(data) >= 4:
                 (length,) = struct.unpack(">I", data[:4])
@@ -289,10 +464,16 @@ class Connection:
                         op = m.get("op")
                         if op == "ack":
                             self.acked = max(self.acked, m["upto"])
+                            retained = self._retained
+                            while retained and retained[0][0] <= self.acked:
+                                self._retained_bytes -= len(retained.popleft()[1])
                         elif op == "reply" or (op == "error" and m.get("seq") in self._awaited):
-                            self._replies[m["seq"]] = m
+                            if m.get("seq") in self._awaited:  # a re-sent request may be answered twice
+                                self._replies[m["seq"]] = m
                         elif op == "error":
                             self._errors.append(m)
+                        if op == "error" and m.get("code") in _CLOSING_CODES:
+                            self._fatal = f"{m.get('code')}: {m.get('message')}"
                     self._cond.notify_all()
 
     def flush(self, wait: str = "durable", timeout: float = 10.0) -> Dict[str, Any]:

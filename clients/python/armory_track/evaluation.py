@@ -9,9 +9,9 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
-from ._connection import connection, protocol_number
+from ._connection import ArmoryError, connection, protocol_number
 from .track import Trackable, _flatten, _next_id, track_call, trackable_context
 
 _STATUS = {"FINISHED", "FAILED", "KILLED"}
@@ -85,8 +85,11 @@ class Run:
         once the daemon holds a copy (the file may then be deleted). Streamed in chunks."""
         name = os.path.basename(local_path)
         target = f"{artifact_path.strip('/')}/{name}" if artifact_path else name
-        with open(local_path, "rb") as f:
-            return self._send_artifact(target, iter(lambda: f.read(self._chunk_size()), b""))
+        def chunks():
+            with open(local_path, "rb") as f:
+                yield from iter(lambda: f.read(self._chunk_size()), b"")
+
+        return self._send_artifact(target, chunks)
 
     def log_text(self, text: str, artifact_file: str) -> int:
         return self._send_bytes(text.encode("utf-8"), artifact_file)
@@ -107,14 +110,21 @@ class Run:
 
     def _send_bytes(self, data: bytes, path: str) -> int:
         size = self._chunk_size()
-        return self._send_artifact(path, (data[i:i + size] for i in range(0, len(data), size)))
+        return self._send_artifact(path, lambda: (data[i:i + size] for i in range(0, len(data), size)))
 
-    def _send_artifact(self, path: str, chunks: Iterable[bytes]) -> int:
+    def _send_artifact(self, path: str, chunks: Callable[[], Iterable[bytes]]) -> int:
+        """Streams an artifact; sent again from its first chunk when the daemon restarted mid-way
+        (`ARTIFACT_INTERRUPTED`: its partial copy did not survive)."""
         c = connection()
-        artifact = c.request("artifact_open", run=self.handle, path=path)["artifact"]
-        for chunk in chunks:
-            c.send("artifact_chunk", artifact=artifact, data=base64.b64encode(chunk).decode("ascii"))
-        return c.request("artifact_close", timeout=300, artifact=artifact)["bytes"]
+        while True:
+            artifact = c.request("artifact_open", run=self.handle, path=path)["artifact"]
+            for chunk in chunks():
+                c.send("artifact_chunk", artifact=artifact, data=base64.b64encode(chunk).decode("ascii"))
+            try:
+                return c.request("artifact_close", timeout=300, artifact=artifact)["bytes"]
+            except ArmoryError as e:
+                if [x.get("code") for x in e.errors] != ["ARTIFACT_INTERRUPTED"]:
+                    raise
 
     def end(self, status: str = "FINISHED") -> None:
         """Ends a run continued with `attach` (chains and evaluations end through their own `end`)."""

@@ -6,9 +6,9 @@ import ArmoryProtocol
 ///
 /// A plain value type: every rule of DESIGN.md's "Tracking-context semantics" is tested on it
 /// without a socket.
-public struct TrackingState: Sendable {
+public struct TrackingState: Sendable, Equatable {
     /// What one pushed context was opened as, so `pop` undoes exactly that.
-    private enum ContextKind: Sendable { case plain, trackable }
+    private enum ContextKind: String, Sendable { case plain, trackable }
 
     /// An evaluation's defaults for the chains added after them (Armory's `Evaluation.use_*`).
     public struct EvaluationConfig: Sendable, Equatable {
@@ -144,5 +144,68 @@ public struct TrackingState: Sendable {
             }
         }
         return merged
+    }
+
+    // MARK: Journal form
+
+    /// The whole state as JSON, for a session's journal record (restored after a restart).
+    public var json: JSONValue {
+        func ids(_ list: [Int64]) -> JSONValue { .array(list.map { .int($0) }) }
+        func roles(_ map: [ComponentRole: [Int64]]) -> JSONValue {
+            var o = JSONObject()
+            for role in ComponentRole.allCases { if let list = map[role] { o[role.rawValue] = ids(list) } }
+            return .object(o)
+        }
+        func strings(_ map: StringMap) -> JSONValue { .object(map.mapValues { .string($0) }) }
+        var tracked = JSONObject()
+        for (id, params) in trackedParams.sorted(by: { $0.key < $1.key }) { tracked[String(id)] = strings(params) }
+        var evaluationsJSON = JSONObject()
+        for (id, e) in evaluations.sorted(by: { $0.key < $1.key }) {
+            evaluationsJSON[String(id)] = .object(["name": .string(e.name), "description": e.description.map { .string($0) } ?? .null, "defaults": roles(e.defaults)])
+        }
+        var chainsJSON = JSONObject()
+        for (id, c) in chains.sorted(by: { $0.key < $1.key }) {
+            chainsJSON[String(id)] = .object(["name": .string(c.name), "evaluation": .int(c.evaluation), "components": roles(c.components)])
+        }
+        var o = JSONObject()
+        o["params"] = .array(paramStack.map(strings))
+        o["trackables"] = .array(trackableStack.map(ids))
+        o["kinds"] = .array(contextKinds.map { .string($0.rawValue) })
+        o["tracked"] = .object(tracked)
+        o["evaluations"] = .object(evaluationsJSON)
+        o["chains"] = .object(chainsJSON)
+        return .object(o)
+    }
+
+    /// Reads what `json` wrote; `nil` when it is not that shape.
+    public init?(json: JSONValue) {
+        func ids(_ v: JSONValue?) -> [Int64]? { v?.arrayValue.map { $0.compactMap(\.intValue) } }
+        func strings(_ v: JSONValue?) -> StringMap? {
+            guard let o = v?.objectValue else { return nil }
+            var out = StringMap()
+            for (key, value) in o { if let text = value.stringValue { out[key] = text } }
+            return out
+        }
+        func roles(_ v: JSONValue?) -> [ComponentRole: [Int64]] {
+            var out: [ComponentRole: [Int64]] = [:]
+            for (key, value) in v?.objectValue ?? [:] { if let role = ComponentRole(rawValue: key), let list = ids(value) { out[role] = list } }
+            return out
+        }
+        guard let o = json.objectValue, let params = o["params"]?.arrayValue?.compactMap(strings), !params.isEmpty,
+              let trackables = o["trackables"]?.arrayValue?.compactMap(ids), !trackables.isEmpty,
+              let kinds = o["kinds"]?.arrayValue?.compactMap({ $0.stringValue.flatMap(ContextKind.init(rawValue:)) }),
+              params.count == kinds.count + 1 else { return nil }
+        paramStack = params
+        trackableStack = trackables
+        contextKinds = kinds
+        for (key, value) in o["tracked"]?.objectValue ?? [:] { if let id = Int64(key), let map = strings(value) { trackedParams[id] = map } }
+        for (key, value) in o["evaluations"]?.objectValue ?? [:] {
+            guard let id = Int64(key), let e = value.objectValue, let name = e["name"]?.stringValue else { continue }
+            evaluations[id] = EvaluationConfig(name: name, description: e["description"]?.stringValue, defaults: roles(e["defaults"]))
+        }
+        for (key, value) in o["chains"]?.objectValue ?? [:] {
+            guard let id = Int64(key), let c = value.objectValue, let name = c["name"]?.stringValue, let evaluation = c["evaluation"]?.intValue else { continue }
+            chains[id] = ChainConfig(name: name, evaluation: evaluation, components: roles(c["components"]))
+        }
     }
 }

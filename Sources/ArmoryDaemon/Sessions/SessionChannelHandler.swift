@@ -6,15 +6,20 @@ import NIOCore
 /// Carries out a `Session`'s outcomes on one connection: decodes frames, writes replies and
 /// errors, acknowledges frames once their records are in the journal on disk (at most one ack
 /// waiting per connection, so acks coalesce to one per group commit), pauses reading while the
-/// uploader is overloaded.
+/// uploader is overloaded. A `hello` with `resume` swaps in the session it names.
 final class SessionChannelHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private let session: Session
+    private var session: Session
     private let services: DaemonServices
     private let logger: Logger
-    private let onClosed: @Sendable ([String]) -> Void
+    /// Closes this connection from any thread (a resume elsewhere takes its session).
+    private let closeConnection: @Sendable () -> Void
+    /// The session is registered in the table (its hello was answered).
+    private var opened = false
+    /// Frames that arrived while a resume was being settled, handled after it.
+    private var heldBack: [NIOAny]?
     private var ackedSeq: UInt64 = 0
     /// An ack is waiting for the journal.
     private var ackWaiting = false
@@ -22,14 +27,18 @@ final class SessionChannelHandler: ChannelInboundHandler {
     private var errorsSinceFlush = 0
     private var paused = false
 
-    init(session: Session, services: DaemonServices, logger: Logger, onClosed: @escaping @Sendable ([String]) -> Void) {
+    init(session: Session, services: DaemonServices, logger: Logger, closeConnection: @escaping @Sendable () -> Void) {
         self.session = session
         self.services = services
         self.logger = logger
-        self.onClosed = onClosed
+        self.closeConnection = closeConnection
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if heldBack != nil {
+            heldBack!.append(data)
+            return
+        }
         let payload = unwrapInboundIn(data)
         framesSinceFlush += 1
         let bytes = Array(payload.readableBytesView)
@@ -46,7 +55,20 @@ final class SessionChannelHandler: ChannelInboundHandler {
             send(.error(error), context: context)
             return
         }
-        switch session.handle(frame, nowMs: now) {
+        if case .hello(let hello) = frame.op, let resume = hello.resume, session.hello == nil {
+            claim(resume, hello: hello, seq: frame.seq, context: context)
+            return
+        }
+        carryOut(session.handle(frame, nowMs: now), for: frame, context: context)
+    }
+
+    /// Carries out what the session decided about `frame`.
+    private func carryOut(_ outcome: SessionOutcome, for frame: ClientFrame, context: ChannelHandlerContext) {
+        if case .hello = frame.op, case .reply = outcome, !opened {
+            opened = true
+            services.sessions.opened(session, connection: session.connectionID, close: closeConnection)
+        }
+        switch outcome {
         case .none:
             break
         case .reply(let body):
@@ -97,6 +119,65 @@ final class SessionChannelHandler: ChannelInboundHandler {
         if session.wantsPause && !paused { pause(context: context) }
     }
 
+    /// `hello` with `resume`: takes the session it names (closing an older connection that still
+    /// carries it), then answers; frames arriving meanwhile wait their turn.
+    private func claim(_ resume: Hello.Resume, hello: Hello, seq: UInt64, context: ChannelHandlerContext) {
+        heldBack = []
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let fresh = session
+        services.sessions.claim(resume.session, uid: fresh.peer.uid, connection: fresh.connectionID, close: closeConnection) { claim in
+            loopBound.eventLoop.execute {
+                let (handler, context) = loopBound.value
+                handler.settle(claim, fresh: fresh, hello: hello, seq: seq, context: context)
+            }
+        }
+    }
+
+    private func settle(_ claim: SessionTable.Claim, fresh: Session, hello: Hello, seq: UInt64, context: ChannelHandlerContext) {
+        let frame = ClientFrame(seq: seq, op: .hello(hello))
+        switch claim {
+        case .session(let resumed):
+            adopt(resumed, from: fresh, hello: hello, frame: frame, context: context)
+        case .restored(let record):
+            let restored = Session(restoring: record, services: services)
+            services.sessions.opened(restored, connection: fresh.connectionID, close: closeConnection)
+            adopt(restored, from: fresh, hello: hello, frame: frame, context: context)
+        case .refused(var error):
+            error.seq = seq
+            error.op = "hello"
+            carryOut(.error(error), for: frame, context: context)
+        case .notFound(let reason):
+            fresh.notResumedReason = reason
+            carryOut(fresh.handle(frame, nowMs: DaemonServices.nowMs()), for: frame, context: context)
+        }
+        let waiting = heldBack ?? []
+        heldBack = nil
+        for data in waiting { channelRead(context: context, data: data) }
+        channelReadComplete(context: context)
+    }
+
+    private func adopt(_ resumed: Session, from fresh: Session, hello: Hello, frame: ClientFrame, context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound(context.channel, eventLoop: context.eventLoop)
+        resumed.attach(connectionID: fresh.connectionID, peer: fresh.peer) { error in
+            loopBound.eventLoop.execute {
+                let bytes = DaemonMessage.error(error).encoded
+                var buffer = loopBound.value.allocator.buffer(capacity: bytes.count)
+                buffer.writeBytes(bytes)
+                loopBound.value.writeAndFlush(buffer, promise: nil)
+            }
+        }
+        session = resumed
+        opened = true
+        ackedSeq = 0
+        let outcome = resumed.resume(hello, seq: frame.seq)
+        if case .error = outcome {
+            carryOut(outcome, for: frame, context: context)
+            context.close(promise: nil)
+            return
+        }
+        carryOut(outcome, for: frame, context: context)
+    }
+
     func channelReadComplete(context: ChannelHandlerContext) {
         session.enqueueDeferred()
         if session.wantsPause && !paused { pause(context: context) }
@@ -145,7 +226,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        onClosed(session.connectionClosed())
+        if opened {
+            _ = session.connectionClosed()
+            services.sessions.detached(session)
+        } else {
+            services.statistics.disconnected(session.connectionID)
+        }
         context.fireChannelInactive()
     }
 

@@ -39,19 +39,49 @@ public struct DurableWait: Sendable {
     public var lsn: UInt64
 }
 
-/// One connection's protocol logic: the handshake, its tracking state, its evaluations and
+/// One client session's protocol logic: the handshake, its tracking state, its evaluations and
 /// chains, and every op applied to the shared registry and uploader. No sockets: the channel
 /// handler feeds it frames and carries out the outcomes, and tests drive it directly.
-public final class Session {
-    public let connectionID: UInt64
-    public let peer: PeerCredentials
+///
+/// A session outlives its connection (docs/architecture.md, "Sessions outlive connections"):
+/// `seq` numbers its frames across reconnects, a frame it already holds is dropped (a request is
+/// answered as the first time), and each frame's records are journaled together with the
+/// session's record or mark, so a restarted daemon restores it exactly as far as it was held.
+/// One event loop at a time uses it: the connection it is attached to (`SessionTable` hands it over).
+public final class Session: @unchecked Sendable {
+    /// The connection carrying the session now (statistics, logs).
+    public private(set) var connectionID: UInt64
+    /// The session's id (128 random bits as hex), what `resume` names.
+    public let id: String
+    /// Owner token of the session's runs in the registry (`RunEntry.connection`).
+    public let number: UInt64
+    public private(set) var peer: PeerCredentials
     private let services: DaemonServices
-    /// Sends an error to this connection later (from the uploader thread): the handler's job.
-    private let reportLater: @Sendable (ProtocolError) -> Void
+    /// Sends an error to this session's connection later (from the uploader thread): the handler's job.
+    private var reportLater: @Sendable (ProtocolError) -> Void
 
     public private(set) var hello: Hello?
     public private(set) var tracking = TrackingState()
     private var lastSeq: UInt64 = 0
+    /// Runs written through MLflow's API (`create_run`, `attach`).
+    private var otherRuns: [String] = []
+    /// Replies of requests with effects, by `seq` (the latest `replyCacheSize`).
+    private var replies: [UInt64: SessionRecord.CachedReply] = [:]
+    /// Artifacts that were open when the daemon stopped: their chunks are dropped, their close
+    /// asks the client to send them again.
+    private var interruptedArtifacts = Set<Int64>()
+    /// The session's state changed since its last journal record.
+    private var dirty = false
+    /// A record of the session is in the journal (its end is then journaled too).
+    public private(set) var journaled = false
+    /// Records of the frame being handled, journaled with the session's record or mark.
+    private var pending: [(destination: String?, handle: String, record: SinkRecord, completion: Uploader.Completion?)] = []
+    /// The `seq` of the last metric-only frame in `deferredLogs`.
+    private var deferredSeq: UInt64 = 0
+    /// The run of the previous `log` frame (already known to be one of the session's).
+    private var lastLoggedRun = ""
+    /// How many replies a session keeps for re-sent requests.
+    static let replyCacheSize = 256
     /// The last uploader ticket of a record this connection produced, per destination (for
     /// `flush wait=uploaded`).
     private var lastTickets: [String: UInt64] = [:]
@@ -98,6 +128,53 @@ public final class Session {
         self.peer = peer
         self.services = services
         self.reportLater = reportLater
+        self.id = Self.newSessionID()
+        self.number = services.sessions.nextNumber()
+    }
+
+    /// A session restored from its journal record after a restart, detached until a client resumes it.
+    public init(restoring record: SessionRecord, services: DaemonServices) {
+        self.connectionID = 0
+        self.id = record.id
+        self.number = services.sessions.nextNumber()
+        self.peer = PeerCredentials(uid: record.uid, gid: record.gid, pid: record.pid)
+        self.services = services
+        self.reportLater = { _ in }
+        self.tracking = record.tracking
+        self.lastSeq = record.seq
+        self.evaluationRuns = record.evaluationRuns
+        self.chainRuns = record.chainRuns
+        self.otherRuns = record.otherRuns
+        self.replies = record.replies
+        self.interruptedArtifacts = Set(record.openArtifacts)
+        self.nextArtifactID = record.nextArtifactID
+        self.journaled = true
+    }
+
+    /// 128 random bits as 32 lowercase hex digits.
+    static func newSessionID() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return String(format: "%016llx%016llx", generator.next() as UInt64, generator.next() as UInt64)
+    }
+
+    /// The session continues on another connection (a resume): replies and errors go there now.
+    public func attach(connectionID: UInt64, peer: PeerCredentials, reportLater: @escaping @Sendable (ProtocolError) -> Void) {
+        self.connectionID = connectionID
+        self.peer = peer
+        self.reportLater = reportLater
+    }
+
+    /// What the journal keeps of the session.
+    public var record: SessionRecord {
+        SessionRecord(id: id, uid: peer.uid, gid: peer.gid, pid: peer.pid, client: hello?.client ?? "", program: hello?.program ?? "",
+                      systemMetrics: hello?.systemMetrics ?? true, seq: lastSeq, tracking: tracking, evaluationRuns: evaluationRuns,
+                      chainRuns: chainRuns, otherRuns: otherRuns, replies: replies, openArtifacts: Array(artifacts.keys) + interruptedArtifacts,
+                      nextArtifactID: nextArtifactID)
+    }
+
+    /// Whether the session holds nothing worth restoring (a status query, say).
+    private var isTrivial: Bool {
+        tracking == TrackingState() && evaluationRuns.isEmpty && chainRuns.isEmpty && otherRuns.isEmpty && replies.isEmpty && artifacts.isEmpty
     }
 
     /// The highest `seq` handled so far (what an ack may cover).
@@ -112,21 +189,116 @@ public final class Session {
 
     /// Handles one decoded frame.
     public func handle(_ frame: ClientFrame, nowMs: Int64) -> SessionOutcome {
-        // Seqs rise on a connection; a gap is a frame that could not be decoded (already answered
-        // with an error), but a seq that does not rise is a client bug worth reporting.
-        if frame.seq <= lastSeq {
-            reportLater(ProtocolError(.badSequence, "Frame seq \(frame.seq) does not rise (last was \(lastSeq)): seq starts at 1 and rises by 1 on each connection.", seq: frame.seq, op: frame.op.name))
+        if case .hello = frame.op {} else if frame.seq <= lastSeq {
+            return duplicate(frame, nowMs: nowMs)
         }
-        lastSeq = max(lastSeq, frame.seq)
-        if case .log(_, let batch) = frame.op, batch.params.isEmpty, batch.tags.isEmpty {} else {
+        let metricsOnly: Bool
+        if case .log(_, let batch) = frame.op, batch.params.isEmpty, batch.tags.isEmpty { metricsOnly = true } else { metricsOnly = false }
+        if !metricsOnly {
             enqueueDeferred()  // every other op sees the records before it in the uploader
         }
+        // `hello` stays outside the session's numbering: a resuming client's hello comes before
+        // the frames it resends.
+        if case .hello = frame.op {} else { lastSeq = frame.seq }
+        var outcome: SessionOutcome
         do {
-            return try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
+            outcome = try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
         } catch var error {
             error.seq = error.seq ?? frame.seq
             error.op = error.op ?? frame.op.name
-            return .error(error)
+            outcome = .error(error)
+        }
+        if metricsOnly {
+            deferredSeq = frame.seq
+            return outcome
+        }
+        remember(outcome, of: frame)
+        commit()
+        // A run's creation was just journaled: wait for its own ticket, not an older one.
+        if case .awaitRun(let handle, var wait, let timeoutMs) = outcome, wait.ticket == 0 {
+            wait.ticket = lastTickets[services.registry.entry(handle)?.destination ?? ""] ?? wait.uploader.lastTicket
+            outcome = .awaitRun(handle: handle, wait: wait, timeoutMs: timeoutMs)
+        }
+        return outcome
+    }
+
+    /// A frame this session already holds (a client resending after a reconnect): dropped, and a
+    /// request answered as it was the first time.
+    private func duplicate(_ frame: ClientFrame, nowMs: Int64) -> SessionOutcome {
+        guard frame.op.expectsReply else { return .none }
+        switch replies[frame.seq] {
+        case .reply(let body)?:
+            return .reply(body)
+        case .run(let handle)?:
+            guard let entry = services.registry.entry(handle) else { return .reply([:]) }
+            return .awaitRun(handle: handle, wait: UploadWait(uploader: services.destinations.uploader(entry.destination), ticket: services.destinations.uploader(entry.destination).lastTicket), timeoutMs: Self.startWaitMs)
+        case nil:
+            break
+        }
+        switch frame.op {
+        case .start, .createRun, .artifactOpen, .artifactClose, .sync:
+            return .error(ProtocolError(.invalidState, "Request seq \(frame.seq) ('\(frame.op.name)') was handled already and its reply is no longer kept (the daemon keeps the last \(Self.replyCacheSize)); the client resent it too late. Check the run with run_info.", seq: frame.seq, op: frame.op.name))
+        default:
+            // Queries, flushes, `end` and `attach` give the same answer when asked again.
+            do {
+                let outcome = try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
+                commit()
+                return outcome
+            } catch var error {
+                error.seq = frame.seq
+                error.op = error.op ?? frame.op.name
+                return .error(error)
+            }
+        }
+    }
+
+    /// Keeps the reply of a request whose effects cannot be asked for again.
+    private func remember(_ outcome: SessionOutcome, of frame: ClientFrame) {
+        let reply: SessionRecord.CachedReply
+        switch (frame.op, outcome) {
+        case (.start, .reply(let body)), (.artifactOpen, .reply(let body)), (.artifactClose, .reply(let body)), (.sync, .reply(let body)):
+            reply = .reply(body)
+        case (.start, .awaitRun(let handle, _, _)), (.createRun, .awaitRun(let handle, _, _)):
+            reply = .run(handle: handle)
+        default:
+            return
+        }
+        replies[frame.seq] = reply
+        if replies.count > Self.replyCacheSize, let oldest = replies.keys.min() { replies[oldest] = nil }
+        dirty = true
+    }
+
+    /// Journals this frame's records together with the session's record (when its state changed)
+    /// or its mark, so that a restart restores the session exactly as far as its records go.
+    private func commit() {
+        let records = pending
+        pending.removeAll(keepingCapacity: true)
+        let writeRecord = dirty && !(records.isEmpty && isTrivial && !journaled)
+        guard !records.isEmpty || writeRecord else { return }
+        let tail: JournalEntry = writeRecord ? .session(record) : .sessionMark(id: id, seq: lastSeq)
+        if writeRecord {
+            dirty = false
+            journaled = true
+        }
+        enqueue(groups: records, tail: journaled ? tail : nil)
+    }
+
+    /// Enqueues records per destination in order, the session's tail with its own destination's.
+    private func enqueue(groups records: [(destination: String?, handle: String, record: SinkRecord, completion: Uploader.Completion?)], tail: JournalEntry?) {
+        var start = 0
+        var tailWritten = tail == nil
+        while start < records.count {
+            let destination = records[start].destination
+            var end = start + 1
+            while end < records.count && records[end].destination == destination { end += 1 }
+            let isHome = destination == self.destination && !tailWritten
+            let done = services.destinations.uploader(destination).enqueue(records[start..<end].map { ($0.handle, $0.record, $0.completion) }, tail: isHome ? tail : nil)
+            if isHome { tailWritten = true }
+            noteEnqueued(done, to: destination)
+            start = end
+        }
+        if !tailWritten, let tail {
+            noteEnqueued(services.destinations.uploader(destination).enqueue([], tail: tail), to: destination, records: false)
         }
     }
 
@@ -141,6 +313,7 @@ public final class Session {
             try MLflowRules.validateKey(key, kind: .param)
             try MLflowRules.validateParamValue(value, key: key)
             tracking.trackParam(key: key, value: value)
+            dirty = true
             try syncGlobalParams(nowMs: nowMs)
         case .trackParams(let prefix, let function, let values):
             try MLflowRules.validateKey(prefix + "._func", kind: .param)
@@ -149,21 +322,29 @@ public final class Session {
                 try MLflowRules.validateParamValue(value, key: prefix + "." + key)
             }
             tracking.trackParams(prefix: prefix, function: function, values: values)
+            dirty = true
             try syncGlobalParams(nowMs: nowMs)
         case .resetParams:
             tracking.resetParams()
+            dirty = true
         case .pushContext(let nested, let trackables):
             tracking.pushContext(nested: nested, trackables: trackables)
+            dirty = true
         case .popContext:
             try tracking.popContext()
+            dirty = true
         case .trackable(let id):
             try tracking.registerTrackable(id: id)
+            dirty = true
         case .evaluation(let id, let name, let description):
             try tracking.defineEvaluation(id: id, name: name, description: description)
+            dirty = true
         case .chain(let id, let evaluation, let name):
             try tracking.defineChain(id: id, evaluation: evaluation, name: name)
+            dirty = true
         case .use(let target, let role, let ids, let append):
             try tracking.use(target: target, role: role, ids: ids, append: append)
+            dirty = true
         case .getParams:
             return .reply(["params": .object(tracking.currentParams.mapValues { .string($0) })])
         case .getTrackable(let id):
@@ -287,10 +468,37 @@ public final class Session {
         }
         destination = try services.destinations.resolve(trackingURI: h.trackingURI, credentials: h.credentials, peerUID: peer.uid)
         hello = h
+        dirty = true
         services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
+        let resumed: HelloReply.Resumed? = h.resume.map { _ in .notResumed(reason: notResumedReason ?? "unknown") }
+        return .reply(helloReply(h, resumed: resumed).json)
+    }
+
+    /// Why a `resume` in this connection's `hello` opened a new session instead (set by the handler).
+    public var notResumedReason: String?
+
+    private func helloReply(_ h: Hello, resumed: HelloReply.Resumed?) -> HelloReply {
         let destinationURI = services.destinations.uploader(destination).destination.split(separator: " ").first.map(String.init)
-        let reply = HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: peer.uid, pid: peer.pid, destination: destinationURI)
-        return .reply(reply.json)
+        return HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: peer.uid, pid: peer.pid,
+                          destination: destinationURI, session: id, resumed: resumed)
+    }
+
+    /// A client continues this session on a new connection (`hello` with `resume`): its frames
+    /// after `held` are expected again, its runs are its own again.
+    public func resume(_ h: Hello, seq: UInt64) -> SessionOutcome {
+        guard ProtocolVersion.supported.contains(h.protocolVersion) else { return handle(ClientFrame(seq: seq, op: .hello(h)), nowMs: 0) }
+        do {
+            destination = try services.destinations.resolve(trackingURI: h.trackingURI, credentials: h.credentials, peerUID: peer.uid)
+        } catch var error {
+            error.seq = seq
+            error.op = "hello"
+            return .error(error)
+        }
+        hello = h
+        services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
+        services.registry.reattach(record.runHandles, connection: number, clientPID: peer.pid)
+        services.logger.info("session resumed", metadata: ["session": "\(id)", "held": "\(lastSeq)", "client_pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        return .reply(helloReply(h, resumed: .continued(held: lastSeq)).json)
     }
 
     // MARK: Runs
@@ -314,7 +522,7 @@ public final class Session {
         for (k, v) in extraTags { tags[k] = v }
         var entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
                              ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
-                             connection: connectionID, clientPID: peer.pid)
+                             connection: number, clientPID: peer.pid)
         entry.destination = destination
         entry.systemMetrics = (hello?.systemMetrics ?? true) && Self.systemMetricsWanted(tags) != false
         services.registry.insert(entry)
@@ -325,7 +533,7 @@ public final class Session {
         creation.ownerUID = peer.uid
         creation.clientPID = peer.pid
         let report = reportLater
-        let ticket = enqueue(handle, .createRun(creation), to: destination) { result in
+        enqueue(handle, .createRun(creation), to: destination) { result in
             switch result {
             case .success(let binding?):
                 _ = try? registry.update(handle) { e in
@@ -344,7 +552,8 @@ public final class Session {
         }
         if !params.isEmpty { enqueue(handle, .log(LogBatch(params: params)), to: destination) }
         services.logger.info("run started", metadata: runMetadata(entry))
-        return (entry, ticket)
+        dirty = true
+        return (entry, 0)  // the frame's commit gives the ticket (see `handle`)
     }
 
     /// The tag `armory.system_metrics` (`off`/`false`/`0` turn the daemon's system metrics off).
@@ -370,6 +579,7 @@ public final class Session {
         var extra = tags
         if parent != nil { extra.removeValue(forKey: "mlflow.parentRunId") }  // the uploader adds the bound id
         let (entry, ticket) = createRun(name: name, experiment: "", experimentID: experimentID, parent: parent, tags: extra, params: [:], nowMs: startTime)
+        otherRuns.append(entry.handle)
         let wait = UploadWait(uploader: services.destinations.uploader(entry.destination), ticket: ticket)
         return .awaitRun(handle: entry.handle, wait: wait, timeoutMs: Self.createRunWaitMs)
     }
@@ -472,9 +682,13 @@ public final class Session {
     /// MLflow's `start_run(run_id=…)`: the run becomes RUNNING again and this connection writes it.
     private func attach(runID: String) throws(ProtocolError) -> SessionOutcome {
         let registry = services.registry
-        let connection = connectionID
+        let connection = number
         if let entry = registry.entry(runID: runID) {
             try checkOwner(entry)
+            if !otherRuns.contains(entry.handle) {
+                otherRuns.append(entry.handle)
+                dirty = true
+            }
             let (reply, ticket) = Self.reattach(entry, connection: connection, registry: registry, uploader: services.destinations.uploader(entry.destination))
             if let ticket { lastTickets[entry.destination ?? "", default: 0] = ticket }
             return .reply(reply)
@@ -538,6 +752,14 @@ public final class Session {
     /// Validates a batch, keeps what is valid, and reports the first problem (naming the key).
     private func log(handle: String, batch: LogBatch) throws(ProtocolError) {
         let run = try ownedRun(handle)
+        if handle != lastLoggedRun {
+            // A run attached through a server lookup (answered off this loop) becomes the session's here.
+            if !evaluationRuns.values.contains(handle) && !chainRuns.values.contains(handle) && !otherRuns.contains(handle) {
+                otherRuns.append(handle)
+                dirty = true
+            }
+            lastLoggedRun = handle
+        }
         var valid = LogBatch()
         var firstError: ProtocolError?
         var rejected = 0
@@ -645,33 +867,24 @@ public final class Session {
         if let firstError { throw firstError }
     }
 
-    /// Enqueues the metric-only records of this read burst, per destination in order. The handler
-    /// calls it at the end of every read burst; `handle` before every op that is not one of them.
+    /// Enqueues the metric-only records of this read burst, per destination in order, with the
+    /// session's mark. The handler calls it at the end of every read burst; `handle` before every
+    /// op that is not one of them.
     public func enqueueDeferred() {
         guard !deferredLogs.isEmpty else { return }
-        var start = 0
-        while start < deferredLogs.count {
-            let destination = deferredLogs[start].destination
-            var end = start + 1
-            while end < deferredLogs.count && deferredLogs[end].destination == destination { end += 1 }
-            let done = services.destinations.uploader(destination).enqueue(deferredLogs[start..<end].map { ($0.handle, $0.record, nil) })
-            noteEnqueued(done, to: destination)
-            start = end
-        }
+        enqueue(groups: deferredLogs.map { ($0.destination, $0.handle, $0.record, nil) }, tail: journaled ? .sessionMark(id: id, seq: deferredSeq) : nil)
         deferredLogs.removeAll(keepingCapacity: true)
     }
 
-    private func noteEnqueued(_ done: Uploader.Enqueued, to destination: String?) {
-        lastTickets[destination ?? ""] = done.ticket
+    private func noteEnqueued(_ done: Uploader.Enqueued, to destination: String?, records: Bool = true) {
+        if records { lastTickets[destination ?? ""] = done.ticket }
         lastLSNs[destination ?? ""] = done.lsn
         if done.overloaded { wantsPause = true }
     }
 
-    @discardableResult
-    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) -> UInt64 {
-        let done = services.destinations.uploader(destination).enqueue(handle, record, completion: completion)
-        noteEnqueued(done, to: destination)
-        return done.ticket
+    /// Adds a record to the frame being handled (journaled and queued by `commit`).
+    private func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?, completion: Uploader.Completion? = nil) {
+        pending.append((destination, handle, record, completion))
     }
 
     // MARK: Artifacts
@@ -687,10 +900,12 @@ public final class Session {
             throw ProtocolError(.internalError, "The daemon cannot create a spool file in \(services.spoolDirectory): \(String(cString: strerror(errno))).")
         }
         artifacts[id] = OpenArtifact(handle: run.handle, destination: run.destination, path: path, spoolPath: spoolPath, fd: fd, bytes: 0)
+        dirty = true
         return ["artifact": .int(id)]
     }
 
     private func writeChunk(artifact id: Int64, data: [UInt8]) throws(ProtocolError) {
+        if interruptedArtifacts.contains(id) { return }  // its close asks for it again
         guard var artifact = artifacts[id] else {
             throw ProtocolError(.unknownHandle, "Unknown artifact id \(id): open it with artifact_open first.")
         }
@@ -710,6 +925,10 @@ public final class Session {
     }
 
     private func closeArtifact(_ id: Int64) throws(ProtocolError) -> JSONObject {
+        if interruptedArtifacts.remove(id) != nil {
+            dirty = true
+            throw ProtocolError(.artifactInterrupted, "The daemon restarted while artifact \(id) was being sent, and its partial copy is gone: send it again from its first chunk (the client libraries do this by themselves).")
+        }
         guard let artifact = artifacts.removeValue(forKey: id) else {
             throw ProtocolError(.unknownHandle, "Unknown artifact id \(id): open it with artifact_open first.")
         }
@@ -721,6 +940,7 @@ public final class Session {
             throw ProtocolError(.internalError, "Saving artifact '\(artifact.path)' to the spool failed: \(reason). The artifact was discarded; free disk space and send it again.")
         }
         close(artifact.fd)
+        dirty = true
         let report = reportLater
         enqueue(artifact.handle, .artifact(path: artifact.path, spoolPath: artifact.spoolPath), to: artifact.destination) { result in
             if case .failure(var error) = result {
@@ -739,12 +959,19 @@ public final class Session {
 
     // MARK: Lifecycle
 
-    /// The connection is gone: drop half-sent artifacts, detach its runs; returns the handles of
-    /// runs left running (the daemon ends them FAILED after the grace period unless reattached).
+    /// The connection is gone: the session waits, detached, for its client to resume it. Its
+    /// runs are detached; returns the handles of those left running.
     public func connectionClosed() -> [String] {
         enqueueDeferred()
-        for id in Array(artifacts.keys) { discard(id) }
         services.statistics.disconnected(connectionID)
-        return services.registry.detach(connection: connectionID)
+        reportLater = { _ in }
+        return services.registry.detach(connection: number)
+    }
+
+    /// Nobody resumed the session within the grace period: half-sent artifacts are dropped, and
+    /// its end is journaled (its runs end FAILED separately).
+    public func expire() {
+        for id in Array(artifacts.keys) { discard(id) }
+        if journaled { services.destinations.uploader(destination).enqueue([], tail: .sessionEnd(id: id)) }
     }
 }
