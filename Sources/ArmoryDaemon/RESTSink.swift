@@ -9,7 +9,25 @@ public final class RESTSink: RecordSink {
     private let client: MLflowRESTClient
     private let experiments = Mutex<[String: String]>([:])
     private let artifactURIs = Mutex<[String: String]>([:])
+    /// Runs whose records a restart replays, and the points the server already holds per
+    /// `run\0key` (read once, on the first replayed batch of that key).
+    private let replay = Mutex<(runs: Set<String>, stored: [String: Set<StoredPoint>], since: ContinuousClock.Instant)>(([], [:], .now))
+    /// A request the previous daemon had in flight may still be applied by the server after it
+    /// died: what the server holds is read no sooner than this after the restart.
+    static let replaySettle: Duration = .seconds(2)
     public let concurrency: Int
+
+    /// A metric point as the server stores it (what makes a re-sent one an exact duplicate).
+    private struct StoredPoint: Hashable {
+        var step: Int64
+        var timestamp: Int64
+        var value: UInt64
+        init(_ m: MetricPoint) {
+            step = m.step
+            timestamp = m.timestamp
+            value = m.value.isNaN ? Double.nan.bitPattern : m.value.bitPattern
+        }
+    }
 
     public init(destination: MLflowDestination, concurrency: Int = 4, requestTimeoutSeconds: Double = 30) throws(ProtocolError) {
         do { client = try MLflowRESTClient(destination: destination, requestTimeoutSeconds: requestTimeoutSeconds) } catch {
@@ -39,10 +57,15 @@ public final class RESTSink: RecordSink {
                 let run = try await client.createRun(experimentID: experimentID, runName: c.name, startTime: c.startTime, userID: c.userID, tags: tags)
                 artifactURIs.withLock { $0[run.runID] = run.artifactURI }
                 return .created(runID: run.runID, experimentID: experimentID)
-            case .log(let runID, let batch):
+            case .log(let runID, var batch):
+                if !batch.metrics.isEmpty, replay.withLock({ $0.runs.contains(runID) }) {
+                    batch.metrics = try await unstored(batch.metrics, of: runID)
+                    if batch.isEmpty { return .applied }
+                }
                 try await client.logBatch(runID, batch)
             case .updateRun(let runID, let status, let endTime):
                 try await client.updateRun(runID, status: status, endTime: endTime)
+                if status.isTerminal { replay.withLock { _ = $0.runs.remove(runID) } }
             case .artifact(let runID, let path, let spoolPath):
                 var uri = artifactURIs.withLock { $0[runID] }
                 if uri == nil {
@@ -60,6 +83,29 @@ public final class RESTSink: RecordSink {
             if error.isRetryable { return .retry(after: error.retryAfter, reason: error.description) }
             if case .artifact(_, _, let spoolPath) = operation { try? FileManager.default.removeItem(atPath: spoolPath) }
             return .rejected(Self.translate(error))
+        }
+    }
+
+    /// After a restart, the journal's unsettled records may have reached the server before the
+    /// daemon stopped (a kill -9 leaves no time to record it): points the server holds are not
+    /// sent again, so every point is uploaded exactly once.
+    public func replaying(runIDs: Set<String>) {
+        replay.withLock {
+            $0.runs.formUnion(runIDs)
+            $0.since = .now
+        }
+    }
+
+    private func unstored(_ metrics: [MetricPoint], of runID: String) async throws(MLflowError) -> [MetricPoint] {
+        var keys: [String] = []
+        for m in metrics where !keys.contains(m.key) { keys.append(m.key) }
+        for key in keys where replay.withLock({ $0.stored[runID + "\0" + key] }) == nil {
+            try? await Task.sleep(until: replay.withLock { $0.since } + Self.replaySettle)
+            let history = Set(try await client.metricHistory(runID, key: key).map(StoredPoint.init))
+            replay.withLock { $0.stored[runID + "\0" + key] = history }
+        }
+        return replay.withLock { state in
+            metrics.filter { state.stored[runID + "\0" + $0.key]?.contains(StoredPoint($0)) != true }
         }
     }
 

@@ -2,6 +2,7 @@
 except those it is told to answer with a fault (503 + Retry-After, 500, a hang), and it can stop
 listening for a while (connection refused). It counts what it forwarded, so tests can check that
 nothing was sent twice (MLflow drops exact duplicate metrics silently)."""
+import collections
 import http.client
 import json
 import socket
@@ -17,6 +18,7 @@ class FaultProxy:
         self.faults = []          # list of (path_fragment, action) consumed in order; action: ("status", code, retry_after) | ("hang", seconds)
         self.forwarded = {}       # path -> count of forwarded requests answered 2xx
         self.metrics_forwarded = 0
+        self.points = collections.Counter()  # (run_id, key, step, timestamp) -> times forwarded
         self.faults_served = 0
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -93,7 +95,10 @@ class FaultProxy:
         with self.lock:
             self.forwarded[key] = self.forwarded.get(key, 0) + 1
             if key.endswith("runs/log-batch"):
-                self.metrics_forwarded += len(json.loads(body).get("metrics", []))
+                batch = json.loads(body)
+                self.metrics_forwarded += len(batch.get("metrics", []))
+                for m in batch.get("metrics", []):
+                    self.points[(batch.get("run_id"), m["key"], int(m.get("step", 0)), int(m["timestamp"]))] += 1
 
     def close(self):
         try:

@@ -1,0 +1,225 @@
+"""Sessions outlive connections: evaluations streaming through `armory_track` while the daemon is
+restarted (SIGTERM, then kill -9) all exit 0 with their runs FINISHED, every metric point lands
+exactly once (counted at a proxy in front of the real MLflow server, and as lines of the local
+store's files) and every artifact is byte-identical. Then the edges: a resume of an unknown
+session, another uid's resume, garbage in `resume`, a re-sent request, a daemon that never comes
+back."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import Daemon, RawClient
+
+HERE = Path(__file__).resolve().parent
+POINTS = 20000
+
+
+def start_clients(daemon, workdir: Path, count: int, artifact_mb: float, env_extra=None):
+    env = dict(daemon.env(), **(env_extra or {}))
+    procs = []
+    for i in range(count):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE / "resume_client.py"), "--name", f"c{i}", "--points", str(POINTS), "--seconds", "8",
+             "--artifact-mb", str(artifact_mb), "--workdir", str(workdir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    return procs
+
+
+def restart(daemon: Daemon, how: str, env=None, args=()) -> Daemon:
+    if how == "kill":
+        daemon.proc.kill()
+        daemon.proc.wait()
+        daemon.log.close()
+    else:
+        assert daemon.stop() == 0
+    return Daemon(daemon.home, env=env, args=args)
+
+
+def finish(procs):
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, f"client failed ({p.returncode}): {err[-3000:]}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args=()):
+    """Clients stream; the daemon gets SIGTERM + restart, then kill -9 + restart, mid-stream."""
+    procs = start_clients(daemon, tmp_path, count, artifact_mb)
+    time.sleep(2.5)
+    daemon = restart(daemon, "term", env=env, args=args)
+    time.sleep(2.5)
+    daemon = restart(daemon, "kill", env=env, args=args)
+    return daemon, finish(procs)
+
+
+def test_restarts_under_load_on_the_local_store_lose_and_double_nothing(tmp_path):
+    daemon = Daemon(tmp_path / "home")
+    try:
+        daemon, results = stream_through_restarts(daemon, tmp_path, count=6, artifact_mb=20)
+        assert daemon.stop() == 0
+        client = MlflowClient(tracking_uri=daemon.store_uri)
+        for r in results:
+            chain, parent = client.get_run(r["chain"]), client.get_run(r["parent"])
+            assert (chain.info.status, parent.info.status) == ("FINISHED", "FINISHED")
+            run_dir = Path(chain.info.artifact_uri.removeprefix("file://")).parent
+            lines = (run_dir / "metrics" / "loss").read_text().splitlines()
+            assert len(lines) == POINTS, "the file writer doubled or lost lines"
+            assert sorted(int(line.split()[2]) for line in lines) == list(range(POINTS))
+            assert chain.data.params["batch_size"] == "16" and chain.data.tags["phase"] == "streaming"
+            names = [a.path for a in client.list_artifacts(r["chain"])]
+            (name,) = [n for n in names if n.endswith(".bin")]
+            data = (run_dir / "artifacts" / name).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == r["sha256"]
+    finally:
+        daemon.stop()
+
+
+def test_restarts_under_load_into_a_server_land_every_point_exactly_once(tmp_path, mlflow_server):
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(mlflow_server.port)
+    env = {"MLFLOW_TRACKING_URI": proxy.url}
+    daemon = Daemon(tmp_path / "home", env=env)
+    try:
+        daemon, results = stream_through_restarts(daemon, tmp_path, count=4, artifact_mb=2, env=env)
+        deadline = time.time() + 120
+        while daemon.status()["pending_records"] and time.time() < deadline:
+            time.sleep(0.5)
+        client = MlflowClient(tracking_uri=mlflow_server.url)
+        for r in results:
+            chain = client.get_run(r["chain"])
+            assert chain.info.status == "FINISHED" and client.get_run(r["parent"]).info.status == "FINISHED"
+            history = client.get_metric_history(r["chain"], "loss")
+            assert sorted(m.step for m in history) == list(range(POINTS))
+            sent = {k: n for k, n in proxy.points.items() if k[0] == r["chain"] and k[1] == "loss"}
+            twice = sorted(k[2] for k, n in sent.items() if n > 1)
+            assert len(sent) == POINTS and not twice, f"points reached the server twice: steps {twice[:5]}..{twice[-5:]} ({len(twice)})"
+            (tmp_path / r["chain"]).mkdir()
+            local = client.download_artifacts(r["chain"], "", str(tmp_path / r["chain"]))
+            (path,) = list(Path(local).rglob("*.bin"))
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == r["sha256"]
+    finally:
+        daemon.stop()
+        proxy.close()
+
+
+def test_a_resent_request_is_answered_as_the_first_time_and_resent_frames_are_dropped(daemon):
+    c = RawClient(daemon.socket)
+    hello = c.hello()
+    session = hello["session"]
+    assert len(session) == 32 and "resumed" not in hello
+    c.send("evaluation", id=1, name="resend")
+    c.send("chain", id=2, evaluation=1, name="c")
+    first = c.request("start", chain=2)
+    c.send("log", run=first["handle"], metrics=[["m", 1.0, 0, 1795400000000]])
+    c.request("flush", wait="durable", timeout_ms=5000)
+    c.close()
+
+    again = RawClient(daemon.socket)
+    again.seq = 100
+    reply = again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 3})
+    assert reply["resumed"] is True and reply["session"] == session and reply["held"] == 6
+    # The client resends seq 4 (start) and 5 (log): the same run, and the metric is not logged twice.
+    again.seq = 3
+    assert again.request("start", chain=2)["handle"] == first["handle"]
+    again.send("log", run=first["handle"], metrics=[["m", 1.0, 0, 1795400000000]])
+    again.seq = 101
+    again.request("end", chain=2, status="FINISHED")
+    again.request("end", evaluation=1, status="FINISHED")
+    assert again.request("flush", wait="uploaded", timeout_ms=10000)["complete"]
+    history = MlflowClient(tracking_uri=daemon.store_uri).get_metric_history(first["run_id"], "m")
+    assert len(history) == 1
+    run_dir = next(daemon.store.glob(f"*/{first['run_id']}"))
+    assert len((run_dir / "metrics" / "m").read_text().splitlines()) == 1
+
+
+def test_unknown_session_and_garbage_in_resume(daemon):
+    c = RawClient(daemon.socket)
+    reply = c.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": "0" * 32, "acked": 0})
+    assert reply["resumed"] is False and "expired or unknown" in reply["reason"]
+    assert reply["session"] != "0" * 32  # a new session: the client says its old one is gone
+    for garbage in ({"session": "not-a-session"}, "abc", {"session": 5}, {"session": "a" * 32, "acked": -1}):
+        g = RawClient(daemon.socket)
+        with pytest.raises(RuntimeError, match="BAD_REQUEST"):
+            g.request("hello", protocol=1, client="pytest", program=__file__, resume=garbage)
+        g.close()
+
+
+RESUME_AS_NOBODY = r'''
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+payload = json.dumps({"op": "hello", "seq": 1, "protocol": 1, "client": "nobody", "program": "x",
+                      "resume": {"session": sys.argv[2], "acked": 0}}).encode()
+s.sendall(struct.pack(">I", len(payload)) + payload)
+buffer = b""
+while len(buffer) < 4 or len(buffer) < 4 + struct.unpack(">I", buffer[:4])[0]:
+    buffer += s.recv(65536)
+print(buffer[4:4 + struct.unpack(">I", buffer[:4])[0]].decode())
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another uid")
+def test_another_uid_cannot_resume_a_session():
+    shared = tempfile.mkdtemp(prefix="armory-resume-")
+    os.chmod(shared, 0o755)
+    d = Daemon(Path(shared), args=("--socket-mode", "666"))
+    try:
+        c = RawClient(d.socket)
+        session = c.hello()["session"]
+        c.send("evaluation", id=1, name="mine")
+        c.close()
+        out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", RESUME_AS_NOBODY,
+                              d.socket, session], capture_output=True, text=True, timeout=30)
+        reply = json.loads(out.stdout)
+        assert reply["op"] == "error" and reply["code"] == "PERMISSION_DENIED", reply
+        # The owner still resumes it.
+        again = RawClient(d.socket)
+        assert again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 0})["resumed"] is True
+    finally:
+        d.stop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+GIVES_UP = r'''
+import sys, time
+from armory_track import Evaluation
+evaluation = Evaluation("gives-up")
+with evaluation.add_chain("c") as chain:
+    pass
+evaluation.start()
+chain.start()
+print("started", flush=True)
+sys.stdin.readline()  # the daemon is stopped now
+started = time.monotonic()
+for step in range(100):
+    chain.log_metric("m", 1.0, step=step)  # returns at once while the daemon is away
+try:
+    chain.end()
+except ConnectionError as e:
+    print(f"{time.monotonic() - started:.1f}|{e}", flush=True)
+'''
+
+
+def test_a_client_whose_daemon_never_comes_back_raises_within_its_budget(daemon):
+    p = subprocess.Popen([sys.executable, "-c", GIVES_UP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(daemon.env(), ARMORY_RECONNECT_SECONDS="3"))
+    assert p.stdout.readline().strip() == "started"
+    daemon.stop()
+    p.stdin.write("\n")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=60)
+    seconds, message = out.strip().split("|", 1)
+    assert float(seconds) < 10, out
+    assert "did not come back within ARMORY_RECONNECT_SECONDS=3 s" in message and "were not delivered" in message, message
