@@ -81,6 +81,9 @@ public struct FrameDecoder: Sendable {
     /// Bytes received but not yet returned as a frame (a truncated frame at end of stream).
     public var bufferedByteCount: Int { buffer.count - readIndex }
 
+    /// Those bytes (to hand a stream over to another decoder).
+    public var remainingBytes: [UInt8] { Array(buffer[readIndex...]) }
+
     public mutating func feed<C: Collection<UInt8>>(_ bytes: C) {
         if readIndex > 0 && readIndex == buffer.count {
             buffer.removeAll(keepingCapacity: true)

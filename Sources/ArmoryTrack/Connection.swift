@@ -41,12 +41,32 @@ public enum ArmoryError: Error, CustomStringConvertible, Equatable {
 /// buffer), acks, errors and replies in through a reader thread.
 ///
 /// Thread-safe. Fire-and-forget ops never wait for the daemon; requests wait for their reply.
+///
+/// The session outlives the socket: every frame written is kept until the daemon acknowledges
+/// it. When the connection breaks (a daemon restart, an upgrade, the watchdog), a reconnect
+/// thread connects again for up to `ARMORY_RECONNECT_SECONDS` (default 300), resumes the
+/// session and resends what the daemon does not hold; calls meanwhile go on (requests wait). At
+/// most `ARMORY_RETAIN_BYTES` (default 64 MiB) are kept: past it, callers wait for acks.
 public final class Connection: @unchecked Sendable {
-    public let socketPath: String
+    public private(set) var socketPath: String
     public private(set) var helloReply: HelloReply!
 
-    private let fd: Int32
+    private var fd: Int32
     private let condition = NSCondition()
+    /// Written frames kept until acked: (seq of the last frame in them, bytes), in order.
+    private var retained: [(last: UInt64, bytes: [UInt8])] = []
+    private var retainedBytes = 0
+    /// Frames of requests still waiting for their reply (resent after a resume if the daemon
+    /// held them but its reply was lost).
+    private var requestFrames: [UInt64: [UInt8]] = [:]
+    private var reconnecting = false
+    private var hello: Hello!
+    private let explicitPath: String?
+    private let environment: [String: String]
+    private let maxRetainedBytes: Int
+    private let reconnectSeconds: Double
+    /// How many times the session was resumed on a new connection.
+    public private(set) var resumes = 0
     // Everything below is guarded by `condition`.
     private var output = JSONWriter(capacity: 64 * 1024)
     private var nextSeq: UInt64 = 1
@@ -77,7 +97,14 @@ public final class Connection: @unchecked Sendable {
         }
         self.fd = fd
         self.socketPath = path
-        startThreads()
+        self.explicitPath = socketPath
+        self.environment = environment
+        self.maxRetainedBytes = environment["ARMORY_RETAIN_BYTES"].flatMap(Int.init) ?? 64 << 20
+        self.reconnectSeconds = environment["ARMORY_RECONNECT_SECONDS"].flatMap(Double.init) ?? 300
+        let writer = Thread { [self] in writeLoop() }
+        writer.name = "armory-writer"
+        writer.start()
+        startReader(fd: fd, leftover: [])
         let absoluteProgram = program.hasPrefix("/") || program.isEmpty ? program : FileManager.default.currentDirectoryPath + "/" + program
         // The process's own MLflow destination and credentials (`ARMORY_TRACKING_URI`, else
         // `MLFLOW_TRACKING_URI`): the daemon writes this process's runs there, keeping them in
@@ -85,10 +112,14 @@ public final class Connection: @unchecked Sendable {
         let hello = Hello(client: client, clientVersion: ArmoryTrackVersion.current, program: absoluteProgram,
                           trackingURI: [environment["ARMORY_TRACKING_URI"], environment["MLFLOW_TRACKING_URI"]].compactMap { $0 }.first { !$0.isEmpty },
                           credentials: MLflowCredentials.resolve(environment: environment))
+        self.hello = hello
         let body = try request(.hello(hello), timeout: 10)
         guard let reply = HelloReply(json: body) else { throw .protocolViolation("armoryd sent an unreadable hello reply.") }
         helloReply = reply
     }
+
+    /// The session this connection carries (what a resume names).
+    public var session: String? { helloReply?.session }
 
     deinit {
         shutdown(fd, Int32(SHUT_RDWR))
@@ -127,11 +158,8 @@ public final class Connection: @unchecked Sendable {
         init(_ description: String) { self.description = description }
     }
 
-    private func startThreads() {
-        let writer = Thread { [self] in writeLoop() }
-        writer.name = "armory-writer"
-        writer.start()
-        let reader = Thread { [self] in readLoop() }
+    private func startReader(fd: Int32, leftover: [UInt8]) {
+        let reader = Thread { [self] in readLoop(fd: fd, leftover: leftover) }
         reader.name = "armory-reader"
         reader.start()
     }
@@ -144,14 +172,20 @@ public final class Connection: @unchecked Sendable {
     func send(awaitingReply: Bool = false, _ encode: (inout JSONWriter, UInt64) -> Void) -> UInt64 {
         condition.lock()
         defer { condition.unlock() }
-        while output.bytes.count > maxBufferedBytes && closedReason == nil { condition.wait() }
+        while closedReason == nil && !output.bytes.isEmpty
+            && (output.bytes.count > maxBufferedBytes || retainedBytes + output.bytes.count > maxRetainedBytes) {
+            condition.wait()
+        }
         let seq = nextSeq
         nextSeq += 1
-        if awaitingReply { awaited.insert(seq) }
         let start = output.bytes.count
         output.bytes.append(contentsOf: [0, 0, 0, 0])
         encode(&output, seq)
         Frame.patchHeader(length: output.bytes.count - start - 4, in: &output.bytes, at: start)
+        if awaitingReply {
+            awaited.insert(seq)
+            requestFrames[seq] = Array(output.bytes[start...])
+        }
         if writerIdle { condition.broadcast() }
         return seq
     }
@@ -177,17 +211,18 @@ public final class Connection: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         let deadline = Date(timeIntervalSinceNow: timeout)
+        defer {
+            awaited.remove(seq)
+            requestFrames[seq] = nil
+        }
         while replies[seq] == nil {
-            if let reason = closedReason {
-                awaited.remove(seq)
-                throw .disconnected(reason)
-            }
-            if !condition.wait(until: deadline) && replies[seq] == nil {
-                awaited.remove(seq)
+            if let reason = closedReason { throw .disconnected(reason) }
+            // While the daemon is away, a request waits within the reconnect budget instead.
+            if !condition.wait(until: reconnecting ? Date(timeIntervalSinceNow: 0.5) : deadline) && replies[seq] == nil && !reconnecting
+                && Date() >= deadline {
                 throw .timedOut("armoryd did not answer '\(what)' within \(timeout) s (socket \(socketPath)).")
             }
         }
-        awaited.remove(seq)
         switch replies.removeValue(forKey: seq)! {
         case .success(let body): return body
         case .failure(let error): throw .rejected(error)
@@ -222,7 +257,7 @@ public final class Connection: @unchecked Sendable {
         var pending = JSONWriter(capacity: 64 * 1024)
         while true {
             condition.lock()
-            while output.bytes.isEmpty && closedReason == nil {
+            while (output.bytes.isEmpty || reconnecting) && closedReason == nil {
                 writerIdle = true
                 condition.wait()
             }
@@ -232,35 +267,50 @@ public final class Connection: @unchecked Sendable {
                 return
             }
             swap(&pending, &output)
+            retained.append((nextSeq - 1, pending.bytes))
+            retainedBytes += pending.bytes.count
+            let fd = fd
             condition.broadcast()  // wake senders waiting for buffer space
             condition.unlock()
 
-            var offset = 0
-            let count = pending.bytes.count
-            while offset < count {
-                let n = pending.bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, count - offset) }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    markClosed("writing to armoryd failed: \(String(cString: strerror(errno)))")
-                    return
-                }
-                offset += n
+            if let failure = Self.writeAll(fd, pending.bytes) {
+                lost(fd: fd, reason: "writing to armoryd failed: \(failure)")
             }
             pending.bytes.removeAll(keepingCapacity: true)
         }
     }
 
-    private func readLoop() {
+    /// Writes everything; the failure's description, if any.
+    private static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> String? {
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, bytes.count - offset) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                return String(cString: strerror(errno))
+            }
+            offset += n
+        }
+        return nil
+    }
+
+    private func readLoop(fd: Int32, leftover: [UInt8]) {
         var decoder = FrameDecoder()
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+        var first = leftover
         while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 {
-                markClosed(n == 0 ? "armoryd closed the connection (socket \(socketPath))." : "reading from armoryd failed: \(String(cString: strerror(errno))).")
-                return
+            if first.isEmpty {
+                let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    lost(fd: fd, reason: n == 0 ? "armoryd closed the connection (socket \(socketPath))." : "reading from armoryd failed: \(String(cString: strerror(errno))).")
+                    return
+                }
+                decoder.feed(buffer[0..<n])
+            } else {
+                decoder.feed(first[...])
+                first = []
             }
-            decoder.feed(buffer[0..<n])
             while true {
                 switch decoder.next() {
                 case .needMoreData:
@@ -288,16 +338,170 @@ public final class Connection: @unchecked Sendable {
         switch message {
         case .ack(let upto):
             ackedUpTo = max(ackedUpTo, upto)
+            let released = retained.prefix { $0.last <= ackedUpTo }
+            retainedBytes -= released.reduce(0) { $0 + $1.bytes.count }
+            retained.removeFirst(released.count)
         case .reply(let seq, let body):
-            replies[seq] = .success(body)
+            if awaited.contains(seq) { replies[seq] = .success(body) }  // a re-sent request may be answered twice
         case .error(let error):
             if let seq = error.seq, awaited.contains(seq) {
                 replies[seq] = .failure(error)
             } else {
                 deferredErrors.append(error)
             }
+            if error.code == .frameTooLarge || error.code == .unsupportedProtocol { fatal = error.description }
         }
         condition.broadcast()
+    }
+
+    /// An error after which the daemon closes the connection: resending would only repeat it.
+    private var fatal: String?
+
+    // MARK: Resuming
+
+    /// The socket `fd` broke: resume the session on a new one (or close, with no session yet).
+    private func lost(fd lostFD: Int32, reason: String) {
+        condition.lock()
+        guard lostFD == fd, !reconnecting, closedReason == nil else {
+            condition.unlock()
+            return
+        }
+        if helloReply?.session == nil || reconnectSeconds <= 0 || fatal != nil {
+            closedReason = fatal.map { "armoryd closed the connection: \($0)" } ?? reason
+            condition.broadcast()
+            condition.unlock()
+            return
+        }
+        reconnecting = true
+        condition.broadcast()
+        condition.unlock()
+        shutdown(lostFD, Int32(SHUT_RDWR))
+        let thread = Thread { [self] in reconnect(reason: reason) }
+        thread.name = "armory-reconnect"
+        thread.start()
+    }
+
+    /// What a give-up leaves undelivered, for the error (caller holds the lock).
+    private var undelivered: String {
+        "\(nextSeq - 1 - ackedUpTo) frame(s) after seq \(ackedUpTo) (seq \(ackedUpTo + 1)-\(nextSeq - 1), \(retainedBytes + output.bytes.count) bytes) were not delivered"
+    }
+
+    private func reconnect(reason: String) {
+        let deadline = Date(timeIntervalSinceNow: reconnectSeconds)
+        var delay = 0.02
+        var last = reason
+        while true {
+            condition.lock()
+            let closed = closedReason != nil
+            condition.unlock()
+            if closed { return }
+            let candidates = explicitPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }
+            for path in candidates {
+                switch Self.connect(path) {
+                case .success(let newFD):
+                    switch resume(on: newFD, path: path) {
+                    case .done: return
+                    case .retry(let why): last = why
+                    }
+                case .failure(let why): last = "\(path): \(why)"
+                }
+            }
+            if Date() >= deadline {
+                condition.lock()
+                if closedReason == nil {
+                    closedReason = "armoryd did not come back within ARMORY_RECONNECT_SECONDS=\(Int(reconnectSeconds)) s (the connection broke: \(reason); last try: \(last)): \(undelivered). They are lost unless the daemon comes back; restart the evaluation once it runs."
+                }
+                reconnecting = false
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            Thread.sleep(forTimeInterval: delay)
+            delay = min(delay * 2, 0.25)
+        }
+    }
+
+    private enum ResumeOutcome { case done, retry(String) }
+
+    /// Sends `hello` with `resume` on `newFD`, then what the daemon does not hold, in order.
+    private func resume(on newFD: Int32, path: String) -> ResumeOutcome {
+        condition.lock()
+        let helloSeq = nextSeq
+        nextSeq += 1
+        var resuming = hello!
+        resuming.resume = Hello.Resume(session: helloReply.session!, acked: ackedUpTo)
+        condition.unlock()
+        var frame = JSONWriter()
+        frame.bytes.append(contentsOf: [0, 0, 0, 0])
+        frame.write(ClientFrame(seq: helloSeq, op: .hello(resuming)).json)
+        Frame.patchHeader(length: frame.bytes.count - 4, in: &frame.bytes, at: 0)
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        _ = setsockopt(newFD, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        if let failure = Self.writeAll(newFD, frame.bytes) {
+            close(newFD)
+            return .retry("resuming on \(path) failed: \(failure)")
+        }
+        var decoder = FrameDecoder()
+        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+        var reply: DaemonMessage?
+        while reply == nil {
+            let n = buffer.withUnsafeMutableBytes { read(newFD, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                close(newFD)
+                return .retry("resuming on \(path) failed: the daemon did not answer the handshake")
+            }
+            decoder.feed(buffer[0..<n])
+            while case .frame(let payload) = decoder.next() {
+                guard let message = try? DaemonMessage.decode(payload: payload) else { continue }
+                switch message {
+                case .reply(let seq, _) where seq == helloSeq: reply = message
+                case .error(let error) where error.seq == helloSeq: reply = message
+                default: continue
+                }
+                break
+            }
+        }
+        timeout = timeval(tv_sec: 0, tv_usec: 0)
+        _ = setsockopt(newFD, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        guard case .reply(_, let body) = reply!, let answer = HelloReply(json: body), case .continued(let held)? = answer.resumed else {
+            let why: String
+            switch reply! {
+            case .error(let error): why = error.message
+            case .reply(_, let body): why = body["reason"]?.stringValue ?? "unknown"
+            default: why = "unknown"
+            }
+            condition.lock()
+            if closedReason == nil {
+                closedReason = "armoryd no longer holds this process's session \(helloReply.session ?? "") (\(why)): \(undelivered). Its runs end FAILED after the daemon's grace period; run the evaluation again."
+            }
+            reconnecting = false
+            condition.broadcast()
+            condition.unlock()
+            close(newFD)
+            return .done
+        }
+        condition.lock()
+        // Requests the daemon holds whose replies were lost go again (answered as the first time),
+        // then every kept frame after what it holds.
+        var resend = requestFrames.filter { $0.key <= held }.sorted { $0.key < $1.key }.flatMap(\.value)
+        for chunk in retained where chunk.last > held { resend.append(contentsOf: chunk.bytes) }
+        condition.unlock()
+        if let failure = Self.writeAll(newFD, resend) {
+            close(newFD)
+            return .retry("resending on \(path) failed: \(failure)")
+        }
+        condition.lock()
+        let old = fd
+        fd = newFD
+        socketPath = path
+        reconnecting = false
+        resumes += 1
+        condition.broadcast()
+        condition.unlock()
+        close(old)
+        startReader(fd: newFD, leftover: decoder.remainingBytes)
+        return .done
     }
 
     private func markClosed(_ reason: String) {
@@ -310,6 +514,9 @@ public final class Connection: @unchecked Sendable {
     /// Closes the connection (the daemon keeps everything it acknowledged).
     public func disconnect() {
         markClosed("the connection was closed by the client.")
+        condition.lock()
+        let fd = fd
+        condition.unlock()
         shutdown(fd, Int32(SHUT_RDWR))
     }
 }

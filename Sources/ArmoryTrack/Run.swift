@@ -94,8 +94,9 @@ public final class Run: Sendable {
             throw .rejected(ProtocolError(.notFound, "Cannot read artifact file \(localPath).", op: "artifact_open"))
         }
         defer { try? file.close() }
-        return try sendArtifact(path: target) { () -> [UInt8]? in
-            let chunk = file.readData(ofLength: tracker.connection.helloReply.limits.maxChunkBytes)
+        let chunkSize = tracker.connection.helloReply.limits.maxChunkBytes
+        return try sendArtifact(path: target, rewind: { try? file.seek(toOffset: 0) }) { () -> [UInt8]? in
+            let chunk = file.readData(ofLength: chunkSize)
             return chunk.isEmpty ? nil : Array(chunk)
         }
     }
@@ -117,7 +118,7 @@ public final class Run: Sendable {
     public func logBytes(_ bytes: [UInt8], artifactFile: String) throws(ArmoryError) -> Int {
         let chunkSize = tracker.connection.helloReply.limits.maxChunkBytes
         var offset = 0
-        return try sendArtifact(path: artifactFile) { () -> [UInt8]? in
+        return try sendArtifact(path: artifactFile, rewind: { offset = 0 }) { () -> [UInt8]? in
             guard offset < bytes.count else { return nil }
             let end = min(bytes.count, offset + chunkSize)
             defer { offset = end }
@@ -125,16 +126,24 @@ public final class Run: Sendable {
         }
     }
 
-    private func sendArtifact(path: String, nextChunk: () -> [UInt8]?) throws(ArmoryError) -> Int {
+    /// Streams an artifact; sent again from its first chunk (after `rewind`) when the daemon
+    /// restarted mid-way (`ARTIFACT_INTERRUPTED`: its partial copy did not survive).
+    private func sendArtifact(path: String, rewind: () -> Void, nextChunk: () -> [UInt8]?) throws(ArmoryError) -> Int {
         let connection = tracker.connection
-        guard let artifact = try connection.request(.artifactOpen(run: handle, path: path))["artifact"]?.intValue else {
-            throw .protocolViolation("armoryd's artifact_open reply has no artifact id.")
+        while true {
+            guard let artifact = try connection.request(.artifactOpen(run: handle, path: path))["artifact"]?.intValue else {
+                throw .protocolViolation("armoryd's artifact_open reply has no artifact id.")
+            }
+            while let chunk = nextChunk() {
+                connection.send(.artifactChunk(artifact: artifact, data: chunk))
+            }
+            do {
+                let reply = try connection.request(.artifactClose(artifact: artifact), timeout: 300)
+                return Int(reply["bytes"]?.intValue ?? 0)
+            } catch .rejected(let error) where error.code == .artifactInterrupted {
+                rewind()
+            }
         }
-        while let chunk = nextChunk() {
-            connection.send(.artifactChunk(artifact: artifact, data: chunk))
-        }
-        let reply = try connection.request(.artifactClose(artifact: artifact))
-        return Int(reply["bytes"]?.intValue ?? 0)
     }
 
     /// Ends this run (for attached runs; chains and evaluations end through their own `end`).

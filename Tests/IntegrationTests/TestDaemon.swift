@@ -15,8 +15,9 @@ final class TestDaemon: Sendable {
     private let group: ServiceGroup
     private let task: Task<Void, Error>
 
-    init(orphanGrace: Double = 60) async throws {
-        let directory = "/tmp/armoryd-test-" + String(UUID().uuidString.prefix(8))
+    /// `directory`: a previous daemon's (a restart), else a new one.
+    init(orphanGrace: Double = 60, directory: String? = nil) async throws {
+        let directory = directory ?? "/tmp/armoryd-test-" + String(UUID().uuidString.prefix(8))
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         self.directory = directory
         socketPath = directory + "/d.sock"
@@ -42,10 +43,11 @@ final class TestDaemon: Sendable {
 
     var storeRoot: String { directory + "/mlruns" }
 
-    func stop() async throws {
+    /// Stops the daemon; `keepState` leaves its directory for a restart.
+    func stop(keepState: Bool = false) async throws {
         await group.triggerGracefulShutdown()
         try await task.value
-        try? FileManager.default.removeItem(atPath: directory)
+        if !keepState { try? FileManager.default.removeItem(atPath: directory) }
     }
 
     /// Files under the store whose path ends with `suffix`.
