@@ -33,9 +33,9 @@ final class SessionHarness {
     /// Sends an op as a read burst of its own (as the channel handler does at the end of a burst,
     /// the burst's metric records are then enqueued) and resolves deferred outcomes.
     @discardableResult
-    func send(_ session: Session, _ op: ClientOp) -> Result<JSONObject, ProtocolError>? {
-        let seq = (seqs[session.connectionID] ?? 0) + 1
-        seqs[session.connectionID] = seq
+    func send(_ session: Session, _ op: ClientOp, seq given: UInt64? = nil) -> Result<JSONObject, ProtocolError>? {
+        let seq = given ?? (seqs[session.connectionID] ?? 0) + 1
+        seqs[session.connectionID] = max(seqs[session.connectionID] ?? 0, seq)
         let outcome = session.handle(ClientFrame(seq: seq, op: op), nowMs: 1_795_400_000_000)
         session.enqueueDeferred()
         switch outcome {
