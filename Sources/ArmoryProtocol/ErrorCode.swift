@@ -6,7 +6,6 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case unknownOp = "UNKNOWN_OP"
     case unsupportedProtocol = "UNSUPPORTED_PROTOCOL"
     case helloRequired = "HELLO_REQUIRED"
-    case badSequence = "BAD_SEQUENCE"
     /// A member that has the right type but says nothing the daemon can act on (e.g. `resume`).
     case badRequest = "BAD_REQUEST"
     case invalidKey = "INVALID_KEY"
