@@ -420,7 +420,11 @@ class Connection:
     def _flush_loop(self) -> None:
         while self._closed is None:
             if self._reconnecting:
-                self._wake.wait(0.1)  # the resume sends what piled up
+                # The resume sends what piled up; meanwhile queued metrics become frames here, so
+                # that no caller formats a backlog itself.
+                with self._lock:
+                    self._move_metrics()
+                self._wake.wait(0.01)
                 self._wake.clear()
                 continue
             if not self._buffer and not self._metrics:

@@ -321,9 +321,7 @@ class ArmorydArtifactRepository(ArtifactRepository):
 
     def log_artifact(self, local_file, artifact_path=None):
         run = DaemonRun({"handle": _Plugin.handle(self.run_id), "run_id": self.run_id, "name": ""})
-        path = self._path(artifact_path, os.path.basename(local_file))
-        with open(local_file, "rb") as f:
-            run._send_artifact(path, iter(lambda: f.read(run._chunk_size()), b""))
+        run.log_artifact(local_file, self._path(artifact_path) or None)
 
     def log_artifacts(self, local_dir, artifact_path=None):
         for root, _, files in os.walk(local_dir):
