@@ -1,5 +1,5 @@
-"""Sessions outlive connections: evaluations streaming through `armory_track` while the daemon is
-restarted (SIGTERM, then kill -9) all exit 0 with their runs FINISHED, every metric point lands
+"""Sessions outlive connections: evaluations streaming through `armory_track` (and unchanged MLflow
+scripts through `armoryd://`) while the daemon is restarted (SIGTERM, then kill -9) all exit 0 with their runs FINISHED, every metric point lands
 exactly once (counted at a proxy in front of the real MLflow server, and as lines of the local
 store's files) and every artifact is byte-identical. Then the edges: a resume of an unknown
 session, another uid's resume, garbage in `resume`, a re-sent request, a daemon that never comes
@@ -53,22 +53,35 @@ def finish(procs):
     return results
 
 
-def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args=()):
+def start_mlflow_scripts(daemon, tmp_path, count: int):
+    """Unchanged MLflow code through `armoryd://`."""
+    env = dict(daemon.env(), MLFLOW_TRACKING_URI="armoryd://", MLFLOW_REGISTRY_URI="file://" + str(tmp_path / "registry"))
+    return [subprocess.Popen([sys.executable, str(HERE / "resume_mlflow_client.py"), "--name", f"m{i}", "--points", str(POINTS), "--seconds", "8"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(count)]
+
+
+def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args=(), mlflow_scripts=0):
     """Clients stream; the daemon gets SIGTERM + restart, then kill -9 + restart, mid-stream."""
     procs = start_clients(daemon, tmp_path, count, artifact_mb)
+    scripts = start_mlflow_scripts(daemon, tmp_path, mlflow_scripts)
     time.sleep(2.5)
     daemon = restart(daemon, "term", env=env, args=args)
     time.sleep(2.5)
     daemon = restart(daemon, "kill", env=env, args=args)
-    return daemon, finish(procs)
+    return daemon, finish(procs), finish(scripts)
 
 
 def test_restarts_under_load_on_the_local_store_lose_and_double_nothing(tmp_path):
     daemon = Daemon(tmp_path / "home")
     try:
-        daemon, results = stream_through_restarts(daemon, tmp_path, count=6, artifact_mb=20)
+        daemon, results, scripts = stream_through_restarts(daemon, tmp_path, count=6, artifact_mb=20, mlflow_scripts=2)
         assert daemon.stop() == 0
         client = MlflowClient(tracking_uri=daemon.store_uri)
+        for r in scripts:
+            run = client.get_run(r["run"])
+            assert run.info.status == "FINISHED" and run.data.params["batch_size"] == "16"
+            lines = (Path(run.info.artifact_uri.removeprefix("file://")).parent / "metrics" / "loss").read_text().splitlines()
+            assert sorted(int(line.split()[2]) for line in lines) == list(range(POINTS))
         for r in results:
             chain, parent = client.get_run(r["chain"]), client.get_run(r["parent"])
             assert (chain.info.status, parent.info.status) == ("FINISHED", "FINISHED")
@@ -92,7 +105,7 @@ def test_restarts_under_load_into_a_server_land_every_point_exactly_once(tmp_pat
     env = {"MLFLOW_TRACKING_URI": proxy.url}
     daemon = Daemon(tmp_path / "home", env=env)
     try:
-        daemon, results = stream_through_restarts(daemon, tmp_path, count=4, artifact_mb=2, env=env)
+        daemon, results, _ = stream_through_restarts(daemon, tmp_path, count=4, artifact_mb=2, env=env)
         deadline = time.time() + 120
         while daemon.status()["pending_records"] and time.time() < deadline:
             time.sleep(0.5)
