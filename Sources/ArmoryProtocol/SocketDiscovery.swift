@@ -1,4 +1,4 @@
-/// Where clients look for the daemon and where the daemon binds (DESIGN.md, "Finding the daemon").
+/// Where clients look for the daemon and where the daemon binds (docs/architecture.md, "Finding the daemon").
 public enum SocketDiscovery {
     public static let systemPath = "/run/armory/armoryd.sock"
 

@@ -79,7 +79,7 @@ public final class Connection: @unchecked Sendable {
     private var lastSent: UInt64 = 0
     private let maxBufferedBytes = 8 << 20
 
-    /// Connects to `socketPath`, or discovers the daemon (DESIGN.md's order), and says hello.
+    /// Connects to `socketPath`, or discovers the daemon (docs/architecture.md, "Finding the daemon"), and says hello.
     public init(socketPath: String? = nil, client: String = "ArmoryTrack", program: String = CommandLine.arguments.first ?? "",
                 environment: [String: String] = ProcessInfo.processInfo.environment) throws(ArmoryError) {
         let candidates = socketPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }

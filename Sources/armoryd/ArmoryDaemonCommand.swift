@@ -136,7 +136,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         }
         let level = try settings.value("log-level", flag: logLevel.flatMap(Logger.Level.init(rawValue:)), default: Logger.Level.info,
                                        what: "a log level (trace, debug, info, notice, warning, error, critical)") { Logger.Level(rawValue: $0) }
-        // DESIGN.md's order: --socket, else $ARMORY_SOCKET, else the socket systemd passed, else
+        // docs/architecture.md, "Finding the daemon": --socket, else $ARMORY_SOCKET, else the socket systemd passed, else
         // the file's, else the per-user or system default.
         let adoptedPath = adopted.map { SocketActivation.boundPath($0.descriptor) ?? "fd \($0.descriptor)" }
         let useAdopted = socket == nil && (environment["ARMORY_SOCKET"] ?? "").isEmpty && adoptedPath != nil

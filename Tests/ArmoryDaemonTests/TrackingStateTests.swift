@@ -2,7 +2,7 @@ import ArmoryDaemon
 import ArmoryProtocol
 import Testing
 
-/// Every rule of DESIGN.md's "Tracking-context semantics" (Armory's `armory.track`), one test each.
+/// Every rule of docs/architecture.md's "Tracking-context semantics" (Armory's `armory.track`), one test each.
 @Suite struct TrackingStateTests {
     @Test func trackParamSetsAKeyInTheCurrentContext() {
         var s = TrackingState()

@@ -4,7 +4,7 @@ import ArmoryProtocol
 /// a stack of param dicts (the bottom one is the global context), a separate stack of trackable
 /// lists, the trackables' recorded params, and the evaluations and chains being configured.
 ///
-/// A plain value type: every rule of DESIGN.md's "Tracking-context semantics" is tested on it
+/// A plain value type: every rule of docs/architecture.md's "Tracking-context semantics" is tested on it
 /// without a socket.
 public struct TrackingState: Sendable, Equatable {
     /// What one pushed context was opened as, so `pop` undoes exactly that.

@@ -48,7 +48,7 @@ class ArmoryError(RuntimeError):
 
 
 def socket_candidates(environ=os.environ) -> List[str]:
-    """DESIGN.md's order: $ARMORY_SOCKET alone when set; else the user socket if it exists; else the system one."""
+    """docs/architecture.md, "Finding the daemon": $ARMORY_SOCKET alone when set; else the user socket if it exists; else the system one."""
     explicit = environ.get("ARMORY_SOCKET")
     if explicit:
         return [explicit]
