@@ -155,7 +155,6 @@ public final class Daemon: Service {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
         let registry = RunRegistry()
         let restored = Mutex<[String]>([])
-        let restoredSessions = Mutex<[SessionRecord]>([])
         let servicesBox = Mutex<DaemonServices?>(nil)
         let timerLoop = group.next()
         let logger = logger
@@ -164,8 +163,10 @@ public final class Daemon: Service {
         }, onExpired: { session, record in
             guard let services = servicesBox.withLock({ $0 }) else { return }
             session?.expire()
-            let id = session?.id ?? record?.id ?? ""
-            for uploader in services.destinations.all { uploader.enqueue([], tail: .sessionEnd(id: id)) }
+            // Its record may be in any destination's journal (a resume may name another one).
+            if let id = session.map({ $0.journaled ? $0.id : nil }) ?? record?.id {
+                for uploader in services.destinations.all { uploader.enqueue([], tail: .sessionEnd(id: id)) }
+            }
             Self.endOrphans(session?.record.runHandles ?? record?.runHandles ?? [], services: services, logger: logger)
         })
         let destinations: Destinations
@@ -177,8 +178,7 @@ public final class Daemon: Service {
                 daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry, onRestoredRuns: { handles in
                 restored.withLock { $0.append(contentsOf: handles) }
             }, onRestoredSessions: { records in
-                // Journals replayed later (a client's credentials arrived) restore their sessions at once.
-                if servicesBox.withLock({ $0 }) != nil { sessions.restore(records) } else { restoredSessions.withLock { $0.append(contentsOf: records) } }
+                sessions.restore(records)
             })
         } catch {
             try? await group.shutdownGracefully()
@@ -188,9 +188,8 @@ public final class Daemon: Service {
                                       socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger,
                                       sessions: sessions)
         servicesBox.withLock { $0 = services }
-        let records = restoredSessions.withLock { $0 }
-        sessions.restore(records)
-        if !records.isEmpty { logger.notice("sessions restored, waiting for their clients", metadata: ["sessions": "\(records.count)", "grace_s": "\(config.orphanGraceSeconds)"]) }
+        let waiting = sessions.counts.waiting
+        if waiting > 0 { logger.notice("sessions restored, waiting for their clients", metadata: ["sessions": "\(waiting)", "grace_s": "\(config.orphanGraceSeconds)"]) }
         removeUnreferencedSpoolFiles(spool, destinations: destinations)
         let recovery = destinations.recoveryReport
         if recovery.records > 0 || recovery.runs > 0 || recovery.corruptRecords > 0 || recovery.truncatedBytes > 0 {
@@ -264,15 +263,7 @@ public final class Daemon: Service {
                         let key = ObjectIdentifier(channel)
                         self.children.withLock { $0[key] = channel }
                         channel.closeFuture.whenComplete { _ in _ = self.children.withLock { $0.removeValue(forKey: key) } }
-                        let loopBound = NIOLoopBound(channel, eventLoop: channel.eventLoop)
-                        let session = Session(connectionID: connection, peer: peer, services: services) { error in
-                            loopBound.eventLoop.execute {
-                                let bytes = DaemonMessage.error(error).encoded
-                                var buffer = loopBound.value.allocator.buffer(capacity: bytes.count)
-                                buffer.writeBytes(bytes)
-                                loopBound.value.writeAndFlush(buffer, promise: nil)
-                            }
-                        }
+                        let session = Session(connectionID: connection, peer: peer, services: services, reportLater: SessionChannelHandler.reporter(for: channel))
                         let handler = SessionChannelHandler(session: session, services: services, logger: logger) { channel.close(promise: nil) }
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameChannelDecoder(maxFrameBytes: config.limits.maxFrameBytes)))
                         try channel.pipeline.syncOperations.addHandler(handler)

@@ -87,6 +87,12 @@ public enum StatusReport {
             "truncated_bytes": .int(Int64(recovery.truncatedBytes)),
             "recovery_s": .double((recovery.seconds * 1000).rounded() / 1000),
         ])
+        let sessions = services.sessions.counts
+        o["sessions"] = .object([
+            "attached": .int(Int64(sessions.attached)),
+            "waiting": .int(Int64(sessions.waiting)),
+            "expired": .int(Int64(sessions.expired)),
+        ])
         o["clients"] = .array(clients.map { c in
             .object([
                 "connection": .int(Int64(c.connection)),

@@ -80,8 +80,9 @@ public final class Connection: @unchecked Sendable {
     private let maxBufferedBytes = 8 << 20
 
     /// Connects to `socketPath`, or discovers the daemon (docs/architecture.md, "Finding the daemon"), and says hello.
+    /// `resumesSession` false: a broken connection is final (admin tools, which fail fast).
     public init(socketPath: String? = nil, client: String = "ArmoryTrack", program: String = CommandLine.arguments.first ?? "",
-                environment: [String: String] = ProcessInfo.processInfo.environment) throws(ArmoryError) {
+                environment: [String: String] = ProcessInfo.processInfo.environment, resumesSession: Bool = true) throws(ArmoryError) {
         let candidates = socketPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }
         var lastReason = "no candidate path"
         var connected: (Int32, String)?
@@ -100,7 +101,7 @@ public final class Connection: @unchecked Sendable {
         self.explicitPath = socketPath
         self.environment = environment
         self.maxRetainedBytes = environment["ARMORY_RETAIN_BYTES"].flatMap(Int.init) ?? 64 << 20
-        self.reconnectSeconds = environment["ARMORY_RECONNECT_SECONDS"].flatMap(Double.init) ?? 300
+        self.reconnectSeconds = resumesSession ? environment["ARMORY_RECONNECT_SECONDS"].flatMap(Double.init) ?? 300 : 0
         let writer = Thread { [self] in writeLoop() }
         writer.name = "armory-writer"
         writer.start()

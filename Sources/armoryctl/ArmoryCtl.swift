@@ -22,10 +22,11 @@ struct ConnectionOptions: ParsableArguments {
     @Flag(help: "Print JSON instead of text.")
     var json = false
 
-    /// Connects, or exits 3 with the reason when no daemon answers.
-    func connect() throws -> Connection {
+    /// Connects, or exits 3 with the reason when no daemon answers. An admin command fails fast
+    /// when the daemon goes away: it does not resume its session.
+    func connect(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> Connection {
         do {
-            return try Connection(socketPath: socket, client: "armoryctl")
+            return try Connection(socketPath: socket, client: "armoryctl", environment: environment, resumesSession: false)
         } catch {
             FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
             throw ExitCode(3)
@@ -85,6 +86,9 @@ enum StatusText {
         row("Clients", "\(clients.count) connected")
         for c in clients {
             lines.append(String(repeating: " ", count: 16) + "pid \(c["pid"]?.intValue ?? 0) uid \(c["uid"]?.intValue ?? 0)  \(c["client"]?.stringValue ?? "")  \(c["program"]?.stringValue ?? "")")
+        }
+        if let waiting = s["sessions"]?["waiting"]?.intValue, waiting > 0 {
+            row("Sessions", "\(waiting) waiting for their clients to resume (after a restart or a broken connection)")
         }
         let runs = s["active_runs"]?.arrayValue ?? []
         row("Active runs", "\(runs.count)")

@@ -112,7 +112,7 @@ extension ArmoryCtl {
 
         /// The running daemon's store, when it writes a local one.
         private func daemonStore() throws -> String? {
-            guard let connection = try? Connection(socketPath: options.socket, client: "armoryctl"),
+            guard let connection = try? Connection(socketPath: options.socket, client: "armoryctl", resumesSession: false),
                   let destination = try? connection.status()["destination"]?.stringValue,
                   destination.hasPrefix("file://") else { return nil }
             return String(destination.dropFirst("file://".count))
@@ -174,6 +174,11 @@ enum PrometheusText {
         metric("up", "gauge", "1 when running, 0 when degraded.", [("", s["state"]?.stringValue == "running" ? 1 : 0)])
         metric("uptime_seconds", "gauge", "Seconds since the daemon started.", [("", number("uptime_s"))])
         metric("clients", "gauge", "Connected clients.", [("", Double(s["clients"]?.arrayValue?.count ?? 0))])
+        let sessions = s["sessions"]
+        metric("sessions_attached", "gauge", "Client sessions carried by a connection.", [("", Double(sessions?["attached"]?.intValue ?? 0))])
+        metric("sessions_waiting", "gauge", "Client sessions waiting for their client to resume them (after a restart or a broken connection).",
+               [("", Double(sessions?["waiting"]?.intValue ?? 0))])
+        metric("sessions_expired_total", "counter", "Sessions nobody resumed within --orphan-grace (their runs ended FAILED).", [("", Double(sessions?["expired"]?.intValue ?? 0))])
         metric("active_runs", "gauge", "Runs not yet ended.", [("", Double(s["active_runs"]?.arrayValue?.count ?? 0))])
         metric("pending_records", "gauge", "Records accepted and not yet uploaded.", [("", number("pending_records"))])
         metric("applied_records_total", "counter", "Records the destinations applied.", [("", number("applied_records"))])

@@ -53,11 +53,7 @@ extension ArmoryCtl {
             // The destination and its credentials travel in hello, as a client's own MLflow server does.
             var environment = ProcessInfo.processInfo.environment
             environment["ARMORY_TRACKING_URI"] = to.map { $0.contains(":") ? $0 : "file://" + Self.absolute($0) }
-            let connection: Connection
-            do { connection = try Connection(socketPath: options.socket, client: "armoryctl", environment: environment) } catch {
-                FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
-                throw ExitCode(3)
-            }
+            let connection = try options.connect(environment: environment)
             let started = try request(.sync(SyncRequest(from: from.map(Self.absolute), experiments: experiments, runs: runs, dryRun: dryRun)), connection: connection)
             guard let id = started["job"]?["id"]?.intValue else { throw ValidationError("armoryd sent no sync job.") }
             let progress = ProgressBar(enabled: !options.json && isatty(STDERR_FILENO) == 1)

@@ -37,7 +37,7 @@ final class SessionHarness {
         let seq = given ?? (seqs[session.connectionID] ?? 0) + 1
         seqs[session.connectionID] = max(seqs[session.connectionID] ?? 0, seq)
         let outcome = session.handle(ClientFrame(seq: seq, op: op), nowMs: 1_795_400_000_000)
-        session.enqueueDeferred()
+        session.commit()
         switch outcome {
         case .none: return nil
         case .reply(let body): return .success(body)

@@ -74,10 +74,11 @@ public final class Session: @unchecked Sendable {
     private var dirty = false
     /// A record of the session is in the journal (its end is then journaled too).
     public private(set) var journaled = false
-    /// Records of the frame being handled, journaled with the session's record or mark.
-    private var pending: [(destination: String?, handle: String, record: SinkRecord, completion: Uploader.Completion?)] = []
-    /// The `seq` of the last metric-only frame in `deferredLogs`.
-    private var deferredSeq: UInt64 = 0
+    /// A record waiting for `commit`, with the destination it goes to.
+    private typealias PendingRecord = (destination: String?, handle: String, record: SinkRecord, completion: Uploader.Completion?)
+    /// Records not yet journaled: the frame's being handled, or a read burst's metric-only frames
+    /// (one pass through the uploader's and the journal's locks instead of one per frame).
+    private var pending: [PendingRecord] = []
     /// The run of the previous `log` frame (already known to be one of the session's).
     private var lastLoggedRun = ""
     /// How many replies a session keeps for re-sent requests.
@@ -97,9 +98,6 @@ public final class Session: @unchecked Sendable {
     private lazy var userName = DaemonServices.userName(uid: peer.uid)
     /// Metrics accepted since the handler last reported them (one statistics update per read burst).
     private var acceptedMetrics: UInt64 = 0
-    /// Metric-only `log` records of this read burst, enqueued together by `enqueueDeferred()`
-    /// (one pass through the uploader's and the journal's locks instead of one per frame).
-    private var deferredLogs: [(destination: String?, handle: String, record: SinkRecord)] = []
 
     /// Metrics accepted since the last call.
     public func takeAcceptedMetrics() -> UInt64 {
@@ -195,7 +193,7 @@ public final class Session: @unchecked Sendable {
         let metricsOnly: Bool
         if case .log(_, let batch) = frame.op, batch.params.isEmpty, batch.tags.isEmpty { metricsOnly = true } else { metricsOnly = false }
         if !metricsOnly {
-            enqueueDeferred()  // every other op sees the records before it in the uploader
+            commit()  // every other op sees the records before it in the uploader
         }
         // `hello` stays outside the session's numbering: a resuming client's hello comes before
         // the frames it resends.
@@ -208,13 +206,11 @@ public final class Session: @unchecked Sendable {
             error.op = error.op ?? frame.op.name
             outcome = .error(error)
         }
-        if metricsOnly {
-            deferredSeq = frame.seq
-            return outcome
-        }
+        if metricsOnly { return outcome }  // committed at the end of the read burst
         remember(outcome, of: frame)
         commit()
-        // A run's creation was just journaled: wait for its own ticket, not an older one.
+        // A run created by this frame: `createRun` could not know its ticket (ticket 0) before
+        // the frame's records were journaled just now; wait for exactly that one.
         if case .awaitRun(let handle, var wait, let timeoutMs) = outcome, wait.ticket == 0 {
             wait.ticket = lastTickets[services.registry.entry(handle)?.destination ?? ""] ?? wait.uploader.lastTicket
             outcome = .awaitRun(handle: handle, wait: wait, timeoutMs: timeoutMs)
@@ -231,7 +227,8 @@ public final class Session: @unchecked Sendable {
             return .reply(body)
         case .run(let handle)?:
             guard let entry = services.registry.entry(handle) else { return .reply([:]) }
-            return .awaitRun(handle: handle, wait: UploadWait(uploader: services.destinations.uploader(entry.destination), ticket: services.destinations.uploader(entry.destination).lastTicket), timeoutMs: Self.startWaitMs)
+            let uploader = services.destinations.uploader(entry.destination)
+            return .awaitRun(handle: handle, wait: UploadWait(uploader: uploader, ticket: uploader.lastTicket), timeoutMs: Self.startWaitMs)
         case nil:
             break
         }
@@ -268,23 +265,24 @@ public final class Session: @unchecked Sendable {
         dirty = true
     }
 
-    /// Journals this frame's records together with the session's record (when its state changed)
-    /// or its mark, so that a restart restores the session exactly as far as its records go.
-    private func commit() {
-        let records = pending
-        pending.removeAll(keepingCapacity: true)
-        let writeRecord = dirty && !(records.isEmpty && isTrivial && !journaled)
-        guard !records.isEmpty || writeRecord else { return }
-        let tail: JournalEntry = writeRecord ? .session(record) : .sessionMark(id: id, seq: lastSeq)
+    /// Journals and queues the pending records together with the session's record (when its state
+    /// changed) or its mark (its `seq`), so that a restart restores the session exactly as far as
+    /// its records go. `handle` calls it before and after every frame that is not metric-only; the
+    /// handler at the end of every read burst and when the connection closes.
+    public func commit() {
+        let writeRecord = dirty && (journaled || !pending.isEmpty || !isTrivial)
+        guard !pending.isEmpty || writeRecord else { return }
         if writeRecord {
             dirty = false
             journaled = true
         }
-        enqueue(groups: records, tail: journaled ? tail : nil)
+        let tail: JournalEntry? = writeRecord ? .session(record) : journaled ? .sessionMark(id: id, seq: lastSeq) : nil
+        enqueue(groups: pending, tail: tail)
+        pending.removeAll(keepingCapacity: true)
     }
 
     /// Enqueues records per destination in order, the session's tail with its own destination's.
-    private func enqueue(groups records: [(destination: String?, handle: String, record: SinkRecord, completion: Uploader.Completion?)], tail: JournalEntry?) {
+    private func enqueue(groups records: [PendingRecord], tail: JournalEntry?) {
         var start = 0
         var tailWritten = tail == nil
         while start < records.count {
@@ -826,7 +824,7 @@ public final class Session: @unchecked Sendable {
         acceptedMetrics &+= UInt64(valid.metrics.count)
         if !valid.isEmpty {
             if valid.params.isEmpty && valid.tags.isEmpty {
-                deferredLogs.append((run.destination, run.handle, .log(valid)))
+                enqueue(run.handle, .log(valid), to: run.destination)
             } else {
                 let report = reportLater
                 enqueue(run.handle, .log(valid), to: run.destination) { result in
@@ -865,15 +863,6 @@ public final class Session: @unchecked Sendable {
             enqueue(handle, .log(LogBatch(params: fresh)), to: entry.destination)
         }
         if let firstError { throw firstError }
-    }
-
-    /// Enqueues the metric-only records of this read burst, per destination in order, with the
-    /// session's mark. The handler calls it at the end of every read burst; `handle` before every
-    /// op that is not one of them.
-    public func enqueueDeferred() {
-        guard !deferredLogs.isEmpty else { return }
-        enqueue(groups: deferredLogs.map { ($0.destination, $0.handle, $0.record, nil) }, tail: journaled ? .sessionMark(id: id, seq: deferredSeq) : nil)
-        deferredLogs.removeAll(keepingCapacity: true)
     }
 
     private func noteEnqueued(_ done: Uploader.Enqueued, to destination: String?, records: Bool = true) {
@@ -962,16 +951,15 @@ public final class Session: @unchecked Sendable {
     /// The connection is gone: the session waits, detached, for its client to resume it. Its
     /// runs are detached; returns the handles of those left running.
     public func connectionClosed() -> [String] {
-        enqueueDeferred()
+        commit()
         services.statistics.disconnected(connectionID)
         reportLater = { _ in }
         return services.registry.detach(connection: number)
     }
 
-    /// Nobody resumed the session within the grace period: half-sent artifacts are dropped, and
-    /// its end is journaled (its runs end FAILED separately).
+    /// Nobody resumed the session within the grace period: half-sent artifacts are dropped (its
+    /// end is journaled and its runs end FAILED by whoever expired it: `SessionTable`'s owner).
     public func expire() {
         for id in Array(artifacts.keys) { discard(id) }
-        if journaled { services.destinations.uploader(destination).enqueue([], tail: .sessionEnd(id: id)) }
     }
 }

@@ -157,15 +157,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
     }
 
     private func adopt(_ resumed: Session, from fresh: Session, hello: Hello, frame: ClientFrame, context: ChannelHandlerContext) {
-        let loopBound = NIOLoopBound(context.channel, eventLoop: context.eventLoop)
-        resumed.attach(connectionID: fresh.connectionID, peer: fresh.peer) { error in
-            loopBound.eventLoop.execute {
-                let bytes = DaemonMessage.error(error).encoded
-                var buffer = loopBound.value.allocator.buffer(capacity: bytes.count)
-                buffer.writeBytes(bytes)
-                loopBound.value.writeAndFlush(buffer, promise: nil)
-            }
-        }
+        resumed.attach(connectionID: fresh.connectionID, peer: fresh.peer, reportLater: Self.reporter(for: context.channel))
         session = resumed
         opened = true
         ackedSeq = 0
@@ -178,8 +170,22 @@ final class SessionChannelHandler: ChannelInboundHandler {
         carryOut(outcome, for: frame, context: context)
     }
 
+    /// Sends a session's later errors (those of fire-and-forget ops, known once the sink acted)
+    /// on `channel`, from any thread.
+    static func reporter(for channel: Channel) -> @Sendable (ProtocolError) -> Void {
+        let loopBound = NIOLoopBound(channel, eventLoop: channel.eventLoop)
+        return { error in
+            loopBound.eventLoop.execute {
+                let bytes = DaemonMessage.error(error).encoded
+                var buffer = loopBound.value.allocator.buffer(capacity: bytes.count)
+                buffer.writeBytes(bytes)
+                loopBound.value.writeAndFlush(buffer, promise: nil)
+            }
+        }
+    }
+
     func channelReadComplete(context: ChannelHandlerContext) {
-        session.enqueueDeferred()
+        session.commit()
         if session.wantsPause && !paused { pause(context: context) }
         requestAck(context: context)
         services.statistics.count(frames: UInt64(framesSinceFlush), metrics: session.takeAcceptedMetrics(), errors: UInt64(errorsSinceFlush))
