@@ -5,6 +5,8 @@ import Foundation
 // armory-example: a two-chain Armory evaluation through armoryd, as an Armory user writes it.
 // A dataset shared by both chains (tracked in `autotrack`), a model per chain with its own
 // params, per-chain metrics and exports, one global param. Prints every run id.
+// `--points N --seconds S`: each chain logs N loss points paced over about S seconds (default 100
+// points at once), e.g. to stream across a daemon restart.
 
 struct Dataset { let name: String; let batches: Int }
 struct Model { let name: String; let weights: String }
@@ -12,6 +14,15 @@ struct Attack { let epsilon: Double }
 
 func loadDataset(split: String, batchSize: Int) -> Dataset { Dataset(name: "cifar10-\(split)", batches: 100) }
 func loadModel(name: String, weights: String) -> Model { Model(name: name, weights: weights) }
+
+/// The value after `flag` on the command line, if any.
+func option(_ flag: String) -> Double? {
+    let arguments = CommandLine.arguments
+    guard let index = arguments.firstIndex(of: flag), index + 1 < arguments.count else { return nil }
+    return Double(arguments[index + 1])
+}
+let points = Int(option("--points") ?? 100)
+let pausePerHundred = (option("--seconds") ?? 0) / Double(max(1, points / 100))
 
 let tracker: Tracker
 do {
@@ -48,8 +59,9 @@ do {
         for (name, chain) in evaluation.chains.sorted(by: { $0.key > $1.key }) {
             let accuracy = name == "benign" ? 0.91 : 0.37
             try chain.run { run in
-                for step in 0..<100 {
+                for step in 0..<points {
                     run.logMetric("loss", 2.0 * exp(-Double(step) / (name == "benign" ? 20 : 35)) + 0.05, step: Int64(step))
+                    if step % 100 == 99 && pausePerHundred > 0 { Thread.sleep(forTimeInterval: pausePerHundred) }
                 }
                 run.logMetric("accuracy", accuracy)
                 try run.logJSON(.object(["value": .double(accuracy)]), artifactFile: "metrics/accuracy.txt")

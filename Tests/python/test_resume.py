@@ -1,5 +1,5 @@
-"""Sessions outlive connections: evaluations streaming through `armory_track` (and unchanged MLflow
-scripts through `armoryd://`) while the daemon is restarted (SIGTERM, then kill -9) all exit 0 with their runs FINISHED, every metric point lands
+"""Sessions outlive connections: evaluations streaming through `armory_track` (with unchanged MLflow
+scripts through `armoryd://` and Swift `armory-example`s) while the daemon is restarted (SIGTERM, then kill -9) all exit 0 with their runs FINISHED, every metric point lands
 exactly once (counted at a proxy in front of the real MLflow server, and as lines of the local
 store's files) and every artifact is byte-identical. Then the edges: a resume of an unknown
 session, another uid's resume, garbage in `resume`, a re-sent request, a daemon that never comes
@@ -7,6 +7,7 @@ back."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import Daemon, RawClient
+from conftest import BIN, Daemon, RawClient
 
 HERE = Path(__file__).resolve().parent
 POINTS = 20000
@@ -60,23 +61,47 @@ def start_mlflow_scripts(daemon, tmp_path, count: int):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(count)]
 
 
-def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args=(), mlflow_scripts=0):
+def start_swift_examples(daemon, count: int):
+    """`armory-example` (Swift `ArmoryTrack`): two chains, each streaming POINTS loss points."""
+    return [subprocess.Popen([str(BIN / "armory-example"), "--points", str(POINTS), "--seconds", "8"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env()) for _ in range(count)]
+
+
+def finish_swift(procs):
+    """Each example's chain run ids, from what it prints."""
+    runs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, f"armory-example failed ({p.returncode}): {err[-3000:]}"
+        runs.append(re.findall(r"chain \w+: run (\w+)", out))
+    return runs
+
+
+def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args=(), mlflow_scripts=0, swift_examples=0):
     """Clients stream; the daemon gets SIGTERM + restart, then kill -9 + restart, mid-stream."""
     procs = start_clients(daemon, tmp_path, count, artifact_mb)
     scripts = start_mlflow_scripts(daemon, tmp_path, mlflow_scripts)
+    examples = start_swift_examples(daemon, swift_examples)
     time.sleep(2.5)
     daemon = restart(daemon, "term", env=env, args=args)
     time.sleep(2.5)
     daemon = restart(daemon, "kill", env=env, args=args)
-    return daemon, finish(procs), finish(scripts)
+    return daemon, finish(procs), finish(scripts), finish_swift(examples)
 
 
 def test_restarts_under_load_on_the_local_store_lose_and_double_nothing(tmp_path):
     daemon = Daemon(tmp_path / "home")
     try:
-        daemon, results, scripts = stream_through_restarts(daemon, tmp_path, count=6, artifact_mb=20, mlflow_scripts=2)
+        daemon, results, scripts, examples = stream_through_restarts(daemon, tmp_path, count=6, artifact_mb=20, mlflow_scripts=2, swift_examples=2)
         assert daemon.stop() == 0
         client = MlflowClient(tracking_uri=daemon.store_uri)
+        for chains in examples:
+            assert len(chains) == 2
+            for run_id in chains:
+                run = client.get_run(run_id)
+                assert run.info.status == "FINISHED"
+                lines = (Path(run.info.artifact_uri.removeprefix("file://")).parent / "metrics" / "loss").read_text().splitlines()
+                assert sorted(int(line.split()[2]) for line in lines) == list(range(POINTS))
         for r in scripts:
             run = client.get_run(r["run"])
             assert run.info.status == "FINISHED" and run.data.params["batch_size"] == "16"
@@ -105,7 +130,7 @@ def test_restarts_under_load_into_a_server_land_every_point_exactly_once(tmp_pat
     env = {"MLFLOW_TRACKING_URI": proxy.url}
     daemon = Daemon(tmp_path / "home", env=env)
     try:
-        daemon, results, _ = stream_through_restarts(daemon, tmp_path, count=4, artifact_mb=2, env=env)
+        daemon, results, _, _ = stream_through_restarts(daemon, tmp_path, count=4, artifact_mb=2, env=env)
         deadline = time.time() + 120
         while daemon.status()["pending_records"] and time.time() < deadline:
             time.sleep(0.5)
