@@ -26,5 +26,8 @@ for _ in $(seq 1 100); do [ -S "$home/d.sock" ] && break; sleep 0.05; done
 .venv/bin/python Benchmarks/mlflow_plugin_bench.py "$home/d.sock" "http://127.0.0.1:$port" Benchmarks/results/mlflow-plugin-latest.json
 kill "$daemon"; wait "$daemon" 2>/dev/null || true
 
+# Resumable sessions: the Python call cost next to the pre-session client, and a restart under load.
+.venv/bin/python Benchmarks/resume_bench.py .build/release/armoryd
+
 # `armoryctl sync` into the same server, next to raw log-batch and artifact PUTs.
 .venv/bin/python Benchmarks/sync_bench.py --mlflow "http://127.0.0.1:$port"

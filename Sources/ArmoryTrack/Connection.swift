@@ -418,7 +418,7 @@ public final class Connection: @unchecked Sendable {
                 return
             }
             Thread.sleep(forTimeInterval: delay)
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, 0.1)
         }
     }
 

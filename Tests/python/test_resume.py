@@ -261,3 +261,36 @@ def test_a_client_whose_daemon_never_comes_back_raises_within_its_budget(daemon)
     seconds, message = out.strip().split("|", 1)
     assert float(seconds) < 10, out
     assert "did not come back within ARMORY_RECONNECT_SECONDS=3 s" in message and "were not delivered" in message, message
+
+
+def test_after_a_restart_flush_uploaded_waits_for_what_the_journal_replayed(tmp_path, mlflow_server):
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(mlflow_server.port)
+    env = {"MLFLOW_TRACKING_URI": proxy.url}
+    daemon = Daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
+    try:
+        c = RawClient(daemon.socket)
+        session = c.hello()["session"]
+        c.send("evaluation", id=1, name="replayed-flush")
+        c.send("chain", id=2, evaluation=1, name="c")
+        run = c.request("start", chain=2)
+        proxy.stop_listening()  # the server is unreachable: the records wait in the journal
+        c.send("log", run=run["handle"], metrics=[["m", float(k), k, 1795400000000 + k] for k in range(100)])
+        assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
+        daemon.proc.kill()
+        daemon.proc.wait()
+        daemon.log.close()
+        daemon = Daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
+        again = RawClient(daemon.socket)
+        again.seq = 10
+        assert again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 5})["resumed"]
+        reply = again.request("flush", wait="uploaded", timeout_ms=1000)
+        assert not reply["complete"], "the replayed records were not waited for"
+        proxy.start()
+        assert again.request("flush", wait="uploaded", timeout_ms=60000)["complete"]
+        run_id = again.request("run_info", run=run["handle"], wait_ms=10000)["run_id"]
+        assert len(MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(run_id, "m")) == 100
+    finally:
+        daemon.stop()
+        proxy.close()

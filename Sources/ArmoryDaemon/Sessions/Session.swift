@@ -74,6 +74,9 @@ public final class Session: @unchecked Sendable {
     private var dirty = false
     /// A record of the session is in the journal (its end is then journaled too).
     public private(set) var journaled = false
+    /// Restored after a restart: its records before it were replayed into the uploaders, and its
+    /// first resume makes `flush wait=uploaded` wait for them too.
+    private var awaitsReplayedRecords = false
     /// A record waiting for `commit`, with the destination it goes to.
     private typealias PendingRecord = (destination: String?, handle: String, record: SinkRecord, completion: Uploader.Completion?)
     /// Records not yet journaled: the frame's being handled, or a read burst's metric-only frames
@@ -147,6 +150,7 @@ public final class Session: @unchecked Sendable {
         self.interruptedArtifacts = Set(record.openArtifacts)
         self.nextArtifactID = record.nextArtifactID
         self.journaled = true
+        self.awaitsReplayedRecords = true
     }
 
     /// 128 random bits as 32 lowercase hex digits.
@@ -494,7 +498,16 @@ public final class Session: @unchecked Sendable {
         }
         hello = h
         services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
-        services.registry.reattach(record.runHandles, connection: number, clientPID: peer.pid)
+        let handles = record.runHandles
+        services.registry.reattach(handles, connection: number, clientPID: peer.pid)
+        if awaitsReplayedRecords {
+            // What the journal replayed of its runs is queued up to each uploader's last ticket.
+            for entry in handles.compactMap({ services.registry.entry($0) }) {
+                let key = entry.destination ?? ""
+                lastTickets[key] = max(lastTickets[key] ?? 0, services.destinations.uploader(entry.destination).lastTicket)
+            }
+            awaitsReplayedRecords = false
+        }
         services.logger.info("session resumed", metadata: ["session": "\(id)", "held": "\(lastSeq)", "client_pid": "\(peer.pid)", "uid": "\(peer.uid)"])
         return .reply(helloReply(h, resumed: .continued(held: lastSeq)).json)
     }

@@ -355,7 +355,7 @@ class Connection:
                     self._wake.set()
                 return
             _sleep(delay)
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, 0.1)
 
     def _resume(self, sock, path: str) -> bool:
         """Sends `hello` with `resume` on `sock`, then resends what the daemon does not hold.
