@@ -187,6 +187,14 @@ public enum ClientOp: Sendable, Equatable {
         }
     }
 
+    /// The names of the ops the daemon answers with a reply (`expectsReply`). An error naming one
+    /// of them as `failed_op`, with a `seq` the client no longer waits for, answers a request
+    /// the client re-sent after a resume and already had its answer to: it is not a new refusal.
+    public static let requestNames: Set<String> = [
+        "hello", "get_params", "get_trackable", "start", "end", "attach", "run_info", "artifact_open", "artifact_close",
+        "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync", "sync_status",
+    ]
+
     /// Whether the daemon answers this op with a reply (else it is fire-and-forget).
     public var expectsReply: Bool {
         switch self {

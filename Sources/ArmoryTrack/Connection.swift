@@ -53,8 +53,10 @@ public final class Connection: @unchecked Sendable {
 
     private var fd: Int32
     private let condition = NSCondition()
-    /// Written frames kept until acked: (seq of the last frame in them, bytes), in order.
-    private var retained: [(last: UInt64, bytes: [UInt8])] = []
+    /// Written frames kept until acked: (seq of the first and of the last frame in them, bytes), in order.
+    private var retained: [(first: UInt64, last: UInt64, bytes: [UInt8])] = []
+    /// The seq of the first frame in `output`.
+    private var outputFirst: UInt64 = 0
     private var retainedBytes = 0
     /// Frames of requests still waiting for their reply (resent after a resume if the daemon
     /// held them but its reply was lost).
@@ -179,6 +181,7 @@ public final class Connection: @unchecked Sendable {
         }
         let seq = nextSeq
         nextSeq += 1
+        if output.bytes.isEmpty { outputFirst = seq }
         let start = output.bytes.count
         output.bytes.append(contentsOf: [0, 0, 0, 0])
         encode(&output, seq)
@@ -268,7 +271,7 @@ public final class Connection: @unchecked Sendable {
                 return
             }
             swap(&pending, &output)
-            retained.append((nextSeq - 1, pending.bytes))
+            retained.append((outputFirst, nextSeq - 1, pending.bytes))
             retainedBytes += pending.bytes.count
             let fd = fd
             condition.broadcast()  // wake senders waiting for buffer space
@@ -281,11 +284,12 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
-    /// Writes everything; the failure's description, if any.
+    /// Writes everything; the failure's description, if any. `MSG_NOSIGNAL`: a daemon that went
+    /// away is an error to handle (a resume), not a SIGPIPE that kills the evaluation.
     private static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> String? {
         var offset = 0
         while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, bytes.count - offset) }
+            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + offset, bytes.count - offset, Int32(MSG_NOSIGNAL)) }
             if n < 0 {
                 if errno == EINTR { continue }
                 return String(cString: strerror(errno))
@@ -347,6 +351,8 @@ public final class Connection: @unchecked Sendable {
         case .error(let error):
             if let seq = error.seq, awaited.contains(seq) {
                 replies[seq] = .failure(error)
+            } else if error.seq != nil, let op = error.op, ClientOp.requestNames.contains(op) {
+                break  // a re-sent request answered again: its answer was already taken
             } else {
                 deferredErrors.append(error)
             }
@@ -367,7 +373,8 @@ public final class Connection: @unchecked Sendable {
             condition.unlock()
             return
         }
-        if helloReply?.session == nil || reconnectSeconds <= 0 || fatal != nil {
+        // No session in a hello reply: a daemon without sessions, nothing could be resumed.
+        if (helloReply != nil && helloReply.session == nil) || reconnectSeconds <= 0 || fatal != nil {
             closedReason = fatal.map { "armoryd closed the connection: \($0)" } ?? reason
             condition.broadcast()
             condition.unlock()
@@ -425,12 +432,18 @@ public final class Connection: @unchecked Sendable {
     private enum ResumeOutcome { case done, retry(String) }
 
     /// Sends `hello` with `resume` on `newFD`, then what the daemon does not hold, in order.
+    /// Without a session yet (the broken connection's `hello` was not answered), the kept frames,
+    /// that `hello` first, simply go again on the new socket.
     private func resume(on newFD: Int32, path: String) -> ResumeOutcome {
         condition.lock()
+        guard let session = helloReply?.session else {
+            condition.unlock()
+            return continueOn(newFD, path: path, held: 0, leftover: [])
+        }
         let helloSeq = nextSeq
         nextSeq += 1
         var resuming = hello!
-        resuming.resume = Hello.Resume(session: helloReply.session!, acked: ackedUpTo)
+        resuming.resume = Hello.Resume(session: session, acked: ackedUpTo)
         condition.unlock()
         var frame = JSONWriter()
         frame.bytes.append(contentsOf: [0, 0, 0, 0])
@@ -482,11 +495,20 @@ public final class Connection: @unchecked Sendable {
             close(newFD)
             return .done
         }
+        return continueOn(newFD, path: path, held: held, leftover: decoder.remainingBytes)
+    }
+
+    /// Carries on over `newFD`: resends what the daemon does not hold, in order, then the rest.
+    private func continueOn(_ newFD: Int32, path: String, held: UInt64, leftover: [UInt8]) -> ResumeOutcome {
         condition.lock()
-        // Requests the daemon holds whose replies were lost go again (answered as the first time),
-        // then every kept frame after what it holds.
-        var resend = requestFrames.filter { $0.key <= held }.sorted { $0.key < $1.key }.flatMap(\.value)
-        for chunk in retained where chunk.last > held { resend.append(contentsOf: chunk.bytes) }
+        // Every kept frame after what the daemon holds goes again, in order, and before them each
+        // request still waiting for its reply that they do not carry (its frame was acked or is
+        // held: the daemon answers it again, or as the first time).
+        let chunks = retained.filter { $0.last > held }
+        // (Frames not written yet are carried by `output`, written right after.)
+        let carriedFrom = chunks.first?.first ?? (output.bytes.isEmpty ? nextSeq : outputFirst)
+        var resend = requestFrames.filter { $0.key < carriedFrom }.sorted { $0.key < $1.key }.flatMap(\.value)
+        for chunk in chunks { resend.append(contentsOf: chunk.bytes) }
         condition.unlock()
         if let failure = Self.writeAll(newFD, resend) {
             close(newFD)
@@ -501,7 +523,7 @@ public final class Connection: @unchecked Sendable {
         condition.broadcast()
         condition.unlock()
         close(old)
-        startReader(fd: newFD, leftover: decoder.remainingBytes)
+        startReader(fd: newFD, leftover: leftover)
         return .done
     }
 

@@ -64,6 +64,8 @@ import Testing
         }
         let frame = try ClientFrame.decode(payload: payload, receivedAtMs: 0)
         #expect(frame.op.name == vector.expect["op"]?.stringValue)
+        // The names clients use to tell requests from fire-and-forget ops agree with the ops.
+        #expect(ClientOp.requestNames.contains(frame.op.name) == frame.op.expectsReply)
         // Re-encoding gives a frame that decodes to the same op (the encoder and decoder agree).
         let again = try ClientFrame.decode(payload: frame.json.serialized, receivedAtMs: 0)
         #expect(again == frame)

@@ -82,7 +82,13 @@ def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args
     procs = start_clients(daemon, tmp_path, count, artifact_mb)
     scripts = start_mlflow_scripts(daemon, tmp_path, mlflow_scripts)
     examples = start_swift_examples(daemon, swift_examples)
-    time.sleep(2.5)
+    # Every evaluation is connected (and streaming) before the first restart: this is about
+    # evaluations that run across restarts, not ones that start during one.
+    deadline = time.time() + 60
+    while len(daemon.status()["clients"]) <= len(procs) + len(scripts) + len(examples):  # status itself is one
+        assert time.time() < deadline, "the evaluations did not all connect"
+        time.sleep(0.1)
+    time.sleep(1)
     daemon = restart(daemon, "term", env=env, args=args)
     time.sleep(2.5)
     daemon = restart(daemon, "kill", env=env, args=args)
@@ -92,7 +98,7 @@ def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args
 def test_restarts_under_load_on_the_local_store_lose_and_double_nothing(tmp_path):
     daemon = Daemon(tmp_path / "home")
     try:
-        daemon, results, scripts, examples = stream_through_restarts(daemon, tmp_path, count=6, artifact_mb=20, mlflow_scripts=2, swift_examples=2)
+        daemon, results, scripts, examples = stream_through_restarts(daemon, tmp_path, count=12, artifact_mb=20, mlflow_scripts=6, swift_examples=6)
         assert daemon.stop() == 0
         client = MlflowClient(tracking_uri=daemon.store_uri)
         for chains in examples:

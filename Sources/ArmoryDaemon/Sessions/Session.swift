@@ -233,6 +233,10 @@ public final class Session: @unchecked Sendable {
             guard let entry = services.registry.entry(handle) else { return .reply([:]) }
             let uploader = services.destinations.uploader(entry.destination)
             return .awaitRun(handle: handle, wait: UploadWait(uploader: uploader, ticket: uploader.lastTicket), timeoutMs: Self.startWaitMs)
+        case .error(var error)?:
+            error.seq = frame.seq
+            error.op = frame.op.name
+            return .error(error)
         case nil:
             break
         }
@@ -253,16 +257,18 @@ public final class Session: @unchecked Sendable {
         }
     }
 
-    /// Keeps the reply of a request whose effects cannot be asked for again.
+    /// Keeps the answer to a request whose effects cannot be asked for again.
     private func remember(_ outcome: SessionOutcome, of frame: ClientFrame) {
+        switch frame.op {
+        case .start, .createRun, .artifactOpen, .artifactClose, .sync: break
+        default: return
+        }
         let reply: SessionRecord.CachedReply
-        switch (frame.op, outcome) {
-        case (.start, .reply(let body)), (.artifactOpen, .reply(let body)), (.artifactClose, .reply(let body)), (.sync, .reply(let body)):
-            reply = .reply(body)
-        case (.start, .awaitRun(let handle, _, _)), (.createRun, .awaitRun(let handle, _, _)):
-            reply = .run(handle: handle)
-        default:
-            return
+        switch outcome {
+        case .reply(let body): reply = .reply(body)
+        case .awaitRun(let handle, _, _): reply = .run(handle: handle)
+        case .error(let error): reply = .error(error)
+        default: return
         }
         replies[frame.seq] = reply
         if replies.count > Self.replyCacheSize, let oldest = replies.keys.min() { replies[oldest] = nil }

@@ -12,6 +12,8 @@ public struct SessionRecord: Sendable, Equatable {
         case reply(JSONObject)
         /// The descriptor of this run, once it exists (a `start` or `create_run`).
         case run(handle: String)
+        /// The request was refused (an error is an answer too: a re-sent request gets it again).
+        case error(ProtocolError)
     }
 
     public var id: String
@@ -45,6 +47,7 @@ public struct SessionRecord: Sendable, Equatable {
             switch reply {
             case .reply(let body): cached[String(seq)] = .object(["reply": .object(body)])
             case .run(let handle): cached[String(seq)] = .object(["run": .string(handle)])
+            case .error(let error): cached[String(seq)] = .object(["error": .object(["code": .string(error.code.rawValue), "message": .string(error.message)])])
             }
         }
         var o = JSONObject()
@@ -91,7 +94,13 @@ public struct SessionRecord: Sendable, Equatable {
         var replies: [UInt64: CachedReply] = [:]
         for (key, value) in o["replies"]?.objectValue ?? [:] {
             guard let seq = UInt64(key) else { continue }
-            if let body = value["reply"]?.objectValue { replies[seq] = .reply(body) } else if let handle = value["run"]?.stringValue { replies[seq] = .run(handle: handle) }
+            if let body = value["reply"]?.objectValue {
+                replies[seq] = .reply(body)
+            } else if let handle = value["run"]?.stringValue {
+                replies[seq] = .run(handle: handle)
+            } else if let code = value["error"]?["code"]?.stringValue.flatMap(ErrorCode.init(rawValue:)) {
+                replies[seq] = .error(ProtocolError(code, value["error"]?["message"]?.stringValue ?? ""))
+            }
         }
         self.replies = replies
         self.openArtifacts = o["open_artifacts"]?.arrayValue?.compactMap(\.intValue) ?? []

@@ -33,6 +33,10 @@ _MAX_QUEUED_METRICS = 50_000  # then the caller formats and waits like any frame
 _METRICS_PER_FRAME = 1000
 _DEFAULT_RETAIN_BYTES = 64 << 20
 _DEFAULT_RECONNECT_SECONDS = 300.0
+# Ops the daemon answers with a reply (ClientOp.requestNames in ArmoryProtocol).
+_REQUEST_OPS = frozenset(("hello", "get_params", "get_trackable", "start", "end", "attach", "run_info", "artifact_open",
+                          "artifact_close", "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync",
+                          "sync_status"))
 # Errors after which the daemon closes the connection: resending would only repeat them.
 _CLOSING_CODES = ("FRAME_TOO_LARGE", "UNSUPPORTED_PROTOCOL")
 
@@ -140,11 +144,12 @@ class Connection:
         self._errors: List[Dict[str, Any]] = []
         self._closed: Optional[str] = None
         self.acked = 0
-        # Sent frames kept until acked, as (seq of the last frame in it, bytes), in order; and the
-        # frames of requests still waiting for their reply (resent after a resume if the daemon
-        # held them but its reply was lost).
+        # Sent frames kept until acked, as (seq of the first and of the last frame in them, bytes),
+        # in order; and the frames of requests still waiting for their reply (resent after a resume
+        # when the daemon may have lost its reply: answered again, or as the first time).
         self._retained: collections.deque = collections.deque()
         self._retained_bytes = 0
+        self._buffer_first = 0
         self._request_frames: Dict[int, bytes] = {}
         self._max_retained = int(_env_float("ARMORY_RETAIN_BYTES", _DEFAULT_RETAIN_BYTES))
         self._reconnect_seconds = _env_float("ARMORY_RECONNECT_SECONDS", _DEFAULT_RECONNECT_SECONDS)
@@ -170,6 +175,8 @@ class Connection:
         self._hello_fields = hello
         self.hello = self.request("hello", timeout=timeout, **hello)
         self.session = self.hello.get("session")
+        if self.session is None:
+            self._reconnect_seconds = 0  # a daemon without sessions: nothing could be resumed
 
     # -- sending ---------------------------------------------------------------
 
@@ -181,6 +188,8 @@ class Connection:
             self._cond.wait(1.0)
         if self._flusher_idle:
             self._wake.set()
+        if not self._buffer:
+            self._buffer_first = self._seq  # callers number the frame before appending it
         self._buffer += struct.pack(">I", len(payload))
         self._buffer += payload
 
@@ -280,7 +289,7 @@ class Connection:
                 if not self._buffer or self._closed is not None or self._reconnecting:
                     return
                 data, self._buffer = self._buffer, bytearray()
-                self._retained.append((self._seq, data))
+                self._retained.append((self._buffer_first, self._seq, data))
                 self._retained_bytes += len(data)
                 self._cond.notify_all()  # writers held back by a full buffer
                 sock = self.sock
@@ -296,7 +305,7 @@ class Connection:
         with self._lock:
             if sock is not self.sock or self._reconnecting or self._closed is not None:
                 return
-            if self.session is None or self._reconnect_seconds <= 0 or self._fatal:
+            if self._reconnect_seconds <= 0 or self._fatal:
                 # A frame the daemon closed the connection for would be refused again on resume.
                 self._closed = f"armoryd closed the connection: {self._fatal}" if self._fatal else reason
                 self._cond.notify_all()
@@ -359,7 +368,12 @@ class Connection:
 
     def _resume(self, sock, path: str) -> bool:
         """Sends `hello` with `resume` on `sock`, then resends what the daemon does not hold.
-        Returns False to try again later; a refused or lost session closes the connection."""
+        Returns False to try again later; a refused or lost session closes the connection.
+        Without a session yet (the broken connection's `hello` was not answered), the kept frames,
+        that `hello` first, simply go again on the new socket."""
+        if self.session is None:
+            self._continue_on(sock, path, held=0, leftover=b"")
+            return True
         with self._lock:
             self._seq += 1
             hello_seq = self._seq
@@ -396,26 +410,33 @@ class Connection:
                 self._wake.set()
             sock.close()
             return True
-        held = int(reply.get("held", 0))
+        self._continue_on(sock, path, held=int(reply.get("held", 0)), leftover=data)
+        return True
+
+    def _continue_on(self, sock, path: str, held: int, leftover: bytes) -> None:
+        """Carries on over `sock`: resends what the daemon does not hold, in order, then the rest."""
         with self._send_lock:
             with self._lock:
-                # Requests the daemon holds whose replies were lost go again (answered as the first
-                # time), then every kept frame after what it holds, in order.
-                resend = [frame for seq, frame in sorted(self._request_frames.items()) if seq <= held]
-                resend += [data for last, data in self._retained if last > held]
+                # Every kept frame after what the daemon holds goes again, in order, and before them
+                # each request still waiting for its reply that they do not carry (its frame was
+                # acked or is held: the daemon answers it again, or as the first time).
+                chunks = [(first, data) for first, last, data in self._retained if last > held]
+                # (Frames not sent yet are carried by the buffer, sent right after.)
+                carried_from = chunks[0][0] if chunks else (self._buffer_first if self._buffer else self._seq + 1)
+                resend = [frame for seq, frame in sorted(self._request_frames.items()) if seq < carried_from]
+                resend += [data for _, data in chunks]
                 self.sock, self.path = sock, path
                 self._reconnecting = False
                 self.resumes += 1
                 self._cond.notify_all()
                 self._wake.set()
             # Frames that came right behind the hello reply (acks) are the new reader's first input.
-            threading.Thread(target=self._read_loop, args=(sock, data), name="armory-reader", daemon=True).start()
+            threading.Thread(target=self._read_loop, args=(sock, leftover), name="armory-reader", daemon=True).start()
             try:
                 sock.sendall(b"".join(resend))
             except OSError as e:
                 self._lost(sock, f"writing to armoryd failed: {e}")
         self._send_pending()
-        return True
 
     def _flush_loop(self) -> None:
         while self._closed is None:
@@ -469,12 +490,14 @@ class Connection:
                         if op == "ack":
                             self.acked = max(self.acked, m["upto"])
                             retained = self._retained
-                            while retained and retained[0][0] <= self.acked:
-                                self._retained_bytes -= len(retained.popleft()[1])
+                            while retained and retained[0][1] <= self.acked:
+                                self._retained_bytes -= len(retained.popleft()[2])
                         elif op == "reply" or (op == "error" and m.get("seq") in self._awaited):
                             if m.get("seq") in self._awaited:  # a re-sent request may be answered twice
                                 self._replies[m["seq"]] = m
-                        elif op == "error":
+                        elif op == "error" and not (m.get("seq") is not None and m.get("failed_op") in _REQUEST_OPS):
+                            # (an error for a request no longer awaited answers a re-sent request
+                            # whose answer was already taken: not a new refusal)
                             self._errors.append(m)
                         if op == "error" and m.get("code") in _CLOSING_CODES:
                             self._fatal = f"{m.get('code')}: {m.get('message')}"
