@@ -200,10 +200,12 @@ public final class Connection: @unchecked Sendable {
         send { writer, seq in writer.write(ClientFrame(seq: seq, op: op).json) }
     }
 
-    /// Sends a request and waits for its reply (or error) at most `timeout` seconds.
-    public func request(_ op: ClientOp, timeout: Double = 30) throws(ArmoryError) -> JSONObject {
+    /// Sends a request and waits for its reply (or error) at most `timeout` seconds; while the
+    /// daemon is away, within the reconnect budget instead, unless `waitsOutOutage` is false (the
+    /// flush at exit).
+    public func request(_ op: ClientOp, timeout: Double = 30, waitsOutOutage: Bool = true) throws(ArmoryError) -> JSONObject {
         let seq = send(awaitingReply: true) { writer, seq in writer.write(ClientFrame(seq: seq, op: op).json) }
-        return try waitForReply(seq: seq, timeout: timeout, what: op.name)
+        return try waitForReply(seq: seq, timeout: timeout, what: op.name, waitsOutOutage: waitsOutOutage)
     }
 
     /// The daemon's status (what `armoryctl status --json` prints).
@@ -211,7 +213,7 @@ public final class Connection: @unchecked Sendable {
         try request(.status, timeout: timeout)
     }
 
-    private func waitForReply(seq: UInt64, timeout: Double, what: String) throws(ArmoryError) -> JSONObject {
+    private func waitForReply(seq: UInt64, timeout: Double, what: String, waitsOutOutage: Bool) throws(ArmoryError) -> JSONObject {
         condition.lock()
         defer { condition.unlock() }
         let deadline = Date(timeIntervalSinceNow: timeout)
@@ -222,8 +224,12 @@ public final class Connection: @unchecked Sendable {
         while replies[seq] == nil {
             if let reason = closedReason { throw .disconnected(reason) }
             // While the daemon is away, a request waits within the reconnect budget instead.
-            if !condition.wait(until: reconnecting ? Date(timeIntervalSinceNow: 0.5) : deadline) && replies[seq] == nil && !reconnecting
+            let outage = reconnecting && waitsOutOutage
+            if !condition.wait(until: outage ? Date(timeIntervalSinceNow: 0.5) : deadline) && replies[seq] == nil && !outage
                 && Date() >= deadline {
+                if reconnecting {
+                    throw .timedOut("armoryd is away (its connection broke) and was not back within \(timeout) s: \(undelivered) yet.")
+                }
                 throw .timedOut("armoryd did not answer '\(what)' within \(timeout) s (socket \(socketPath)).")
             }
         }

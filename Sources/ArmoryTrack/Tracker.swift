@@ -164,7 +164,12 @@ enum ExitFlush {
         let seconds = ProcessInfo.processInfo.environment["ARMORY_EXIT_FLUSH_SECONDS"].flatMap(Double.init) ?? 10
         for entry in connections.withLock({ Array($0.values) }) {
             guard let connection = entry.connection else { continue }
-            _ = try? connection.request(.flush(.durable, timeoutMs: Int64(seconds * 1000)), timeout: seconds)
+            // Bounded even while the daemon is away: the process is exiting.
+            do throws(ArmoryError) {
+                _ = try connection.request(.flush(.durable, timeoutMs: Int64(seconds * 1000)), timeout: seconds, waitsOutOutage: false)
+            } catch .timedOut(let reason) {
+                FileHandle.standardError.write(Data("armoryd: flush at exit: \(reason)\n".utf8))
+            } catch {}  // closed already: nothing left to flush
             for error in connection.takeDeferredErrors() {
                 FileHandle.standardError.write(Data("armoryd: \(error.description)\n".utf8))
             }

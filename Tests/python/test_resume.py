@@ -300,3 +300,29 @@ def test_after_a_restart_flush_uploaded_waits_for_what_the_journal_replayed(tmp_
     finally:
         daemon.stop()
         proxy.close()
+
+
+EXITS_WHILE_AWAY = r'''
+import sys
+from armory_track import Evaluation
+evaluation = Evaluation("exits-while-away")
+with evaluation.add_chain("c") as chain:
+    pass
+chain.start()
+print("started", flush=True)
+sys.stdin.readline()  # the daemon is stopped now
+chain.log_metric("m", 1.0)
+'''
+
+
+def test_the_flush_at_exit_stays_bounded_while_the_daemon_is_away(daemon):
+    p = subprocess.Popen([sys.executable, "-c", EXITS_WHILE_AWAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(daemon.env(), ARMORY_EXIT_FLUSH_SECONDS="2"))
+    assert p.stdout.readline().strip() == "started"
+    daemon.stop()
+    started = time.monotonic()
+    p.stdin.write("\n")
+    p.stdin.flush()
+    _, err = p.communicate(timeout=60)
+    assert time.monotonic() - started < 10, "the exit waited out the reconnect budget (300 s)"
+    assert "is away" in err and "were not delivered" in err, err

@@ -236,8 +236,10 @@ class Connection:
             with self._lock:
                 self._move_metrics()  # waits there while the daemon is behind
 
-    def request(self, op: str, timeout: float = 30.0, **fields: Any) -> Dict[str, Any]:
-        """Sends a request and waits for its reply; a refusal raises ArmoryError."""
+    def request(self, op: str, timeout: float = 30.0, outage: bool = True, **fields: Any) -> Dict[str, Any]:
+        """Sends a request and waits for its reply; a refusal raises ArmoryError. While the daemon
+        is away the wait goes on within the reconnect budget, unless `outage` is False (then
+        `timeout` bounds it all the same: the flush at exit)."""
         with self._lock:
             if self._closed is not None:
                 raise ConnectionError(self._closed)
@@ -259,9 +261,12 @@ class Connection:
                         raise ConnectionError(self._closed)
                     remaining = None if deadline is None else deadline - _monotonic()
                     # While the daemon is away, a request waits within the reconnect budget instead.
-                    if remaining is not None and remaining <= 0 and not self._reconnecting:
+                    if remaining is not None and remaining <= 0 and not (self._reconnecting and outage):
+                        if self._reconnecting:
+                            raise TimeoutError(f"armoryd is away (its connection broke) and was not back within {timeout} s: "
+                                               f"{self._undelivered()} yet.")
                         raise TimeoutError(f"armoryd did not answer '{op}' within {timeout} s (socket {self.path}).")
-                    self._cond.wait(0.5 if self._reconnecting or remaining is None else min(remaining, 0.5))
+                    self._cond.wait(0.5 if remaining is None else max(0.0, min(remaining, 0.5)))
                 reply = self._replies.pop(seq)
             finally:
                 self._awaited.discard(seq)
@@ -503,9 +508,10 @@ class Connection:
                             self._fatal = f"{m.get('code')}: {m.get('message')}"
                     self._cond.notify_all()
 
-    def flush(self, wait: str = "durable", timeout: float = 10.0) -> Dict[str, Any]:
-        """Waits until what was sent is durable (or uploaded); then raises earlier refusals."""
-        reply = self.request("flush", timeout=timeout + 10, wait=wait, timeout_ms=int(timeout * 1000))
+    def flush(self, wait: str = "durable", timeout: float = 10.0, outage: bool = True) -> Dict[str, Any]:
+        """Waits until what was sent is durable (or uploaded); then raises earlier refusals.
+        `outage` False: `timeout` bounds the wait even while the daemon is away."""
+        reply = self.request("flush", timeout=timeout + (10 if outage else 0), outage=outage, wait=wait, timeout_ms=int(timeout * 1000))
         self.raise_errors()
         return reply
 
@@ -583,8 +589,8 @@ def _exit_flush() -> None:
     try:
         if wait_upload:
             c.flush("uploaded", timeout=float(wait_upload))
-        else:
-            c.flush("durable", timeout=float(os.environ.get("ARMORY_EXIT_FLUSH_SECONDS", "10")))
+        else:  # bounded even while the daemon is away: the process is exiting
+            c.flush("durable", timeout=float(os.environ.get("ARMORY_EXIT_FLUSH_SECONDS", "10")), outage=False)
     except ArmoryError as e:
         print(f"armory_track: {e}", file=sys.stderr)
     except Exception as e:  # exiting: report, never raise
