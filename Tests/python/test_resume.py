@@ -22,13 +22,45 @@ from conftest import BIN, Daemon, RawClient
 
 HERE = Path(__file__).resolve().parent
 POINTS = 20000
+_started: list = []
+
+
+def start_daemon(*args, **kwargs) -> Daemon:
+    """A daemon that is stopped after the test whatever happens (a restart replaces the one the
+    test holds, so a failure mid-way would leave the new one running)."""
+    daemon = Daemon(*args, **kwargs)
+    _started.append(daemon)
+    return daemon
+
+
+_spawned: list = []
+
+
+def spawn(args, **kwargs) -> subprocess.Popen:
+    """A client process that is killed after the test if it is still running (a failed test
+    would otherwise leave it retrying for its whole reconnect budget)."""
+    proc = subprocess.Popen(args, **kwargs)
+    _spawned.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started():
+    yield
+    while _spawned:
+        proc = _spawned.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while _started:
+        _started.pop().stop()
 
 
 def start_clients(daemon, workdir: Path, count: int, artifact_mb: float, env_extra=None):
     env = dict(daemon.env(), **(env_extra or {}))
     procs = []
     for i in range(count):
-        procs.append(subprocess.Popen(
+        procs.append(spawn(
             [sys.executable, str(HERE / "resume_client.py"), "--name", f"c{i}", "--points", str(POINTS), "--seconds", "8",
              "--artifact-mb", str(artifact_mb), "--workdir", str(workdir)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -42,7 +74,7 @@ def restart(daemon: Daemon, how: str, env=None, args=()) -> Daemon:
         daemon.log.close()
     else:
         assert daemon.stop() == 0
-    return Daemon(daemon.home, env=env, args=args)
+    return start_daemon(daemon.home, env=env, args=args)
 
 
 def finish(procs):
@@ -57,13 +89,13 @@ def finish(procs):
 def start_mlflow_scripts(daemon, tmp_path, count: int):
     """Unchanged MLflow code through `armoryd://`."""
     env = dict(daemon.env(), MLFLOW_TRACKING_URI="armoryd://", MLFLOW_REGISTRY_URI="file://" + str(tmp_path / "registry"))
-    return [subprocess.Popen([sys.executable, str(HERE / "resume_mlflow_client.py"), "--name", f"m{i}", "--points", str(POINTS), "--seconds", "8"],
+    return [spawn([sys.executable, str(HERE / "resume_mlflow_client.py"), "--name", f"m{i}", "--points", str(POINTS), "--seconds", "8"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(count)]
 
 
 def start_swift_examples(daemon, count: int):
     """`armory-example` (Swift `ArmoryTrack`): two chains, each streaming POINTS loss points."""
-    return [subprocess.Popen([str(BIN / "armory-example"), "--points", str(POINTS), "--seconds", "8"],
+    return [spawn([str(BIN / "armory-example"), "--points", str(POINTS), "--seconds", "8"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env()) for _ in range(count)]
 
 
@@ -96,7 +128,7 @@ def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args
 
 
 def test_restarts_under_load_on_the_local_store_lose_and_double_nothing(tmp_path):
-    daemon = Daemon(tmp_path / "home")
+    daemon = start_daemon(tmp_path / "home")
     try:
         daemon, results, scripts, examples = stream_through_restarts(daemon, tmp_path, count=12, artifact_mb=20, mlflow_scripts=6, swift_examples=6)
         assert daemon.stop() == 0
@@ -134,7 +166,7 @@ def test_restarts_under_load_into_a_server_land_every_point_exactly_once(tmp_pat
 
     proxy = FaultProxy(mlflow_server.port)
     env = {"MLFLOW_TRACKING_URI": proxy.url}
-    daemon = Daemon(tmp_path / "home", env=env)
+    daemon = start_daemon(tmp_path / "home", env=env)
     try:
         daemon, results, _, _ = stream_through_restarts(daemon, tmp_path, count=4, artifact_mb=2, env=env)
         deadline = time.time() + 120
@@ -218,7 +250,7 @@ print(buffer[4:4 + struct.unpack(">I", buffer[:4])[0]].decode())
 def test_another_uid_cannot_resume_a_session():
     shared = tempfile.mkdtemp(prefix="armory-resume-")
     os.chmod(shared, 0o755)
-    d = Daemon(Path(shared), args=("--socket-mode", "666"))
+    d = start_daemon(Path(shared), args=("--socket-mode", "666"))
     try:
         c = RawClient(d.socket)
         session = c.hello()["session"]
@@ -257,7 +289,7 @@ except ConnectionError as e:
 
 
 def test_a_client_whose_daemon_never_comes_back_raises_within_its_budget(daemon):
-    p = subprocess.Popen([sys.executable, "-c", GIVES_UP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = spawn([sys.executable, "-c", GIVES_UP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(daemon.env(), ARMORY_RECONNECT_SECONDS="3"))
     assert p.stdout.readline().strip() == "started"
     daemon.stop()
@@ -274,7 +306,7 @@ def test_after_a_restart_flush_uploaded_waits_for_what_the_journal_replayed(tmp_
 
     proxy = FaultProxy(mlflow_server.port)
     env = {"MLFLOW_TRACKING_URI": proxy.url}
-    daemon = Daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
+    daemon = start_daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
     try:
         c = RawClient(daemon.socket)
         session = c.hello()["session"]
@@ -287,7 +319,7 @@ def test_after_a_restart_flush_uploaded_waits_for_what_the_journal_replayed(tmp_
         daemon.proc.kill()
         daemon.proc.wait()
         daemon.log.close()
-        daemon = Daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
+        daemon = start_daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
         again = RawClient(daemon.socket)
         again.seq = 10
         assert again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 5})["resumed"]
@@ -316,7 +348,7 @@ chain.log_metric("m", 1.0)
 
 
 def test_the_flush_at_exit_stays_bounded_while_the_daemon_is_away(daemon):
-    p = subprocess.Popen([sys.executable, "-c", EXITS_WHILE_AWAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = spawn([sys.executable, "-c", EXITS_WHILE_AWAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(daemon.env(), ARMORY_EXIT_FLUSH_SECONDS="2"))
     assert p.stdout.readline().strip() == "started"
     daemon.stop()
