@@ -175,8 +175,10 @@ public final class Connection: @unchecked Sendable {
     func send(awaitingReply: Bool = false, _ encode: (inout JSONWriter, UInt64) -> Void) -> UInt64 {
         condition.lock()
         defer { condition.unlock() }
+        // While the daemon is away the buffer may grow to the retention bound: calls keep their
+        // usual cost through an outage until then.
         while closedReason == nil && !output.bytes.isEmpty
-            && (output.bytes.count > maxBufferedBytes || retainedBytes + output.bytes.count > maxRetainedBytes) {
+            && ((output.bytes.count > maxBufferedBytes && !reconnecting) || retainedBytes + output.bytes.count > maxRetainedBytes) {
             condition.wait()
         }
         let seq = nextSeq

@@ -182,9 +182,11 @@ class Connection:
 
     def _frame(self, payload: bytes) -> None:
         """Appends one frame (caller holds the lock); waits while the buffer or what is kept for
-        resending is full."""
+        resending is full. While the daemon is away the buffer may grow to the retention bound:
+        calls keep their usual cost through an outage until then."""
         while self._closed is None and self._buffer and (
-                len(self._buffer) > _MAX_BUFFER or self._retained_bytes + len(self._buffer) > self._max_retained):
+                (len(self._buffer) > _MAX_BUFFER and not self._reconnecting)
+                or self._retained_bytes + len(self._buffer) > self._max_retained):
             self._cond.wait(1.0)
         if self._flusher_idle:
             self._wake.set()
@@ -285,10 +287,16 @@ class Connection:
         if errors:
             raise ArmoryError(errors)
 
-    def _send_pending(self) -> None:
+    def _send_pending(self, wait_for_sender: bool = True) -> None:
         """Sends what is buffered from the caller's thread, without holding the buffer's lock;
-        keeps it until the daemon acknowledges it."""
-        with self._send_lock:
+        keeps it until the daemon acknowledges it. `wait_for_sender` False (the flusher): while
+        another send is under way (a slow daemon, a resume's resend), queued metrics only become
+        frames, so that no caller has to format a backlog itself."""
+        if not self._send_lock.acquire(blocking=wait_for_sender):
+            with self._lock:
+                self._move_metrics()
+            return
+        try:
             with self._lock:
                 self._move_metrics()
                 if not self._buffer or self._closed is not None or self._reconnecting:
@@ -302,6 +310,8 @@ class Connection:
                 sock.sendall(data)
             except OSError as e:
                 self._lost(sock, f"writing to armoryd failed: {e}")
+        finally:
+            self._send_lock.release()
 
     # -- resuming --------------------------------------------------------------
 
@@ -462,7 +472,7 @@ class Connection:
                 continue
             # Let a burst of calls join the buffer, then send it with one syscall.
             _sleep(0.001)
-            self._send_pending()
+            self._send_pending(wait_for_sender=False)
 
     def _read_loop(self, sock, data: bytes = b"") -> None:
         chunk = data
