@@ -82,6 +82,20 @@ public final class DaemonStatistics: Sendable {
         var framesReceived: UInt64 = 0
         var metricsAccepted: UInt64 = 0
         var errorsSent: UInt64 = 0
+        var lastRefusal: Refusal?
+    }
+
+    /// An error the daemon sent a client, as status shows the latest one.
+    public struct Refusal: Sendable, Equatable {
+        public var timeMs: Int64
+        public var error: ProtocolError
+        public var uid: UInt32
+        public var pid: Int32
+
+        public var json: JSONObject {
+            ["time_ms": .int(timeMs), "code": .string(error.code.rawValue), "op": error.op.map { .string($0) } ?? .null,
+             "key": error.key.map { .string($0) } ?? .null, "message": .string(error.message), "uid": .int(Int64(uid)), "pid": .int(Int64(pid))]
+        }
     }
 
     /// One connected client, as status shows it.
@@ -96,13 +110,24 @@ public final class DaemonStatistics: Sendable {
 
     public func connected(_ info: ClientInfo) { state.withLock { $0.clients[info.connection] = info } }
     public func disconnected(_ connection: UInt64) { state.withLock { _ = $0.clients.removeValue(forKey: connection) } }
-    public func count(frames: UInt64, metrics: UInt64, errors: UInt64) {
+    public func count(frames: UInt64, metrics: UInt64) {
         state.withLock {
             $0.framesReceived &+= frames
             $0.metricsAccepted &+= metrics
-            $0.errorsSent &+= errors
         }
     }
+
+    /// An error was sent to the client `peer`.
+    public func refused(_ error: ProtocolError, peer: PeerCredentials) {
+        let refusal = Refusal(timeMs: DaemonServices.nowMs(), error: error, uid: peer.uid, pid: peer.pid)
+        state.withLock {
+            $0.errorsSent &+= 1
+            $0.lastRefusal = refusal
+        }
+    }
+
+    /// The latest error sent to a client.
+    public var lastRefusal: Refusal? { state.withLock { $0.lastRefusal } }
 
     public var clients: [ClientInfo] { state.withLock { $0.clients.values.sorted { $0.connection < $1.connection } } }
     public var totals: (frames: UInt64, metrics: UInt64, errors: UInt64) {

@@ -19,6 +19,16 @@ public enum StatusReport {
         return line
     }
 
+    /// The systemd unit running the daemon (`INVOCATION_ID` is set for a service), from its
+    /// cgroup; `user`: under a user manager (`systemctl --user`).
+    static let systemdUnit: (name: String, user: Bool)? = {
+        guard ProcessInfo.processInfo.environment["INVOCATION_ID"] != nil else { return nil }
+        let cgroup = (try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)) ?? ""
+        let path = cgroup.split(separator: "\n").first.map { String($0.split(separator: ":", maxSplits: 2).last ?? "") } ?? ""
+        let name = path.split(separator: "/").last { $0.hasSuffix(".service") }.map(String.init) ?? "armoryd.service"
+        return (name, path.contains("/user@"))
+    }()
+
     public static func make(services: DaemonServices) -> JSONObject {
         let uploaders = services.destinations.all
         let all = uploaders.map { ($0.destination, $0.counterSnapshot) }
@@ -28,6 +38,7 @@ public enum StatusReport {
             counters.appliedRecords += c.appliedRecords
             counters.rejectedRecords += c.rejectedRecords
             counters.metricsWritten += c.metricsWritten
+            counters.systemMetricsWritten += c.systemMetricsWritten
             if let t = c.lastSuccessMs, t > (counters.lastSuccessMs ?? 0) { counters.lastSuccessMs = t }
             if let t = c.lastErrorMs, t > (counters.lastErrorMs ?? 0) {
                 counters.lastErrorMs = t
@@ -43,6 +54,11 @@ public enum StatusReport {
         var o = JSONObject()
         o["state"] = .string(all.contains { $0.1.isDegraded } ? "degraded" : "running")
         o["pid"] = .int(Int64(ProcessInfo.processInfo.processIdentifier))
+        o["uid"] = .int(Int64(getuid()))
+        if let unit = systemdUnit {
+            o["systemd_unit"] = .string(unit.name)
+            o["systemd_user"] = .bool(unit.user)
+        }
         o["version"] = .string(DaemonServices.version)
         o["uptime_s"] = .double((Date().timeIntervalSince(services.startedAt) * 10).rounded() / 10)
         o["socket"] = .string(services.socketPath)
@@ -119,11 +135,14 @@ public enum StatusReport {
         o["rejected_records"] = .int(Int64(counters.rejectedRecords))
         o["metrics_accepted"] = .int(Int64(totals.metrics))
         o["metrics_written"] = .int(Int64(counters.metricsWritten))
+        o["metrics_written_system"] = .int(Int64(counters.systemMetricsWritten))
         o["write_rate_metrics_per_s"] = .double((all.reduce(0) { $0 + $1.1.writeRate.perSecond(atMs: nowMs) } * 10).rounded() / 10)
         o["frames_received"] = .int(Int64(totals.frames))
         o["errors_sent"] = .int(Int64(totals.errors))
         o["last_success_ms"] = counters.lastSuccessMs.map { .int($0) } ?? .null
         o["last_error"] = counters.lastError.map { .string($0) } ?? .null
+        o["last_error_ms"] = counters.lastErrorMs.map { .int($0) } ?? .null
+        o["last_refusal"] = services.statistics.lastRefusal.map { .object($0.json) } ?? .null
         o["syncs"] = .array(services.syncs.all.map(\.json))
         o["host"] = .object(JSONObject(uniqueKeysWithValues: services.host.current.sorted { $0.key < $1.key }.map { ($0.key, .double($0.value)) }))
         return o

@@ -88,6 +88,13 @@ public enum SinkRecord: Sendable, Equatable {
     case deleteTag(key: String)
 
     var metricCount: Int { if case .log(let b) = self { b.metrics.count } else { 0 } }
+
+    /// Its `system/…` metrics: host metrics, sampled by the daemon or by a client's own monitor
+    /// (a batch holds them only when it starts with one: the sampler's batches are all of them).
+    var systemMetricCount: Int {
+        guard case .log(let b) = self, let first = b.metrics.first, first.key.hasPrefix("system/") else { return 0 }
+        return b.metrics.reduce(0) { $0 + ($1.key.hasPrefix("system/") ? 1 : 0) }
+    }
 }
 
 /// What the sink is asked to do: records with their run's MLflow id filled in.
@@ -141,6 +148,8 @@ public struct UploadScheduler: Sendable {
         public var failures: [(ticket: UInt64, error: ProtocolError)] = []
         public var created: Binding?
         public var metrics = 0
+        /// Of `metrics`, those named `system/…`.
+        public var systemMetrics = 0
     }
 
     struct RunQueue: Sendable {
@@ -319,6 +328,7 @@ public struct UploadScheduler: Sendable {
                 _ = queue.entries.popFirst()
                 settled.tickets.append(entry.ticket)
                 settled.metrics += entry.record.metricCount
+                settled.systemMetrics += entry.record.systemMetricCount
             }
         case .retry(let after, _):
             queue.attempt += 1

@@ -41,6 +41,8 @@ public final class Uploader: Sendable {
         public var pendingRecords = 0
         public var appliedRecords: UInt64 = 0
         public var metricsWritten: UInt64 = 0
+        /// Of `metricsWritten`, those named `system/…` (host metrics).
+        public var systemMetricsWritten: UInt64 = 0
         public var rejectedRecords: UInt64 = 0
         public var retries: UInt64 = 0
         /// Records that wait in the journal only (memory bound reached).
@@ -498,6 +500,7 @@ public final class Uploader: Sendable {
             s.counters.appliedRecords += UInt64(settled.tickets.count)
             s.counters.rejectedRecords += UInt64(settled.failures.count)
             s.counters.metricsWritten += UInt64(settled.metrics)
+            s.counters.systemMetricsWritten += UInt64(settled.systemMetrics)
             s.counters.writeRate.add(UInt64(settled.metrics), atMs: wallNow)
             switch outcome {
             case .applied, .created: s.counters.lastSuccessMs = wallNow

@@ -14,7 +14,8 @@ public enum DaemonMessage: Sendable, Equatable {
         case .error(let e):
             var o: JSONObject = ["op": "error"]
             o["seq"] = e.seq.map { .int(Int64($0)) } ?? .null
-            if let op = e.op { o["failed_op"] = .string(op) }
+            o["failed_op"] = e.op.map { .string($0) } ?? .null
+            if let key = e.key { o["key"] = .string(key) }
             o["code"] = .string(e.code.rawValue)
             o["message"] = .string(e.message)
             return .object(o)
@@ -42,7 +43,7 @@ public enum DaemonMessage: Sendable, Equatable {
         case "error":
             let code = ErrorCode(rawValue: o["code"]?.stringValue ?? "") ?? .internalError
             let seq = o["seq"]?.intValue.map { UInt64($0) }
-            return .error(ProtocolError(code, o["message"]?.stringValue ?? "", seq: seq, op: o["failed_op"]?.stringValue))
+            return .error(ProtocolError(code, o["message"]?.stringValue ?? "", seq: seq, op: o["failed_op"]?.stringValue, key: o["key"]?.stringValue))
         case "reply":
             guard let seq = o["seq"]?.intValue else { throw ProtocolError(.badFrame, "reply without seq") }
             o.removeValue(forKey: "op")
@@ -138,6 +139,9 @@ public struct HelloReply: Sendable, Equatable {
                 "max_frame_bytes": .int(Int64(limits.maxFrameBytes)),
                 "max_chunk_bytes": .int(Int64(limits.maxChunkBytes)),
                 "max_depth": .int(Int64(limits.maxDepth)),
+                "max_key_length": .int(Int64(MLflowRules.maxKeyLength)),
+                "max_param_value_length": .int(Int64(MLflowRules.maxParamValueLength)),
+                "max_tag_value_length": .int(Int64(MLflowRules.maxTagValueLength)),
             ]),
             "uid": .int(Int64(uid)),
             "pid": .int(Int64(pid)),

@@ -31,12 +31,15 @@ public struct ProtocolError: Error, Equatable, Sendable, CustomStringConvertible
     public var seq: UInt64?
     /// The op of that frame (`log`, `param`, …), when it is known.
     public var op: String?
+    /// The metric, param or tag key the refusal is about, when there is one.
+    public var key: String?
 
-    public init(_ code: ErrorCode, _ message: String, seq: UInt64? = nil, op: String? = nil) {
+    public init(_ code: ErrorCode, _ message: String, seq: UInt64? = nil, op: String? = nil, key: String? = nil) {
         self.code = code
         self.message = message
         self.seq = seq
         self.op = op
+        self.key = key
     }
 
     public var description: String {

@@ -107,3 +107,54 @@ public struct FrameDecoder: Sendable {
         return .frame(frame)
     }
 }
+
+/// Reads `op` and `seq` out of bytes that are not a valid frame (broken JSON, or the head and
+/// tail of a frame too large to read), so that the error can name the frame it answers.
+public enum FramePeek {
+    /// The first `"op": "<name>"` and `"seq": <n>` found in `bytes`, when there are.
+    public static func opAndSeq(_ bytes: some Collection<UInt8>) -> (op: String?, seq: UInt64?) {
+        let b = Array(bytes)
+        var op: String?
+        var seq: UInt64?
+        var i = 0
+        while i < b.count, op == nil || seq == nil {
+            defer { i += 1 }
+            guard b[i] == UInt8(ascii: "\"") else { continue }
+            if op == nil, matches(b, at: i, "\"op\""), let start = valueStart(b, after: i + 4), b[start] == UInt8(ascii: "\"") {
+                var end = start + 1
+                while end < b.count, end - start <= 64, isNameByte(b[end]) { end += 1 }
+                if end < b.count, b[end] == UInt8(ascii: "\""), end > start + 1 { op = String(decoding: b[(start + 1)..<end], as: UTF8.self) }
+            } else if seq == nil, matches(b, at: i, "\"seq\""), let start = valueStart(b, after: i + 5) {
+                var n: UInt64 = 0
+                var end = start
+                while end < b.count, end - start < 19, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b[end]) {
+                    n = n * 10 + UInt64(b[end] - UInt8(ascii: "0"))
+                    end += 1
+                }
+                if end > start, n > 0 { seq = n }
+            }
+        }
+        return (op, seq)
+    }
+
+    private static func matches(_ b: [UInt8], at i: Int, _ token: StaticString) -> Bool {
+        let count = token.utf8CodeUnitCount
+        guard i + count <= b.count else { return false }
+        return token.withUTF8Buffer { t in (0..<count).allSatisfy { b[i + $0] == t[$0] } }
+    }
+
+    /// The index of the value after `"name"` and its colon (whitespace skipped).
+    private static func valueStart(_ b: [UInt8], after index: Int) -> Int? {
+        var i = index
+        while i < b.count, isSpace(b[i]) { i += 1 }
+        guard i < b.count, b[i] == UInt8(ascii: ":") else { return nil }
+        i += 1
+        while i < b.count, isSpace(b[i]) { i += 1 }
+        return i < b.count ? i : nil
+    }
+
+    private static func isSpace(_ c: UInt8) -> Bool { c == 0x20 || c == 0x09 || c == 0x0a || c == 0x0d }
+    private static func isNameByte(_ c: UInt8) -> Bool {
+        (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(c) || c == UInt8(ascii: "_")
+    }
+}

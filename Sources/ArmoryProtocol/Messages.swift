@@ -85,6 +85,8 @@ public struct Hello: Sendable, Equatable {
     public var systemMetrics: Bool = true
     /// Continue a session this client had before its connection broke (or the daemon restarted).
     public var resume: Resume?
+    /// An admin tool (`armoryctl`): not listed or counted as a client.
+    public var admin: Bool = false
 
     /// `hello`'s `resume`: the session to continue and the highest `seq` the client saw acked.
     public struct Resume: Sendable, Equatable {
@@ -244,12 +246,26 @@ extension ClientFrame {
         do {
             json = try JSONParser.parse(payload, maxDepth: maxDepth)
         } catch {
-            throw ProtocolError(.badJSON, "The frame is not valid JSON (\(error)). Send one UTF-8 JSON object per frame.")
+            let (op, seq) = FramePeek.opAndSeq(payload)
+            throw ProtocolError(.badJSON, "The frame is not valid JSON (\(error)). Send one UTF-8 JSON object per frame.", seq: seq, op: op)
         }
         return try decode(json: json, receivedAtMs: receivedAtMs)
     }
 
+    /// Decodes a parsed frame; an error names the frame's `seq` and `op` as far as they can be read.
     public static func decode(json: JSONValue, receivedAtMs: Int64) throws(ProtocolError) -> ClientFrame {
+        do {
+            return try decodeObject(json, receivedAtMs: receivedAtMs)
+        } catch var error {
+            if case .object(let object) = json {
+                if error.seq == nil, let seq = object["seq"]?.intValue, seq >= 1 { error.seq = UInt64(seq) }
+                error.op = error.op ?? object["op"]?.stringValue
+            }
+            throw error
+        }
+    }
+
+    private static func decodeObject(_ json: JSONValue, receivedAtMs: Int64) throws(ProtocolError) -> ClientFrame {
         guard case .object(let object) = json else {
             throw ProtocolError(.badFrame, "A frame must be a JSON object with \"op\" and \"seq\".")
         }
@@ -275,6 +291,7 @@ extension ClientFrame {
                 credentials: MLflowCredentials(json: object["credentials"]))
             hello.systemMetrics = try f.optionalBool("system_metrics") ?? true
             hello.resume = try Self.resume(object["resume"], seq: seq)
+            hello.admin = try f.optionalBool("admin") ?? false
             op = .hello(hello)
         case "param":
             op = .trackParam(key: try f.string("key"), value: try f.string("value"))
@@ -448,19 +465,19 @@ extension ClientFrame {
                         throw missing("metrics", "an array of [key, value, step, timestamp]")
                     }
                     guard let value = cells[1].doubleValue else {
-                        throw ProtocolError(.invalidValue, "Metric '\(key)' has a value that is not a number (send numbers, or \"NaN\", \"Infinity\", \"-Infinity\").", seq: seq)
+                        throw ProtocolError(.invalidValue, "Metric '\(key)' has a value that is not a number (send numbers, or \"NaN\", \"Infinity\", \"-Infinity\").", seq: seq, key: key)
                     }
                     var step: Int64 = 0
                     var timestamp = receivedAtMs
                     if cells.count > 2, !cells[2].isNull {
                         guard let s = cells[2].intValue else {
-                            throw ProtocolError(.invalidValue, "Metric '\(key)' has a step that is not an integer.", seq: seq)
+                            throw ProtocolError(.invalidValue, "Metric '\(key)' has a step that is not an integer.", seq: seq, key: key)
                         }
                         step = s
                     }
                     if cells.count > 3, !cells[3].isNull {
                         guard let t = cells[3].intValue else {
-                            throw ProtocolError(.invalidValue, "Metric '\(key)' has a timestamp that is not an integer (milliseconds since the epoch).", seq: seq)
+                            throw ProtocolError(.invalidValue, "Metric '\(key)' has a timestamp that is not an integer (milliseconds since the epoch).", seq: seq, key: key)
                         }
                         timestamp = t
                     }
@@ -487,6 +504,7 @@ extension ClientFrame {
             if let uri = h.trackingURI { o["tracking_uri"] = .string(uri) }
             if let credentials = h.credentials.json { o["credentials"] = credentials }
             if !h.systemMetrics { o["system_metrics"] = .bool(false) }
+            if h.admin { o["admin"] = .bool(true) }
             if let r = h.resume { o["resume"] = .object(["session": .string(r.session), "acked": .int(Int64(r.acked))]) }
         case .trackParam(let key, let value):
             o["key"] = .string(key)

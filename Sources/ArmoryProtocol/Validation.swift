@@ -15,25 +15,25 @@ public enum MLflowRules {
     /// Checks a metric, param or tag key; the error names the key and says how to fix it.
     public static func validateKey(_ key: String, kind: KeyKind) throws(ProtocolError) {
         if key.isEmpty {
-            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '': keys must not be empty.")
+            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '': keys must not be empty.", key: key)
         }
         let length = key.unicodeScalars.count
         if length > maxKeyLength {
-            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key.prefix(60))…': \(length) characters, MLflow allows at most \(maxKeyLength).")
+            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key.prefix(60))…': \(length) characters, MLflow allows at most \(maxKeyLength).", key: key)
         }
         for scalar in key.unicodeScalars where !isKeyScalar(scalar) {
-            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key)': character '\(scalar.escaped(asASCII: true))' is not allowed. Keys may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/).")
+            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key)': character '\(scalar.escaped(asASCII: true))' is not allowed. Keys may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/).", key: key)
         }
         let normalized = posixNormalizedPath(key)
         if normalized != key || normalized == "." || normalized.hasPrefix("..") || normalized.hasPrefix("/") {
-            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key)': keys are used as file paths and must not resolve to another name (this one resolves to '\(normalized)'): no leading '/', no '//', no '.' or '..' segments, no trailing '/'.")
+            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key)': keys are used as file paths and must not resolve to another name (this one resolves to '\(normalized)'): no leading '/', no '//', no '.' or '..' segments, no trailing '/'.", key: key)
         }
     }
 
     public static func validateParamValue(_ value: String, key: String) throws(ProtocolError) {
         let length = value.unicodeScalars.count
         if length > maxParamValueLength {
-            throw ProtocolError(.invalidValue, "Param '\(key)' has a value of \(length) characters; MLflow allows at most \(maxParamValueLength). Shorten it or log it as an artifact.")
+            throw ProtocolError(.invalidValue, "Param '\(key)' has a value of \(length) characters; MLflow allows at most \(maxParamValueLength). Shorten it or log it as an artifact.", key: key)
         }
     }
 
@@ -41,7 +41,7 @@ public enum MLflowRules {
     public static func validateTagValue(_ value: String, key: String, limit: Int = maxTagValueLength) throws(ProtocolError) {
         let length = value.unicodeScalars.count
         if length > limit {
-            throw ProtocolError(.invalidValue, "Tag '\(key)' has a value of \(length) characters; MLflow allows at most \(limit). Shorten it or log it as an artifact.")
+            throw ProtocolError(.invalidValue, "Tag '\(key)' has a value of \(length) characters; MLflow allows at most \(limit). Shorten it or log it as an artifact.", key: key)
         }
     }
 
@@ -57,7 +57,7 @@ public enum MLflowRules {
     public static func validateMetric(_ metric: MetricPoint) throws(ProtocolError) {
         try validateKey(metric.key, kind: .metric)
         if metric.timestamp < 0 {
-            throw ProtocolError(.invalidValue, "Metric '\(metric.key)' has timestamp \(metric.timestamp); MLflow needs a non-negative time in milliseconds since the epoch.")
+            throw ProtocolError(.invalidValue, "Metric '\(metric.key)' has timestamp \(metric.timestamp); MLflow needs a non-negative time in milliseconds since the epoch.", key: metric.key)
         }
     }
 

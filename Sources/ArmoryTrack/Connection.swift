@@ -82,9 +82,10 @@ public final class Connection: @unchecked Sendable {
     private let maxBufferedBytes = 8 << 20
 
     /// Connects to `socketPath`, or discovers the daemon (docs/architecture.md, "Finding the daemon"), and says hello.
-    /// `resumesSession` false: a broken connection is final (admin tools, which fail fast).
+    /// `admin`: an admin tool (`armoryctl`), which fails fast (a broken connection is final, no
+    /// session is resumed) and is not listed as a client.
     public init(socketPath: String? = nil, client: String = "ArmoryTrack", program: String = CommandLine.arguments.first ?? "",
-                environment: [String: String] = ProcessInfo.processInfo.environment, resumesSession: Bool = true) throws(ArmoryError) {
+                environment: [String: String] = ProcessInfo.processInfo.environment, admin: Bool = false) throws(ArmoryError) {
         let candidates = socketPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }
         var lastReason = "no candidate path"
         var connected: (Int32, String)?
@@ -103,7 +104,7 @@ public final class Connection: @unchecked Sendable {
         self.explicitPath = socketPath
         self.environment = environment
         self.maxRetainedBytes = environment["ARMORY_RETAIN_BYTES"].flatMap(Int.init) ?? 64 << 20
-        self.reconnectSeconds = resumesSession ? environment["ARMORY_RECONNECT_SECONDS"].flatMap(Double.init) ?? 300 : 0
+        self.reconnectSeconds = !admin ? environment["ARMORY_RECONNECT_SECONDS"].flatMap(Double.init) ?? 300 : 0
         let writer = Thread { [self] in writeLoop() }
         writer.name = "armory-writer"
         writer.start()
@@ -112,9 +113,10 @@ public final class Connection: @unchecked Sendable {
         // The process's own MLflow destination and credentials (`ARMORY_TRACKING_URI`, else
         // `MLFLOW_TRACKING_URI`): the daemon writes this process's runs there, keeping them in
         // memory only; none, or `armoryd:`, means the daemon's own.
-        let hello = Hello(client: client, clientVersion: ArmoryTrackVersion.current, program: absoluteProgram,
+        var hello = Hello(client: client, clientVersion: ArmoryTrackVersion.current, program: absoluteProgram,
                           trackingURI: [environment["ARMORY_TRACKING_URI"], environment["MLFLOW_TRACKING_URI"]].compactMap { $0 }.first { !$0.isEmpty },
                           credentials: MLflowCredentials.resolve(environment: environment))
+        hello.admin = admin
         self.hello = hello
         let body = try request(.hello(hello), timeout: 10)
         guard let reply = HelloReply(json: body) else { throw .protocolViolation("armoryd sent an unreadable hello reply.") }
@@ -130,7 +132,7 @@ public final class Connection: @unchecked Sendable {
     }
 
     private static func connect(_ path: String) -> Result<Int32, ConnectFailure> {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // not inherited by programs it runs
         guard fd >= 0 else { return .failure(ConnectFailure(String(cString: strerror(errno)))) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)

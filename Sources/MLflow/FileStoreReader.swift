@@ -159,7 +159,7 @@ public struct FileStoreReader: Sendable {
         let dir = run.directory + "/artifacts"
         return StoreFiles.files(under: dir).map { path in
             let size = (try? FileManager.default.attributesOfItem(atPath: dir + "/" + path)[.size] as? Int) ?? 0
-            return (path, size ?? 0)
+            return (path, size)
         }
     }
 

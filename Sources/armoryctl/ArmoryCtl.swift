@@ -9,9 +9,63 @@ struct ArmoryCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "armoryctl",
         abstract: "Inspect and control a running armoryd.",
+        discussion: "Global options (--socket PATH, --json) go before or after the command, as with git -C or systemctl --user. Exit status: 0 success, 1 degraded or not done, 3 no daemon, 4 not permitted, 64 usage.",
         version: ArmoryTrackVersion.current,
-        subcommands: [Status.self, Runs.self, Flush.self, Sync.self, Metrics.self, MLflowServer.self],
+        subcommands: [Status.self, Runs.self, Flush.self, Sync.self, Metrics.self, MLflowServer.self, Stop.self],
         defaultSubcommand: Status.self)
+
+    /// Parses the command line the way people type it: global options may come before the command.
+    static func main() {
+        let commands = configuration.subcommands.map { $0._commandName }
+        switch CommandLineOrder.arrange(Array(CommandLine.arguments.dropFirst()), commands: commands) {
+        case .arguments(let arguments):
+            do {
+                var command = try parseAsRoot(arguments)
+                try command.run()
+            } catch let failure as Failure {
+                FileHandle.standardError.write(Data("armoryctl: \(failure)\n".utf8))
+                Glibc.exit(failure.exitCode)
+            } catch {
+                exit(withError: error)
+            }
+        case .unknownCommand(let word):
+            let list = configuration.subcommands.map { "  " + $0._commandName.padding(toLength: 15, withPad: " ", startingAt: 0) + $0.configuration.abstract }
+            FileHandle.standardError.write(Data("armoryctl: unknown command '\(word)'.\n\nCommands:\n\(list.joined(separator: "\n"))\n\nSee 'armoryctl <command> --help'.\n".utf8))
+            Glibc.exit(ExitCode.validationFailure.rawValue)
+        }
+    }
+}
+
+/// Moves the global options typed before the command to after it, where the parser reads them.
+enum CommandLineOrder {
+    enum Result: Equatable {
+        case arguments([String])
+        case unknownCommand(String)
+    }
+
+    /// `armoryctl --socket S --json status -x` → `status --socket S --json -x`. A first word that
+    /// is no command (nor `help`) is an unknown command; options alone run the default command.
+    static func arrange(_ arguments: [String], commands: [String]) -> Result {
+        var globals: [String] = []
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            if argument == "--json" || argument.hasPrefix("--socket=") {
+                globals.append(argument)
+                index += 1
+            } else if argument == "--socket", index + 1 < arguments.count {
+                globals += arguments[index...(index + 1)]
+                index += 2
+            } else {
+                break
+            }
+        }
+        guard index < arguments.count else { return .arguments(arguments) }
+        let word = arguments[index]
+        if word.hasPrefix("-") { return .arguments(arguments) }  // --help, --version, a command's own option
+        guard commands.contains(word) || word == "help" else { return .unknownCommand(word) }
+        return .arguments([word] + globals + arguments[(index + 1)...])
+    }
 }
 
 /// Options every subcommand shares.
@@ -19,26 +73,33 @@ struct ConnectionOptions: ParsableArguments {
     @Option(help: "The daemon's socket (default: $ARMORY_SOCKET, else the per-user socket, else /run/armory/armoryd.sock).")
     var socket: String?
 
-    @Flag(help: "Print JSON instead of text.")
+    @Flag(help: "Print JSON instead of text (also when no daemon answers: {\"state\": \"not running\", …}).")
     var json = false
 
     /// Connects, or exits 3 with the reason when no daemon answers. An admin command fails fast
-    /// when the daemon goes away: it does not resume its session.
+    /// when the daemon goes away: it does not resume a session, and it is not listed as a client.
     func connect(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> Connection {
         do {
-            return try Connection(socketPath: socket, client: "armoryctl", environment: environment, resumesSession: false)
+            return try Connection(socketPath: socket, client: "armoryctl", environment: environment, admin: true)
         } catch {
-            FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
-            throw ExitCode(3)
+            throw notRunning(error)
         }
     }
 
     /// The daemon's status reply, or exit 3 when no daemon answers.
     func status(_ connection: Connection) throws -> JSONObject {
         do { return try connection.status() } catch {
-            FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
-            throw ExitCode(3)
+            throw notRunning(error)
         }
+    }
+
+    /// Says that no daemon answers (as JSON with `--json`); exit status 3.
+    private func notRunning(_ error: ArmoryError) -> ExitCode {
+        if json {
+            printJSON(.object(["state": "not running", "socket": socket.map { .string($0) } ?? .null, "error": .string("\(error)")]))
+        }
+        FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
+        return ExitCode(3)
     }
 
     func printJSON(_ value: JSONValue) {
@@ -107,19 +168,31 @@ enum StatusText {
             for gpu in gpus { text += ", \(gpu.dropLast("_utilization_percentage".count)) \(figure(gpu))%" }
             row("Host", text)
         }
-        row("Written", "\(s["applied_records"]?.intValue ?? 0) records, \(s["metrics_written"]?.intValue ?? 0) metrics")
-        row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records")
-        if let last = s["last_success_ms"]?.intValue {
-            let ago = Date().timeIntervalSince1970 - Double(last) / 1000
-            row("Last write", duration(max(0, ago)) + " ago")
-        } else {
-            row("Last write", "never")
-        }
-        row("Last error", s["last_error"]?.stringValue ?? "none")
+        let written = s["metrics_written"]?.intValue ?? 0
+        let system = s["metrics_written_system"]?.intValue ?? 0
+        row("Written", "\(s["applied_records"]?.intValue ?? 0) records, \(written) metrics (\(written - system) from clients, \(system) system/… host metrics)")
+        row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records refused by the destinations")
+        row("Refused", "\(s["errors_sent"]?.intValue ?? 0) client operations (errors sent back to clients)")
+        let nowMs = Date().timeIntervalSince1970 * 1000
+        func ago(_ ms: Int64) -> String { duration(max(0, (nowMs - Double(ms)) / 1000)) + " ago" }
+        row("Last write", s["last_success_ms"]?.intValue.map(ago) ?? "never")
+        row("Last error", lastError(s, ago: ago))
         for job in s["syncs"]?.arrayValue ?? [] where !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
             row("Sync", ArmoryCtl.Sync.describe(job))
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// The latest of the destinations' last error and the last error sent to a client.
+    static func lastError(_ s: JSONObject, ago: (Int64) -> String) -> String {
+        let store = s["last_error"]?.stringValue.map { (ms: s["last_error_ms"]?.intValue ?? 0, text: "destination: \($0.prefix(200))") }
+        let refusal = s["last_refusal"]?.objectValue.map { r in
+            let ms = r["time_ms"]?.intValue ?? 0
+            let op = r["op"]?.stringValue.map { " in '\($0)'" } ?? ""
+            return (ms: ms, text: "\(r["code"]?.stringValue ?? "?")\(op) to pid \(r["pid"]?.intValue ?? 0) (uid \(r["uid"]?.intValue ?? 0)): \(r["message"]?.stringValue?.prefix(200) ?? "")")
+        }
+        guard let latest = [store, refusal].compactMap({ $0 }).max(by: { $0.ms < $1.ms }) else { return "none" }
+        return (latest.ms > 0 ? ago(latest.ms) + ", " : "") + latest.text
     }
 
     static func duration(_ seconds: Double) -> String {

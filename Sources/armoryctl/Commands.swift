@@ -36,8 +36,12 @@ extension ArmoryCtl {
         @Flag(help: "Wait until every destination's backlog is uploaded.")
         var wait = false
 
-        @Option(help: "Seconds --wait waits at most.")
+        @Option(parsing: .unconditional, help: "Seconds --wait waits at most (0 or more).")
         var timeout: Double = 600
+
+        func validate() throws {
+            try Validate.seconds(timeout, flag: "--timeout")
+        }
 
         func run() throws {
             let connection = try options.connect()
@@ -88,8 +92,12 @@ extension ArmoryCtl {
         @Option(help: "The store to show (default: the running daemon's local store, else $ARMORY_HOME/mlruns or ~/.armory/mlruns).")
         var store: String?
 
-        @Option(help: "Port for the UI.")
+        @Option(parsing: .unconditional, help: "Port for the UI (1-65535).")
         var port: Int = 5000
+
+        func validate() throws {
+            guard (1...65535).contains(port) else { throw ValidationError("--port must be a TCP port, 1-65535 (got \(port)).") }
+        }
 
         @Argument(parsing: .captureForPassthrough, help: "Arguments passed to `mlflow server` as they are.")
         var mlflowArguments: [String] = []
@@ -97,22 +105,22 @@ extension ArmoryCtl {
         func run() throws {
             let root = try store ?? daemonStore() ?? Self.defaultStore()
             guard FileManager.default.fileExists(atPath: root) else {
-                throw ValidationError("No MLflow store at \(root): run an evaluation first, or pass --store PATH.")
+                throw Failure("No MLflow store at \(root): run an evaluation first, or pass --store PATH.")
             }
             guard let mlflow = Self.findExecutable("mlflow") else {
-                throw ValidationError("`mlflow` is not installed (or not on PATH): `pip install \"mlflow==3.17.2\"` (or activate the virtual environment that has it), then run this again.")
+                throw Failure("`mlflow` is not installed (or not on PATH): `pip install \"mlflow==3.17.2\"` (or activate the virtual environment that has it), then run this again.")
             }
             let arguments = [mlflow, "server", "--backend-store-uri", "file://" + root, "--host", "127.0.0.1", "--port", "\(port)"] + mlflowArguments
             setenv("MLFLOW_ALLOW_FILE_STORE", "true", 1)
             FileHandle.standardError.write(Data("armoryctl: MLflow UI on http://127.0.0.1:\(port) for \(root)\n".utf8))
             let argv = arguments.map { strdup($0) } + [nil]
             execv(mlflow, argv)
-            throw ValidationError("Cannot start \(mlflow): \(String(cString: strerror(errno)))")
+            throw Failure("Cannot start \(mlflow): \(String(cString: strerror(errno))).")
         }
 
         /// The running daemon's store, when it writes a local one.
         private func daemonStore() throws -> String? {
-            guard let connection = try? Connection(socketPath: options.socket, client: "armoryctl", resumesSession: false),
+            guard let connection = try? Connection(socketPath: options.socket, client: "armoryctl", admin: true),
                   let destination = try? connection.status()["destination"]?.stringValue,
                   destination.hasPrefix("file://") else { return nil }
             return String(destination.dropFirst("file://".count))
@@ -127,6 +135,64 @@ extension ArmoryCtl {
             let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
             return path.split(separator: ":").map { "\($0)/\(name)" }.first { access($0, X_OK) == 0 }
         }
+    }
+}
+
+extension ArmoryCtl {
+    /// `armoryctl stop`: stops a daemon started by hand, as `systemctl stop` stops a unit.
+    struct Stop: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Stop a daemon started by hand (SIGTERM, then wait until it has exited); one under systemd is stopped with systemctl.",
+            discussion: "The daemon finishes what it holds (journaled records stay for its next start). Exit status: 0 stopped, 1 still running at --timeout or managed by systemd, 3 not running, 4 not permitted.")
+
+        @OptionGroup var options: ConnectionOptions
+
+        @Option(parsing: .unconditional, help: "Seconds to wait for the daemon to exit (0 or more).")
+        var timeout: Double = 30
+
+        func validate() throws {
+            try Validate.seconds(timeout, flag: "--timeout")
+        }
+
+        func run() throws {
+            let status = try options.status(options.connect())
+            let pid = pid_t(status["pid"]?.intValue ?? 0)
+            if let unit = status["systemd_unit"]?.stringValue {
+                let user = status["systemd_user"]?.boolValue == true ? " --user" : ""
+                throw Failure("armoryd (pid \(pid)) runs under systemd as \(unit): stop it with `systemctl\(user) stop \(unit)` (its socket starts it again on the next connection; stop \(unit.replacingOccurrences(of: ".service", with: ".socket")) too to keep it stopped).")
+            }
+            guard pid > 0 else { throw Failure("armoryd did not say its pid; stop it with kill.") }
+            if kill(pid, SIGTERM) != 0 {
+                let reason = String(cString: strerror(errno))
+                throw Failure("Cannot stop armoryd (pid \(pid), uid \(status["uid"]?.intValue ?? -1)): \(reason). Run armoryctl stop as the daemon's user or as root.", exitCode: errno == EPERM ? 4 : 1)
+            }
+            let deadline = Date().addingTimeInterval(timeout)
+            while kill(pid, 0) == 0 {
+                guard Date() < deadline else {
+                    throw Failure("armoryd (pid \(pid)) is still running \(Int(timeout)) s after SIGTERM (it flushes its journal first); wait, or `kill -9 \(pid)` (journaled records survive).")
+                }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+            if options.json { options.printJSON(.object(["stopped": .bool(true), "pid": .int(Int64(pid))])) } else { print("armoryd (pid \(pid)) stopped") }
+        }
+    }
+}
+
+/// A command that could not do its job: the message goes to stderr, without the usage text.
+struct Failure: Error, CustomStringConvertible {
+    var description: String
+    var exitCode: Int32
+
+    init(_ message: String, exitCode: Int32 = 1) {
+        self.description = message
+        self.exitCode = exitCode
+    }
+}
+
+/// Checks of option values, naming the flag and what it accepts.
+enum Validate {
+    static func seconds(_ value: Double, flag: String) throws {
+        guard value >= 0, value.isFinite else { throw ValidationError("\(flag) must be a number of seconds, 0 or more (got \(String(format: "%g", value))).") }
     }
 }
 
@@ -180,14 +246,15 @@ enum PrometheusText {
                [("", Double(sessions?["waiting"]?.intValue ?? 0))])
         metric("sessions_expired_total", "counter", "Sessions nobody resumed within --orphan-grace (their runs ended FAILED).", [("", Double(sessions?["expired"]?.intValue ?? 0))])
         metric("active_runs", "gauge", "Runs not yet ended.", [("", Double(s["active_runs"]?.arrayValue?.count ?? 0))])
-        metric("pending_records", "gauge", "Records accepted and not yet uploaded.", [("", number("pending_records"))])
-        metric("applied_records_total", "counter", "Records the destinations applied.", [("", number("applied_records"))])
-        metric("rejected_records_total", "counter", "Records the destinations refused.", [("", number("rejected_records"))])
-        metric("metrics_accepted_total", "counter", "Metrics accepted from clients.", [("", number("metrics_accepted"))])
-        metric("metrics_written_total", "counter", "Metrics written to the destinations.", [("", number("metrics_written"))])
+        metric("pending_records", "gauge", "Records accepted (journaled) and not yet applied by their destination.", [("", number("pending_records"))])
+        metric("applied_records_total", "counter", "Records the destinations applied (a record: one frame's metrics, params and tags for a run, a run's creation or end, an artifact).", [("", number("applied_records"))])
+        metric("rejected_records_total", "counter", "Records the destinations refused for good (each reported to the client that sent it).", [("", number("rejected_records"))])
+        metric("metrics_accepted_total", "counter", "Metrics accepted from clients (valid and journaled); the daemon's own system/... samples are not counted here.", [("", number("metrics_accepted"))])
+        metric("metrics_written_total", "counter", "Metrics the destinations applied: the clients' and the system/... host metrics (see metrics_written_system_total).", [("", number("metrics_written"))])
+        metric("metrics_written_system_total", "counter", "Of metrics_written_total, those named system/... (host metrics the daemon samples for each run, or a client's own monitor logs).", [("", number("metrics_written_system"))])
         metric("write_rate_metrics_per_second", "gauge", "Metrics written per second over the last ten seconds.", [("", number("write_rate_metrics_per_s"))])
-        metric("frames_received_total", "counter", "Frames received from clients.", [("", number("frames_received"))])
-        metric("errors_sent_total", "counter", "Errors reported to clients.", [("", number("errors_sent"))])
+        metric("frames_received_total", "counter", "Frames received from clients (requests and fire-and-forget ops, admin tools included).", [("", number("frames_received"))])
+        metric("errors_sent_total", "counter", "Errors sent back to clients: operations refused at once (bad keys or values, unknown handles, wrong states, oversized frames) and records a destination refused later. armoryctl status shows the latest.", [("", number("errors_sent"))])
         let journal = s["journal"]?.objectValue ?? [:]
         metric("journal_bytes", "gauge", "Bytes of journal segments on disk.", [("", Double(journal["bytes"]?.intValue ?? 0))])
         metric("journal_corrupt_records_total", "counter", "Corrupt journal records skipped at the last start.", [("", Double(journal["corrupt_records"]?.intValue ?? 0))])

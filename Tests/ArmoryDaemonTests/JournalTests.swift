@@ -118,7 +118,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (journal, first) = try Journal.open(directory: dir, options: .init(settleInterval: 0))
         #expect(first.state.unsettled.isEmpty)
-        journal.append(.record(handle: "h1", .createRun(JournalCodecTests.creation))).lsn
+        _ = journal.append(.record(handle: "h1", .createRun(JournalCodecTests.creation))).lsn
         let second = journal.append(.record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "m", value: 2, timestamp: 2)])))).lsn
         journal.settle(upTo: 1)
         let third = journal.append(.record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "m", value: 3, timestamp: 3)])))).lsn

@@ -222,6 +222,21 @@ public final class Session: @unchecked Sendable {
         return outcome
     }
 
+    /// A frame that could not be read (broken JSON, a missing member, too large): its error names
+    /// the `seq` read from it, else the next one the session expects, and the frame counts as
+    /// answered. `nil`: a resent copy of a fire-and-forget frame already answered (dropped).
+    public func refuseUnreadable(_ error: ProtocolError) -> ProtocolError? {
+        var error = error
+        guard error.op != "hello" else { return error }  // outside the numbering
+        if let seq = error.seq, seq <= lastSeq {
+            return ClientOp.requestNames.contains(error.op ?? "") ? error : nil
+        }
+        let seq = error.seq ?? lastSeq + 1
+        error.seq = seq
+        lastSeq = seq
+        return error
+    }
+
     /// A frame this session already holds (a client resending after a reconnect): dropped, and a
     /// request answered as it was the first time.
     private func duplicate(_ frame: ClientFrame, nowMs: Int64) -> SessionOutcome {
@@ -322,7 +337,7 @@ public final class Session: @unchecked Sendable {
             try MLflowRules.validateParamValue(value, key: key)
             tracking.trackParam(key: key, value: value)
             dirty = true
-            try syncGlobalParams(nowMs: nowMs)
+            try syncGlobalParams(keys: [key])
         case .trackParams(let prefix, let function, let values):
             try MLflowRules.validateKey(prefix + "._func", kind: .param)
             for (key, value) in values {
@@ -331,7 +346,7 @@ public final class Session: @unchecked Sendable {
             }
             tracking.trackParams(prefix: prefix, function: function, values: values)
             dirty = true
-            try syncGlobalParams(nowMs: nowMs)
+            try syncGlobalParams(keys: [prefix + "._func"] + values.keys.map { prefix + "." + $0 })
         case .resetParams:
             tracking.resetParams()
             dirty = true
@@ -477,7 +492,7 @@ public final class Session: @unchecked Sendable {
         destination = try services.destinations.resolve(trackingURI: h.trackingURI, credentials: h.credentials, peerUID: peer.uid)
         hello = h
         dirty = true
-        services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
+        if !h.admin { services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program)) }
         let resumed: HelloReply.Resumed? = h.resume.map { _ in .notResumed(reason: notResumedReason ?? "unknown") }
         return .reply(helloReply(h, resumed: resumed).json)
     }
@@ -503,7 +518,7 @@ public final class Session: @unchecked Sendable {
             return .error(error)
         }
         hello = h
-        services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program))
+        if !h.admin { services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(h.client) \(h.clientVersion)", program: h.program)) }
         let handles = record.runHandles
         services.registry.reattach(handles, connection: number, clientPID: peer.pid)
         if awaitsReplayedRecords {
@@ -769,6 +784,12 @@ public final class Session: @unchecked Sendable {
     /// Validates a batch, keeps what is valid, and reports the first problem (naming the key).
     private func log(handle: String, batch: LogBatch) throws(ProtocolError) {
         let run = try ownedRun(handle)
+        if run.status != .running, evaluationRuns.values.contains(handle) || chainRuns.values.contains(handle) {
+            // An Armory evaluation or chain is over once ended (MLflow's API, `otherRuns`, may
+            // still log to a finished run, as MLflow itself allows).
+            let what = chainRuns.values.contains(handle) ? "Chain" : "Evaluation"
+            throw ProtocolError(.invalidState, "\(what) run '\(run.name)' already ended (\(run.status.rawValue)): nothing more is logged to it. Log before ending it, or start a new chain.", key: batch.metrics.first?.key ?? batch.params.keys.first ?? batch.tags.keys.first)
+        }
         if handle != lastLoggedRun {
             // A run attached through a server lookup (answered off this loop) becomes the session's here.
             if !evaluationRuns.values.contains(handle) && !chainRuns.values.contains(handle) && !otherRuns.contains(handle) {
@@ -826,7 +847,7 @@ public final class Session: @unchecked Sendable {
                 }
                 if let old = entry.params[key] {
                     if old != value {
-                        errors.append(ProtocolError(.paramChanged, "Param '\(key)' of run \(entry.runID ?? entry.handle) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run."))
+                        errors.append(ProtocolError(.paramChanged, "Param '\(key)' of run \(entry.runID ?? entry.handle) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run.", key: key))
                     }
                     continue
                 }
@@ -861,17 +882,19 @@ public final class Session: @unchecked Sendable {
     }
 
     /// Global params set after the parent run started still go to it (MLflow params are immutable).
-    private func syncGlobalParams(nowMs: Int64) throws(ProtocolError) {
+    /// Only `keys`, the ones the frame set, are checked: an earlier refused change is not refused again.
+    private func syncGlobalParams(keys: [String]) throws(ProtocolError) {
         guard tracking.depth == 0, !evaluationRuns.isEmpty else { return }
         let globals = tracking.globalParams
         var firstError: ProtocolError?
         for handle in evaluationRuns.values {
             guard let entry = services.registry.entry(handle), entry.status == .running else { continue }
             var fresh = StringMap()
-            for (key, value) in globals {
+            for key in keys {
+                guard let value = globals[key] else { continue }
                 if let old = entry.params[key] {
                     if old != value, firstError == nil {
-                        firstError = ProtocolError(.paramChanged, "Global param '\(key)' changed after the evaluation's parent run started (was '\(old.prefix(100))', now '\(value.prefix(100))'); MLflow params cannot change, so the run keeps the old value.")
+                        firstError = ProtocolError(.paramChanged, "Global param '\(key)' changed after the evaluation's parent run started (was '\(old.prefix(100))', now '\(value.prefix(100))'); MLflow params cannot change, so the run keeps the old value.", key: key)
                     }
                 } else {
                     fresh[key] = value

@@ -8,7 +8,7 @@ import NIOCore
 /// waiting per connection, so acks coalesce to one per group commit), pauses reading while the
 /// uploader is overloaded. A `hello` with `resume` swaps in the session it names.
 final class SessionChannelHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
+    typealias InboundIn = DecodedFrame
     typealias OutboundOut = ByteBuffer
 
     private var session: Session
@@ -24,7 +24,6 @@ final class SessionChannelHandler: ChannelInboundHandler {
     /// An ack is waiting for the journal.
     private var ackWaiting = false
     private var framesSinceFlush = 0
-    private var errorsSinceFlush = 0
     private var paused = false
 
     init(session: Session, services: DaemonServices, logger: Logger, closeConnection: @escaping @Sendable () -> Void) {
@@ -39,20 +38,25 @@ final class SessionChannelHandler: ChannelInboundHandler {
             heldBack!.append(data)
             return
         }
-        let payload = unwrapInboundIn(data)
         framesSinceFlush += 1
+        let payload: ByteBuffer
+        switch unwrapInboundIn(data) {
+        case .frame(let bytes):
+            payload = bytes
+        case .tooLarge(let length, let head, let tail):
+            let peeked = FramePeek.opAndSeq(head + [UInt8(ascii: " ")] + tail)
+            logger.warning("frame too large, skipped", metadata: ["length": "\(length)", "op": "\(peeked.op ?? "?")", "pid": "\(session.peer.pid)"])
+            let limit = services.limits.maxFrameBytes
+            refuse(ProtocolError(.frameTooLarge, "A frame of \(length) bytes exceeds the daemon's limit of \(limit) bytes (hello's reply states it); it was skipped and the connection goes on. Keep params and tags within MLflow's limits, log large values as artifacts, and send artifacts in chunks (artifact_chunk).", seq: peeked.seq, op: peeked.op), context: context)
+            return
+        }
         let bytes = Array(payload.readableBytesView)
         let now = DaemonServices.nowMs()
         let frame: ClientFrame
         do {
             frame = try ClientFrame.decode(payload: bytes, receivedAtMs: now, maxDepth: services.limits.maxDepth)
         } catch {
-            var error = error
-            // Name the frame if its seq can be read at all.
-            if error.seq == nil, case .object(let o)? = try? JSONParser.parse(bytes), let seq = o["seq"]?.intValue, seq > 0 {
-                error.seq = UInt64(seq)
-            }
-            send(.error(error), context: context)
+            refuse(error, context: context)
             return
         }
         if case .hello(let hello) = frame.op, let resume = hello.resume, session.hello == nil {
@@ -60,6 +64,11 @@ final class SessionChannelHandler: ChannelInboundHandler {
             return
         }
         carryOut(session.handle(frame, nowMs: now), for: frame, context: context)
+    }
+
+    /// Answers a frame that could not be read, with the `seq` the session assigns it.
+    private func refuse(_ error: ProtocolError, context: ChannelHandlerContext) {
+        if let error = session.refuseUnreadable(error) { send(.error(error), context: context) }
     }
 
     /// Carries out what the session decided about `frame`.
@@ -93,18 +102,18 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 }
             }
         case .awaitDurable(let waits, let timeoutMs):
-            let registrations = waits.map { w in { (done: @escaping @Sendable () -> Void) in w.uploader.whenDurable(w.lsn, urgent: true, done) } }
-            answerWhen(registrations, timeoutMs: timeoutMs, context: context) { complete in
+            answerWhen(Self.durable(waits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context) { complete in
                 .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: 0, level: .durable).json)
             }
         case .awaitUploaded(let waits, let timeoutMs):
-            answerWhenSettled(waits, timeoutMs: timeoutMs, context: context) { complete in
+            // Uploaded implies durable: the ack covering the flushed frames comes before the reply.
+            answerWhen(Self.settled(waits) + Self.durable(session.durabilityWaits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context) { complete in
                 let pending = complete ? 0 : waits.reduce(0) { $0 + $1.uploader.pending(upTo: $1.ticket) }
                 return .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: pending, level: .uploaded).json)
             }
         case .awaitRun(let handle, let wait, let timeoutMs):
             let registry = services.registry
-            answerWhenSettled([wait], timeoutMs: timeoutMs, context: context) { _ in
+            answerWhen(Self.settled([wait]), timeoutMs: timeoutMs, context: context) { _ in
                 guard let entry = registry.entry(handle) else {
                     return .error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name))
                 }
@@ -157,7 +166,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
     }
 
     private func adopt(_ resumed: Session, from fresh: Session, hello: Hello, frame: ClientFrame, context: ChannelHandlerContext) {
-        resumed.attach(connectionID: fresh.connectionID, peer: fresh.peer, reportLater: Self.reporter(for: context.channel))
+        resumed.attach(connectionID: fresh.connectionID, peer: fresh.peer, reportLater: Self.reporter(for: context.channel, peer: fresh.peer, statistics: services.statistics))
         session = resumed
         opened = true
         ackedSeq = 0
@@ -172,9 +181,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
 
     /// Sends a session's later errors (those of fire-and-forget ops, known once the sink acted)
     /// on `channel`, from any thread.
-    static func reporter(for channel: Channel) -> @Sendable (ProtocolError) -> Void {
+    static func reporter(for channel: Channel, peer: PeerCredentials, statistics: DaemonStatistics) -> @Sendable (ProtocolError) -> Void {
         let loopBound = NIOLoopBound(channel, eventLoop: channel.eventLoop)
         return { error in
+            statistics.refused(error, peer: peer)
             loopBound.eventLoop.execute {
                 let bytes = DaemonMessage.error(error).encoded
                 var buffer = loopBound.value.allocator.buffer(capacity: bytes.count)
@@ -188,9 +198,8 @@ final class SessionChannelHandler: ChannelInboundHandler {
         session.commit()
         if session.wantsPause && !paused { pause(context: context) }
         requestAck(context: context)
-        services.statistics.count(frames: UInt64(framesSinceFlush), metrics: session.takeAcceptedMetrics(), errors: UInt64(errorsSinceFlush))
+        services.statistics.count(frames: UInt64(framesSinceFlush), metrics: session.takeAcceptedMetrics())
         framesSinceFlush = 0
-        errorsSinceFlush = 0
         context.flush()
     }
 
@@ -214,8 +223,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 loopBound.eventLoop.execute {
                     let (handler, context) = loopBound.value
                     handler.ackWaiting = false
-                    handler.ackedSeq = max(handler.ackedSeq, seq)
-                    handler.send(.ack(upto: seq), context: context)
+                    if seq > handler.ackedSeq {
+                        handler.ackedSeq = seq
+                        handler.send(.ack(upto: seq), context: context)
+                    }
                     handler.requestAck(context: context)
                     context.flush()
                 }
@@ -244,8 +255,9 @@ final class SessionChannelHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         switch error {
         case let tooLarge as FrameChannelDecoder.FrameTooLarge:
-            logger.warning("closing connection: frame too large", metadata: ["length": "\(tooLarge.length)", "pid": "\(session.peer.pid)"])
-            sendThenClose(.error(ProtocolError(.frameTooLarge, "A frame of \(tooLarge.length) bytes exceeds the limit of \(tooLarge.limit) bytes; the connection is closed. Send large artifacts in chunks (artifact_chunk).")), context: context)
+            logger.warning("closing connection: not an armoryd client", metadata: ["length": "\(tooLarge.length)", "pid": "\(session.peer.pid)"])
+            let error = ProtocolError(.frameTooLarge, "A frame announced \(tooLarge.length) bytes, far beyond the daemon's limit of \(tooLarge.limit) bytes: this does not look like an armoryd client (frames are a 4-byte big-endian length, then JSON; proto/PROTOCOL.md), so the connection is closed.", seq: session.handledSeq + 1)
+            sendThenClose(.error(error), context: context)
             return
         case let truncated as FrameChannelDecoder.TruncatedFrame:
             logger.info("connection closed mid-frame", metadata: ["bytes": "\(truncated.bytes)", "pid": "\(session.peer.pid)"])
@@ -266,21 +278,29 @@ final class SessionChannelHandler: ChannelInboundHandler {
     }
 
     private func buffer(for message: DaemonMessage, context: ChannelHandlerContext) -> ByteBuffer {
-        if case .error = message { errorsSinceFlush += 1 }
+        if case .error(let error) = message { services.statistics.refused(error, peer: session.peer) }
         let bytes = message.encoded
         var buffer = context.channel.allocator.buffer(capacity: bytes.count)
         buffer.writeBytes(bytes)
         return buffer
     }
 
-    /// Answers once every uploader settled its ticket, or when the bound runs out (`complete` false).
-    private func answerWhenSettled(_ waits: [UploadWait], timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
-        let registrations = waits.map { w in { (done: @escaping @Sendable () -> Void) in w.uploader.whenSettled(upTo: w.ticket, done) } }
-        answerWhen(registrations, timeoutMs: timeoutMs, context: context, answer)
+    /// A callback registration: calls its argument once what it waits for happened.
+    private typealias Registration = (@escaping @Sendable () -> Void) -> Void
+
+    /// Registrations for each uploader settling its ticket.
+    private static func settled(_ waits: [UploadWait]) -> [Registration] {
+        waits.map { w in { done in w.uploader.whenSettled(upTo: w.ticket, done) } }
+    }
+
+    /// Registrations for each journal holding its records on disk (a group commit at once).
+    private static func durable(_ waits: [DurableWait]) -> [Registration] {
+        waits.map { w in { done in w.uploader.whenDurable(w.lsn, urgent: true, done) } }
     }
 
     /// Answers once every registration called back, or when the bound runs out (`complete` false).
-    private func answerWhen(_ registrations: [(@escaping @Sendable () -> Void) -> Void], timeoutMs: Int64, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
+    /// `acking`: frames up to this seq are durable once complete; their ack goes before the answer.
+    private func answerWhen(_ registrations: [Registration], timeoutMs: Int64, acking: UInt64? = nil, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
         let respond: @Sendable (Bool) -> Void = { complete in
@@ -288,6 +308,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 guard !answered.value else { return }
                 answered.value = true
                 let (handler, context) = loopBound.value
+                if complete, let acking, acking > handler.ackedSeq {
+                    handler.ackedSeq = acking
+                    handler.send(.ack(upto: acking), context: context)
+                }
                 handler.send(answer(complete), context: context)
                 context.flush()
             }

@@ -81,11 +81,17 @@ public struct TrackingState: Sendable, Equatable {
 
     /// A `Trackable` was created: it joins the innermost trackable list with no params yet.
     public mutating func registerTrackable(id: Int64) throws(ProtocolError) {
-        guard trackedParams[id] == nil else {
-            throw ProtocolError(.invalidValue, "Trackable id \(id) is already in use on this connection: ids must be unique.")
-        }
+        try checkUnused(id)
         trackedParams[id] = [:]
         trackableStack[trackableStack.count - 1].append(id)
+    }
+
+    /// Evaluations, chains and trackables share one namespace of ids per session.
+    private func checkUnused(_ id: Int64) throws(ProtocolError) {
+        let holder = chains[id] != nil ? "a chain" : evaluations[id] != nil ? "an evaluation" : trackedParams[id] != nil ? "a trackable" : nil
+        if let holder {
+            throw ProtocolError(.invalidValue, "Id \(id) is already \(holder)'s on this connection: evaluations, chains and trackables share one namespace of ids, so each needs its own.")
+        }
     }
 
     public func params(ofTrackable id: Int64) throws(ProtocolError) -> StringMap {
@@ -97,9 +103,7 @@ public struct TrackingState: Sendable, Equatable {
 
     public mutating func defineEvaluation(id: Int64, name: String, description: String?) throws(ProtocolError) {
         try MLflowRules.validateExperimentName(name)
-        guard evaluations[id] == nil, trackedParams[id] == nil else {
-            throw ProtocolError(.invalidValue, "Id \(id) is already in use on this connection: ids must be unique.")
-        }
+        try checkUnused(id)
         evaluations[id] = EvaluationConfig(name: name, description: description)
     }
 
