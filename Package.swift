@@ -114,7 +114,11 @@ let package = Package(
         ),
         .testTarget(name: "ArmoryProtocolTests", dependencies: ["ArmoryProtocol"]),
         .testTarget(name: "MLflowTests", dependencies: ["MLflow", "ArmoryProtocol"]),
-        .testTarget(name: "ArmoryDaemonTests", dependencies: ["ArmoryDaemon"], exclude: ["Fixtures"]),
+        .testTarget(
+            name: "ArmoryDaemonTests",
+            dependencies: ["ArmoryDaemon", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")],
+            exclude: ["Fixtures"]
+        ),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["ArmoryTrack", "ArmoryDaemon", "ArmoryProtocol"]

@@ -18,6 +18,9 @@ public struct DaemonConfiguration: Sendable {
     /// A listening socket handed over by systemd's socket activation: served as is, never
     /// unlinked (`socketPath` is where it is bound).
     public var adoptedSocket: Int32?
+    /// The socket's directory is created when missing (the default paths); a path the user
+    /// named must be in a directory that exists.
+    public var createsSocketDirectory = false
     /// The local MLflow store (`$ARMORY_HOME/mlruns`).
     public var storeRoot: String
     /// Daemon-owned state (spool, journal): `$ARMORY_HOME/state`.
@@ -65,7 +68,7 @@ public enum DaemonStartError: Error, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .alreadyRunning(let path): "Another armoryd is already serving \(path). Stop it first (`armoryctl status` shows its pid), or start this one with --socket PATH."
+        case .alreadyRunning(let path): "Another armoryd is already serving \(path). Stop it first (`armoryctl --socket \(path) stop`; under systemd, `systemctl stop armoryd`), or start this one with --socket PATH."
         case .socket(let message): message
         case .store(let message): message
         }
@@ -132,10 +135,12 @@ public final class Daemon: Service {
 
     public func run() async throws {
         let config = configuration
+        // The socket first: a start that is refused (another daemon serves it) creates nothing.
+        if config.adoptedSocket == nil { try prepareSocketPath(config.socketPath) }
         let spool = config.stateDirectory + "/spool"
         for dir in [config.stateDirectory, spool] {
-            do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
-                throw DaemonStartError.store("Cannot create \(dir): \(error.localizedDescription). Set ARMORY_HOME to a writable directory.")
+            do throws(Directories.Failure) { try Directories.create(dir, mode: 0o700) } catch {
+                throw DaemonStartError.store("\(error) Set ARMORY_HOME (or --home) to a writable directory.")
             }
         }
         let sink: any RecordSink
@@ -150,7 +155,6 @@ public final class Daemon: Service {
         } catch {
             throw DaemonStartError.store(error.message)
         }
-        if config.adoptedSocket == nil { try prepareSocketPath(config.socketPath) }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
         let registry = RunRegistry()
@@ -212,7 +216,7 @@ public final class Daemon: Service {
         } catch {
             _ = await destinations.shutdown(timeout: 1)
             try? await group.shutdownGracefully()
-            throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(error)")
+            throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(Self.explain(error)).")
         }
         if config.adoptedSocket == nil { chmod(config.socketPath, config.socketMode) }
         running.withLock { $0 = Running(group: group, services: services) }
@@ -318,10 +322,16 @@ public final class Daemon: Service {
             throw DaemonStartError.socket("Socket path \(path) is too long for a Unix socket (at most 107 bytes); choose a shorter --socket.")
         }
         let directory = (path as NSString).deletingLastPathComponent
-        if !FileManager.default.fileExists(atPath: directory) {
-            do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) } catch {
-                throw DaemonStartError.socket("Cannot create the socket directory \(directory): \(error.localizedDescription)")
+        var directoryInfo = stat()
+        if stat(directory.isEmpty ? "." : directory, &directoryInfo) != 0 {
+            guard configuration.createsSocketDirectory else {
+                throw DaemonStartError.socket("Cannot listen on \(path): the directory \(directory) does not exist. Create it first, or choose another --socket.")
             }
+            do throws(Directories.Failure) { try Directories.create(directory, mode: 0o700) } catch {
+                throw DaemonStartError.socket("Cannot create the socket's directory: \(error)")
+            }
+        } else if (directoryInfo.st_mode & S_IFMT) != S_IFDIR {
+            throw DaemonStartError.socket("Cannot listen on \(path): \(directory) is a file, not a directory. Choose another --socket.")
         }
         var info = stat()
         guard lstat(path, &info) == 0 else { return }
@@ -331,6 +341,19 @@ public final class Daemon: Service {
         if Self.somebodyAnswers(path) { throw DaemonStartError.alreadyRunning(path) }
         logger.info("removing stale socket", metadata: ["socket": "\(path)"])
         unlink(path)
+    }
+
+    /// A bind failure in words (NIO's errors name the system call).
+    static func explain(_ error: Error) -> String {
+        guard let io = error as? IOError else { return "\(error)" }
+        switch io.errnoCode {
+        case EACCES, EPERM: return "permission denied: uid \(getuid()) may not create a socket in that directory"
+        case EADDRINUSE: return "the address is in use (another program listens there)"
+        case ENOTDIR: return "a component of the path is not a directory"
+        case ENOENT: return "the directory does not exist"
+        case EROFS: return "the file system is read-only"
+        default: return String(cString: strerror(io.errnoCode)).lowercased()
+        }
     }
 
     static func somebodyAnswers(_ path: String) -> Bool {

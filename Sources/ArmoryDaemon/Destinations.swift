@@ -144,7 +144,7 @@ public final class Destinations: Sendable {
         guard let root = settings.journalRoot else { return nil }
         let dir = directory ?? root + "/" + DaemonServices.newRunID().prefix(16)
         do {
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try Directories.create(dir, mode: 0o700)
             if directory == nil {
                 var writer = JSONWriter()
                 writer.write(.object(identity.json))

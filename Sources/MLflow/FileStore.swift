@@ -370,10 +370,10 @@ public final class FileStore {
     // MARK: Files
 
     private func makeDirectory(_ path: String) throws(FileStoreError) {
-        do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        do throws(Directories.Failure) {
+            try Directories.create(path)
         } catch {
-            throw .io("cannot create directory \(path): \(error.localizedDescription)")
+            throw .io(error.description)
         }
     }
 

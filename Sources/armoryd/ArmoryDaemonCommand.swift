@@ -153,6 +153,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
 
         var config = DaemonConfiguration(socketPath: socketPath, storeRoot: absoluteHome + "/mlruns", stateDirectory: absoluteHome + "/state")
         config.adoptedSocket = useAdopted ? adopted?.descriptor : nil
+        config.createsSocketDirectory = configuredSocket == nil
         let uri = try settings.value("tracking-uri", flag: trackingURI, default: nil, what: "a tracking URI", also: ["MLFLOW_TRACKING_URI"]) {
             $0.isEmpty ? nil : $0
         }

@@ -166,6 +166,73 @@ final class SessionHarness {
         #expect(e.message.contains("'late'"))
     }
 
+    @Test func aRefusedGlobalParamIsNotRefusedAgainForUnrelatedParams() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .evaluation(id: 1, name: "eval", description: nil))
+        let parent = try h.descriptor(s, .start(.evaluation(1)))
+        h.send(s, .trackParam(key: "lr", value: "0.1"))
+        guard case .failure(let refused)? = h.send(s, .trackParam(key: "lr", value: "0.2")) else {
+            Issue.record("changed global param accepted")
+            return
+        }
+        #expect(refused.code == .paramChanged && refused.key == "lr")
+        // Later, unrelated params are recorded without an error naming the old key.
+        #expect(h.send(s, .trackParam(key: "batch", value: "32")) == nil)
+        #expect(h.send(s, .trackParams(prefix: "model", function: "m.f", values: ["depth": "3"])) == nil)
+        #expect(h.services.registry.entry(parent.handle)?.params["batch"] == "32")
+        #expect(h.services.registry.entry(parent.handle)?.params["lr"] == "0.1")
+    }
+
+    @Test func evaluationsChainsAndTrackablesShareOneNamespaceOfIds() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .evaluation(id: 1, name: "eval", description: nil))
+        h.send(s, .trackable(id: 2))
+        for clash: ClientOp in [.chain(id: 1, evaluation: 1, name: "c"), .trackable(id: 1), .evaluation(id: 2, name: "other", description: nil)] {
+            guard case .failure(let e)? = h.send(s, clash) else {
+                Issue.record("\(clash.name) reusing an id was accepted")
+                continue
+            }
+            #expect(e.code == .invalidValue && e.message.contains("namespace"))
+        }
+    }
+
+    @Test func loggingToAnEndedChainIsRefusedButMLflowsOwnRunsMayBeLoggedAfterTheirEnd() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .evaluation(id: 1, name: "eval", description: nil))
+        h.send(s, .pushContext(nested: false, trackables: true))
+        h.send(s, .chain(id: 2, evaluation: 1, name: "c"))
+        h.send(s, .popContext)
+        let chain = try h.descriptor(s, .start(.chain(2)))
+        _ = try h.reply(s, .end(.chain(2), status: .finished, endTime: nil))
+        guard case .failure(let e)? = h.send(s, .log(run: chain.handle, batch: LogBatch(metrics: [MetricPoint(key: "late", value: 1, timestamp: 5)]))) else {
+            Issue.record("logging to an ended chain was accepted")
+            return
+        }
+        #expect(e.code == .invalidState && e.key == "late" && e.op == "log")
+        // A run of MLflow's API (create_run) may still be logged to once finished, as MLflow allows.
+        let experiment = try h.reply(s, .experiment(name: "mlflow-api", create: true))["experiment_id"]?.stringValue ?? ""
+        let run = try h.descriptor(s, .createRun(experimentID: experiment, runName: "r", startTime: nil, tags: [:]))
+        _ = try h.reply(s, .end(.run(run.handle), status: .finished, endTime: nil))
+        #expect(h.send(s, .log(run: run.handle, batch: LogBatch(metrics: [MetricPoint(key: "late", value: 1, timestamp: 5)]))) == nil)
+    }
+
+    @Test func anUnreadableFrameIsAnsweredWithTheSeqReadFromItElseTheNextOne() throws {
+        let h = try SessionHarness()
+        let s = h.session()
+        h.send(s, .trackParam(key: "a", value: "1"), seq: 2)
+        let named = s.refuseUnreadable(ProtocolError(.badJSON, "broken", seq: 3, op: "param"))
+        #expect(named?.seq == 3 && named?.op == "param")
+        let unnamed = s.refuseUnreadable(ProtocolError(.frameTooLarge, "too large"))
+        #expect(unnamed?.seq == 4)
+        #expect(s.handledSeq == 4)  // answered: acked with the frames around it
+        // A resent copy of a fire-and-forget frame already answered is dropped; a request's is answered again.
+        #expect(s.refuseUnreadable(ProtocolError(.badJSON, "again", seq: 3, op: "param")) == nil)
+        #expect(s.refuseUnreadable(ProtocolError(.badJSON, "again", seq: 3, op: "start"))?.seq == 3)
+    }
+
     @Test func loggingAChangedParamIsRefusedAndTheRestLands() throws {
         let h = try SessionHarness()
         let s = h.session()

@@ -5,6 +5,7 @@ import Musl
 #endif
 import ArmoryProtocol
 import Foundation
+import MLflow
 
 /// One destination's write-ahead journal: append-only segment files of CRC-framed records,
 /// written by a committer thread that fsyncs by group commit (at most every `commitInterval`,
@@ -97,7 +98,7 @@ public final class Journal: @unchecked Sendable {
     /// disk for the uploader to read back.
     public static func open(directory: String, options: Options = Options(), replayBytes: Int = 64 << 20, barrier: @escaping @Sendable () -> Void = {}) throws -> (Journal, Recovery) {
         let started = Date()
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try Directories.create(directory, mode: 0o700)
         var recovery = Recovery()
         recovery.state = JournalState(collectPending: true, pendingBudget: replayBytes)
         var segments: [Segment] = []

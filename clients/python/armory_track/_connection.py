@@ -10,6 +10,11 @@ the connection breaks (a daemon restart, an upgrade, the watchdog), a reconnect 
 again for up to ARMORY_RECONNECT_SECONDS (default 300), resumes the session (`hello` with
 `resume`) and resends what the daemon does not hold; calls meanwhile go on as usual (requests
 wait). At most ARMORY_RETAIN_BYTES (default 64 MiB) are kept: past it, callers wait for acks.
+
+No call waits without a bound: a full send buffer waits at most ARMORY_SEND_TIMEOUT (default 300 s)
+for the daemon to read, a request its timeout, a flush its own; each then raises naming what was
+not delivered. A call MLflow or the daemon would refuse (a bad key, a value over MLflow's limit, a
+frame over the daemon's) raises at the call, before anything is sent.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ import socket
 import struct
 import sys
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from . import _rules
 
 PROTOCOL = 1
 CLIENT_VERSION = "0.1.0"
@@ -33,6 +40,7 @@ _MAX_QUEUED_METRICS = 50_000  # then the caller formats and waits like any frame
 _METRICS_PER_FRAME = 1000
 _DEFAULT_RETAIN_BYTES = 64 << 20
 _DEFAULT_RECONNECT_SECONDS = 300.0
+_DEFAULT_SEND_TIMEOUT = 300.0
 # Ops the daemon answers with a reply (ClientOp.requestNames in ArmoryProtocol).
 _REQUEST_OPS = frozenset(("hello", "get_params", "get_trackable", "start", "end", "attach", "run_info", "artifact_open",
                           "artifact_close", "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync",
@@ -42,13 +50,16 @@ _CLOSING_CODES = ("FRAME_TOO_LARGE", "UNSUPPORTED_PROTOCOL")
 
 
 class ArmoryError(RuntimeError):
-    """armoryd refused operations; `errors` holds each refusal (code, op, message)."""
+    """armoryd refused operations; `errors` holds each refusal (code, failed_op, key, seq, message).
+    Refused at the call (`seq` None): checked before sending, nothing of it was sent."""
 
     def __init__(self, errors: List[Dict[str, Any]]):
         self.errors = errors
-        lines = [f"  - {e.get('code')} (op '{e.get('failed_op', '?')}', seq {e.get('seq')}): {e.get('message')}" for e in errors[:10]]
+        lines = [f"  - {e.get('code')} (op '{e.get('failed_op') or '?'}'"
+                 f"{', seq ' + str(e['seq']) if e.get('seq') is not None else ''}): {e.get('message')}" for e in errors[:10]]
         more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
-        super().__init__(f"armoryd refused {len(errors)} operation(s):\n" + "\n".join(lines) + more)
+        who = "armoryd refused" if any(e.get("seq") is not None for e in errors) else "refused before sending"
+        super().__init__(f"{who} {len(errors)} operation(s):\n" + "\n".join(lines) + more)
 
 
 def socket_candidates(environ=os.environ) -> List[str]:
@@ -94,7 +105,10 @@ def _mlflow_credentials(environ=os.environ) -> Dict[str, str]:
 
 
 def _connect(path: Optional[str]):
-    """The first socket that accepts, and its path; raises ConnectionError naming every path tried."""
+    """The first socket that accepts, and its path; raises ConnectionError naming every path tried.
+    A write that the daemon does not take within ARMORY_SEND_TIMEOUT fails (and the session is
+    resumed on a new connection): no send blocks without a bound."""
+    send_timeout = _env_float("ARMORY_SEND_TIMEOUT", _DEFAULT_SEND_TIMEOUT)
     candidates = [path] if path else socket_candidates()
     last = "no candidate path"
     for candidate in candidates:
@@ -105,6 +119,7 @@ def _connect(path: Optional[str]):
             s.close()
             last = f"{candidate}: {e.strerror or e}"
             continue
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(send_timeout), int(send_timeout % 1 * 1e6)))
         return s, candidate
     tried = ", ".join([path] if path else _described_candidates())
     raise ConnectionError(
@@ -153,6 +168,8 @@ class Connection:
         self._request_frames: Dict[int, bytes] = {}
         self._max_retained = int(_env_float("ARMORY_RETAIN_BYTES", _DEFAULT_RETAIN_BYTES))
         self._reconnect_seconds = _env_float("ARMORY_RECONNECT_SECONDS", _DEFAULT_RECONNECT_SECONDS)
+        self._send_timeout = _env_float("ARMORY_SEND_TIMEOUT", _DEFAULT_SEND_TIMEOUT)
+        self.limits = _rules.limits(None)
         self._reconnecting = False
         self._fatal: Optional[str] = None
         self.session: Optional[str] = None
@@ -174,20 +191,72 @@ class Connection:
                 hello["credentials"] = credentials
         self._hello_fields = hello
         self.hello = self.request("hello", timeout=timeout, **hello)
+        self.limits = _rules.limits(self.hello)
         self.session = self.hello.get("session")
         if self.session is None:
             self._reconnect_seconds = 0  # a daemon without sessions: nothing could be resumed
 
     # -- sending ---------------------------------------------------------------
 
-    def _frame(self, payload: bytes) -> None:
-        """Appends one frame (caller holds the lock); waits while the buffer or what is kept for
-        resending is full. While the daemon is away the buffer may grow to the retention bound:
-        calls keep their usual cost through an outage until then."""
+    def check(self, op: str, kind: str, entries: Iterable[Tuple[Any, Optional[str]]]) -> None:
+        """Raises ArmoryError (nothing sent) when MLflow would refuse a key or a value of
+        `entries` ((key, value or None) pairs of a metric, param or tag)."""
+        limits = self.limits
+        problems = []
+        for key, value in entries:
+            why = _rules.key_problem(key, kind, limits["max_key_length"])
+            code = "INVALID_KEY"
+            if why is None and value is not None and kind != "metric":
+                why = _rules.value_problem(key, value, kind, limits[f"max_{kind}_value_length"])
+                code = "INVALID_VALUE"
+            if why:
+                problems.append(_rules.refusal(code, op, why, key if isinstance(key, str) else None))
+        if problems:
+            raise ArmoryError(problems)
+
+    def _wait_for_room(self) -> None:
+        """Waits (caller holds the lock) while the buffer or what is kept for resending is full,
+        at most ARMORY_SEND_TIMEOUT while the daemon is there and does not read (a daemon that is
+        away is waited for within the reconnect budget). While the daemon is away the buffer may
+        grow to the retention bound: calls keep their usual cost through an outage until then."""
+        deadline = None
+        extended = False
         while self._closed is None and self._buffer and (
                 (len(self._buffer) > _MAX_BUFFER and not self._reconnecting)
                 or self._retained_bytes + len(self._buffer) > self._max_retained):
+            if deadline is None:
+                deadline = _monotonic() + self._send_timeout
+            if self._reconnecting and not extended:  # the daemon is away: its budget too
+                deadline += self._reconnect_seconds
+                extended = True
+            if _monotonic() >= deadline:
+                raise TimeoutError(f"armoryd has not read from this process for ARMORY_SEND_TIMEOUT={self._send_timeout:g} s "
+                                   f"(socket {self.path}; `armoryctl status` shows why): {self._undelivered()} yet. "
+                                   "They are still sent if it catches up.")
             self._cond.wait(1.0)
+        if self._closed is not None:
+            raise ConnectionError(self._closed)
+
+    def _encode(self, op: str, fields: Dict[str, Any]) -> bytes:
+        """The frame's JSON with the next seq (caller holds the lock); raises ArmoryError, nothing
+        numbered or sent, when it is larger than the daemon accepts."""
+        fields["op"] = op
+        fields["seq"] = self._seq + 1
+        try:
+            payload = json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode()
+        except ValueError as e:  # NaN or ±Infinity outside a metric value
+            raise ArmoryError([_rules.refusal("INVALID_VALUE", op, f"'{op}' carries a value JSON cannot hold ({e}); "
+                                              "only metric values may be NaN or ±Infinity.")]) from None
+        limit = self.limits["max_frame_bytes"]
+        if len(payload) > limit:
+            raise ArmoryError([_rules.refusal(
+                "FRAME_TOO_LARGE", op, f"'{op}' would be a frame of {len(payload)} bytes; armoryd accepts at most {limit} "
+                "(max_frame_bytes). Log large values as artifacts (log_text, log_dict, log_artifact), which are sent in chunks.")])
+        self._seq += 1
+        return payload
+
+    def _frame(self, payload: bytes) -> None:
+        """Appends one frame (caller holds the lock); never waits (`_wait_for_room` does, first)."""
         if self._flusher_idle:
             self._wake.set()
         if not self._buffer:
@@ -197,7 +266,7 @@ class Connection:
 
     def _move_metrics(self) -> None:
         """Writes the queued metrics into the buffer, a run's consecutive ones as one `log` frame
-        (caller holds the lock)."""
+        (caller holds the lock). Never waits: the flusher, which empties the buffer, calls it too."""
         queued, metrics = [], self._metrics
         while True:
             try:
@@ -213,17 +282,14 @@ class Connection:
                 self._frame(b'%s%s],"seq":%d}' % (run_head, b",".join(rows[start:start + _METRICS_PER_FRAME]), self._seq))
 
     def send(self, op: str, **fields: Any) -> int:
-        """A fire-and-forget frame: returns its seq at once."""
+        """A fire-and-forget frame: returns its seq at once (unless the buffer is full)."""
         with self._lock:
             if self._closed is not None:
                 raise ConnectionError(self._closed)
+            self._wait_for_room()
             self._move_metrics()
-            self._seq += 1
-            seq = self._seq
-            fields["op"] = op
-            fields["seq"] = seq
-            self._frame(json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode())
-            return seq
+            self._frame(self._encode(op, fields))
+            return self._seq
 
     def send_metric(self, run_head: bytes, key: bytes, value: float, step: int, timestamp: int) -> None:
         """The hot path: queues one metric, without a lock or any formatting. `run_head` is
@@ -236,22 +302,23 @@ class Connection:
             self._wake.set()
         if len(metrics) > _MAX_QUEUED_METRICS:
             with self._lock:
-                self._move_metrics()  # waits there while the daemon is behind
+                self._wait_for_room()  # while the daemon is behind
+                self._move_metrics()
 
-    def request(self, op: str, timeout: float = 30.0, outage: bool = True, **fields: Any) -> Dict[str, Any]:
+    def request(self, op: str, timeout: float = 30.0, outage: bool = True, urgent: bool = False, **fields: Any) -> Dict[str, Any]:
         """Sends a request and waits for its reply; a refusal raises ArmoryError. While the daemon
         is away the wait goes on within the reconnect budget, unless `outage` is False (then
-        `timeout` bounds it all the same: the flush at exit)."""
+        `timeout` bounds it all the same: the flush at exit). `urgent`: does not wait for room in
+        the buffer (a run ended KILLED after Ctrl-C)."""
         with self._lock:
             if self._closed is not None:
                 raise ConnectionError(self._closed)
+            if not urgent:
+                self._wait_for_room()
             self._move_metrics()
-            self._seq += 1
+            payload = self._encode(op, fields)
             seq = self._seq
-            fields["op"] = op
-            fields["seq"] = seq
             self._awaited.add(seq)
-            payload = json.dumps(fields, separators=(",", ":"), allow_nan=False, default=str).encode()
             self._request_frames[seq] = struct.pack(">I", len(payload)) + payload
             self._frame(payload)
         self._send_pending()
@@ -518,10 +585,11 @@ class Connection:
                             self._fatal = f"{m.get('code')}: {m.get('message')}"
                     self._cond.notify_all()
 
-    def flush(self, wait: str = "durable", timeout: float = 10.0, outage: bool = True) -> Dict[str, Any]:
+    def flush(self, wait: str = "durable", timeout: float = 10.0, outage: bool = True, urgent: bool = False) -> Dict[str, Any]:
         """Waits until what was sent is durable (or uploaded); then raises earlier refusals.
         `outage` False: `timeout` bounds the wait even while the daemon is away."""
-        reply = self.request("flush", timeout=timeout + (10 if outage else 0), outage=outage, wait=wait, timeout_ms=int(timeout * 1000))
+        reply = self.request("flush", timeout=timeout + (10 if outage else 0), outage=outage, urgent=urgent, wait=wait,
+                             timeout_ms=int(timeout * 1000))
         self.raise_errors()
         return reply
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
 from ._connection import ArmoryError, connection, protocol_number
+from ._rules import MAX_EXPERIMENT_NAME as _MAX_EXPERIMENT_NAME, refusal
 from .track import Trackable, _flatten, _next_id, track_call, trackable_context
 
 _STATUS = {"FINISHED", "FAILED", "KILLED"}
@@ -57,6 +58,7 @@ class Run:
     def log_metric(self, key: str, value: float, step: Optional[int] = None, timestamp: Optional[int] = None) -> None:
         k = self._keys.get(key)
         if k is None:
+            connection().check("log", "metric", [(key, None)])
             k = self._keys[key] = (json.dumps(key) + ",").encode()
         ts = int(time.time() * 1000) if timestamp is None else int(timestamp)
         connection().send_metric(self._head, k, float(value), int(step or 0), ts)
@@ -64,21 +66,27 @@ class Run:
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None, timestamp: Optional[int] = None) -> None:
         ts = int(time.time() * 1000) if timestamp is None else int(timestamp)
         rows = []
+        c = connection()
+        c.check("log", "metric", [(key, None) for key in metrics if key not in self._keys])
         for key, value in metrics.items():
             rows.append([key, protocol_number(value), int(step or 0), ts])
-        connection().send("log", run=self.handle, metrics=rows)
+        c.send("log", run=self.handle, metrics=rows)
 
     def log_param(self, key: str, value: Any) -> None:
-        connection().send("log", run=self.handle, params=dict(_flatten(key, value)))
+        self.log_params({key: value})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat: Dict[str, str] = {}
         for key, value in params.items():
             flat.update(_flatten(key, value))
-        connection().send("log", run=self.handle, params=flat)
+        c = connection()
+        c.check("log", "param", flat.items())
+        c.send("log", run=self.handle, params=flat)
 
     def set_tag(self, key: str, value: Any) -> None:
-        connection().send("log", run=self.handle, tags={key: str(value)})
+        c = connection()
+        c.check("log", "tag", [(key, str(value))])
+        c.send("log", run=self.handle, tags={key: str(value)})
 
     def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> int:
         """Copies a file into the run (under `artifact_path`, a directory, as MLflow does); returns
@@ -196,6 +204,14 @@ class _RunLifecycle:
         refusals of earlier calls."""
         assert status in _STATUS, f"status must be one of {sorted(_STATUS)}"
         self.start()
+        if status == "KILLED":
+            # Ctrl-C: the run ends KILLED without waiting for room in the buffer or for a daemon
+            # that is away, within ARMORY_EXIT_FLUSH_SECONDS.
+            bound = float(os.environ.get("ARMORY_EXIT_FLUSH_SECONDS", "10"))
+            c = connection()
+            c.request("end", timeout=bound, outage=False, urgent=True, status=status, **self._target())
+            c.flush("durable", timeout=bound, outage=False, urgent=True)
+            return
         connection().request("end", status=status, **self._target())
         _sync_point()
 
@@ -323,6 +339,9 @@ class Evaluation(_Components, _RunLifecycle):
         self.exporters: list = []
         self.chains: Dict[str, Chain] = {}
         self._run: Optional[Run] = None
+        if not name or len(name) > _MAX_EXPERIMENT_NAME:
+            raise ArmoryError([refusal("INVALID_VALUE", "evaluation", f"The evaluation name has {len(name)} characters; MLflow needs "
+                                       f"an experiment name of 1 to {_MAX_EXPERIMENT_NAME} characters.")])
         connection().send("evaluation", id=self._id, name=name, description=description)
 
     @contextmanager

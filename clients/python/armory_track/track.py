@@ -38,7 +38,9 @@ def get_current_params() -> Dict[str, str]:
 def track_param(key: str, value: Any) -> None:
     """Records a param in the current tracking context (a newer value overwrites)."""
     c = connection()
-    for k, v in _flatten(key, value):
+    entries = list(_flatten(key, value))
+    c.check("param", "param", entries)
+    for k, v in entries:
         c.send("param", key=k, value=v)
 
 
@@ -75,7 +77,10 @@ def _record_call(func: Callable, prefix: str, ignore: Optional[Sequence[str]], k
         for k, v in _flatten(key, value):
             values[k] = v
     module = getattr(func, "__module__", None)
-    connection().send("params", prefix=prefix, func=f"{module}.{func.__qualname__}", values=values)
+    c = connection()
+    function = f"{module}.{func.__qualname__}"
+    c.check("params", "param", [(f"{prefix}._func", function)] + [(f"{prefix}.{k}", v) for k, v in values.items()])
+    c.send("params", prefix=prefix, func=function, values=values)
 
 
 def track_params(_func: Optional[Callable] = None, *, prefix: Optional[str] = None, ignore: Optional[Sequence[str]] = None):
