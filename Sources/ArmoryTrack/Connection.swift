@@ -47,6 +47,12 @@ public enum ArmoryError: Error, CustomStringConvertible, Equatable {
 /// thread connects again for up to `ARMORY_RECONNECT_SECONDS` (default 300), resumes the
 /// session and resends what the daemon does not hold; calls meanwhile go on (requests wait). At
 /// most `ARMORY_RETAIN_BYTES` (default 64 MiB) are kept: past it, callers wait for acks.
+///
+/// No call waits without a bound: a full buffer waits at most `ARMORY_SEND_TIMEOUT` (default
+/// 300 s) for the daemon to read (then the op is not sent and the next sync point says so), a
+/// write to a daemon that does not read fails after as long (and the session is resumed), a
+/// request waits its timeout. A frame over the daemon's limit is never sent: a request throws,
+/// a fire-and-forget op's refusal is raised at the next sync point.
 public final class Connection: @unchecked Sendable {
     public private(set) var socketPath: String
     public private(set) var helloReply: HelloReply!
@@ -67,6 +73,7 @@ public final class Connection: @unchecked Sendable {
     private let environment: [String: String]
     private let maxRetainedBytes: Int
     private let reconnectSeconds: Double
+    private let sendTimeout: Double
     /// How many times the session was resumed on a new connection.
     public private(set) var resumes = 0
     // Everything below is guarded by `condition`.
@@ -89,8 +96,9 @@ public final class Connection: @unchecked Sendable {
         let candidates = socketPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }
         var lastReason = "no candidate path"
         var connected: (Int32, String)?
+        let sendTimeout = environment["ARMORY_SEND_TIMEOUT"].flatMap(Double.init) ?? 300
         for path in candidates {
-            switch Self.connect(path) {
+            switch Self.connect(path, sendTimeout: sendTimeout) {
             case .success(let fd): connected = (fd, path)
             case .failure(let reason): lastReason = "\(path): \(reason)"
             }
@@ -104,6 +112,7 @@ public final class Connection: @unchecked Sendable {
         self.explicitPath = socketPath
         self.environment = environment
         self.maxRetainedBytes = environment["ARMORY_RETAIN_BYTES"].flatMap(Int.init) ?? 64 << 20
+        self.sendTimeout = sendTimeout
         self.reconnectSeconds = !admin ? environment["ARMORY_RECONNECT_SECONDS"].flatMap(Double.init) ?? 300 : 0
         let writer = Thread { [self] in writeLoop() }
         writer.name = "armory-writer"
@@ -131,7 +140,7 @@ public final class Connection: @unchecked Sendable {
         close(fd)
     }
 
-    private static func connect(_ path: String) -> Result<Int32, ConnectFailure> {
+    private static func connect(_ path: String, sendTimeout: Double) -> Result<Int32, ConnectFailure> {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)  // not inherited by programs it runs
         guard fd >= 0 else { return .failure(ConnectFailure(String(cString: strerror(errno)))) }
         var address = sockaddr_un()
@@ -155,6 +164,9 @@ public final class Connection: @unchecked Sendable {
         }
         var one: Int32 = 1
         _ = setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+        // A write the daemon does not take within the bound fails (the session is then resumed).
+        var bound = timeval(tv_sec: Int(sendTimeout), tv_usec: Int((sendTimeout - sendTimeout.rounded(.down)) * 1e6))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &bound, socklen_t(MemoryLayout<timeval>.size))
         return .success(fd)
     }
 
@@ -171,44 +183,74 @@ public final class Connection: @unchecked Sendable {
 
     // MARK: Sending
 
-    /// Appends a fire-and-forget frame built by `encode` (which writes the JSON payload) and
-    /// returns its seq. Never waits for the daemon, only for buffer space past 8 MiB.
-    @discardableResult
-    func send(awaitingReply: Bool = false, _ encode: (inout JSONWriter, UInt64) -> Void) -> UInt64 {
+    /// Appends a frame of op `name` built by `encode` (which writes the JSON payload) and returns
+    /// its seq. Never waits for the daemon, only for buffer space past 8 MiB (at most
+    /// `ARMORY_SEND_TIMEOUT`, longer while the daemon is away: its reconnect budget too). Not
+    /// sent (an error): no room in time, or a frame over the daemon's limit.
+    func append(_ name: String, awaitingReply: Bool = false, _ encode: (inout JSONWriter, UInt64) -> Void) -> Result<UInt64, ProtocolError> {
         condition.lock()
         defer { condition.unlock() }
         // While the daemon is away the buffer may grow to the retention bound: calls keep their
         // usual cost through an outage until then.
+        var deadline = Date(timeIntervalSinceNow: sendTimeout)
+        var extended = false
         while closedReason == nil && !output.bytes.isEmpty
             && ((output.bytes.count > maxBufferedBytes && !reconnecting) || retainedBytes + output.bytes.count > maxRetainedBytes) {
-            condition.wait()
+            if reconnecting && !extended {
+                deadline += reconnectSeconds
+                extended = true
+            }
+            if !condition.wait(until: deadline) && Date() >= deadline {
+                return .failure(ProtocolError(.unreachable, "Not sent: armoryd has not read from this process for ARMORY_SEND_TIMEOUT=\(sendTimeout) s (socket \(socketPath); `armoryctl status` shows why); \(undelivered) yet.", op: name))
+            }
         }
         let seq = nextSeq
-        nextSeq += 1
-        if output.bytes.isEmpty { outputFirst = seq }
         let start = output.bytes.count
         output.bytes.append(contentsOf: [0, 0, 0, 0])
         encode(&output, seq)
-        Frame.patchHeader(length: output.bytes.count - start - 4, in: &output.bytes, at: start)
+        let length = output.bytes.count - start - 4
+        let limit = helloReply?.limits.maxFrameBytes ?? ProtocolLimits.default.maxFrameBytes
+        guard length <= limit else {
+            output.bytes.removeSubrange(start...)
+            return .failure(ProtocolError(.frameTooLarge, "Not sent: '\(name)' would be a frame of \(length) bytes; armoryd accepts at most \(limit) (max_frame_bytes). Log large values as artifacts (logText, logBytes, logArtifact), which are sent in chunks.", op: name))
+        }
+        nextSeq += 1
+        if start == 0 { outputFirst = seq }
+        Frame.patchHeader(length: length, in: &output.bytes, at: start)
         if awaitingReply {
             awaited.insert(seq)
             requestFrames[seq] = Array(output.bytes[start...])
         }
         if writerIdle { condition.broadcast() }
-        return seq
+        return .success(seq)
     }
 
-    /// Sends an op without waiting.
-    @discardableResult
-    public func send(_ op: ClientOp) -> UInt64 {
-        send { writer, seq in writer.write(ClientFrame(seq: seq, op: op).json) }
+    /// Appends a fire-and-forget frame; a refusal before sending is raised at the next sync point.
+    func send(_ name: String, _ encode: (inout JSONWriter, UInt64) -> Void) {
+        if case .failure(let error) = append(name, encode) { refuse(error) }
+    }
+
+    /// Sends an op without waiting (a refusal is raised at the next sync point).
+    public func send(_ op: ClientOp) {
+        send(op.name) { writer, seq in writer.write(ClientFrame(seq: seq, op: op).json) }
+    }
+
+    /// Records a refusal found before sending, raised at the next sync point like the daemon's.
+    public func refuse(_ error: ProtocolError) {
+        condition.lock()
+        deferredErrors.append(error)
+        condition.unlock()
     }
 
     /// Sends a request and waits for its reply (or error) at most `timeout` seconds; while the
     /// daemon is away, within the reconnect budget instead, unless `waitsOutOutage` is false (the
     /// flush at exit).
     public func request(_ op: ClientOp, timeout: Double = 30, waitsOutOutage: Bool = true) throws(ArmoryError) -> JSONObject {
-        let seq = send(awaitingReply: true) { writer, seq in writer.write(ClientFrame(seq: seq, op: op).json) }
+        let seq: UInt64
+        switch append(op.name, awaitingReply: true, { writer, seq in writer.write(ClientFrame(seq: seq, op: op).json) }) {
+        case .success(let appended): seq = appended
+        case .failure(let error): throw .rejected(error)
+        }
         return try waitForReply(seq: seq, timeout: timeout, what: op.name, waitsOutOutage: waitsOutOutage)
     }
 
@@ -415,7 +457,7 @@ public final class Connection: @unchecked Sendable {
             if closed { return }
             let candidates = explicitPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }
             for path in candidates {
-                switch Self.connect(path) {
+                switch Self.connect(path, sendTimeout: sendTimeout) {
                 case .success(let newFD):
                     switch resume(on: newFD, path: path) {
                     case .done: return

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ArmoryProtocol
 import Foundation
+import Synchronization
 
 /// An MLflow run the daemon writes for this process: a chain's nested run, an evaluation's
 /// parent run, or one continued with `Tracker.attach(runID:)`.
@@ -49,7 +50,11 @@ public final class Run: Sendable {
     /// Logs one metric point. `timestamp` defaults to now (ms); values are fixed at this call.
     public func logMetric(_ key: String, _ value: Double, step: Int64 = 0, timestamp: Int64? = nil) {
         let time = timestamp ?? Self.nowMs()
-        tracker.connection.send { writer, seq in
+        if !validKeys.withLock({ $0.contains(key) }) {
+            guard check("log", [(key, nil)], kind: .metric) else { return }
+            validKeys.withLock { _ = $0.insert(key) }
+        }
+        tracker.connection.send("log") { writer, seq in
             writer.bytes.append(contentsOf: metricFrameHead)
             writer.writeString(key)
             writer.bytes.append(UInt8(ascii: ","))
@@ -70,9 +75,22 @@ public final class Run: Sendable {
         log(LogBatch(metrics: metrics.map { MetricPoint(key: $0.key, value: $0.value, step: step, timestamp: time) }))
     }
 
-    /// Logs a batch (metrics, params, tags) in one frame.
+    /// Logs a batch (metrics, params, tags) in one frame. An entry MLflow would refuse stops the
+    /// batch before it is sent; the refusal is raised at the next sync point.
     public func log(_ batch: LogBatch) {
+        let known = validKeys.withLock { $0 }
+        guard check("log", batch.metrics.filter { !known.contains($0.key) }.map { ($0.key, nil) }, kind: .metric),
+              check("log", batch.params.map { ($0.key, $0.value) }, kind: .param),
+              check("log", batch.tags.map { ($0.key, $0.value) }, kind: .tag) else { return }
         tracker.connection.send(.log(run: handle, batch: batch))
+    }
+
+    /// Metric keys already checked (most runs log a handful).
+    private let validKeys = Mutex(Set<String>())
+
+    /// Checks keys and values against MLflow's limits; a refusal is recorded for the next sync point.
+    private func check(_ op: String, _ entries: [(key: String, value: String?)], kind: MLflowRules.KeyKind) -> Bool {
+        tracker.check(op, entries, kind: kind)
     }
 
     public func logParam(_ key: String, _ value: some ParamConvertible) {

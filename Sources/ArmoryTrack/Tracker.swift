@@ -26,7 +26,30 @@ public final class Tracker: Sendable {
 
     /// `track_param(key, value)`: records a param in the current context (overwrite wins).
     public func trackParam(_ key: String, _ value: some ParamConvertible) {
-        for (k, v) in value.paramValue.flattened(key: key) { connection.send(.trackParam(key: k, value: v)) }
+        let entries = value.paramValue.flattened(key: key)
+        guard check("param", entries.map { ($0.0, $0.1) }, kind: .param) else { return }
+        for (k, v) in entries { connection.send(.trackParam(key: k, value: v)) }
+    }
+
+    /// Checks keys and values against MLflow's limits before anything is sent (the daemon checks
+    /// them again); a refusal is raised at the next sync point, as the daemon's would be.
+    func check(_ op: String, _ entries: [(key: String, value: String?)], kind: MLflowRules.KeyKind) -> Bool {
+        for (key, value) in entries {
+            do throws(ProtocolError) {
+                try MLflowRules.validateKey(key, kind: kind)
+                switch (kind, value) {
+                case (.param, let value?): try MLflowRules.validateParamValue(value, key: key)
+                case (.tag, let value?): try MLflowRules.validateTagValue(value, key: key)
+                default: break
+                }
+            } catch {
+                var refusal = error
+                refusal.op = op
+                connection.refuse(refusal)
+                return false
+            }
+        }
+        return true
     }
 
     /// `track_params` on a call: drops `<prefix>.*` if recorded before, then records
@@ -36,6 +59,7 @@ public final class Tracker: Sendable {
         for (name, value) in arguments where !ignore.contains(name) {
             for (k, v) in value.paramValue.flattened(key: name) { values[k] = v }
         }
+        guard check("params", [(prefix + "._func", function)] + values.map { (prefix + "." + $0.key, $0.value) }, kind: .param) else { return }
         connection.send(.trackParams(prefix: prefix, function: function, values: values))
     }
 

@@ -167,13 +167,21 @@ extension ArmoryCtl {
                 throw Failure("Cannot stop armoryd (pid \(pid), uid \(status["uid"]?.intValue ?? -1)): \(reason). Run armoryctl stop as the daemon's user or as root.", exitCode: errno == EPERM ? 4 : 1)
             }
             let deadline = Date().addingTimeInterval(timeout)
-            while kill(pid, 0) == 0 {
+            while Self.isAlive(pid) {
                 guard Date() < deadline else {
                     throw Failure("armoryd (pid \(pid)) is still running \(Int(timeout)) s after SIGTERM (it flushes its journal first); wait, or `kill -9 \(pid)` (journaled records survive).")
                 }
                 Thread.sleep(forTimeInterval: 0.05)
             }
             if options.json { options.printJSON(.object(["stopped": .bool(true), "pid": .int(Int64(pid))])) } else { print("armoryd (pid \(pid)) stopped") }
+        }
+
+        /// Whether `pid` still runs: it exists and is not a zombie (exited, its parent has not reaped it yet).
+        static func isAlive(_ pid: pid_t) -> Bool {
+            guard kill(pid, 0) == 0 else { return false }
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { return true }
+            return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
         }
     }
 }

@@ -62,7 +62,7 @@ def test_prometheus_text(daemon):
         name, value = line.rsplit(" ", 1)
         assert re.fullmatch(r'armoryd_\w+(\{destination="[^"]*"\})?', name), line
         samples[name] = float(value)
-    assert samples["armoryd_up"] == 1 and samples["armoryd_clients"] == 1  # armoryctl itself
+    assert samples["armoryd_up"] == 1 and samples["armoryd_clients"] == 0  # armoryctl is an admin, not a client
     assert samples[f'armoryd_destination_healthy{{destination="{daemon.store_uri}"}}'] == 1
 
 
