@@ -192,8 +192,12 @@ import Testing
             Issue.record("no deferred errors raised: \(raised)")
             return
         }
-        #expect(errors.map(\.code) == [.paramChanged, .invalidKey])
-        #expect(errors[0].op == "log" && errors[0].message.contains("'lr'"))
+        // The bad key is refused by the client before sending, the changed param by the daemon.
+        #expect(Set(errors.map(\.code)) == [.paramChanged, .invalidKey])
+        let changed = errors.first { $0.code == .paramChanged }
+        #expect(changed?.op == "log" && changed?.key == "lr" && changed?.message.contains("'lr'") == true)
+        let badKey = errors.first { $0.code == .invalidKey }
+        #expect(badKey?.key == "bad//name" && badKey?.seq == nil)
         try tracker.flush()  // raised once, then cleared
         tracker.connection.disconnect()
         try await daemon.stop()
