@@ -130,6 +130,18 @@ class RawClient:
         self.sock.close()
 
 
+def log_steps(socket_path: str, evaluation: str, steps: int):
+    """A raw client that started evaluation 1 and logged metric `m` at `steps` steps
+    (fire-and-forget); returns it and the run's reply."""
+    client = RawClient(socket_path)
+    client.hello()
+    client.send("evaluation", id=1, name=evaluation)
+    run = client.request("start", evaluation=1)
+    for step in range(steps):
+        client.send("log", run=run["handle"], metrics=[["m", float(step), step, 1795400000000 + step]])
+    return client, run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

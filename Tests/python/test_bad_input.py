@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, Daemon, RawClient
+from conftest import BIN, Daemon, RawClient, log_steps
 
 MiB = 1 << 20
 
@@ -214,12 +214,7 @@ def test_start_errors_name_the_path_and_the_fix_and_create_nothing(daemon, tmp_p
 def test_status_counts_refusals_shows_the_last_one_and_splits_written_metrics(tmp_path):
     d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.3"))
     try:
-        c = RawClient(d.socket)
-        c.hello()
-        c.send("evaluation", id=1, name="truth")
-        run = c.request("start", evaluation=1)
-        for step in range(50):
-            c.send("log", run=run["handle"], metrics=[["m", float(step), step, 1795400000000 + step]])
+        c, _ = log_steps(d.socket, "truth", 50)
         for bad in ("bad key!", "a//b", "/x", ""):
             c.send("param", key=bad, value="1")
         time.sleep(1.2)
@@ -305,12 +300,7 @@ def test_an_oversize_or_broken_frame_gets_its_seq_and_op_and_the_connection_goes
 
 
 def test_a_flush_uploaded_is_answered_after_the_ack_that_covers_it(daemon):
-    c = RawClient(daemon.socket)
-    c.hello()
-    c.send("evaluation", id=1, name="ack-order")
-    run = c.request("start", evaluation=1)
-    for step in range(200):
-        c.send("log", run=run["handle"], metrics=[["m", float(step), step, 1795400000000 + step]])
+    c, _ = log_steps(daemon.socket, "ack-order", 200)
     flush_seq = c.send("flush", wait="uploaded", timeout_ms=10000)
     acked = 0
     while True:

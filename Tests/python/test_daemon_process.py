@@ -4,7 +4,7 @@ import os
 import stat
 import subprocess
 
-from conftest import BIN, Daemon, RawClient
+from conftest import BIN, Daemon, RawClient, log_steps
 
 
 def test_socket_is_private(daemon):
@@ -18,20 +18,9 @@ def test_second_daemon_on_the_same_socket_refuses_to_start(daemon, tmp_path):
     assert "already serving" in out.stderr and daemon.socket in out.stderr
 
 
-def log_steps(daemon, evaluation, steps) -> RawClient:
-    """A client that started evaluation 1 and logged metric `m` at `steps` steps (fire-and-forget)."""
-    client = RawClient(daemon.socket)
-    client.hello()
-    client.send("evaluation", id=1, name=evaluation)
-    run = client.request("start", evaluation=1)
-    for step in range(steps):
-        client.send("log", run=run["handle"], metrics=[["m", step, step, 1795400000000 + step]])
-    return client
-
-
 def test_sigterm_writes_what_was_accepted_and_exits_zero(tmp_path):
     d = Daemon(tmp_path)
-    client = log_steps(d, "sigterm", 2000)
+    client, _ = log_steps(d.socket, "sigterm", 2000)
     client.request("flush", wait="durable", timeout_ms=10000)
     assert d.stop() == 0
     assert not os.path.exists(d.socket)
@@ -76,7 +65,7 @@ def test_null_destination_journals_and_discards(tmp_path):
     """`--tracking-uri null:` (the benchmarks' null sink): frames are acked, counted as written
     and settled, and nothing reaches a store."""
     d = Daemon(tmp_path, args=("--tracking-uri", "null:"))
-    client = log_steps(d, "discarded", 500)
+    client, _ = log_steps(d.socket, "discarded", 500)
     client.request("end", evaluation=1, status="FINISHED")
     reply = client.request("flush", wait="uploaded", timeout_ms=10000)
     assert reply["complete"] is True
