@@ -23,9 +23,13 @@ struct ArmoryCtl: ParsableCommand {
                 var command = try parseAsRoot(arguments)
                 try command.run()
             } catch let failure as Failure {
+                if arguments.contains("--json") { printJSONError(failure.description) }
                 FileHandle.standardError.write(Data("armoryctl: \(failure)\n".utf8))
                 Glibc.exit(failure.exitCode)
             } catch {
+                // `--json` always prints JSON: a parse or usage error's here (a command that exits
+                // with its own code printed its JSON already).
+                if arguments.contains("--json"), !(error is ExitCode), exitCode(for: error) != .success { printJSONError(message(for: error)) }
                 exit(withError: error)
             }
         case .unknownCommand(let word):
@@ -34,6 +38,11 @@ struct ArmoryCtl: ParsableCommand {
             Glibc.exit(ExitCode.validationFailure.rawValue)
         }
     }
+}
+
+/// A command's failure as the JSON `--json` promises: `{"error": …}` on stdout.
+private func printJSONError(_ message: String) {
+    print(String(decoding: JSONValue.object(["error": .string(message)]).serialized, as: UTF8.self))
 }
 
 /// Moves the global options typed before the command to after it, where the parser reads them.

@@ -142,6 +142,8 @@ def test_every_armoryctl_command_without_a_daemon_with_a_wrong_socket_a_bad_flag
     assert wrong.returncode == 3 and str(not_a_socket) in wrong.stderr
     bad_flag = armoryctl(*command, "--frobnicate", env=env)
     assert bad_flag.returncode == 64 and "--frobnicate" in bad_flag.stderr
+    bad_flag_json = armoryctl(*command, "--frobnicate", "--json", env=env)
+    assert bad_flag_json.returncode == 64 and "--frobnicate" in json.loads(bad_flag_json.stdout)["error"]
     as_json = armoryctl("--json", *command, env=env)
     assert as_json.returncode == 3
     assert json.loads(as_json.stdout)["state"] == "not running"
@@ -176,6 +178,8 @@ def test_armoryctl_stop_stops_a_daemon_started_by_hand_and_points_to_systemctl_f
     try:
         refused = armoryctl("stop", env=unit.env())
         assert refused.returncode == 1 and "systemctl" in refused.stderr and "stop armoryd.service" in refused.stderr
+        as_json = armoryctl("stop", "--json", env=unit.env())
+        assert as_json.returncode == 1 and "systemctl" in json.loads(as_json.stdout)["error"]
         assert unit.proc.poll() is None
     finally:
         unit.stop()
@@ -312,6 +316,15 @@ def test_a_flush_uploaded_is_answered_after_the_ack_that_covers_it(daemon):
             break
     assert acked >= flush_seq
     c.close()
+
+
+def test_an_unsupported_protocol_is_answered_with_the_hellos_seq_then_closed(daemon):
+    c = RawClient(daemon.socket)
+    c.send("hello", protocol=99, client="future")
+    error = c.recv()
+    assert (error["code"], error["seq"], error["failed_op"]) == ("UNSUPPORTED_PROTOCOL", 1, "hello")
+    with pytest.raises(EOFError):
+        c.recv()
 
 
 def test_a_length_far_beyond_the_limit_is_not_an_armoryd_client_and_closes_with_the_error_first(daemon):

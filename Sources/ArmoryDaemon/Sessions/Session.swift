@@ -210,6 +210,11 @@ public final class Session: @unchecked Sendable {
             error.op = error.op ?? frame.op.name
             outcome = .error(error)
         }
+        if case .close(var error) = outcome {  // the answer, then the connection closes
+            error.seq = error.seq ?? frame.seq
+            error.op = error.op ?? frame.op.name
+            outcome = .close(error)
+        }
         if metricsOnly { return outcome }  // committed at the end of the read burst
         remember(outcome, of: frame)
         commit()

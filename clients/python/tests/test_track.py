@@ -124,10 +124,12 @@ def test_dataclass_trackables(daemon):
     assert ds.name == "d" and ds.tracked_params == {"split": "test"}
 
 
-def test_invalid_keys_are_raised_at_the_next_sync_point(daemon):
+def test_invalid_keys_are_raised_at_the_call_and_nothing_is_sent(daemon):
     import armory_track
 
-    track_param("bad//key", 1)
     with pytest.raises(armory_track.ArmoryError) as raised:
-        armory_track.flush()
-    assert raised.value.errors[0]["code"] == "INVALID_KEY" and "bad//key" in str(raised.value)
+        track_param("bad//key", 1)
+    error = raised.value.errors[0]
+    assert (error["code"], error["key"], error["failed_op"], error["seq"]) == ("INVALID_KEY", "bad//key", "param", None)
+    assert "refused before sending" in str(raised.value)
+    armory_track.flush()  # nothing was sent: nothing to raise at the sync point
