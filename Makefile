@@ -26,10 +26,12 @@ test: build
 test-swift:
 	$(SWIFT) test
 
-# Two suites, two runs: each has its own conftest (fixtures of the same names).
+# Three suites, three runs: each has its own conftest (fixtures of the same names). Tests/systemd
+# boots a private systemd and installs the debug build inside it (docs/deployment.md, "The test bed").
 test-python:
 	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q Tests/python
 	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q clients/python/tests
+	ARMORY_BIN=$(abspath $(BIN)) $(PY) -m pytest -q -rs Tests/systemd
 
 # The lab deployment (deploy/testbed.py): PostgreSQL, an `mlflow server` on it and 4 armoryd
 # hosts (network namespaces where the machine allows).

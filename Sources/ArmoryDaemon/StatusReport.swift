@@ -24,7 +24,10 @@ public enum StatusReport {
     static let systemdUnit: (name: String, user: Bool)? = {
         guard ProcessInfo.processInfo.environment["INVOCATION_ID"] != nil else { return nil }
         let cgroup = (try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)) ?? ""
-        let path = cgroup.split(separator: "\n").first.map { String($0.split(separator: ":", maxSplits: 2).last ?? "") } ?? ""
+        // The unified hierarchy's line (`0::/…`), else systemd's own (`N:name=systemd:/…`).
+        let lines = cgroup.split(separator: "\n")
+        let line = lines.first { $0.hasPrefix("0::") && $0.count > 4 } ?? lines.first { $0.contains(":name=systemd:") }
+        let path = line.map { String($0.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).last ?? "") } ?? ""
         let name = path.split(separator: "/").last { $0.hasSuffix(".service") }.map(String.init) ?? "armoryd.service"
         return (name, path.contains("/user@"))
     }()

@@ -12,6 +12,8 @@ import Foundation
 public enum ArmoryError: Error, CustomStringConvertible, Equatable {
     /// No daemon answered on any socket path tried.
     case notRunning(String)
+    /// A daemon listens, but this user may not connect (not in the socket's group).
+    case permissionDenied(String)
     /// The connection to the daemon broke.
     case disconnected(String)
     /// The daemon refused a request.
@@ -25,7 +27,7 @@ public enum ArmoryError: Error, CustomStringConvertible, Equatable {
 
     public var description: String {
         switch self {
-        case .notRunning(let message), .disconnected(let message), .timedOut(let message), .protocolViolation(let message):
+        case .notRunning(let message), .permissionDenied(let message), .disconnected(let message), .timedOut(let message), .protocolViolation(let message):
             return message
         case .rejected(let error):
             return error.description
@@ -100,7 +102,9 @@ public final class Connection: @unchecked Sendable {
         for path in candidates {
             switch Self.connect(path, sendTimeout: sendTimeout) {
             case .success(let fd): connected = (fd, path)
-            case .failure(let reason): lastReason = "\(path): \(reason)"
+            case .failure(let failure):
+                if failure.code == EACCES { throw .permissionDenied(Self.permissionMessage(path)) }
+                lastReason = "\(path): \(failure)"
             }
             if connected != nil { break }
         }
@@ -158,9 +162,9 @@ public final class Connection: @unchecked Sendable {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         guard result == 0 else {
-            let reason = String(cString: strerror(errno))
+            let code = errno
             close(fd)
-            return .failure(ConnectFailure(reason))
+            return .failure(ConnectFailure(String(cString: strerror(code)), code: code))
         }
         var one: Int32 = 1
         _ = setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -172,7 +176,19 @@ public final class Connection: @unchecked Sendable {
 
     private struct ConnectFailure: Error, CustomStringConvertible {
         var description: String
-        init(_ description: String) { self.description = description }
+        var code: Int32 = 0
+        init(_ description: String, code: Int32 = 0) {
+            self.description = description
+            self.code = code
+        }
+    }
+
+    /// Why this user may not connect to `path`, and what to do: the socket's group.
+    static func permissionMessage(_ path: String) -> String {
+        var info = stat()
+        let group = stat(path, &info) == 0 ? getgrgid(info.st_gid).map { String(cString: $0.pointee.gr_name) } ?? "\(info.st_gid)" : "armory"
+        return "Permission denied on \(path): armoryd's socket is for members of group '\(group)'. Ask an admin to add you "
+            + "(`sudo usermod -aG \(group) $USER`), then log in again (or run `newgrp \(group)`)."
     }
 
     private func startReader(fd: Int32, leftover: [UInt8]) {

@@ -102,13 +102,16 @@ struct ConnectionOptions: ParsableArguments {
         }
     }
 
-    /// Says that no daemon answers (as JSON with `--json`); exit status 3.
+    /// Says that no daemon answers, or that this user may not connect (as JSON with `--json`);
+    /// exit status 3, or 4 when not permitted.
     private func notRunning(_ error: ArmoryError) -> ExitCode {
+        let denied: Bool
+        if case .permissionDenied = error { denied = true } else { denied = false }
         if json {
-            printJSON(.object(["state": "not running", "socket": socket.map { .string($0) } ?? .null, "error": .string("\(error)")]))
+            printJSON(.object(["state": .string(denied ? "not permitted" : "not running"), "socket": socket.map { .string($0) } ?? .null, "error": .string("\(error)")]))
         }
         FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
-        return ExitCode(3)
+        return ExitCode(denied ? 4 : 3)
     }
 
     func printJSON(_ value: JSONValue) {

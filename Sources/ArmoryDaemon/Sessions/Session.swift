@@ -931,7 +931,7 @@ public final class Session: @unchecked Sendable {
         let id = nextArtifactID
         nextArtifactID += 1
         let spoolPath = services.spoolDirectory + "/" + run.handle + "-" + DaemonServices.newRunID().prefix(12)
-        let fd = open(spoolPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let fd = open(spoolPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o666)  // the umask applies: it becomes a store file as it is (the spool directory is private)
         guard fd >= 0 else {
             throw ProtocolError(.internalError, "The daemon cannot create a spool file in \(services.spoolDirectory): \(String(cString: strerror(errno))).")
         }

@@ -115,6 +115,9 @@ def _connect(path: Optional[str]):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(candidate)
+        except PermissionError:
+            s.close()
+            raise PermissionError(_permission_message(candidate)) from None
         except OSError as e:
             s.close()
             last = f"{candidate}: {e.strerror or e}"
@@ -126,6 +129,18 @@ def _connect(path: Optional[str]):
         f"No armoryd is listening (tried {tried}: {last}). Start one with "
         "`systemctl --user start armoryd.socket` (or the system unit), or run `armoryd &`; "
         "set ARMORY_SOCKET if it listens elsewhere.")
+
+
+def _permission_message(path: str) -> str:
+    """Why this user may not connect to `path`, and what to do: the socket's group."""
+    try:
+        import grp
+
+        group = grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError):
+        group = "armory"
+    return (f"Permission denied on {path}: armoryd's socket is for members of group '{group}'. Ask an admin to add you "
+            f"(`sudo usermod -aG {group} $USER`), then log in again (or run `newgrp {group}`).")
 
 
 def _env_float(name: str, default: float) -> float:
