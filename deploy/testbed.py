@@ -51,6 +51,46 @@ def wait_until(predicate, timeout: float, what: str, log: Path | None = None):
         time.sleep(0.1)
 
 
+class MLflowServer:
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port."""
+
+    def __init__(self, directory: Path, extra_args=(), env=None):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        self.log = open(directory / "mlflow.log", "wb")
+        self.proc = subprocess.Popen(
+            [mlflow_cli, "server", "--backend-store-uri", f"sqlite:///{directory}/mlflow.db",
+             "--artifacts-destination", str(directory / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "2", *extra_args],
+            cwd=directory, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, **(env or {})), start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.read().strip() == b"OK":
+                        break
+            except Exception:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start: " + (directory / "mlflow.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
 class PostgreSQL:
     """A throwaway PostgreSQL cluster from Debian's packages: trust auth, loopback, a free port."""
 

@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "deploy"))
 BIN = Path(os.environ.get("ARMORY_BIN", ROOT / ".build" / "debug"))
 # What users other than root may run inside: the example binary and the Python client (stdlib
 # only), copied where everyone can read them; Debian's own interpreter (root's may live where

@@ -234,3 +234,20 @@ def test_alices_user_unit_serves_her_from_her_own_store(manager):
     finally:
         manager.run("systemctl --user disable --now armoryd.socket armoryd.service", user="alice", env=session, check=False)
         manager.run(f"systemctl stop user@{uid}.service", check=False)
+
+
+def test_under_the_hardening_a_sync_reaches_an_mlflow_server_over_ip(manager, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from testbed import MLflowServer
+
+    runs = example(manager, points=50)
+    server = MLflowServer(tmp_path / "mlflow")  # on the host's loopback: the test bed shares its network
+    try:
+        synced = manager.run(f"armoryctl sync --to {server.url} --experiment armory-example", timeout=300)
+        assert "complete" in synced.stdout, synced.stdout + synced.stderr
+        client = MlflowClient(tracking_uri=server.url)
+        experiment = client.get_experiment_by_name("armory-example")
+        copied = {r.data.tags["armory.sync.source_run"] for r in client.search_runs([experiment.experiment_id])}
+        assert set(runs.values()) <= copied
+    finally:
+        server.stop()
