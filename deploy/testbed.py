@@ -32,6 +32,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a process started with its own session (`start_new_session`) and its children,
+    SIGKILL if they are not gone within `timeout`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def socket_answers(path: str) -> bool:
     """Whether a daemon accepts connections on the Unix socket `path` (a stale file does not)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -81,13 +93,7 @@ class MLflowServer:
             time.sleep(0.5)
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, timeout=20)
         self.log.close()
 
 
@@ -173,13 +179,8 @@ class LabServer:
             raise RuntimeError("mlflow server exited: " + (self.directory / "mlflow.log").read_text()[-3000:])
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc:
+            stop_group(self.proc, timeout=30)
 
 
 class Forwarder:
