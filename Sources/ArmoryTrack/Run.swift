@@ -51,7 +51,7 @@ public final class Run: Sendable {
     public func logMetric(_ key: String, _ value: Double, step: Int64 = 0, timestamp: Int64? = nil) {
         let time = timestamp ?? Self.nowMs()
         if !validKeys.withLock({ $0.contains(key) }) {
-            guard check("log", [(key, nil)], kind: .metric) else { return }
+            guard tracker.checked("log", [key: ""], kind: .metric) != nil else { return }
             validKeys.withLock { _ = $0.insert(key) }
         }
         tracker.connection.send("log") { writer, seq in
@@ -79,19 +79,18 @@ public final class Run: Sendable {
     /// batch before it is sent; the refusal is raised at the next sync point.
     public func log(_ batch: LogBatch) {
         let known = validKeys.withLock { $0 }
-        guard check("log", batch.metrics.filter { !known.contains($0.key) }.map { ($0.key, nil) }, kind: .metric),
-              check("log", batch.params.map { ($0.key, $0.value) }, kind: .param),
-              check("log", batch.tags.map { ($0.key, $0.value) }, kind: .tag) else { return }
+        var keys = StringMap()
+        for metric in batch.metrics where !known.contains(metric.key) { keys[metric.key] = "" }
+        var batch = batch
+        guard tracker.checked("log", keys, kind: .metric) != nil,
+              let params = tracker.checked("log", batch.params, kind: .param),
+              let tags = tracker.checked("log", batch.tags, kind: .tag) else { return }
+        (batch.params, batch.tags) = (params, tags)
         tracker.connection.send(.log(run: handle, batch: batch))
     }
 
     /// Metric keys already checked (most runs log a handful).
     private let validKeys = Mutex(Set<String>())
-
-    /// Checks keys and values against MLflow's limits; a refusal is recorded for the next sync point.
-    private func check(_ op: String, _ entries: [(key: String, value: String?)], kind: MLflowRules.KeyKind) -> Bool {
-        tracker.check(op, entries, kind: kind)
-    }
 
     public func logParam(_ key: String, _ value: some ParamConvertible) {
         var params = StringMap()

@@ -26,31 +26,42 @@ public final class Tracker: Sendable {
 
     /// `track_param(key, value)`: records a param in the current context (overwrite wins).
     public func trackParam(_ key: String, _ value: some ParamConvertible) {
-        let entries = value.paramValue.flattened(key: key)
-        guard check("param", entries.map { ($0.0, $0.1) }, kind: .param) else { return }
-        for (k, v) in entries { connection.send(.trackParam(key: k, value: v)) }
+        var entries = StringMap()
+        for (k, v) in value.paramValue.flattened(key: key) { entries[k] = v }
+        guard let checked = checked("param", entries, kind: .param) else { return }
+        for (k, v) in checked { connection.send(.trackParam(key: k, value: v)) }
     }
 
-    /// Checks keys and values against MLflow's limits before anything is sent (the daemon checks
-    /// them again); a refusal is raised at the next sync point, as the daemon's would be.
-    func check(_ op: String, _ entries: [(key: String, value: String?)], kind: MLflowRules.KeyKind) -> Bool {
+    /// `entries` as MLflow's client logs them, checked before anything is sent (the daemon checks
+    /// them again): a value over MLflow's limit is cut to it with a warning on stderr, as MLflow
+    /// does (`MLFLOW_TRUNCATE_LONG_VALUES=false`: refused instead). `nil`: a key (or value)
+    /// MLflow refuses, recorded and raised at the next sync point, as the daemon's refusals are.
+    /// A metric's entries are its keys (values ignored).
+    func checked(_ op: String, _ entries: StringMap, kind: MLflowRules.KeyKind) -> StringMap? {
+        var out = entries
         for (key, value) in entries {
             do throws(ProtocolError) {
                 try MLflowRules.validateKey(key, kind: kind)
-                switch (kind, value) {
-                case (.param, let value?): try MLflowRules.validateParamValue(value, key: key)
-                case (.tag, let value?): try MLflowRules.validateTagValue(value, key: key)
-                default: break
+                let limit = kind == .param ? MLflowRules.maxParamValueLength : MLflowRules.maxTagValueLength
+                guard kind != .metric, value.unicodeScalars.count > limit else { continue }
+                guard Self.truncatesLongValues else {
+                    try kind == .param ? MLflowRules.validateParamValue(value, key: key) : MLflowRules.validateTagValue(value, key: key)
+                    continue
                 }
+                FileHandle.standardError.write(Data("ArmoryTrack: warning: \(kind.rawValue) '\(key)' has a value of \(value.unicodeScalars.count) characters: truncated to MLflow's limit of \(limit), as MLflow does. Log the whole value as an artifact (logText); MLFLOW_TRUNCATE_LONG_VALUES=false refuses such values instead.\n".utf8))
+                out[key] = String(String.UnicodeScalarView(value.unicodeScalars.prefix(limit)))
             } catch {
                 var refusal = error
                 refusal.op = op
                 connection.refuse(refusal)
-                return false
+                return nil
             }
         }
-        return true
+        return out
     }
+
+    /// MLflow's own rule (`MLFLOW_TRUNCATE_LONG_VALUES`, default true).
+    static let truncatesLongValues = !["false", "0", "no", "off"].contains((ProcessInfo.processInfo.environment["MLFLOW_TRUNCATE_LONG_VALUES"] ?? "true").lowercased())
 
     /// `track_params` on a call: drops `<prefix>.*` if recorded before, then records
     /// `<prefix>._func` = `function` and `<prefix>.<name>` for each argument not in `ignore`.
@@ -59,8 +70,12 @@ public final class Tracker: Sendable {
         for (name, value) in arguments where !ignore.contains(name) {
             for (k, v) in value.paramValue.flattened(key: name) { values[k] = v }
         }
-        guard check("params", [(prefix + "._func", function)] + values.map { (prefix + "." + $0.key, $0.value) }, kind: .param) else { return }
-        connection.send(.trackParams(prefix: prefix, function: function, values: values))
+        var entries: StringMap = [prefix + "._func": function]
+        for (k, v) in values { entries[prefix + "." + k] = v }
+        guard let checked = checked("params", entries, kind: .param) else { return }
+        var sent = StringMap()
+        for (k, v) in checked.dropFirst() { sent[String(k.dropFirst(prefix.count + 1))] = v }
+        connection.send(.trackParams(prefix: prefix, function: checked[prefix + "._func"] ?? function, values: sent))
     }
 
     /// `track_call(func, **kwargs)`: records the call's arguments under `name` (or `prefix`) and

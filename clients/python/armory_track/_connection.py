@@ -213,21 +213,29 @@ class Connection:
 
     # -- sending ---------------------------------------------------------------
 
-    def check(self, op: str, kind: str, entries: Iterable[Tuple[Any, Optional[str]]]) -> None:
-        """Raises ArmoryError (nothing sent) when MLflow would refuse a key or a value of
-        `entries` ((key, value or None) pairs of a metric, param or tag)."""
+    def check(self, op: str, kind: str, entries: Iterable[Tuple[Any, Optional[str]]]) -> List[Tuple[Any, Optional[str]]]:
+        """`entries` ((key, value or None) pairs of a metric, param or tag) as MLflow's client
+        would log them: a value over MLflow's limit is truncated to it with a warning, as MLflow
+        does (MLFLOW_TRUNCATE_LONG_VALUES=false: refused instead). Raises ArmoryError (nothing
+        sent) for a key MLflow refuses."""
         limits = self.limits
-        problems = []
+        problems, checked = [], []
         for key, value in entries:
             why = _rules.key_problem(key, kind, limits["max_key_length"])
             code = "INVALID_KEY"
             if why is None and value is not None and kind != "metric":
-                why = _rules.value_problem(key, value, kind, limits[f"max_{kind}_value_length"])
+                limit = limits[f"max_{kind}_value_length"]
+                why = _rules.value_problem(key, value, kind, limit)
                 code = "INVALID_VALUE"
+                if why and _rules.truncates_long_values():
+                    _rules.warn_truncated(key, value, kind, limit)
+                    value, why = value[:limit], None
             if why:
                 problems.append(_rules.refusal(code, op, why, key if isinstance(key, str) else None))
+            checked.append((key, value))
         if problems:
             raise ArmoryError(problems)
+        return checked
 
     def _wait_for_room(self) -> None:
         """Waits (caller holds the lock) while the buffer or what is kept for resending is full,

@@ -3,6 +3,8 @@ MLflow would refuse raises here, naming the key, the limit and the fix, instead 
 at a sync point. The limits come from the daemon's `hello` reply when it states them."""
 from __future__ import annotations
 
+import logging
+import os
 import posixpath
 import re
 from typing import Any, Dict, Mapping, Optional
@@ -49,3 +51,16 @@ def value_problem(key: str, value: str, kind: str, max_length: int) -> Optional[
         return (f"{kind.capitalize()} '{key}' has a value of {len(value)} characters; MLflow allows at most {max_length}. "
                 "Shorten it, or log it as an artifact (log_text, log_dict).")
     return None
+
+
+def truncates_long_values() -> bool:
+    """MLflow's own rule (MLFLOW_TRUNCATE_LONG_VALUES, default true): a param or tag value over
+    the limit is cut to it with a warning instead of refused."""
+    return os.environ.get("MLFLOW_TRUNCATE_LONG_VALUES", "true").strip().lower() not in ("false", "0", "no", "off")
+
+
+def warn_truncated(key: str, value: str, kind: str, max_length: int) -> None:
+    logging.getLogger("armory_track").warning(
+        "%s '%s' has a value of %d characters: truncated to MLflow's limit of %d, as MLflow does. Log the whole value as an "
+        "artifact (log_text, log_dict); MLFLOW_TRUNCATE_LONG_VALUES=false refuses such values instead.",
+        kind.capitalize(), key, len(value), max_length)

@@ -80,13 +80,11 @@ class Run:
         for key, value in params.items():
             flat.update(_flatten(key, value))
         c = connection()
-        c.check("log", "param", flat.items())
-        c.send("log", run=self.handle, params=flat)
+        c.send("log", run=self.handle, params=dict(c.check("log", "param", flat.items())))
 
     def set_tag(self, key: str, value: Any) -> None:
         c = connection()
-        c.check("log", "tag", [(key, str(value))])
-        c.send("log", run=self.handle, tags={key: str(value)})
+        c.send("log", run=self.handle, tags=dict(c.check("log", "tag", [(key, str(value))])))
 
     def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> int:
         """Copies a file into the run (under `artifact_path`, a directory, as MLflow does); returns

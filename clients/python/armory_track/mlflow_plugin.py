@@ -201,7 +201,7 @@ class ArmorydTrackingStore(AbstractStore):
     def log_batch(self, run_id, metrics, params, tags):
         if len(metrics) == 1 and not params and not tags:
             return self.log_metric(run_id, metrics[0])
-        _validate_batch_log_data(metrics, params, tags)
+        metrics, params, tags = _validate_batch_log_data(metrics, params, tags)  # values over the limit truncated, as MLflow does
         handle = _Plugin.handle(run_id)
         fields: Dict[str, Any] = {"run": handle}
         if metrics:

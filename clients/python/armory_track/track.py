@@ -38,9 +38,7 @@ def get_current_params() -> Dict[str, str]:
 def track_param(key: str, value: Any) -> None:
     """Records a param in the current tracking context (a newer value overwrites)."""
     c = connection()
-    entries = list(_flatten(key, value))
-    c.check("param", "param", entries)
-    for k, v in entries:
+    for k, v in c.check("param", "param", _flatten(key, value)):
         c.send("param", key=k, value=v)
 
 
@@ -79,8 +77,8 @@ def _record_call(func: Callable, prefix: str, ignore: Optional[Sequence[str]], k
     module = getattr(func, "__module__", None)
     c = connection()
     function = f"{module}.{func.__qualname__}"
-    c.check("params", "param", [(f"{prefix}._func", function)] + [(f"{prefix}.{k}", v) for k, v in values.items()])
-    c.send("params", prefix=prefix, func=function, values=values)
+    checked = c.check("params", "param", [(f"{prefix}._func", function)] + [(f"{prefix}.{k}", v) for k, v in values.items()])
+    c.send("params", prefix=prefix, func=checked[0][1], values={k[len(prefix) + 1:]: v for k, v in checked[1:]})
 
 
 def track_params(_func: Optional[Callable] = None, *, prefix: Optional[str] = None, ignore: Optional[Sequence[str]] = None):
