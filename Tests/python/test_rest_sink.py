@@ -243,6 +243,13 @@ with mlflow.start_run(run_name="parent"):
         mlflow.log_metrics({"acc": 0.5, "nan": float("nan")}, step=1, timestamp=1795400000000)
         mlflow.log_dict({"v": 1}, "d.json")
         mlflow.log_text("hi", "notes/n.txt")
+        # Reads of the run's artifacts, and log_table, which reads before it writes.
+        run_id = mlflow.active_run().info.run_id
+        mlflow.log_table({"a": [1, 2]}, "t.json")
+        mlflow.log_table({"a": [3]}, "t.json")
+        print("listed", sorted(a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id)))
+        print("loaded", mlflow.artifacts.load_text(f"runs:/{run_id}/notes/n.txt"), mlflow.artifacts.load_dict(f"runs:/{run_id}/d.json"))
+        print("table", len(mlflow.load_table("t.json", run_ids=[run_id])))
 """
 
 
@@ -285,6 +292,10 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
     client = MlflowClient(tracking_uri=mlflow_server.url)
     a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
     assert a == b
+    def reads(out):  # (MLflow prints "View run …" links for an http tracking URI only)
+        return [line for line in out.splitlines() if line.startswith(("listed", "loaded", "table"))]
+
+    assert reads(direct.stdout) == reads(through.stdout) == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3"]
     assert set(a) == {"experiment tags", "parent", "child"} and a["child"]["has_parent"]
     assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent"]["tags"]
 

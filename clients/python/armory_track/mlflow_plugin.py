@@ -335,7 +335,10 @@ class ArmorydArtifactRepository(ArtifactRepository):
 
         _Plugin.settle()
         real_uri = _Plugin.backing_store().get_run(self.run_id).info.artifact_uri
-        return get_artifact_repository(real_uri.rstrip("/") + ("/" + self.prefix if self.prefix else ""))
+        # The server's `mlflow-artifacts:` URIs resolve against its tracking URI (the daemon's
+        # destination), not this process's `armoryd://`.
+        return get_artifact_repository(real_uri.rstrip("/") + ("/" + self.prefix if self.prefix else ""),
+                                       tracking_uri=_Plugin.connection().hello.get("destination"))
 
     def list_artifacts(self, path=None):
         return self._real().list_artifacts(path)
