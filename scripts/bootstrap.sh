@@ -31,8 +31,13 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$VENV/bin/pip" install -q --disable-pip-version-check "$MLFLOW_SPEC" "psycopg[binary]" pytest jsonschema psutil </dev/null
   echo "$want" > "$stamp"
 fi
-# The Python client, editable, so that tests and examples use this checkout's code.
-if ! "$VENV/bin/python" -c "import armory_track, sys; sys.exit(0 if armory_track.__file__.startswith('$(pwd)/clients/python/') else 1)" 2>/dev/null; then
+# The Python client, editable, so that tests and examples use this checkout's code; installed
+# again when its pyproject.toml changes (its MLflow entry points live in the install's metadata).
+client_stamp="$VENV/.armory-client"
+client_want=$(sha256sum clients/python/pyproject.toml | cut -d' ' -f1)
+if ! "$VENV/bin/python" -c "import armory_track, sys; sys.exit(0 if armory_track.__file__.startswith('$(pwd)/clients/python/') else 1)" 2>/dev/null \
+    || [ "$(cat "$client_stamp" 2>/dev/null)" != "$client_want" ]; then
   echo "bootstrap: installing clients/python into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ./clients/python </dev/null
+  echo "$client_want" > "$client_stamp"
 fi

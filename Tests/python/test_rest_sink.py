@@ -271,17 +271,19 @@ def _records(client, experiment, tmp_path):
     return out
 
 
-def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_records(tmp_path, mlflow_server):
+def direct_and_through_armoryd(script, name, tmp_path, mlflow_server):
+    """Runs `script` against the server directly (experiment `<name>-direct`), then through
+    armoryd:// (`<name>-armoryd`), and waits until the daemon uploaded it all; returns both outputs."""
     import sys
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    direct = subprocess.run([sys.executable, "-c", COMPARED_SCRIPT], env={**base, "MLFLOW_TRACKING_URI": mlflow_server.url, "EXPERIMENT": "compare-direct"},
-                            capture_output=True, text=True, timeout=120)
+    direct = subprocess.run([sys.executable, "-c", script], env={**base, "MLFLOW_TRACKING_URI": mlflow_server.url, "EXPERIMENT": f"{name}-direct"},
+                            capture_output=True, text=True, timeout=300)
     assert direct.returncode == 0, direct.stderr[-2000:]
     daemon = Daemon(tmp_path / "daemon", env={"MLFLOW_TRACKING_URI": mlflow_server.url})
     try:
-        through = subprocess.run([sys.executable, "-c", COMPARED_SCRIPT], env={**base, "MLFLOW_TRACKING_URI": "armoryd://", "ARMORY_SOCKET": daemon.socket,
-                                                                            "EXPERIMENT": "compare-armoryd"}, capture_output=True, text=True, timeout=120)
+        through = subprocess.run([sys.executable, "-c", script], env={**base, "MLFLOW_TRACKING_URI": "armoryd://", "ARMORY_SOCKET": daemon.socket,
+                                                                     "EXPERIMENT": f"{name}-armoryd"}, capture_output=True, text=True, timeout=300)
         assert through.returncode == 0, through.stderr[-2000:]
         c = RawClient(daemon.socket)
         c.hello()
@@ -289,15 +291,48 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
         c.close()
     finally:
         daemon.stop()
+    return direct.stdout, through.stdout
+
+
+def printed(out, *prefixes):
+    """The lines a script printed for comparison (MLflow prints "View run …" links for an http tracking URI only)."""
+    return [line for line in out.splitlines() if line.startswith(prefixes)]
+
+
+def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_records(tmp_path, mlflow_server):
+    direct, through = direct_and_through_armoryd(COMPARED_SCRIPT, "compare", tmp_path, mlflow_server)
     client = MlflowClient(tracking_uri=mlflow_server.url)
     a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
     assert a == b
-    def reads(out):  # (MLflow prints "View run …" links for an http tracking URI only)
-        return [line for line in out.splitlines() if line.startswith(("listed", "loaded", "table"))]
-
-    assert reads(direct.stdout) == reads(through.stdout) == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3"]
+    assert printed(direct, "listed", "loaded", "table") == printed(through, "listed", "loaded", "table") \
+        == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3"]
     assert set(a) == {"experiment tags", "parent", "child"} and a["child"]["has_parent"]
     assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent"]["tags"]
+
+
+MODEL_SCRIPT = """
+import os, mlflow, numpy as np
+from sklearn.linear_model import LinearRegression
+name = os.environ["EXPERIMENT"]
+mlflow.set_experiment(name)
+X = np.array([[1.0], [2.0], [3.0]])
+with mlflow.start_run() as run:
+    info = mlflow.sklearn.log_model(LinearRegression().fit(X, 2 * X[:, 0]), name="model", input_example=X[:1])
+client = mlflow.MlflowClient()
+print("status", client.get_logged_model(info.model_id).status)
+print("models:/", mlflow.pyfunc.load_model(info.model_uri).predict(X).round(3).tolist())
+print("runs:/", mlflow.sklearn.load_model(f"runs:/{run.info.run_id}/model").predict(X).round(3).tolist())
+version = mlflow.register_model(info.model_uri, name + "-registered")
+print("registered", version.version, mlflow.pyfunc.load_model(f"models:/{name}-registered/1").predict(X[:1]).round(3).tolist())
+print("searched", [m.name for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])])
+"""
+
+
+def test_models_log_load_and_register_through_armoryd_as_directly(tmp_path, mlflow_server):
+    direct, through = direct_and_through_armoryd(MODEL_SCRIPT, "models", tmp_path, mlflow_server)
+    expected = ["status READY", "models:/ [2.0, 4.0, 6.0]", "runs:/ [2.0, 4.0, 6.0]", "registered 1 [2.0]", "searched ['model']"]
+    assert printed(direct, "status", "models:/", "runs:/", "registered", "searched") == expected
+    assert printed(through, "status", "models:/", "runs:/", "registered", "searched") == expected
 
 
 def test_a_full_journal_slows_writers_down_and_nothing_is_dropped(tmp_path, mlflow_server):

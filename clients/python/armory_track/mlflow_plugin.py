@@ -44,6 +44,21 @@ def _artifact_uri(run_id: str) -> str:
     return f"armoryd:/runs/{run_id}/artifacts"
 
 
+def _through_armoryd(result):
+    """A logged model (or a page of them) from the destination's store, its artifact location
+    made `armoryd:/models/<id>/artifacts`: MLflow then reads and writes its files through this
+    plugin's artifact repository, which resolves the real location against the daemon's
+    destination (a server's `mlflow-artifacts:` URIs need its tracking URI, not `armoryd:`)."""
+    models = result if isinstance(result, list) else [result]
+    for model in models:
+        location = getattr(model, "artifact_location", None)
+        if isinstance(location, str) and hasattr(model, "model_id") and not location.startswith("armoryd:"):
+            with _Plugin.lock:
+                _Plugin.model_locations[model.model_id] = location
+            model.artifact_location = f"armoryd:/models/{model.model_id}/artifacts"
+    return result
+
+
 class _Plugin:
     """What the store and the artifact repository share in one process: run handles, the runs
     this process created, and MLflow's own store for the daemon's destination."""
@@ -52,6 +67,7 @@ class _Plugin:
     handles: Dict[str, str] = {}
     handles_connection = None  # handles are a connection's: a new daemon (restart) attaches again
     runs: Dict[str, Dict[str, Any]] = {}
+    model_locations: Dict[str, str] = {}  # logged model id → its artifact location in the destination
     backing = None
     backing_destination = None
 
@@ -281,7 +297,7 @@ def _metric_head(run_id: str, metric) -> tuple:
 def _forwarded(name: str):
     def method(self, *args, **kwargs):
         _Plugin.settle()
-        return getattr(_Plugin.backing_store(), name)(*args, **kwargs)
+        return _through_armoryd(getattr(_Plugin.backing_store(), name)(*args, **kwargs))
 
     method.__name__ = name
     method.__doc__ = f"Forwarded to MLflow's own store for the daemon's destination (after pending writes landed): {name}."
@@ -304,26 +320,71 @@ def _sync(level: str = "durable") -> None:
         raise MlflowException(f"armoryd refused earlier writes: {e}", INVALID_PARAMETER_VALUE) from None
 
 
+def registry_store(store_uri: Optional[str] = None, tracking_uri: Optional[str] = None):
+    """MLflow's model registry for `armoryd://` (`MLFLOW_REGISTRY_URI` unset): the registry of the
+    daemon's destination, its server's or the file registry beside its local store. Registry
+    calls are synchronous metadata calls, as MLflow makes them."""
+    _use_socket_of(store_uri)
+    destination = _Plugin.connection().hello.get("destination")
+    if not destination:
+        raise MlflowException("armoryd did not say where its runs go (an older daemon?): the model registry through armoryd:// needs its destination.")
+    if destination.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    import inspect
+
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+
+    # The destination's own builder, called here: MLflow holds its store-building lock while it
+    # calls this one, so going through `_get_store` again would wait for ever.
+    builder = _get_store_registry().get_store_builder(destination)
+    if "tracking_uri" in inspect.signature(builder).parameters:
+        store = builder(store_uri=destination, tracking_uri=destination)
+    else:
+        store = builder(store_uri=destination)
+    # A version's files, as a URI this process can open: a server's `mlflow-artifacts:` location
+    # resolves against that server (this process's tracking URI is `armoryd:`).
+    download_uri = store.get_model_version_download_uri
+
+    def get_model_version_download_uri(name, version):
+        uri = download_uri(name, version)
+        if isinstance(uri, str) and uri.startswith("mlflow-artifacts:") and destination.startswith("http"):
+            from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+            return MlflowArtifactsRepository.resolve_uri(uri, destination)
+        return uri
+
+    store.get_model_version_download_uri = get_model_version_download_uri
+    return store
+
+
 class ArmorydArtifactRepository(ArtifactRepository):
     """Artifacts of `armoryd:/runs/<run_id>/artifacts[/path]`: files are handed to armoryd (copied
-    into its spool before the call returns) and uploaded by it; reads go to the real store."""
+    into its spool before the call returns) and uploaded by it; reads go to the real store. A
+    logged model's files (`armoryd:/models/<model_id>/artifacts[/path]`) are written to and read
+    from the destination's store directly, as MLflow's own client does."""
 
     def __init__(self, artifact_uri: str, tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None) -> None:
         super().__init__(artifact_uri, tracking_uri, registry_uri)
         parts = urlparse(artifact_uri).path.strip("/").split("/")
-        if len(parts) < 3 or parts[0] != "runs" or parts[2] != "artifacts":
-            raise MlflowException(f"Not an armoryd artifact URI: {artifact_uri} (expected armoryd:/runs/<run_id>/artifacts).")
-        self.run_id = parts[1]
+        if len(parts) < 3 or parts[0] not in ("runs", "models") or parts[2] != "artifacts":
+            raise MlflowException(f"Not an armoryd artifact URI: {artifact_uri} (expected armoryd:/runs/<run_id>/artifacts "
+                                  "or armoryd:/models/<model_id>/artifacts).")
+        self.model_id = parts[1] if parts[0] == "models" else None
+        self.run_id = parts[1] if parts[0] == "runs" else None
         self.prefix = "/".join(parts[3:])
 
     def _path(self, *parts: Optional[str]) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
 
     def log_artifact(self, local_file, artifact_path=None):
+        if self.model_id:
+            return self._real().log_artifact(local_file, artifact_path)
         run = DaemonRun({"handle": _Plugin.handle(self.run_id), "run_id": self.run_id, "name": ""})
         run.log_artifact(local_file, self._path(artifact_path) or None)
 
     def log_artifacts(self, local_dir, artifact_path=None):
+        if self.model_id:
+            return self._real().log_artifacts(local_dir, artifact_path)
         for root, _, files in os.walk(local_dir):
             relative = os.path.relpath(root, local_dir)
             for name in sorted(files):
@@ -334,7 +395,13 @@ class ArmorydArtifactRepository(ArtifactRepository):
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         _Plugin.settle()
-        real_uri = _Plugin.backing_store().get_run(self.run_id).info.artifact_uri
+        if self.model_id:
+            with _Plugin.lock:
+                real_uri = _Plugin.model_locations.get(self.model_id)
+            if real_uri is None:  # a model this process did not create or read yet
+                real_uri = _Plugin.backing_store().get_logged_model(self.model_id).artifact_location
+        else:
+            real_uri = _Plugin.backing_store().get_run(self.run_id).info.artifact_uri
         # The server's `mlflow-artifacts:` URIs resolve against its tracking URI (the daemon's
         # destination), not this process's `armoryd://`.
         return get_artifact_repository(real_uri.rstrip("/") + ("/" + self.prefix if self.prefix else ""),

@@ -102,6 +102,27 @@ def test_mlflow_client_and_log_batch_at_the_limits(daemon):
     assert len(run.data.params) == 50 and run.data.tags["t49"] == "49" and run.info.status == "KILLED"
 
 
+def test_models_and_the_registry_on_the_daemons_local_store(daemon):
+    out = run_mlflow("""
+        import mlflow, numpy as np
+        from sklearn.linear_model import LinearRegression
+        mlflow.set_experiment("models-local")
+        X = np.array([[1.0], [2.0]])
+        with mlflow.start_run() as run:
+            info = mlflow.sklearn.log_model(LinearRegression().fit(X, 3 * X[:, 0]), name="model")
+            mlflow.log_param("long", "v" * 7000)  # truncated to 6000, as MLflow does
+        print(mlflow.MlflowClient().get_logged_model(info.model_id).status)
+        print(mlflow.pyfunc.load_model(info.model_uri).predict(X).round(3).tolist())
+        print(mlflow.register_model(info.model_uri, "local-registered").version)
+        print(mlflow.sklearn.load_model("models:/local-registered/1").predict(X[:1]).round(3).tolist())
+        print(run.info.run_id)
+    """)
+    lines = out.stdout.split("\n")
+    assert lines[:4] == ["READY", "[3.0, 6.0]", "1", "[3.0]"], out.stdout + out.stderr[-2000:]
+    assert store(daemon).get_run(lines[4]).data.params["long"] == "v" * 6000
+    assert (daemon.store / "models" / "local-registered").is_dir()  # MLflow's file registry, beside the store
+
+
 def test_an_invalid_key_fails_at_once_and_a_changed_param_at_end_run(daemon):
     out = run_mlflow("""
         import mlflow
