@@ -30,6 +30,36 @@ public enum MLflowRules {
         }
     }
 
+    /// The check of `validateKey` for the keys nearly every client logs, without allocating:
+    /// `true` only for a key of at most 250 ASCII letters, digits, `_`, `-`, `.`, space, `:` and
+    /// `/` whose `/`-separated segments are neither empty nor `.` or `..`, not starting with `..`
+    /// (such a key passes `validateKey`); `false` means "ask `validateKey`".
+    public static func isPlainValidKey(_ key: String) -> Bool {
+        if key.utf8.starts(with: "..".utf8) { return false }
+        var length = 0
+        var segment = 0  // bytes in the current segment
+        var dots = 0  // of them, dots
+        for c in key.utf8 {
+            length += 1
+            switch c {
+            case UInt8(ascii: "/"):
+                guard segment > 0, !(dots == segment && dots <= 2) else { return false }
+                segment = 0
+                dots = 0
+                continue
+            case UInt8(ascii: "."):
+                dots += 1
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: " "), UInt8(ascii: ":"):
+                break
+            default:
+                return false
+            }
+            segment += 1
+        }
+        return length <= maxKeyLength && segment > 0 && !(dots == segment && dots <= 2)
+    }
+
     public static func validateParamValue(_ value: String, key: String) throws(ProtocolError) {
         let length = value.unicodeScalars.count
         if length > maxParamValueLength {

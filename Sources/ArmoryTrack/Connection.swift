@@ -76,6 +76,8 @@ public final class Connection: @unchecked Sendable {
     private let maxRetainedBytes: Int
     private let reconnectSeconds: Double
     private let sendTimeout: Double
+    /// The daemon's frame limit (its hello reply's; the default until then). Guarded by `condition`.
+    private var maxFrameBytes = ProtocolLimits.default.maxFrameBytes
     /// How many times the session was resumed on a new connection.
     public private(set) var resumes = 0
     // Everything below is guarded by `condition`.
@@ -134,6 +136,9 @@ public final class Connection: @unchecked Sendable {
         let body = try request(.hello(hello), timeout: 10)
         guard let reply = HelloReply(json: body) else { throw .protocolViolation("armoryd sent an unreadable hello reply.") }
         helloReply = reply
+        condition.lock()
+        maxFrameBytes = reply.limits.maxFrameBytes
+        condition.unlock()
     }
 
     /// The session this connection carries (what a resume names).
@@ -208,15 +213,17 @@ public final class Connection: @unchecked Sendable {
         defer { condition.unlock() }
         // While the daemon is away the buffer may grow to the retention bound: calls keep their
         // usual cost through an outage until then.
-        var deadline = Date(timeIntervalSinceNow: sendTimeout)
+        var deadline: Date?  // set once a wait begins: the common path reads no clock
         var extended = false
         while closedReason == nil && !output.bytes.isEmpty
             && ((output.bytes.count > maxBufferedBytes && !reconnecting) || retainedBytes + output.bytes.count > maxRetainedBytes) {
+            var bound = deadline ?? Date(timeIntervalSinceNow: sendTimeout)
             if reconnecting && !extended {
-                deadline += reconnectSeconds
+                bound += reconnectSeconds
                 extended = true
             }
-            if !condition.wait(until: deadline) && Date() >= deadline {
+            deadline = bound
+            if !condition.wait(until: bound) && Date() >= bound {
                 return .failure(ProtocolError(.unreachable, "Not sent: armoryd has not read from this process for ARMORY_SEND_TIMEOUT=\(sendTimeout) s (socket \(socketPath); `armoryctl status` shows why); \(undelivered) yet.", op: name))
             }
         }
@@ -225,7 +232,7 @@ public final class Connection: @unchecked Sendable {
         output.bytes.append(contentsOf: [0, 0, 0, 0])
         encode(&output, seq)
         let length = output.bytes.count - start - 4
-        let limit = helloReply?.limits.maxFrameBytes ?? ProtocolLimits.default.maxFrameBytes
+        let limit = maxFrameBytes
         guard length <= limit else {
             output.bytes.removeSubrange(start...)
             return .failure(ProtocolError(.frameTooLarge, "Not sent: '\(name)' would be a frame of \(length) bytes; armoryd accepts at most \(limit) (max_frame_bytes). Log large values as artifacts (logText, logBytes, logArtifact), which are sent in chunks.", op: name))

@@ -3,7 +3,6 @@ import Glibc
 #endif
 import ArmoryProtocol
 import Foundation
-import Synchronization
 
 /// An MLflow run the daemon writes for this process: a chain's nested run, an evaluation's
 /// parent run, or one continued with `Tracker.attach(runID:)`.
@@ -50,10 +49,7 @@ public final class Run: Sendable {
     /// Logs one metric point. `timestamp` defaults to now (ms); values are fixed at this call.
     public func logMetric(_ key: String, _ value: Double, step: Int64 = 0, timestamp: Int64? = nil) {
         let time = timestamp ?? Self.nowMs()
-        if !validKeys.withLock({ $0.contains(key) }) {
-            guard tracker.checked("log", [key: ""], kind: .metric) != nil else { return }
-            validKeys.withLock { _ = $0.insert(key) }
-        }
+        if !MLflowRules.isPlainValidKey(key) && tracker.checked("log", [key: ""], kind: .metric) == nil { return }
         tracker.connection.send("log") { writer, seq in
             writer.bytes.append(contentsOf: metricFrameHead)
             writer.writeString(key)
@@ -78,9 +74,8 @@ public final class Run: Sendable {
     /// Logs a batch (metrics, params, tags) in one frame. An entry MLflow would refuse stops the
     /// batch before it is sent; the refusal is raised at the next sync point.
     public func log(_ batch: LogBatch) {
-        let known = validKeys.withLock { $0 }
         var keys = StringMap()
-        for metric in batch.metrics where !known.contains(metric.key) { keys[metric.key] = "" }
+        for metric in batch.metrics where !MLflowRules.isPlainValidKey(metric.key) { keys[metric.key] = "" }
         var batch = batch
         guard tracker.checked("log", keys, kind: .metric) != nil,
               let params = tracker.checked("log", batch.params, kind: .param),
@@ -88,9 +83,6 @@ public final class Run: Sendable {
         (batch.params, batch.tags) = (params, tags)
         tracker.connection.send(.log(run: handle, batch: batch))
     }
-
-    /// Metric keys already checked (most runs log a handful).
-    private let validKeys = Mutex(Set<String>())
 
     public func logParam(_ key: String, _ value: some ParamConvertible) {
         var params = StringMap()

@@ -50,6 +50,27 @@ import Testing
     }
 }
 
+/// The allocation-free fast path of the key check agrees with the full one: every key it passes
+/// passes `validateKey`, and the ASCII keys `validateKey` passes (without `.` segments) pass it too.
+@Suite struct PlainKeyTests {
+    static let alphabet: [Character] = ["a", "Z", "0", "_", "-", ".", " ", ":", "/", "!", "é"]
+
+    @Test func agreesWithTheFullCheckOnEveryShortKey() {
+        var keys: [String] = [""]
+        for length in 1...4 {
+            var next: [String] = []
+            for key in keys where key.count == length - 1 { for c in Self.alphabet { next.append(key + String(c)) } }
+            keys += next
+        }
+        keys += [String(repeating: "k", count: 250), String(repeating: "k", count: 251), "system/cpu_utilization_percentage", "a/./b", "a/../b", "...", "a/..."]
+        for key in keys {
+            let valid = (try? MLflowRules.validateKey(key, kind: .metric)) != nil
+            if MLflowRules.isPlainValidKey(key) { #expect(valid, "\(key) passes the fast check only") }
+            if valid && key.allSatisfy(\.isASCII) { #expect(MLflowRules.isPlainValidKey(key), "\(key) is valid but not plain") }
+        }
+    }
+}
+
 @Suite struct PythonFloatTests {
     /// Expected strings printed by CPython 3.11's `repr(float)`.
     @Test(arguments: [
