@@ -218,6 +218,12 @@ public final class FileStore {
             try writeFile(path, Array(value.utf8))
         }
         try writeTags(dir, batch.tags)
+        // MLflow's stores keep the run's name and its `mlflow.runName` tag as one (a rename).
+        if let name = batch.tags["mlflow.runName"], var run = try loadRun(runID: runID, experimentID: experimentID), run.name != name {
+            run.name = name
+            try writeRunMeta(run)
+            metaCache[runID] = run
+        }
         guard !batch.metrics.isEmpty else { return }
         var lines: [String: [UInt8]] = [:]
         var order: [String] = []

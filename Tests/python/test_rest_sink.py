@@ -233,7 +233,7 @@ COMPARED_SCRIPT = """
 import os, mlflow
 mlflow.set_experiment(os.environ["EXPERIMENT"])
 mlflow.set_experiment_tag("owner", "lab")
-with mlflow.start_run(run_name="parent"):
+with mlflow.start_run(run_name="parent") as parent:
     mlflow.log_params({"lr": 0.1, "depth": 3})
     mlflow.set_tags({"team": "red", "draft": "yes"})
     mlflow.delete_tag("draft")
@@ -250,6 +250,7 @@ with mlflow.start_run(run_name="parent"):
         print("listed", sorted(a.path for a in mlflow.artifacts.list_artifacts(run_id=run_id)))
         print("loaded", mlflow.artifacts.load_text(f"runs:/{run_id}/notes/n.txt"), mlflow.artifacts.load_dict(f"runs:/{run_id}/d.json"))
         print("table", len(mlflow.load_table("t.json", run_ids=[run_id])))
+mlflow.MlflowClient().update_run(parent.info.run_id, name="parent-renamed")  # reaches the server
 """
 
 
@@ -306,8 +307,9 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
     assert a == b
     assert printed(direct, "listed", "loaded", "table") == printed(through, "listed", "loaded", "table") \
         == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3"]
-    assert set(a) == {"experiment tags", "parent", "child"} and a["child"]["has_parent"]
-    assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent"]["tags"]
+    assert set(a) == {"experiment tags", "parent-renamed", "child"} and a["child"]["has_parent"]
+    assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent-renamed"]["tags"]
+    assert a["parent-renamed"]["tags"]["mlflow.runName"] == "parent-renamed"
 
 
 MODEL_SCRIPT = """

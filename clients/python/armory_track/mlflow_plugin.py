@@ -202,6 +202,11 @@ class ArmorydTrackingStore(AbstractStore):
     def update_run_info(self, run_id, run_status, end_time, run_name):
         status = RunStatus.to_string(run_status) if isinstance(run_status, int) else run_status
         handle = _Plugin.handle(run_id)  # attaching a run makes it RUNNING again
+        with _Plugin.lock:
+            known = _Plugin.runs.get(run_id, {}).get("run_name")
+        if run_name and run_name != known:
+            # A rename: MLflow's stores keep the name and the `mlflow.runName` tag as one.
+            _Plugin.connection().send("log", run=handle, tags={"mlflow.runName": run_name})
         if status != "RUNNING":
             _Plugin.connection().request("end", run=handle, status=status, end_time=int(end_time) if end_time else None)
             _sync()
@@ -210,7 +215,7 @@ class ArmorydTrackingStore(AbstractStore):
             if state is not None:
                 state["status"], state["end_time"] = status, end_time
                 if run_name:
-                    state["run_name"] = run_name
+                    state["run_name"] = state["tags"]["mlflow.runName"] = run_name
                 return self._run(run_id, state).info
         return self.get_run(run_id).info
 

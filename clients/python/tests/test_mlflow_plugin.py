@@ -119,6 +119,13 @@ def test_models_and_the_registry_on_the_daemons_local_store(daemon):
     """)
     lines = out.stdout.split("\n")
     assert lines[:4] == ["READY", "[3.0, 6.0]", "1", "[3.0]"], out.stdout + out.stderr[-2000:]
+    renamed = run_mlflow(f"""
+        import mlflow
+        mlflow.MlflowClient().update_run("{lines[4]}", name="renamed")
+    """)
+    assert renamed.returncode == 0
+    run = store(daemon).get_run(lines[4])
+    assert run.info.run_name == "renamed" and run.data.tags["mlflow.runName"] == "renamed"
     assert store(daemon).get_run(lines[4]).data.params["long"] == "v" * 6000
     assert (daemon.store / "models" / "local-registered").is_dir()  # MLflow's file registry, beside the store
 
