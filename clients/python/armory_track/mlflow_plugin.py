@@ -223,6 +223,13 @@ class ArmorydTrackingStore(AbstractStore):
         if len(metrics) == 1 and not params and not tags:
             return self.log_metric(run_id, metrics[0])
         metrics, params, tags = _validate_batch_log_data(metrics, params, tags)  # values over the limit truncated, as MLflow does
+        with _Plugin.lock:
+            known = dict(_Plugin.runs.get(run_id, {}).get("params", {}))
+        for p in params:  # a changed param of this process's run raises here, as MLflow's store does
+            old = known.get(p.key)
+            if old is not None and old != str(p.value):
+                raise _store_error(f"Changing param values is not allowed. Param with key='{p.key}' was already logged with value='{old}' "
+                                   f"for run ID='{run_id}'. Attempted logging new value '{p.value}'.", "INVALID_PARAMETER_VALUE")
         handle = _Plugin.handle(run_id)
         fields: Dict[str, Any] = {"run": handle}
         if metrics:
@@ -317,12 +324,25 @@ for _name in ("delete_run", "restore_run", "delete_experiment", "restore_experim
     setattr(ArmorydTrackingStore, _name, _forwarded(_name))
 
 
+def _store_error(message: str, code: str) -> MlflowException:
+    """The exception MLflow's own store for the daemon's destination raises: `RestException` for a
+    server (what `MlflowClient` raises talking to it directly), `MlflowException` for a local store."""
+    from mlflow.exceptions import RestException
+
+    destination = _Plugin.connection().hello.get("destination") or ""
+    if destination.startswith(("http://", "https://")):
+        return RestException({"error_code": code, "message": message})
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(message, getattr(databricks_pb2, code, INVALID_PARAMETER_VALUE))
+
+
 def _sync(level: str = "durable") -> None:
     """A sync point: refusals of earlier writes come back as MLflow's own exception."""
     try:
         _Plugin.connection().flush(level)
     except _connection.ArmoryError as e:
-        raise MlflowException(f"armoryd refused earlier writes: {e}", INVALID_PARAMETER_VALUE) from None
+        raise _store_error(f"armoryd refused earlier writes: {e}", "INVALID_PARAMETER_VALUE") from None
 
 
 def registry_store(store_uri: Optional[str] = None, tracking_uri: Optional[str] = None):
