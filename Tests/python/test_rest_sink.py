@@ -251,7 +251,11 @@ with mlflow.start_run(run_name="parent") as parent:
         print("loaded", mlflow.artifacts.load_text(f"runs:/{run_id}/notes/n.txt"), mlflow.artifacts.load_dict(f"runs:/{run_id}/d.json"))
         print("table", len(mlflow.load_table("t.json", run_ids=[run_id])))
 mlflow.MlflowClient().update_run(parent.info.run_id, name="parent-renamed")  # reaches the server
-with mlflow.start_run(run_name="changed"):
+with mlflow.start_run(run_name="changed") as run:
+    import pandas
+    print("inputs", len(mlflow.get_run(run.info.run_id).inputs.dataset_inputs))
+    mlflow.log_input(mlflow.data.from_pandas(pandas.DataFrame({"x": [1, 2]}), name="frame"), context="training")
+    print("inputs", [d.dataset.name for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs])  # on a live run
     mlflow.log_param("lr", 0.1)
     try:
         mlflow.log_param("lr", 0.2)  # raises at the call, the exception MLflow raises
@@ -311,8 +315,9 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
     client = MlflowClient(tracking_uri=mlflow_server.url)
     a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
     assert a == b
-    assert printed(direct, "listed", "loaded", "table", "raised") == printed(through, "listed", "loaded", "table", "raised") \
-        == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3", "raised MlflowException INVALID_PARAMETER_VALUE"]
+    assert printed(direct, "listed", "loaded", "table", "inputs", "raised") == printed(through, "listed", "loaded", "table", "inputs", "raised") \
+        == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3", "inputs 0", "inputs ['frame']",
+            "raised MlflowException INVALID_PARAMETER_VALUE"]
     assert set(a) == {"experiment tags", "parent-renamed", "child", "changed"} and a["child"]["has_parent"]
     assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent-renamed"]["tags"]
     assert a["parent-renamed"]["tags"]["mlflow.runName"] == "parent-renamed"

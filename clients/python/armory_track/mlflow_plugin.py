@@ -18,7 +18,7 @@ import threading
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
-from mlflow.entities import Experiment, Param, Run, RunData, RunInfo, RunStatus, RunTag
+from mlflow.entities import Experiment, Param, Run, RunData, RunInfo, RunInputs, RunOutputs, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST,
                                           TEMPORARILY_UNAVAILABLE)
@@ -185,7 +185,30 @@ class ArmorydTrackingStore(AbstractStore):
         data = RunData(metrics=list(s["metrics"].values()),
                        params=[Param(k, v) for k, v in s["params"].items()],
                        tags=[RunTag(k, v) for k, v in s["tags"].items()])
-        return Run(info, data)
+        return Run(info, data, s.get("inputs") or RunInputs([], []), s.get("outputs") or RunOutputs([]))
+
+    def log_inputs(self, run_id, datasets=None, models=None):
+        """Datasets and models a run used: MLflow's own call on the destination (synchronous
+        metadata); a live run's reads then show them."""
+        _Plugin.settle()
+        _Plugin.backing_store().log_inputs(run_id, datasets=datasets, models=models)
+        self._refresh_inputs_and_outputs(run_id)
+
+    def log_outputs(self, run_id, models):
+        """Models a run produced: MLflow's own call on the destination, as `log_inputs`."""
+        _Plugin.settle()
+        _Plugin.backing_store().log_outputs(run_id, models)
+        self._refresh_inputs_and_outputs(run_id)
+
+    @staticmethod
+    def _refresh_inputs_and_outputs(run_id: str) -> None:
+        with _Plugin.lock:
+            live = run_id in _Plugin.runs
+        if live:
+            stored = _Plugin.backing_store().get_run(run_id)
+            with _Plugin.lock:
+                if run_id in _Plugin.runs:
+                    _Plugin.runs[run_id]["inputs"], _Plugin.runs[run_id]["outputs"] = stored.inputs, stored.outputs
 
     def get_run(self, run_id):
         with _Plugin.lock:
@@ -317,7 +340,7 @@ def _forwarded(name: str):
 
 
 for _name in ("delete_run", "restore_run", "delete_experiment", "restore_experiment", "rename_experiment",
-              "delete_experiment_tag", "get_metric_history_bulk_interval_from_steps", "log_inputs", "log_outputs",
+              "delete_experiment_tag", "get_metric_history_bulk_interval_from_steps",
               "create_logged_model", "finalize_logged_model", "get_logged_model", "search_logged_models",
               "set_logged_model_tags", "delete_logged_model_tag", "delete_logged_model", "record_logged_model",
               "link_traces_to_run", "search_traces", "start_trace", "get_trace_info", "set_trace_tag"):
