@@ -46,7 +46,7 @@ public final class RESTSink: RecordSink {
             switch operation {
             case .createRun(let c, let parentRunID, let attempt):
                 let experimentID: String
-                if let given = c.experimentID { experimentID = given } else { experimentID = try await self.experimentID(c.experimentName) }
+                if let given = c.experimentID { experimentID = given } else { experimentID = try await self.experimentID(c.experimentName, createdWith: RunCreation.evaluationExperimentTags) }
                 // runs/create is not idempotent: after an ambiguous failure, look for our handle first.
                 if attempt > 0, let found = try await client.findRun(experimentID: experimentID, tag: "armory.handle", value: c.handle) {
                     artifactURIs.withLock { $0[found.runID] = found.artifactURI }
@@ -173,9 +173,9 @@ public final class RESTSink: RecordSink {
 
     public func close() async { await client.shutdown() }
 
-    private func experimentID(_ name: String) async throws(MLflowError) -> String {
+    private func experimentID(_ name: String, createdWith tags: StringMap? = nil) async throws(MLflowError) -> String {
         if let id = experiments.withLock({ $0[name] }) { return id }
-        let id = try await client.experimentID(getOrCreate: name)
+        let id = try await client.experimentID(getOrCreate: name, tags: tags)
         experiments.withLock { $0[name] = id }
         return id
     }

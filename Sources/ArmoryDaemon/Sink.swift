@@ -5,6 +5,10 @@ import Synchronization
 
 /// What the daemon asks the sink to create for a new run.
 public struct RunCreation: Sendable, Equatable {
+    /// The tags of an experiment the daemon creates for an evaluation: MLflow's UI then opens it
+    /// on its runs table (traditional ML, not GenAI), as it does an experiment whose kind was chosen.
+    public static let evaluationExperimentTags: StringMap = ["mlflow.experimentKind": "custom_model_development"]
+
     public var handle: String
     /// Assigned by the daemon when the sink takes daemon ids (the local store); else the server's.
     public var runID: String?
@@ -110,7 +114,7 @@ public final class FileStoreSink: RecordSink {
             do {
                 switch operation {
                 case .createRun(let c, let parentRunID, _):
-                    let experimentID = try c.experimentID ?? box.store.experimentID(named: c.experimentName)
+                    let experimentID = try c.experimentID ?? box.store.experimentID(named: c.experimentName, tags: RunCreation.evaluationExperimentTags)
                     let runID = c.runID ?? DaemonServices.newRunID()
                     var tags = c.tags
                     if let parentRunID { tags["mlflow.parentRunId"] = parentRunID }

@@ -103,7 +103,8 @@ public final class FileStore {
     }
 
     /// The id of the experiment called `name`, created if there is none (get-or-create by name).
-    public func experimentID(named name: String) throws(FileStoreError) -> String {
+    /// The id of the active experiment `name`, created first (with `tags`) when there is none.
+    public func experimentID(named name: String, tags: StringMap? = nil) throws(FileStoreError) -> String {
         if let id = experimentIDs[name] { return id }
         let (active, deleted) = scanExperiments()
         if let id = active[name] {
@@ -114,6 +115,7 @@ public final class FileStore {
         var id = Self.newExperimentID()
         while FileManager.default.fileExists(atPath: root + "/" + id) { id = Self.newExperimentID() }
         try writeExperimentMeta(id: id, name: name, time: Self.nowMs())
+        for (key, value) in tags ?? [:] { try writeFile(root + "/" + id + "/tags/" + key, Array(value.utf8)) }
         experimentIDs[name] = id
         return id
     }

@@ -121,10 +121,13 @@ public final class MLflowRESTClient: Sendable {
     }
 
     /// Get-or-create by name, safe against another host creating it at the same moment.
-    public func experimentID(getOrCreate name: String) async throws(MLflowError) -> String {
+    /// The id of the experiment `name`, created first (with `tags`) when there is none.
+    public func experimentID(getOrCreate name: String, tags: StringMap? = nil) async throws(MLflowError) -> String {
         if let found = try await experiment(named: name) { return try Self.usable(found, name: name) }
         do {
-            let body = try await call(.POST, "experiments/create", json: .object(["name": .string(name)]))
+            var request: JSONObject = ["name": .string(name)]
+            if let tags, !tags.isEmpty { request["tags"] = .array(tags.map { .object(["key": .string($0.key), "value": .string($0.value)]) }) }
+            let body = try await call(.POST, "experiments/create", json: .object(request))
             guard let id = body["experiment_id"]?.stringValue else { throw MLflowError.invalidResponse("create without experiment_id") }
             return id
         } catch let error as MLflowError {
