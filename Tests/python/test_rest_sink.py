@@ -261,6 +261,16 @@ with mlflow.start_run(run_name="changed") as run:
         mlflow.log_param("lr", 0.2)  # raises at the call, the exception MLflow raises
     except Exception as e:
         print("raised", type(e).__name__, e.error_code)
+
+
+@mlflow.trace
+def doubled(x):
+    return 2 * x
+
+
+doubled(21)
+mlflow.flush_trace_async_logging()
+print("traced", [(s.name, s.outputs) for t in mlflow.search_traces(return_type="list") for s in t.data.spans])
 """
 
 
@@ -315,9 +325,10 @@ def test_the_same_mlflow_script_direct_and_through_armoryd_gives_identical_recor
     client = MlflowClient(tracking_uri=mlflow_server.url)
     a, b = _records(client, "compare-direct", tmp_path / "a"), _records(client, "compare-armoryd", tmp_path / "b")
     assert a == b
-    assert printed(direct, "listed", "loaded", "table", "inputs", "raised") == printed(through, "listed", "loaded", "table", "inputs", "raised") \
-        == ["listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3", "inputs 0", "inputs ['frame']",
-            "raised MlflowException INVALID_PARAMETER_VALUE"]
+    shown = ("listed", "loaded", "table", "inputs", "raised", "traced")
+    assert printed(direct, *shown) == printed(through, *shown) == [
+        "listed ['d.json', 'notes', 't.json']", "loaded hi {'v': 1}", "table 3", "inputs 0", "inputs ['frame']",
+        "raised MlflowException INVALID_PARAMETER_VALUE", "traced [('doubled', 42)]"]
     assert set(a) == {"experiment tags", "parent-renamed", "child", "changed"} and a["child"]["has_parent"]
     assert a["experiment tags"] == {"owner": "lab"} and "draft" not in a["parent-renamed"]["tags"]
     assert a["parent-renamed"]["tags"]["mlflow.runName"] == "parent-renamed"

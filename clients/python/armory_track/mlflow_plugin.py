@@ -44,18 +44,24 @@ def _artifact_uri(run_id: str) -> str:
     return f"armoryd:/runs/{run_id}/artifacts"
 
 
+_AT = "armoryd:/at/"
+_TRACE_LOCATION = "mlflow.artifactLocation"
+
+
 def _through_armoryd(result):
-    """A logged model (or a page of them) from the destination's store, its artifact location
-    made `armoryd:/models/<id>/artifacts`: MLflow then reads and writes its files through this
-    plugin's artifact repository, which resolves the real location against the daemon's
-    destination (a server's `mlflow-artifacts:` URIs need its tracking URI, not `armoryd:`)."""
-    models = result if isinstance(result, list) else [result]
-    for model in models:
-        location = getattr(model, "artifact_location", None)
-        if isinstance(location, str) and hasattr(model, "model_id") and not location.startswith("armoryd:"):
-            with _Plugin.lock:
-                _Plugin.model_locations[model.model_id] = location
-            model.artifact_location = f"armoryd:/models/{model.model_id}/artifacts"
+    """What the destination's store answered, with the artifact locations of logged models and
+    traces in it made `armoryd:/at/<location>`: MLflow then reads and writes those files through
+    this plugin's artifact repository, which opens the location against the daemon's destination
+    (a server's `mlflow-artifacts:` URIs need its tracking URI; this process's is `armoryd:`)."""
+    items = result[0] if isinstance(result, tuple) and result and isinstance(result[0], list) else result  # (page, token)
+    for item in items if isinstance(items, list) else [items]:
+        item = getattr(item, "info", item)  # a Trace's TraceInfo
+        location = getattr(item, "artifact_location", None)
+        if isinstance(location, str) and hasattr(item, "model_id") and not location.startswith("armoryd:"):
+            item.artifact_location = _AT + location
+        tags = getattr(item, "tags", None)
+        if hasattr(item, "trace_id") and isinstance(tags, dict) and not tags.get(_TRACE_LOCATION, "armoryd:").startswith("armoryd:"):
+            tags[_TRACE_LOCATION] = _AT + tags[_TRACE_LOCATION]
     return result
 
 
@@ -67,7 +73,6 @@ class _Plugin:
     handles: Dict[str, str] = {}
     handles_connection = None  # handles are a connection's: a new daemon (restart) attaches again
     runs: Dict[str, Dict[str, Any]] = {}
-    model_locations: Dict[str, str] = {}  # logged model id → its artifact location in the destination
     backing = None
     backing_destination = None
 
@@ -343,7 +348,8 @@ for _name in ("delete_run", "restore_run", "delete_experiment", "restore_experim
               "delete_experiment_tag", "get_metric_history_bulk_interval_from_steps",
               "create_logged_model", "finalize_logged_model", "get_logged_model", "search_logged_models",
               "set_logged_model_tags", "delete_logged_model_tag", "delete_logged_model", "record_logged_model",
-              "link_traces_to_run", "search_traces", "start_trace", "get_trace_info", "set_trace_tag"):
+              "link_traces_to_run", "search_traces", "start_trace", "get_trace_info", "set_trace_tag", "batch_get_traces", "get_trace",
+              "delete_trace_tag", "delete_traces"):
     setattr(ArmorydTrackingStore, _name, _forwarded(_name))
 
 
@@ -407,31 +413,34 @@ def registry_store(store_uri: Optional[str] = None, tracking_uri: Optional[str] 
 
 class ArmorydArtifactRepository(ArtifactRepository):
     """Artifacts of `armoryd:/runs/<run_id>/artifacts[/path]`: files are handed to armoryd (copied
-    into its spool before the call returns) and uploaded by it; reads go to the real store. A
-    logged model's files (`armoryd:/models/<model_id>/artifacts[/path]`) are written to and read
-    from the destination's store directly, as MLflow's own client does."""
+    into its spool before the call returns) and uploaded by it; reads go to the real store. The
+    files of logged models and traces (`armoryd:/at/<their location in the destination>`) are
+    written to and read from the destination's store directly, as MLflow's own client does."""
 
     def __init__(self, artifact_uri: str, tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None) -> None:
         super().__init__(artifact_uri, tracking_uri, registry_uri)
+        self.location = artifact_uri[len(_AT):] if artifact_uri.startswith(_AT) else None
+        if self.location is not None:
+            self.run_id, self.prefix = None, ""
+            return
         parts = urlparse(artifact_uri).path.strip("/").split("/")
-        if len(parts) < 3 or parts[0] not in ("runs", "models") or parts[2] != "artifacts":
+        if len(parts) < 3 or parts[0] != "runs" or parts[2] != "artifacts":
             raise MlflowException(f"Not an armoryd artifact URI: {artifact_uri} (expected armoryd:/runs/<run_id>/artifacts "
-                                  "or armoryd:/models/<model_id>/artifacts).")
-        self.model_id = parts[1] if parts[0] == "models" else None
-        self.run_id = parts[1] if parts[0] == "runs" else None
+                                  "or armoryd:/at/<location>).")
+        self.run_id = parts[1]
         self.prefix = "/".join(parts[3:])
 
     def _path(self, *parts: Optional[str]) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
 
     def log_artifact(self, local_file, artifact_path=None):
-        if self.model_id:
+        if self.location is not None:
             return self._real().log_artifact(local_file, artifact_path)
         run = DaemonRun({"handle": _Plugin.handle(self.run_id), "run_id": self.run_id, "name": ""})
         run.log_artifact(local_file, self._path(artifact_path) or None)
 
     def log_artifacts(self, local_dir, artifact_path=None):
-        if self.model_id:
+        if self.location is not None:
             return self._real().log_artifacts(local_dir, artifact_path)
         for root, _, files in os.walk(local_dir):
             relative = os.path.relpath(root, local_dir)
@@ -443,13 +452,7 @@ class ArmorydArtifactRepository(ArtifactRepository):
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         _Plugin.settle()
-        if self.model_id:
-            with _Plugin.lock:
-                real_uri = _Plugin.model_locations.get(self.model_id)
-            if real_uri is None:  # a model this process did not create or read yet
-                real_uri = _Plugin.backing_store().get_logged_model(self.model_id).artifact_location
-        else:
-            real_uri = _Plugin.backing_store().get_run(self.run_id).info.artifact_uri
+        real_uri = self.location or _Plugin.backing_store().get_run(self.run_id).info.artifact_uri
         # The server's `mlflow-artifacts:` URIs resolve against its tracking URI (the daemon's
         # destination), not this process's `armoryd://`.
         return get_artifact_repository(real_uri.rstrip("/") + ("/" + self.prefix if self.prefix else ""),
