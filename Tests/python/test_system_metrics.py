@@ -120,3 +120,38 @@ def test_gpus_through_nvml_where_the_library_exists(tmp_path):
         c.close()
     finally:
         d.stop()
+
+
+def test_runs_of_mlflows_api_get_system_metrics_only_as_mlflow_would_log_them(tmp_path):
+    """Through armoryd://, the daemon does not sample a run of MLflow's API: without
+    log_system_metrics there are none (as with MLflow directly), and with it MLflow's own monitor
+    logs them once per step, with no second sampler doubling steps or adding keys."""
+    d = Daemon(tmp_path / "d", args=("--system-metrics-interval", "0.3"))
+    try:
+        script = textwrap.dedent("""
+            import time, mlflow
+            mlflow.set_experiment("plugin-sysmetrics")
+            with mlflow.start_run() as quiet:
+                time.sleep(1.5)
+            with mlflow.start_run(log_system_metrics=True) as sampled:
+                time.sleep(3.5)
+            print(quiet.info.run_id, sampled.info.run_id)
+        """)
+        env = {**d.env(), "MLFLOW_TRACKING_URI": "armoryd://", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+               "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        quiet, sampled = out.stdout.split()
+        c = RawClient(d.socket)
+        c.hello()
+        c.request("flush", wait="uploaded", timeout_ms=10000)
+        client = MlflowClient(tracking_uri=d.store_uri)
+        assert not any(k.startswith("system/") for k in client.get_run(quiet).data.metrics)
+        keys = [k for k in client.get_run(sampled).data.metrics if k.startswith("system/")]
+        assert keys and not set(keys) & PROCESS_METRICS  # MLflow's monitor's keys, not the daemon's
+        for key in keys:
+            steps = [m.step for m in client.get_metric_history(sampled, key)]
+            assert len(steps) == len(set(steps)), (key, steps)  # no step logged twice
+        c.close()
+    finally:
+        d.stop()

@@ -561,7 +561,9 @@ public final class Session: @unchecked Sendable {
                              ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
                              connection: number, clientPID: peer.pid)
         entry.destination = destination
-        entry.systemMetrics = (hello?.systemMetrics ?? true) && Self.systemMetricsWanted(tags) != false
+        // An evaluation's runs are sampled by default; a run of MLflow's API as MLflow samples it:
+        // by MLflow's own monitor, when the code asks for it (the daemon then stays out of it).
+        entry.systemMetrics = (hello?.systemMetrics ?? true) && (Self.systemMetricsWanted(tags) ?? (experimentID == nil))
         services.registry.insert(entry)
         let registry = services.registry
         var creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
