@@ -349,14 +349,27 @@ print("runs:/", mlflow.sklearn.load_model(f"runs:/{run.info.run_id}/model").pred
 version = mlflow.register_model(info.model_uri, name + "-registered")
 print("registered", version.version, mlflow.pyfunc.load_model(f"models:/{name}-registered/1").predict(X[:1]).round(3).tolist())
 print("searched", [m.name for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])])
+
+# Autologging a grid search: the parent run, a child per candidate, the best estimator's model.
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GridSearchCV
+mlflow.sklearn.autolog()
+with mlflow.start_run() as searched:
+    GridSearchCV(Ridge(), {"alpha": [0.1, 1.0]}, cv=2).fit(np.random.RandomState(0).rand(40, 3), np.arange(40.0))
+children = client.search_runs([searched.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{searched.info.run_id}'")
+found = client.get_run(searched.info.run_id)
+print("autologged", found.info.status, sorted(found.data.metrics), sorted(found.data.params), len(children),
+      len(client.search_logged_models(experiment_ids=[searched.info.experiment_id])))
 """
 
 
-def test_models_log_load_and_register_through_armoryd_as_directly(tmp_path, mlflow_server):
+def test_models_autologging_and_the_registry_through_armoryd_as_directly(tmp_path, mlflow_server):
     direct, through = direct_and_through_armoryd(MODEL_SCRIPT, "models", tmp_path, mlflow_server)
     expected = ["status READY", "models:/ [2.0, 4.0, 6.0]", "runs:/ [2.0, 4.0, 6.0]", "registered 1 [2.0]", "searched ['model']"]
-    assert printed(direct, "status", "models:/", "runs:/", "registered", "searched") == expected
-    assert printed(through, "status", "models:/", "runs:/", "registered", "searched") == expected
+    shown = ("status", "models:/", "runs:/", "registered", "searched", "autologged")
+    assert printed(direct, *shown)[:5] == expected
+    assert printed(through, *shown) == printed(direct, *shown)
+    assert printed(through, *shown)[5].startswith("autologged FINISHED [") and printed(through, *shown)[5].endswith(" 2 3")
 
 
 def test_a_full_journal_slows_writers_down_and_nothing_is_dropped(tmp_path, mlflow_server):
