@@ -18,11 +18,12 @@ public enum MLflowError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A permanent condition found by the client (a deleted experiment, an unsupported artifact store).
     case refused(String)
 
-    /// Worth retrying: connection errors, 408, 429, 500, 502, 503, 504.
+    /// Worth retrying: connection errors (refused, reset, TLS, timeouts), 408, 429 and every 5xx,
+    /// also a proxy's page that is not MLflow's JSON (a 502 from nginx, a 520 from a CDN).
     public var isRetryable: Bool {
         switch self {
         case .transport: true
-        case .api(let status, _, _, _), .http(let status, _, _): [408, 429, 500, 502, 503, 504].contains(status)
+        case .api(let status, _, _, _), .http(let status, _, _): status == 408 || status == 429 || (500...599).contains(status)
         case .invalidResponse, .refused: false
         }
     }

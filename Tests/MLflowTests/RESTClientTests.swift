@@ -57,7 +57,7 @@ import Testing
 }
 
 @Suite struct MLflowErrorTests {
-    @Test(arguments: [408, 429, 500, 502, 503, 504])
+    @Test(arguments: [408, 429, 500, 501, 502, 503, 504, 507, 520, 599])
     func retryableStatuses(_ status: Int) {
         #expect(MLflowError.api(status: status, code: "X", message: "", retryAfter: nil).isRetryable)
         #expect(MLflowError.http(status: status, body: "", retryAfter: nil).isRetryable)

@@ -15,7 +15,7 @@ class FaultProxy:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.lock = threading.Lock()
-        self.faults = []          # list of (path_fragment, action) consumed in order; action: ("status", code, retry_after) | ("hang", seconds)
+        self.faults = []          # list of (path_fragment, action) consumed in order; action: ("status", code, retry_after) | ("html", code, retry_after) | ("hang", seconds)
         self.forwarded = {}       # path -> count of forwarded requests answered 2xx
         self.metrics_forwarded = 0
         self.points = collections.Counter()  # (run_id, key, step, timestamp) -> times forwarded
@@ -45,12 +45,15 @@ class FaultProxy:
                     time.sleep(action[1])
                     self.close_connection = True
                     return
-                if action and action[0] == "status":
-                    payload = json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected"}).encode()
+                if action and action[0] in ("status", "html"):
+                    # MLflow's error JSON, or a proxy's HTML page (which no JSON parser reads)
+                    html = action[0] == "html"
+                    payload = (b"<html><body><h1>%d Bad Gateway</h1><hr>nginx</body></html>" % action[1] if html
+                               else json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected"}).encode())
                     self.send_response(action[1])
                     if action[2] is not None:
                         self.send_header("Retry-After", str(action[2]))
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", "text/html" if html else "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)

@@ -173,6 +173,14 @@ def test_503_with_retry_after_is_honoured(proxied, mlflow_server):
     assert time.time() - started >= 3  # three Retry-After: 1
 
 
+def test_a_proxys_html_5xx_pages_are_retried_and_nothing_is_dropped(proxied, mlflow_server):
+    proxy, daemon = proxied
+    proxy.faults = [("log-batch", ("html", 502, None))] * 5 + [("log-batch", ("html", 520, None)), ("runs/create", ("html", 504, None))]
+    log_and_check(proxy, daemon, mlflow_server, "html-pages")
+    assert proxy.faults_served == 7
+    assert daemon.status()["rejected_records"] == 0
+
+
 def test_a_hanging_request_times_out_and_is_retried(proxied, mlflow_server):
     proxy, daemon = proxied
     proxy.faults = [("log-batch", ("hang", 5))]
