@@ -236,6 +236,16 @@ public struct ClientFrame: Sendable, Equatable {
     }
 }
 
+extension ProtocolError {
+    /// This error as the answer to `frame`: its `seq` and op, unless the error names them already.
+    public func answering(_ frame: ClientFrame) -> ProtocolError {
+        var error = self
+        error.seq = seq ?? frame.seq
+        error.op = op ?? frame.op.name
+        return error
+    }
+}
+
 // MARK: - Decoding
 
 extension ClientFrame {

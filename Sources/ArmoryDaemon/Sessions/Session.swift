@@ -205,15 +205,13 @@ public final class Session: @unchecked Sendable {
         var outcome: SessionOutcome
         do {
             outcome = try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
-        } catch var error {
-            error.seq = error.seq ?? frame.seq
-            error.op = error.op ?? frame.op.name
+        } catch {
             outcome = .error(error)
         }
-        if case .close(var error) = outcome {  // the answer, then the connection closes
-            error.seq = error.seq ?? frame.seq
-            error.op = error.op ?? frame.op.name
-            outcome = .close(error)
+        switch outcome {  // an error (also the one before a close) names the frame it answers
+        case .error(let error): outcome = .error(error.answering(frame))
+        case .close(let error): outcome = .close(error.answering(frame))
+        default: break
         }
         if metricsOnly { return outcome }  // committed at the end of the read burst
         remember(outcome, of: frame)
@@ -269,10 +267,8 @@ public final class Session: @unchecked Sendable {
                 let outcome = try dispatch(frame.op, seq: frame.seq, nowMs: nowMs)
                 commit()
                 return outcome
-            } catch var error {
-                error.seq = frame.seq
-                error.op = error.op ?? frame.op.name
-                return .error(error)
+            } catch {
+                return .error(error.answering(frame))
             }
         }
     }
