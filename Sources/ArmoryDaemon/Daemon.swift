@@ -179,6 +179,7 @@ public final class Daemon: Service {
                 bounds: config.bounds, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
                 requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
                 journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
+                deadLetterRoot: config.stateDirectory + "/dead-letters",
                 daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry, onRestoredRuns: { handles in
                 restored.withLock { $0.append(contentsOf: handles) }
             }, onRestoredSessions: { records in

@@ -27,11 +27,13 @@ public final class Destinations: Sendable {
         /// Where journals live (`nil`: no journal, records are in memory only).
         public var journalRoot: String?
         public var journalOptions: Journal.Options
+        /// Where each destination's dead-letter file lives (`nil`: refused records are dropped).
+        public var deadLetterRoot: String?
         /// The daemon's own MLflow credentials (for journals of its destinations after a restart).
         public var daemonCredentials: MLflowCredentials
 
         public init(bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
-                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), daemonCredentials: MLflowCredentials = .init()) {
+                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, daemonCredentials: MLflowCredentials = .init()) {
             self.bounds = bounds
             self.uploadConcurrency = uploadConcurrency
             self.flushInterval = flushInterval
@@ -39,6 +41,7 @@ public final class Destinations: Sendable {
             self.tls = tls
             self.journalRoot = journalRoot
             self.journalOptions = journalOptions
+            self.deadLetterRoot = deadLetterRoot
             self.daemonCredentials = daemonCredentials
         }
     }
@@ -133,10 +136,16 @@ public final class Destinations: Sendable {
         let mine = found.first { $0.1.uri == primarySink.destination && $0.1.credentials != "client" }
         found.removeAll { $0.0 == mine?.0 }
         let opened = try Self.openJournal(at: mine?.0, identity: JournalIdentity(uri: primarySink.destination, credentials: source, uid: getuid()), sink: primarySink, settings: settings)
-        primary = Uploader(sink: primarySink, bounds: settings.bounds, flushInterval: primarySink.assignsRunIDs ? 0 : settings.flushInterval, journal: opened?.0)
+        primary = Self.uploader(sink: primarySink, journal: opened?.0, flushInterval: primarySink.assignsRunIDs ? 0 : settings.flushInterval, settings: settings, registry: registry)
         primary.start()
         if let opened { restore(opened.1, into: primary, key: nil) }
         for (directory, identity) in found { recover(directory: directory, identity: identity) }
+    }
+
+    /// The uploader of a sink, with its dead-letter file (when the daemon keeps them).
+    private static func uploader(sink: any RecordSink, journal: Journal?, flushInterval: Double, settings: Settings, registry: RunRegistry) -> Uploader {
+        let deadLetters = settings.deadLetterRoot.flatMap { try? DeadLetterFile(directory: $0, destination: sink.destination) }
+        return Uploader(sink: sink, bounds: settings.bounds, flushInterval: flushInterval, journal: journal, deadLetters: deadLetters, registry: registry)
     }
 
     /// Opens (or creates) a journal directory for a destination; `nil` without a journal root.
@@ -209,7 +218,7 @@ public final class Destinations: Sendable {
                 report.withLock { $0.spoolFiles.formUnion(recovery.state.unsettledSpoolFiles) }
                 return
             }
-            let uploader = Uploader(sink: sink, bounds: settings.bounds, flushInterval: settings.flushInterval, journal: journal)
+            let uploader = Self.uploader(sink: sink, journal: journal, flushInterval: settings.flushInterval, settings: settings, registry: registry)
             let key = MLflowDestination.isRemote(identity.uri)
                 ? Self.key(MLflowDestination(trackingURI: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()))
                 : identity.uri
@@ -267,7 +276,7 @@ public final class Destinations: Sendable {
         } else {
             journal = try Self.openJournal(at: nil, identity: identity, sink: sink, settings: settings)?.0
         }
-        let uploader = Uploader(sink: sink, bounds: settings.bounds, flushInterval: settings.flushInterval, journal: journal)
+        let uploader = Self.uploader(sink: sink, journal: journal, flushInterval: settings.flushInterval, settings: settings, registry: registry)
         let inserted = others.withLock { all -> Bool in
             if all[key] != nil { return false }
             all[key] = uploader

@@ -4,7 +4,7 @@ import MLflow
 import Synchronization
 
 /// An MLflow tracking server as the sink: batched `log-batch` calls, several in flight, errors
-/// sorted into retryable (connection, 408, 429, 5xx) and permanent (other 4xx).
+/// sorted into retryable (connection, 408, 429, 5xx) and permanent (other 4xx: dead letters).
 public final class RESTSink: RecordSink {
     private let client: MLflowRESTClient
     private let experiments = Mutex<[String: String]>([:])
@@ -69,7 +69,7 @@ public final class RESTSink: RecordSink {
             case .artifact(let runID, let path, let spoolPath):
                 var uri = artifactURIs.withLock { $0[runID] }
                 if uri == nil {
-                    guard let run = try await client.getRun(runID) else { return .rejected(ProtocolError(.notFound, "Run \(runID) no longer exists on \(client.destination.baseURL).")) }
+                    guard let run = try await client.getRun(runID) else { return .rejected(SinkRefusal(ProtocolError(.notFound, "Run \(runID) no longer exists on \(client.destination.baseURL)."), httpStatus: 404, refusesRun: true)) }
                     uri = run.artifactURI
                     artifactURIs.withLock { $0[runID] = run.artifactURI }
                 }
@@ -81,9 +81,29 @@ public final class RESTSink: RecordSink {
             return .applied
         } catch {
             if error.isRetryable { return .retry(after: error.retryAfter, reason: error.description) }
-            if case .artifact(_, _, let spoolPath) = operation { try? FileManager.default.removeItem(atPath: spoolPath) }
-            return .rejected(Self.translate(error))
+            return .rejected(Self.refusal(error, of: operation))
         }
+    }
+
+    /// A refusal as the dead-letter file records it (the spool file of a refused artifact is
+    /// kept for it). A 404, or a message naming the run, refuses the run rather than an entity.
+    static func refusal(_ error: MLflowError, of operation: SinkOperation) -> SinkRefusal {
+        var refusal = SinkRefusal(translate(error), httpStatus: error.statusCode)
+        switch error {
+        case .api(let status, let code, let message, _):
+            refusal.serverCode = code
+            let runID: String? = switch operation {
+            case .log(let id, _), .updateRun(let id, _, _), .artifact(let id, _, _), .deleteTag(let id, _): id
+            case .createRun: nil
+            }
+            refusal.refusesRun = status == 404 || code == "RESOURCE_DOES_NOT_EXIST" || runID.map { message.contains($0) } == true
+                || message.contains("must be in the 'active' state")  // a deleted run or experiment
+        case .http(let status, let body, _):
+            refusal.error.message = "MLflow answered \(status) with a body that is not MLflow's error JSON: \(String(decoding: body.utf8.prefix(200), as: UTF8.self))"
+            refusal.refusesRun = status == 404
+        default: break
+        }
+        return refusal
     }
 
     /// After a restart, the journal's unsettled records may have reached the server before the

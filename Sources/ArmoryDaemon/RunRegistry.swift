@@ -47,6 +47,8 @@ public struct RunEntry: Sendable, Equatable {
 /// All runs known to the daemon, shared by every connection.
 public final class RunRegistry: Sendable {
     private let runs = Mutex<[String: RunEntry]>([:])
+    /// How to tell each connected session about a refusal found after its call returned.
+    private let reporters = Mutex<[UInt64: @Sendable (ProtocolError) -> Void]>([:])
 
     public init() {}
 
@@ -98,5 +100,16 @@ public final class RunRegistry: Sendable {
             }
             return orphans
         }
+    }
+
+    /// Where errors about the runs of session `connection` go (`nil`: it has no connection now).
+    public func setReporter(_ reporter: (@Sendable (ProtocolError) -> Void)?, forConnection connection: UInt64) {
+        reporters.withLock { $0[connection] = reporter }
+    }
+
+    /// Tells the session writing to run `handle` about a refusal, if it is connected.
+    public func report(_ error: ProtocolError, toWriterOf handle: String) {
+        guard let connection = entry(handle)?.connection, let reporter = reporters.withLock({ $0[connection] }) else { return }
+        reporter(error)
     }
 }

@@ -132,7 +132,14 @@ public final class FileStoreSink: RecordSink {
                 }
                 return .applied
             } catch {
-                return .rejected(Self.translate(error))
+                var refusal = SinkRefusal(Self.translate(error))
+                if let error = error as? FileStoreError {
+                    switch error {
+                    case .runNotFound, .experimentDeleted, .experimentNotFound: refusal.refusesRun = true
+                    default: break
+                    }
+                }
+                return .rejected(refusal)
             }
         }
     }

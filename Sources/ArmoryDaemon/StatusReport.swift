@@ -40,6 +40,7 @@ public enum StatusReport {
             counters.pendingRecords += c.pendingRecords
             counters.appliedRecords += c.appliedRecords
             counters.rejectedRecords += c.rejectedRecords
+            counters.deadLetters += c.deadLetters
             counters.metricsWritten += c.metricsWritten
             counters.systemMetricsWritten += c.systemMetricsWritten
             if let t = c.lastSuccessMs, t > (counters.lastSuccessMs ?? 0) { counters.lastSuccessMs = t }
@@ -75,6 +76,8 @@ public enum StatusReport {
                 "pending_records": .int(Int64(c.pendingRecords)),
                 "applied_records": .int(Int64(c.appliedRecords)),
                 "rejected_records": .int(Int64(c.rejectedRecords)),
+                "dead_letters": .int(Int64(c.deadLetters)),
+                "dead_letter_file": uploader.deadLetters.map { .string($0.path) } ?? .null,
                 "retries": .int(Int64(c.retries)),
                 "last_error": c.lastError.map { .string($0) } ?? .null,
                 "journal_bytes": .int(Int64(journal?.bytes ?? 0)),
@@ -136,6 +139,7 @@ public enum StatusReport {
         o["pending_records"] = .int(Int64(counters.pendingRecords))
         o["applied_records"] = .int(Int64(counters.appliedRecords))
         o["rejected_records"] = .int(Int64(counters.rejectedRecords))
+        o["dead_letters"] = .int(Int64(counters.deadLetters))
         o["metrics_accepted"] = .int(Int64(totals.metrics))
         o["metrics_written"] = .int(Int64(counters.metricsWritten))
         o["metrics_written_system"] = .int(Int64(counters.systemMetricsWritten))

@@ -113,13 +113,43 @@ public enum SinkOutcome: Sendable, Equatable {
     case created(runID: String, experimentID: String)
     /// Try again later (`after`: the server's Retry-After, in seconds).
     case retry(after: Double?, reason: String)
-    /// Permanently refused: reported to the owner, never retried.
-    case rejected(ProtocolError)
+    /// Permanently refused: split down to what was refused, which becomes a dead letter.
+    case rejected(SinkRefusal)
+}
+
+/// Why a sink refused a call, as the dead-letter file records it.
+public struct SinkRefusal: Sendable, Equatable {
+    public var error: ProtocolError
+    /// The server's HTTP status and MLflow error code (none for the local store).
+    public var httpStatus: Int?
+    public var serverCode: String?
+    /// The whole run is refused (deleted, gone), not one entity of the batch: splitting the
+    /// batch would only refuse every piece.
+    public var refusesRun: Bool
+
+    public init(_ error: ProtocolError, httpStatus: Int? = nil, serverCode: String? = nil, refusesRun: Bool = false) {
+        self.error = error
+        self.httpStatus = httpStatus
+        self.serverCode = serverCode
+        self.refusesRun = refusesRun
+    }
+}
+
+/// A record the sink refused for good: settled for the journal, kept in the destination's
+/// dead-letter file until `armoryctl errors --retry` sends it again.
+public struct DeadLetter: Sendable, Equatable {
+    public var handle: String
+    public var record: SinkRecord
+    public var refusal: SinkRefusal
+    /// The run's id at the destination (nil when the refused record is its creation).
+    public var runID: String?
+    /// The parent's run id, for a refused creation of a nested run.
+    public var parentRunID: String?
 }
 
 /// The uploader's brain: per-run ordered queues, batches cut at the sink's limits, runs served
 /// round-robin, one call in flight per run, exponential backoff with jitter and Retry-After, and
-/// isolation of records when a merged batch is refused. A value type driven by the `Uploader`
+/// refused batches split until only the refused entities are left (dead letters). A value type driven by the `Uploader`
 /// and tested without a sink.
 public struct UploadScheduler: Sendable {
     /// One enqueued record.
@@ -147,6 +177,8 @@ public struct UploadScheduler: Sendable {
         public var tickets: [UInt64] = []
         public var failures: [(ticket: UInt64, error: ProtocolError)] = []
         public var created: Binding?
+        /// What was refused for good, down to the refused entities of a log batch.
+        public var deadLetters: [DeadLetter] = []
         public var metrics = 0
         /// Of `metrics`, those named `system/…`.
         public var systemMetrics = 0
@@ -157,12 +189,20 @@ public struct UploadScheduler: Sendable {
         var busy = false
         var notBefore: UInt64 = 0
         var attempt = 0
-        /// How many head entries must go alone (after a merged batch was refused).
-        var isolate = 0
+        /// A refused log batch being split: its head entries and the pieces still to send.
+        var split: Split?
         var parent: String?
         var failed: ProtocolError?
         /// Replayed after a restart: a create may already have reached the sink.
         var mayExist = false
+    }
+
+    /// A refused log batch (one or more head entries) sent again piece by piece; the entries
+    /// settle once every piece has landed or been refused.
+    struct Split: Sendable {
+        var entries: [Entry]
+        var pieces: Deque<LogBatch>
+        var refused: ProtocolError?
     }
 
     public let limits: BatchLimits
@@ -269,6 +309,9 @@ public struct UploadScheduler: Sendable {
             return Batch(handle: handle, entries: [head], operation: .createRun(creation, parentRunID: parentRunID, attempt: max(queue.attempt, queue.mayExist ? 1 : 0)))
         }
         guard let runID = bindings[handle]?.runID else { return nil }
+        if let split = queue.split, let piece = split.pieces.first {
+            return Batch(handle: handle, entries: split.entries, operation: .log(runID: runID, piece))
+        }
         switch head.record {
         case .createRun: return nil
         case .updateRun(let status, let endTime):
@@ -282,7 +325,7 @@ public struct UploadScheduler: Sendable {
             var entries = [head]
             var metrics = first.metrics.count, params = first.params.count, tags = first.tags.count
             var bytes = BatchLimits.estimate(first)
-            var full = queue.isolate > 0
+            var full = false
             if !full {
                 for entry in queue.entries.dropFirst() {
                     guard case .log(let next) = entry.record,
@@ -323,12 +366,19 @@ public struct UploadScheduler: Sendable {
                 settled.created = binding
             }
             queue.attempt = 0
-            queue.isolate = max(0, queue.isolate - batch.entries.count)
-            for entry in batch.entries {
-                _ = queue.entries.popFirst()
-                settled.tickets.append(entry.ticket)
-                settled.metrics += entry.record.metricCount
-                settled.systemMetrics += entry.record.systemMetricCount
+            if var split = queue.split {
+                let piece = split.pieces.removeFirst()
+                settled.metrics += piece.metrics.count
+                settled.systemMetrics += SinkRecord.log(piece).systemMetricCount
+                queue.split = split
+                settleSplitIfDone(&queue, &settled)
+            } else {
+                for entry in batch.entries {
+                    _ = queue.entries.popFirst()
+                    settled.tickets.append(entry.ticket)
+                    settled.metrics += entry.record.metricCount
+                    settled.systemMetrics += entry.record.systemMetricCount
+                }
             }
         case .retry(let after, _):
             queue.attempt += 1
@@ -336,18 +386,22 @@ public struct UploadScheduler: Sendable {
             var delay = UInt64(Double(exponential) * (0.5 + 0.5 * max(0, min(1, jitter))))
             if let after { delay = UInt64(min(max(after, 0), 600) * 1e9) }
             queue.notBefore = now + delay
-        case .rejected(let error):
-            if batch.entries.count > 1 {
-                queue.isolate = batch.entries.count  // send them one by one to find the bad one
+        case .rejected(let refusal):
+            queue.attempt = 0
+            if case .log(let runID, let sent) = batch.operation {
+                refuse(sent, of: batch, runID: runID, refusal, &queue, &settled)
             } else {
+                let entry = batch.entries[0]
                 _ = queue.entries.popFirst()
-                queue.attempt = 0
-                queue.isolate = max(0, queue.isolate - 1)
-                settled.failures.append((batch.entries[0].ticket, error))
-                if case .createRun = batch.entries[0].record {
+                settled.failures.append((entry.ticket, refusal.error))
+                settled.deadLetters.append(deadLetter(batch.handle, entry.record, refusal))
+                if case .createRun = entry.record {
                     // A run that cannot be created takes its records with it.
-                    while let entry = queue.entries.popFirst() { settled.failures.append((entry.ticket, error)) }
-                    queue.failed = error
+                    while let entry = queue.entries.popFirst() {
+                        settled.failures.append((entry.ticket, refusal.error))
+                        settled.deadLetters.append(deadLetter(batch.handle, entry.record, refusal))
+                    }
+                    queue.failed = refusal.error
                 }
             }
         }
@@ -362,6 +416,95 @@ public struct UploadScheduler: Sendable {
             queues[batch.handle] = queue
         }
         return settled
+    }
+
+    /// A log batch was refused: what the refusal names becomes a dead letter and the rest is sent
+    /// again in pieces (halves when it names nothing), so that every valid entity still lands.
+    private func refuse(_ sent: LogBatch, of batch: Batch, runID: String, _ refusal: SinkRefusal, _ queue: inout RunQueue, _ settled: inout Settled) {
+        var split = queue.split ?? Split(entries: batch.entries, pieces: [sent])
+        split.pieces.removeFirst()
+        let (refused, rest) = refusal.refusesRun ? (sent, []) : Self.divide(sent, by: refusal.error.message)
+        if let refused {
+            split.refused = split.refused ?? refusal.error
+            var letter = deadLetter(batch.handle, .log(refused), refusal)
+            letter.runID = runID
+            settled.deadLetters.append(letter)
+        }
+        for piece in rest.reversed() { split.pieces.prepend(piece) }
+        if refusal.refusesRun {
+            // The run itself is refused: the pieces left would be refused as well.
+            for piece in split.pieces { settled.deadLetters.append(DeadLetter(handle: batch.handle, record: .log(piece), refusal: refusal, runID: runID)) }
+            split.pieces.removeAll()
+        }
+        queue.split = split
+        settleSplitIfDone(&queue, &settled)
+    }
+
+    /// Once every piece of a split batch has landed or been refused, its entries are settled:
+    /// as failures when a piece was refused (their owners are told), else as applied.
+    private func settleSplitIfDone(_ queue: inout RunQueue, _ settled: inout Settled) {
+        guard let split = queue.split, split.pieces.isEmpty else { return }
+        for entry in split.entries {
+            _ = queue.entries.popFirst()
+            if let error = split.refused { settled.failures.append((entry.ticket, error)) } else { settled.tickets.append(entry.ticket) }
+        }
+        queue.split = nil
+    }
+
+    private func deadLetter(_ handle: String, _ record: SinkRecord, _ refusal: SinkRefusal) -> DeadLetter {
+        var parentRunID: String?
+        if case .createRun(let c) = record, let parent = c.parentHandle { parentRunID = bindings[parent]?.runID }
+        return DeadLetter(handle: handle, record: record, refusal: refusal, runID: bindings[handle]?.runID, parentRunID: parentRunID)
+    }
+
+    /// Splits a refused batch into what the server's message names (an entity by its index,
+    /// `metrics[3]`, or entities by their quoted key) and the rest; with nothing named, into
+    /// halves. A single entity is what was refused.
+    static func divide(_ b: LogBatch, by message: String) -> (refused: LogBatch?, rest: [LogBatch]) {
+        let count = b.metrics.count + b.params.count + b.tags.count
+        if count <= 1 { return (b, []) }
+        if let (kind, index) = namedIndex(in: message) {
+            var refused = LogBatch(), rest = b
+            switch kind {
+            case "metrics" where index < b.metrics.count: refused.metrics = [rest.metrics.remove(at: index)]
+            case "params" where index < b.params.count:
+                let e = rest.params.remove(at: index)
+                refused.params[e.key] = e.value
+            case "tags" where index < b.tags.count:
+                let e = rest.tags.remove(at: index)
+                refused.tags[e.key] = e.value
+            default: break
+            }
+            if !refused.isEmpty { return (refused, rest.isEmpty ? [] : [rest]) }
+        }
+        let keys = Set(b.metrics.map(\.key) + b.params.keys + b.tags.keys).filter { message.contains("'\($0)'") || message.contains("\"\($0)\"") }
+        if !keys.isEmpty {
+            var refused = LogBatch(), rest = LogBatch()
+            for m in b.metrics { if keys.contains(m.key) { refused.metrics.append(m) } else { rest.metrics.append(m) } }
+            for (k, v) in b.params { if keys.contains(k) { refused.params[k] = v } else { rest.params[k] = v } }
+            for (k, v) in b.tags { if keys.contains(k) { refused.tags[k] = v } else { rest.tags[k] = v } }
+            return (refused, rest.isEmpty ? [] : [rest])
+        }
+        var first = LogBatch(), second = LogBatch()
+        var i = 0
+        func side(_ body: (inout LogBatch) -> Void) {
+            if i < count / 2 { body(&first) } else { body(&second) }
+            i += 1
+        }
+        for (k, v) in b.params { side { $0.params[k] = v } }
+        for (k, v) in b.tags { side { $0.tags[k] = v } }
+        for m in b.metrics { side { $0.metrics.append(m) } }
+        return (nil, [first, second])
+    }
+
+    /// `metrics[3]`, `params[0]` or `tags[1]` in a message (how MLflow names a refused entity).
+    private static func namedIndex(in message: String) -> (String, Int)? {
+        for kind in ["metrics", "params", "tags"] {
+            guard let range = message.range(of: kind + "[") else { continue }
+            let digits = message[range.upperBound...].prefix { $0.isNumber }
+            if let index = Int(digits), message[range.upperBound...].dropFirst(digits.count).first == "]" { return (kind, index) }
+        }
+        return nil
     }
 
     private mutating func settle(_ ticket: UInt64) {

@@ -44,6 +44,8 @@ public final class Uploader: Sendable {
         /// Of `metricsWritten`, those named `system/…` (host metrics).
         public var systemMetricsWritten: UInt64 = 0
         public var rejectedRecords: UInt64 = 0
+        /// Refused records (down to the refused entities) written to the dead-letter file.
+        public var deadLetters: UInt64 = 0
         public var retries: UInt64 = 0
         /// Records that wait in the journal only (memory bound reached).
         public var spilledRecords = 0
@@ -114,10 +116,17 @@ public final class Uploader: Sendable {
     public let bounds: Bounds
     /// Where accepted records are made durable (`nil`: in memory only).
     public let journal: Journal?
+    /// Where refused records are kept (`nil`: they are counted and reported, then dropped).
+    public let deadLetters: DeadLetterFile?
+    /// Who owns each run (for the dead-letter file) and how to tell its writer about a refusal.
+    private let registry: RunRegistry?
 
-    public init(sink: any RecordSink, bounds: Bounds = Bounds(), flushInterval: Double? = nil, journal: Journal? = nil) {
+    public init(sink: any RecordSink, bounds: Bounds = Bounds(), flushInterval: Double? = nil, journal: Journal? = nil,
+                deadLetters: DeadLetterFile? = nil, registry: RunRegistry? = nil) {
         self.sink = sink
         self.journal = journal
+        self.deadLetters = deadLetters
+        self.registry = registry
         self.bounds = bounds
         let interval = flushInterval ?? sink.defaultFlushInterval
         state = Mutex(State(scheduler: UploadScheduler(limits: sink.limits, flushIntervalNs: UInt64(max(0, interval) * 1e9))))
@@ -469,7 +478,7 @@ public final class Uploader: Sendable {
 
     private func finish(_ batch: UploadScheduler.Batch, _ outcome: SinkOutcome) {
         let now = Self.monotonicNs()
-        let (callbacks, completions) = state.withLock { s -> ([@Sendable () -> Void], [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)]) in
+        let (callbacks, completions, letters) = state.withLock { s -> ([@Sendable () -> Void], [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)], [DeadLetter]) in
             let settled = s.scheduler.finish(batch, outcome, now: now, jitter: Double.random(in: 0...1))
             if let created = settled.created {
                 journal?.append(.bind(handle: batch.handle, runID: created.runID, experimentID: created.experimentID))
@@ -499,6 +508,7 @@ public final class Uploader: Sendable {
             let wallNow = Self.wallMs()
             s.counters.appliedRecords += UInt64(settled.tickets.count)
             s.counters.rejectedRecords += UInt64(settled.failures.count)
+            s.counters.deadLetters += UInt64(settled.deadLetters.count)
             s.counters.metricsWritten += UInt64(settled.metrics)
             s.counters.systemMetricsWritten += UInt64(settled.systemMetrics)
             s.counters.writeRate.add(UInt64(settled.metrics), atMs: wallNow)
@@ -508,15 +518,72 @@ public final class Uploader: Sendable {
                 s.counters.retries += 1
                 s.counters.lastError = reason
                 s.counters.lastErrorMs = wallNow
-            case .rejected(let error):
-                s.counters.lastError = error.message
+            case .rejected(let refusal):
+                s.counters.lastError = refusal.error.message
                 s.counters.lastErrorMs = wallNow
             }
-            return (takeReady(&s), completions)
+            return (takeReady(&s), completions, settled.deadLetters)
         }
+        if !letters.isEmpty { keep(letters, toldByCompletion: completions.contains { if case .failure = $0.1 { true } else { false } }) }
         for (completion, result) in completions { completion(result) }
         for callback in callbacks { callback() }
         wake.yield()
+    }
+
+    /// Writes refused records to the dead-letter file and tells the run's writer, once per call
+    /// (unless a completion of the same call tells it already).
+    private func keep(_ letters: [DeadLetter], toldByCompletion: Bool) {
+        if let deadLetters {
+            deadLetters.append(letters) { [registry] handle in registry?.entry(handle)?.ownerUID ?? getuid() }
+        } else {
+            for letter in letters { if case .artifact(_, let spool) = letter.record { unlink(spool) } }
+        }
+        guard !toldByCompletion, let registry, let first = letters.first else { return }
+        var error = first.refusal.error
+        if case .log(let batch) = first.record {
+            error.op = "log"
+            let keys = Set(batch.metrics.map(\.key) + batch.params.keys + batch.tags.keys)
+            if keys.count == 1 { error.key = keys.first }
+        }
+        let kept = deadLetters.map { " It is kept in \($0.path): `armoryctl errors` lists it, `armoryctl errors --retry` sends it again once the cause is fixed." } ?? ""
+        error.message = "\(destination) refused \(letters.count == 1 ? "a record" : "\(letters.count) records") of this run: \(error.message).\(kept)"
+        registry.report(error, toWriterOf: first.handle)
+    }
+
+    /// Queues dead letters again (`armoryctl errors --retry`), each run under a fresh handle
+    /// bound to its run id (a refused creation creates it again); once the journal holds them they
+    /// leave the dead-letter file. Those refused again come back as new lines.
+    public func retry(_ lines: [DeadLetterLine]) {
+        guard let deadLetters, !lines.isEmpty else { return }
+        var handles: [String: String] = [:]
+        func bound(_ runID: String, owner: UInt32) -> String {
+            if let handle = handles[runID] { return handle }
+            let handle = "retry-" + DaemonServices.newHandle()
+            handles[runID] = handle
+            // Finished: a restart does not take it for a client's run left running.
+            attach(RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: "", name: "", ownerUID: owner, status: .finished,
+                            parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+            return handle
+        }
+        var records: [(handle: String, record: SinkRecord, completion: Completion?)] = []
+        for line in lines {
+            var record = line.record
+            let handle: String
+            if let runID = line.runID {
+                handle = bound(runID, owner: line.uid)
+            } else {
+                handle = handles["create " + line.handle] ?? "retry-" + DaemonServices.newHandle()
+                handles["create " + line.handle] = handle
+                if case .createRun(var creation) = record {
+                    creation.handle = handle
+                    creation.parentHandle = line.parentRunID.map { bound($0, owner: line.uid) }
+                    record = .createRun(creation)
+                }
+            }
+            records.append((handle, record, nil))
+        }
+        let lsn = enqueue(records).lsn
+        whenDurable(lsn, urgent: true) { deadLetters.remove(lines) }
     }
 
     /// The callbacks of waiters whose sequence is settled, and of drain waiters once producers

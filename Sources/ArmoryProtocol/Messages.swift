@@ -154,6 +154,9 @@ public enum ClientOp: Sendable, Equatable {
     case sync(SyncRequest)
     /// The sync jobs of this daemon and their progress.
     case syncStatus
+    /// `armoryctl errors`: the records destinations refused for good (of one run when `runID` is
+    /// given); with `retry`, they are queued again instead.
+    case deadLetters(runID: String?, retry: Bool)
 
     /// The op's name on the wire.
     public var name: String {
@@ -186,6 +189,7 @@ public enum ClientOp: Sendable, Equatable {
         case .status: "status"
         case .sync: "sync"
         case .syncStatus: "sync_status"
+        case .deadLetters: "dead_letters"
         }
     }
 
@@ -194,14 +198,14 @@ public enum ClientOp: Sendable, Equatable {
     /// the client re-sent after a resume and already had its answer to: it is not a new refusal.
     public static let requestNames: Set<String> = [
         "hello", "get_params", "get_trackable", "start", "end", "attach", "run_info", "artifact_open", "artifact_close",
-        "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync", "sync_status",
+        "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync", "sync_status", "dead_letters",
     ]
 
     /// Whether the daemon answers this op with a reply (else it is fire-and-forget).
     public var expectsReply: Bool {
         switch self {
         case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun,
-             .setExperimentTag, .sync, .syncStatus:
+             .setExperimentTag, .sync, .syncStatus, .deadLetters:
             true
         case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk, .deleteTag:
             false
@@ -362,6 +366,7 @@ extension ClientFrame {
             op = .sync(SyncRequest(from: try f.optionalString("from"), experiments: try f.stringArray("experiments"), runs: try f.stringArray("runs"),
                                    dryRun: try f.optionalBool("dry_run") ?? false))
         case "sync_status": op = .syncStatus
+        case "dead_letters": op = .deadLetters(runID: try f.optionalString("run_id"), retry: try f.optionalBool("retry") ?? false)
         default:
             throw ProtocolError(.unknownOp, "Unknown op '\(opName)'. This daemon speaks protocol \(ProtocolVersion.supported); see proto/PROTOCOL.md for the ops it knows.", seq: seq)
         }
@@ -525,6 +530,9 @@ extension ClientFrame {
             o["values"] = .object(values.mapValues { .string($0) })
         case .resetParams, .popContext, .getParams, .status, .syncStatus:
             break
+        case .deadLetters(let runID, let retry):
+            if let runID { o["run_id"] = .string(runID) }
+            if retry { o["retry"] = .bool(true) }
         case .sync(let request):
             if let from = request.from { o["from"] = .string(from) }
             if !request.experiments.isEmpty { o["experiments"] = .array(request.experiments.map { .string($0) }) }

@@ -11,7 +11,7 @@ struct ArmoryCtl: ParsableCommand {
         abstract: "Inspect and control a running armoryd.",
         discussion: "Global options (--socket PATH, --json) go before or after the command, as with git -C or systemctl --user. Exit status: 0 success, 1 degraded or not done, 3 no daemon, 4 not permitted, 64 usage.",
         version: ArmoryTrackVersion.current,
-        subcommands: [Status.self, Runs.self, Flush.self, Sync.self, Metrics.self, MLflowServer.self, Stop.self],
+        subcommands: [Status.self, Runs.self, Flush.self, Errors.self, Sync.self, Metrics.self, MLflowServer.self, Stop.self],
         defaultSubcommand: Status.self)
 
     /// Parses the command line the way people type it: global options may come before the command.
@@ -102,6 +102,14 @@ struct ConnectionOptions: ParsableArguments {
         }
     }
 
+    /// A request's reply; a refusal is printed and exits 1.
+    func request(_ op: ClientOp, connection: Connection) throws -> JSONObject {
+        do { return try connection.request(op) } catch {
+            FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+
     /// Says that no daemon answers, or that this user may not connect (as JSON with `--json`);
     /// exit status 3, or 4 when not permitted.
     private func notRunning(_ error: ArmoryError) -> ExitCode {
@@ -183,7 +191,7 @@ enum StatusText {
         let written = s["metrics_written"]?.intValue ?? 0
         let system = s["metrics_written_system"]?.intValue ?? 0
         row("Written", "\(s["applied_records"]?.intValue ?? 0) records, \(written) metrics (\(written - system) from clients, \(system) system/… host metrics)")
-        row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records refused by the destinations")
+        row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records refused by the destinations, \(s["dead_letters"]?.intValue ?? 0) dead letters kept since the start (armoryctl errors)")
         row("Refused", "\(s["errors_sent"]?.intValue ?? 0) client operations (errors sent back to clients)")
         let nowMs = Date().timeIntervalSince1970 * 1000
         func ago(_ ms: Int64) -> String { duration(max(0, (nowMs - Double(ms)) / 1000)) + " ago" }

@@ -67,6 +67,67 @@ extension ArmoryCtl {
         }
     }
 
+    /// `armoryctl errors`: what the destinations refused for good (dead letters), and sending it again.
+    struct Errors: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the records destinations refused for good (dead letters); --retry sends them again.",
+            discussion: """
+                A record a destination refuses (a deleted experiment, a value over the server's limit, a changed param) is                 split until only the refused entities are left; those are kept, one JSON line each, in                 <state>/dead-letters/<destination>.jsonl, and their client is told. Once the cause is fixed (for example                 `mlflow experiments restore`), --retry queues them again: those that land leave the file, those refused                 again stay. Users see their own; root and the daemon's user see everyone's.
+                Exit status: 0 none (or re-queued), 1 there are dead letters, 3 not running.
+                """)
+
+        @OptionGroup var options: ConnectionOptions
+
+        @Option(name: .customLong("run"), help: "Only the records of this run (its MLflow run id).")
+        var runID: String?
+
+        @Flag(help: "Queue the listed records again (after fixing the cause).")
+        var retry = false
+
+        func run() throws {
+            let reply = try options.request(.deadLetters(runID: runID, retry: retry), connection: options.connect())
+            let letters = reply["dead_letters"]?.arrayValue ?? []
+            if options.json { return options.printJSON(.object(reply)) }
+            if retry { return print("re-queued \(letters.count) record\(letters.count == 1 ? "" : "s"); those refused again come back (armoryctl errors)") }
+            guard !letters.isEmpty else { return print("no dead letters") }
+            let rows = letters.map { line -> [String] in
+                let time = Date(timeIntervalSince1970: Double(line["time_ms"]?.intValue ?? 0) / 1000)
+                let status = [line["http_status"]?.intValue.map { String($0) }, line["error_code"]?.stringValue].compactMap { $0 }.joined(separator: " ")
+                return [Self.timestamp.string(from: time), line["run_id"]?.stringValue ?? "(not created)", "\(line["uid"]?.intValue ?? 0)",
+                        Self.describe(line["record"]), status.isEmpty ? line["code"]?.stringValue ?? "" : status, String((line["message"]?.stringValue ?? "").prefix(100))]
+            }
+            print(Table.render(header: ["TIME", "RUN ID", "UID", "RECORD", "STATUS", "MESSAGE"], rows: rows))
+            let files = (reply["files"]?.arrayValue ?? []).compactMap(\.stringValue).filter { FileManager.default.fileExists(atPath: $0) }
+            print("\n\(letters.count) dead letter\(letters.count == 1 ? "" : "s") in \(files.joined(separator: ", ")); fix the cause, then: armoryctl errors --retry")
+            throw ExitCode(1)
+        }
+
+        private static let timestamp: DateFormatter = {
+            let f = DateFormatter()
+            f.dateFormat = "yyyy-MM-dd HH:mm:ss"
+            return f
+        }()
+
+        /// A record in a few words: `log: 3 metrics (acc), 1 param`, `artifact model.pkl`.
+        static func describe(_ record: JSONValue?) -> String {
+            switch record?["kind"]?.stringValue {
+            case "log":
+                let metrics = record?["metrics"]?.arrayValue ?? []
+                let keys = Set(metrics.compactMap { $0.arrayValue?.first?.stringValue }).sorted()
+                let params = record?["params"]?.objectValue?.keys.sorted() ?? []
+                let tags = record?["tags"]?.objectValue?.keys.sorted() ?? []
+                return [metrics.isEmpty ? nil : "\(metrics.count) metrics (\(keys.prefix(3).joined(separator: ", ")))",
+                        params.isEmpty ? nil : "params \(params.prefix(3).joined(separator: ", "))",
+                        tags.isEmpty ? nil : "tags \(tags.prefix(3).joined(separator: ", "))"].compactMap { $0 }.joined(separator: "; ")
+            case "create_run": return "create run '\(record?["name"]?.stringValue ?? "")'"
+            case "update_run": return "end run \(record?["status"]?.stringValue ?? "")"
+            case "artifact": return "artifact \(record?["path"]?.stringValue ?? "")"
+            case "delete_tag": return "delete tag \(record?["key"]?.stringValue ?? "")"
+            default: return "?"
+            }
+        }
+    }
+
     /// `armoryctl metrics`: the daemon's counters in Prometheus' text format.
     struct Metrics: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -257,6 +318,7 @@ enum PrometheusText {
         metric("pending_records", "gauge", "Records accepted (journaled) and not yet applied by their destination.", [("", number("pending_records"))])
         metric("applied_records_total", "counter", "Records the destinations applied (a record: one frame's metrics, params and tags for a run, a run's creation or end, an artifact).", [("", number("applied_records"))])
         metric("rejected_records_total", "counter", "Records the destinations refused for good (each reported to the client that sent it).", [("", number("rejected_records"))])
+        metric("dead_letters_total", "counter", "Refused records (down to the refused entities of a batch) written to the dead-letter files since the start; armoryctl errors lists them.", [("", number("dead_letters"))])
         metric("metrics_accepted_total", "counter", "Metrics accepted from clients (valid and journaled); the daemon's own system/... samples are not counted here.", [("", number("metrics_accepted"))])
         metric("metrics_written_total", "counter", "Metrics the destinations applied: the clients' and the system/... host metrics (see metrics_written_system_total).", [("", number("metrics_written"))])
         metric("metrics_written_system_total", "counter", "Of metrics_written_total, those named system/... (host metrics the daemon samples for each run, or a client's own monitor logs).", [("", number("metrics_written_system"))])

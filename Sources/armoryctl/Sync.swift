@@ -44,7 +44,7 @@ extension ArmoryCtl {
 
         func run() throws {
             if status {
-                let jobs = try request(.syncStatus, connection: options.connect())["jobs"]?.arrayValue ?? []
+                let jobs = try options.request(.syncStatus, connection: options.connect())["jobs"]?.arrayValue ?? []
                 if options.json { return options.printJSON(.object(["jobs": .array(jobs)])) }
                 if jobs.isEmpty { print("no sync since the daemon started") }
                 for job in jobs { print(Self.describe(job)) }
@@ -54,7 +54,7 @@ extension ArmoryCtl {
             var environment = ProcessInfo.processInfo.environment
             environment["ARMORY_TRACKING_URI"] = to.map { $0.contains(":") ? $0 : "file://" + Self.absolute($0) }
             let connection = try options.connect(environment: environment)
-            let started = try request(.sync(SyncRequest(from: from.map(Self.absolute), experiments: experiments, runs: runs, dryRun: dryRun)), connection: connection)
+            let started = try options.request(.sync(SyncRequest(from: from.map(Self.absolute), experiments: experiments, runs: runs, dryRun: dryRun)), connection: connection)
             guard let id = started["job"]?["id"]?.intValue else { throw ValidationError("armoryd sent no sync job.") }
             let progress = ProgressBar(enabled: !options.json && isatty(STDERR_FILENO) == 1)
             var job = started["job"]!
@@ -63,7 +63,7 @@ extension ArmoryCtl {
                 rate.observe(job, at: Date())
                 progress.show(done: SyncRate.fraction(job), text: rate.text(job))
                 Thread.sleep(forTimeInterval: 0.25)
-                job = try request(.syncStatus, connection: connection)["jobs"]?.arrayValue?.first { $0["id"]?.intValue == id } ?? job
+                job = try options.request(.syncStatus, connection: connection)["jobs"]?.arrayValue?.first { $0["id"]?.intValue == id } ?? job
             }
             progress.finish()
             if options.json { options.printJSON(job) } else { print(Self.describe(job, problems: false)) }
@@ -71,13 +71,6 @@ extension ArmoryCtl {
                 + [job["error"]?.stringValue.map { "sync failed: " + $0 }].compactMap { $0 }
             for problem in problems { FileHandle.standardError.write(Data("armoryctl: \(problem)\n".utf8)) }
             if job["state"]?.stringValue == "failed" || !(job["conflicts"]?.arrayValue ?? []).isEmpty { throw ExitCode(1) }
-        }
-
-        private func request(_ op: ClientOp, connection: Connection) throws -> JSONObject {
-            do { return try connection.request(op) } catch {
-                FileHandle.standardError.write(Data("armoryctl: \(error)\n".utf8))
-                throw ExitCode(1)
-            }
         }
 
         static func absolute(_ path: String) -> String {

@@ -157,27 +157,72 @@ import Testing
         #expect(attempt == 1)
     }
 
-    @Test func aRefusedMergedBatchIsRetriedRecordByRecord() throws {
+    /// Sends every batch the scheduler has, refusing those `refuses` answers for; returns the
+    /// settled results and the number of calls.
+    func drain(_ s: inout UploadScheduler, refuses: (LogBatch) -> SinkRefusal?) -> (settled: [UploadScheduler.Settled], calls: Int) {
+        var all: [UploadScheduler.Settled] = []
+        var calls = 0
+        while let batch = s.next(now: 0) {
+            calls += 1
+            guard case .log(_, let sent) = batch.operation else { Issue.record("not a log: \(batch.operation)"); break }
+            all.append(s.finish(batch, refuses(sent).map { .rejected($0) } ?? .applied, now: 0))
+        }
+        return (all, calls)
+    }
+
+    @Test func aRefusedBatchIsSplitDownToTheKeyTheServerNamesAndEverythingElseLands() throws {
         var s = scheduler()
         s.bind("a", .init(runID: "r", experimentID: nil))
-        s.enqueue("a", .log(metrics(1)), now: 0)
-        s.enqueue("a", .log(LogBatch(params: ["bad": "x"])), now: 0)
-        s.enqueue("a", .log(metrics(1, key: "n")), now: 0)
-        let merged = try take(&s, 0)
-        #expect(merged.entries.count == 3)
-        let refused = ProtocolError(.sinkRejected, "no")
-        #expect(s.finish(merged, .rejected(refused), now: 0).failures.isEmpty)
-        var failures = 0
-        var applied = 0
-        while let one = s.next(now: 0) {
-            #expect(one.entries.count == 1)
-            let isBad: Bool = { if case .log(_, let b) = one.operation { return b.params["bad"] != nil } else { return false } }()
-            let settled = s.finish(one, isBad ? .rejected(refused) : .applied, now: 0)
-            failures += settled.failures.count
-            applied += settled.tickets.count
+        for step in 0..<50 {
+            s.enqueue("a", .log(LogBatch(metrics: ["acc", "bad key", "loss"].map { MetricPoint(key: $0, value: 1, step: Int64(step), timestamp: 1) })), now: 0)
         }
-        #expect(failures == 1 && applied == 2)
+        let refusal = SinkRefusal(ProtocolError(.sinkRejected, "Invalid metric name: 'bad key'."), httpStatus: 400, serverCode: "INVALID_PARAMETER_VALUE")
+        let (settled, calls) = drain(&s) { sent in sent.metrics.contains { $0.key == "bad key" } ? refusal : nil }
+        let dead = settled.flatMap(\.deadLetters)
+        let deadPoints = dead.flatMap { letter -> [MetricPoint] in if case .log(let b) = letter.record { b.metrics } else { [] } }
+        #expect(deadPoints.count == 50 && deadPoints.allSatisfy { $0.key == "bad key" })
+        #expect(dead.allSatisfy { $0.runID == "r" && $0.refusal == refusal })
+        #expect(settled.reduce(0) { $0 + $1.metrics } == 100)
+        #expect(calls == 2)  // the merged batch, then the rest without the named key
+        #expect(settled.flatMap(\.failures).count == 50)  // every record is told (it lost a point)
+        #expect(s.settledUpTo == s.lastTicket && s.queuedEntries == 0)
+    }
+
+    @Test func aRefusalThatNamesNothingIsBisectedToTheOneRefusedEntity() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        s.enqueue("a", .log(metrics(64)), now: 0)
+        s.enqueue("a", .log(LogBatch(params: ["lr": "0.1"], tags: ["t": "x"])), now: 0)
+        let refusal = SinkRefusal(ProtocolError(.sinkRejected, "MLflow answered 400 with a body that is not MLflow's error JSON: <html>"), httpStatus: 400)
+        let (settled, calls) = drain(&s) { sent in sent.metrics.contains { $0.step == 37 } ? refusal : nil }
+        let dead = settled.flatMap(\.deadLetters)
+        #expect(dead.count == 1)
+        #expect(dead.first?.record == .log(LogBatch(metrics: [MetricPoint(key: "m", value: 37, step: 37, timestamp: 1)])))
+        #expect(settled.reduce(0) { $0 + $1.metrics } == 63)
+        #expect(calls <= 2 * 7 + 1)  // log2(66) levels of halves
         #expect(s.settledUpTo == s.lastTicket)
+    }
+
+    @Test func anEntityNamedByItsIndexIsTheOneRefused() throws {
+        let batch = LogBatch(metrics: [MetricPoint(key: "a", value: 1, step: 0, timestamp: 1), MetricPoint(key: "a", value: 2, step: 1, timestamp: 1)],
+                             params: ["p": "1", "q": "2"])
+        let (refused, rest) = UploadScheduler.divide(batch, by: "Invalid value 'x' for parameter 'params[1].value'")
+        #expect(refused == LogBatch(params: ["q": "2"]))
+        #expect(rest == [LogBatch(metrics: batch.metrics, params: ["p": "1"])])
+        let (metric, others) = UploadScheduler.divide(batch, by: "Invalid value for metrics[1]")
+        #expect(metric == LogBatch(metrics: [batch.metrics[1]]))
+        #expect(others.count == 1 && others[0].metrics == [batch.metrics[0]])
+    }
+
+    @Test func aRefusedRunIsNotSplit() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        s.enqueue("a", .log(metrics(500)), now: 0)
+        s.enqueue("a", .log(metrics(500, key: "n")), now: 0)
+        let refusal = SinkRefusal(ProtocolError(.sinkRejected, "The run r must be in the 'active' state."), httpStatus: 400, refusesRun: true)
+        let (settled, calls) = drain(&s) { _ in refusal }
+        #expect(calls == 1)
+        #expect(settled.flatMap(\.deadLetters).count == 1 && settled.flatMap(\.failures).count == 2)
     }
 
     @Test func aRunThatCannotBeCreatedSettlesAllItsRecordsAsFailed() throws {
@@ -186,8 +231,9 @@ import Testing
         s.enqueue("a", .log(metrics(1)), now: 0)
         s.enqueue("a", .updateRun(status: .finished, endTime: 1), now: 0)
         let create = try take(&s, 0)
-        let settled = s.finish(create, .rejected(ProtocolError(.sinkRejected, "deleted experiment")), now: 0)
+        let settled = s.finish(create, .rejected(SinkRefusal(ProtocolError(.sinkRejected, "deleted experiment"))), now: 0)
         #expect(settled.failures.count == 3)
+        #expect(settled.deadLetters.map(\.record) == [.createRun(creation("a")), .log(metrics(1)), .updateRun(status: .finished, endTime: 1)])
         #expect(s.failure(of: "a")?.message == "deleted experiment")
         #expect(s.next(now: 0) == nil && s.queuedEntries == 0)
     }

@@ -1,5 +1,6 @@
 """A fault-injecting HTTP proxy in front of the real MLflow server: it forwards every request,
-except those it is told to answer with a fault (503 + Retry-After, 500, a hang), and it can stop
+except those it is told to answer with a fault (503 + Retry-After, 500, a hang, an HTML page, a
+400 for batches holding a refused metric key), and it can stop
 listening for a while (connection refused). It counts what it forwarded, so tests can check that
 nothing was sent twice (MLflow drops exact duplicate metrics silently)."""
 import collections
@@ -20,6 +21,8 @@ class FaultProxy:
         self.metrics_forwarded = 0
         self.points = collections.Counter()  # (run_id, key, step, timestamp) -> times forwarded
         self.faults_served = 0
+        self.refused_keys = set()  # log-batch calls holding a metric of these keys are answered 400, as MLflow names a bad key
+        self.refusals_served = 0
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -58,6 +61,16 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                refused = proxy.refused_key(self.path, body)
+                if refused is not None:
+                    payload = json.dumps({"error_code": "INVALID_PARAMETER_VALUE",
+                                          "message": f"Invalid metric name: '{refused}'. Names may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), and slashes (/)."}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -91,6 +104,17 @@ class FaultProxy:
                     del self.faults[i]
                     self.faults_served += 1
                     return action
+        return None
+
+    def refused_key(self, path, body):
+        """The first refused key among a log-batch's metrics, or None."""
+        with self.lock:
+            if not self.refused_keys or "runs/log-batch" not in path:
+                return None
+            for m in json.loads(body).get("metrics", []):
+                if m["key"] in self.refused_keys:
+                    self.refusals_served += 1
+                    return m["key"]
         return None
 
     def count(self, path, body):

@@ -131,6 +131,7 @@ public final class Session: @unchecked Sendable {
         self.reportLater = reportLater
         self.id = Self.newSessionID()
         self.number = services.sessions.nextNumber()
+        services.registry.setReporter(reportLater, forConnection: number)
     }
 
     /// A session restored from its journal record after a restart, detached until a client resumes it.
@@ -164,6 +165,7 @@ public final class Session: @unchecked Sendable {
         self.connectionID = connectionID
         self.peer = peer
         self.reportLater = reportLater
+        services.registry.setReporter(reportLater, forConnection: number)
     }
 
     /// What the journal keeps of the session.
@@ -440,8 +442,30 @@ public final class Session: @unchecked Sendable {
             return .reply(try startSync(request))
         case .syncStatus:
             return .reply(["jobs": .array(services.syncs.all.map(\.json))])
+        case .deadLetters(let runID, let retry):
+            return .reply(deadLetters(runID: runID, retry: retry))
         }
         return .none
+    }
+
+    // MARK: Dead letters
+
+    /// `armoryctl errors`: the dead letters of every destination (the caller's own, unless it is
+    /// root or the daemon's user), of one run when `runID` is given; `retry` queues them again.
+    private func deadLetters(runID: String?, retry: Bool) -> JSONObject {
+        let everyone = peer.uid == 0 || peer.uid == getuid()
+        var listed: [DeadLetterLine] = []
+        var files: [String] = []
+        for uploader in services.destinations.all {
+            guard let file = uploader.deadLetters, !files.contains(file.path) else { continue }
+            files.append(file.path)
+            let selected = file.lines.filter { (everyone || $0.uid == peer.uid) && (runID == nil || $0.runID == runID) }
+            if retry { uploader.retry(selected) }
+            listed += selected
+        }
+        var reply: JSONObject = ["dead_letters": .array(listed.map { .object($0.json) }), "files": .array(files.map { .string($0) })]
+        if retry { reply["requeued"] = .int(Int64(listed.count)) }
+        return reply
     }
 
     // MARK: Sync
@@ -865,19 +889,8 @@ public final class Session: @unchecked Sendable {
             rejected += errors.count
         }
         acceptedMetrics &+= UInt64(valid.metrics.count)
-        if !valid.isEmpty {
-            if valid.params.isEmpty && valid.tags.isEmpty {
-                enqueue(run.handle, .log(valid), to: run.destination)
-            } else {
-                let report = reportLater
-                enqueue(run.handle, .log(valid), to: run.destination) { result in
-                    if case .failure(var error) = result {
-                        error.op = "log"
-                        report(error)
-                    }
-                }
-            }
-        }
+        // What the destination refuses later is a dead letter, and the uploader tells this session.
+        if !valid.isEmpty { enqueue(run.handle, .log(valid), to: run.destination) }
         if var error = firstError {
             if rejected > 1 { error.message += " (\(rejected) entries of this frame were refused; the rest was logged.)" }
             throw error
@@ -999,6 +1012,7 @@ public final class Session: @unchecked Sendable {
         commit()
         services.statistics.disconnected(connectionID)
         reportLater = { _ in }
+        services.registry.setReporter(nil, forConnection: number)
         return services.registry.detach(connection: number)
     }
 
