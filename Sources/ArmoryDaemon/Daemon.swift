@@ -40,6 +40,9 @@ public struct DaemonConfiguration: Sendable {
     public var bounds = Uploader.Bounds()
     /// An MLflow server to write to instead of the local store (the daemon's `MLFLOW_TRACKING_URI`).
     public var server: MLflowDestination?
+    /// Credentials per server, re-read on `reloadCredentials` (SIGHUP), later files winning:
+    /// `/etc/armory/credentials` for root's daemon, then `<home>/credentials`.
+    public var credentialsFiles: [String] = []
     /// Records are journaled and then discarded (`null:`): the daemon's own cost, for benchmarks.
     public var discardsRecords = false
     /// Sink calls in flight at once (REST).
@@ -96,6 +99,11 @@ public final class Daemon: Service {
         self.configuration = configuration
         self.logger = logger
         self.readiness = onReady
+    }
+
+    /// Reads the credentials file again (SIGHUP): returns the servers whose credentials changed.
+    public func reloadCredentials() -> [String] {
+        running.withLock { $0?.services }?.destinations.reloadCredentials() ?? []
     }
 
     /// A one-line summary (systemd's `STATUS=`): state, clients, active runs, backlog, last upload.
@@ -179,7 +187,7 @@ public final class Daemon: Service {
                 bounds: config.bounds, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
                 requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
                 journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
-                deadLetterRoot: config.stateDirectory + "/dead-letters",
+                deadLetterRoot: config.stateDirectory + "/dead-letters", credentialsFiles: config.credentialsFiles,
                 daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry, onRestoredRuns: { handles in
                 restored.withLock { $0.append(contentsOf: handles) }
             }, onRestoredSessions: { records in

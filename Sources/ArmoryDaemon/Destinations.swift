@@ -29,11 +29,16 @@ public final class Destinations: Sendable {
         public var journalOptions: Journal.Options
         /// Where each destination's dead-letter file lives (`nil`: refused records are dropped).
         public var deadLetterRoot: String?
+        /// Credentials per server (`[<tracking URI>]` sections, MLflow's format), read at start and
+        /// on `reloadCredentials` (SIGHUP), later files winning: `/etc/armory/credentials` (root's
+        /// daemon), then `$ARMORY_HOME/credentials`.
+        public var credentialsFiles: [String]
         /// The daemon's own MLflow credentials (for journals of its destinations after a restart).
         public var daemonCredentials: MLflowCredentials
 
         public init(bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
-                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, daemonCredentials: MLflowCredentials = .init()) {
+                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [],
+                    daemonCredentials: MLflowCredentials = .init()) {
             self.bounds = bounds
             self.uploadConcurrency = uploadConcurrency
             self.flushInterval = flushInterval
@@ -42,6 +47,7 @@ public final class Destinations: Sendable {
             self.journalRoot = journalRoot
             self.journalOptions = journalOptions
             self.deadLetterRoot = deadLetterRoot
+            self.credentialsFiles = credentialsFiles
             self.daemonCredentials = daemonCredentials
         }
     }
@@ -100,6 +106,8 @@ public final class Destinations: Sendable {
     private let settings: Settings
     private let registry: RunRegistry
     private let others = Mutex<[String: Uploader]>([:])
+    /// The uid each destination other than the primary writes for (whose client may rotate its credentials).
+    private let owners = Mutex<[String: UInt32]>([:])
     private let awaiting = Mutex<[String: AwaitingCredentials]>([:])
     private let report = Mutex(RecoveryReport())
     /// Told about runs restored from a journal that are still running (their clients are gone).
@@ -140,6 +148,55 @@ public final class Destinations: Sendable {
         primary.start()
         if let opened { restore(opened.1, into: primary, key: nil) }
         for (directory, identity) in found { recover(directory: directory, identity: identity) }
+        reloadCredentials()
+    }
+
+    /// Reads the credentials file again (at start, and on SIGHUP or `systemctl reload`): every
+    /// destination on a server it names uses its credentials from now on, and what waited for
+    /// credentials (refused ones, or a journal whose client's credentials died with the previous
+    /// daemon) is sent at once. Returns the servers whose credentials changed.
+    @discardableResult
+    public func reloadCredentials() -> [String] {
+        var servers: [String: MLflowCredentials] = [:]
+        for file in settings.credentialsFiles { servers.merge(MLflowCredentials.perServer(file: file)) { $1 } }
+        var changed: [String] = []
+        for uploader in all {
+            if let url = uploader.serverURL, let credentials = servers[url], uploader.useCredentials(credentials) { changed.append(url) }
+        }
+        for waiting in awaitingCredentials {
+            guard let credentials = servers[waiting.uri] else { continue }
+            let destination = MLflowDestination(trackingURI: waiting.uri, credentials: credentials, tls: settings.tls)
+            let identity = JournalIdentity(uri: waiting.uri, credentials: "client", uid: waiting.uid)
+            do {
+                try create(Self.key(destination), identity: identity) { () throws(ProtocolError) -> any RecordSink in
+                    try RESTSink(destination: destination, concurrency: settings.uploadConcurrency, requestTimeoutSeconds: settings.requestTimeout)
+                }
+                changed.append(waiting.uri)
+            } catch {
+                report.withLock { $0.errors.append("\(waiting.uri): \(error.message)") }
+            }
+        }
+        return changed
+    }
+
+    /// A client of `uid` names a server with credentials: a destination of that server and uid
+    /// (the primary, for the daemon's own uid) whose credentials the server refuses takes them.
+    /// Returns its key (`.some(nil)`: the primary), or nil when none waits for credentials.
+    private func rotate(_ destination: MLflowDestination, uid: UInt32, key: String) -> String?? {
+        if uid == getuid(), primary.serverURL == destination.baseURL, primary.needsCredentials != nil {
+            primary.useCredentials(destination.credentials)
+            return .some(nil)
+        }
+        let candidates = others.withLock { Array($0) }
+        let owned = owners.withLock { $0 }
+        guard let (found, uploader) = candidates.first(where: { $0.value.serverURL == destination.baseURL && $0.value.needsCredentials != nil && owned[$0.key] == uid }) else {
+            return nil
+        }
+        uploader.useCredentials(destination.credentials)
+        // Both keys name it now: runs that hold the old one, and clients that bring the new credentials.
+        others.withLock { $0[key] = uploader }
+        owners.withLock { $0[key] = uid }
+        return .some(found)
     }
 
     /// The uploader of a sink, with its dead-letter file (when the daemon keeps them).
@@ -223,6 +280,7 @@ public final class Destinations: Sendable {
                 ? Self.key(MLflowDestination(trackingURI: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()))
                 : identity.uri
             others.withLock { $0[key] = uploader }
+            owners.withLock { $0[key] = identity.uid }
             uploader.start()
             restore(recovery, into: uploader, key: key)
         } catch {
@@ -246,6 +304,9 @@ public final class Destinations: Sendable {
             let key = Self.key(destination)
             if key == primaryKey || (credentials.isEmpty && Self.baseKey(destination) == primaryKey.map { String($0.prefix { $0 != "|" }) }) {
                 return nil
+            }
+            if others.withLock({ $0[key] }) == nil, !credentials.isEmpty, let rotated = rotate(destination, uid: peerUID, key: key) {
+                return rotated
             }
             let identity = JournalIdentity(uri: destination.baseURL, credentials: credentials.isEmpty ? "none" : "client", uid: peerUID)
             try create(key, identity: identity) { () throws(ProtocolError) -> any RecordSink in
@@ -286,13 +347,16 @@ public final class Destinations: Sendable {
             journal?.close()
             return
         }
+        owners.withLock { $0[key] = identity.uid }
         uploader.start()
         if let waiting { restore(waiting.recovery, into: uploader, key: key) }
     }
 
     /// Every uploader, the primary first.
     public var all: [Uploader] {
-        [primary] + others.withLock { map in map.keys.sorted().compactMap { map[$0] } }
+        var seen: Set<ObjectIdentifier> = [ObjectIdentifier(primary)]
+        // A destination whose credentials a client rotated is named by two keys: listed once.
+        return [primary] + others.withLock { map in map.keys.sorted().compactMap { map[$0] } }.filter { seen.insert(ObjectIdentifier($0)).inserted }
     }
 
     /// Journals waiting for a client's credentials.

@@ -37,6 +37,9 @@ public final class RESTSink: RecordSink {
     }
 
     public var destination: String { client.destination.description }
+    public var serverURL: String? { client.destination.baseURL }
+
+    public func useCredentials(_ credentials: MLflowCredentials) -> Bool { client.useCredentials(credentials) }
     public var limits: BatchLimits { .mlflow }
     public var defaultFlushInterval: Double { 1 }
     public var assignsRunIDs: Bool { false }
@@ -81,6 +84,9 @@ public final class RESTSink: RecordSink {
             return .applied
         } catch {
             if error.isRetryable { return .retry(after: error.retryAfter, reason: error.description) }
+            if let status = error.statusCode, status == 401 || status == 403 {
+                return .needsCredentials(reason: "\(client.destination.baseURL) refuses armoryd's credentials (HTTP \(status))")
+            }
             return .rejected(Self.refusal(error, of: operation))
         }
     }

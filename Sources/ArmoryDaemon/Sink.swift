@@ -65,11 +65,18 @@ public protocol RecordSink: Sendable {
     /// `metricKeys` it holds. Waits out an unreachable server for up to `patience` seconds, then
     /// throws `UNREACHABLE`.
     func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup
+    /// The MLflow server's base URL (nil for a local store): where its credentials are looked up.
+    var serverURL: String? { get }
+    /// Replaces the credentials of later calls; returns whether they changed (false for a store
+    /// that takes none).
+    func useCredentials(_ credentials: MLflowCredentials) -> Bool
 }
 
 extension RecordSink {
     public func replaying(runIDs: Set<String>) {}
     public func persist() {}
+    public var serverURL: String? { nil }
+    public func useCredentials(_ credentials: MLflowCredentials) -> Bool { false }
 
     public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
         throw ProtocolError(.invalidValue, "\(destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…) or a local store.")

@@ -72,7 +72,7 @@ public enum StatusReport {
             let journal = uploader.journal?.snapshotStatistics
             return .object([
                 "destination": .string(destination),
-                "state": .string(c.isDegraded ? "degraded" : "running"),
+                "state": .string(c.needsCredentials != nil ? "needs-credentials" : c.isDegraded ? "degraded" : "running"),
                 "pending_records": .int(Int64(c.pendingRecords)),
                 "applied_records": .int(Int64(c.appliedRecords)),
                 "rejected_records": .int(Int64(c.rejectedRecords)),
@@ -134,6 +134,7 @@ public enum StatusReport {
                 "client_pid": .int(Int64(r.clientPID)),
                 "connected": .bool(r.connection != nil),
                 "pending_records": .int(Int64(pendingByRun[r.handle] ?? 0)),
+                "upload": .string(services.destinations.uploader(r.destination).needsCredentials != nil ? "needs-credentials" : "ok"),
             ])
         })
         o["pending_records"] = .int(Int64(counters.pendingRecords))

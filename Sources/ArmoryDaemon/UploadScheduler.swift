@@ -113,6 +113,9 @@ public enum SinkOutcome: Sendable, Equatable {
     case created(runID: String, experimentID: String)
     /// Try again later (`after`: the server's Retry-After, in seconds).
     case retry(after: Double?, reason: String)
+    /// The server refuses the credentials (401, 403): the records wait for working ones, retried
+    /// with backoff and at once when new credentials arrive (`retryNow`).
+    case needsCredentials(reason: String)
     /// Permanently refused: split down to what was refused, which becomes a dead letter.
     case rejected(SinkRefusal)
 }
@@ -381,11 +384,9 @@ public struct UploadScheduler: Sendable {
                 }
             }
         case .retry(let after, _):
-            queue.attempt += 1
-            let exponential = min(backoffCapNs, backoffBaseNs << UInt64(min(queue.attempt - 1, 30)))
-            var delay = UInt64(Double(exponential) * (0.5 + 0.5 * max(0, min(1, jitter))))
-            if let after { delay = UInt64(min(max(after, 0), 600) * 1e9) }
-            queue.notBefore = now + delay
+            backOff(&queue, after: after, now: now, jitter: jitter)
+        case .needsCredentials:
+            backOff(&queue, after: nil, now: now, jitter: jitter)
         case .rejected(let refusal):
             queue.attempt = 0
             if case .log(let runID, let sent) = batch.operation {
@@ -416,6 +417,22 @@ public struct UploadScheduler: Sendable {
             queues[batch.handle] = queue
         }
         return settled
+    }
+
+    private func backOff(_ queue: inout RunQueue, after: Double?, now: UInt64, jitter: Double) {
+        queue.attempt += 1
+        let exponential = min(backoffCapNs, backoffBaseNs << UInt64(min(queue.attempt - 1, 30)))
+        var delay = UInt64(Double(exponential) * (0.5 + 0.5 * max(0, min(1, jitter))))
+        if let after { delay = UInt64(min(max(after, 0), 600) * 1e9) }
+        queue.notBefore = now + delay
+    }
+
+    /// Ends every run's backoff (new credentials arrived: what waited for them goes now).
+    public mutating func retryNow() {
+        for handle in queues.keys {
+            queues[handle]!.notBefore = 0
+            queues[handle]!.attempt = 0
+        }
     }
 
     /// A log batch was refused: what the refusal names becomes a dead letter and the rest is sent

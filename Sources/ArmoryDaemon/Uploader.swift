@@ -6,6 +6,8 @@ import Foundation
 import NIOCore
 import NIOPosix
 import DequeModule
+import Logging
+import MLflow
 import Synchronization
 
 /// Runs tasks on one NIO event loop thread: the uploader's own, so that neither blocking file
@@ -52,6 +54,8 @@ public final class Uploader: Sendable {
         public var lastError: String?
         public var lastErrorMs: Int64?
         public var lastSuccessMs: Int64?
+        /// Why the server refuses the credentials (401, 403), while it does: records wait.
+        public var needsCredentials: String?
         /// Metrics written per second, over the last ten seconds.
         public var writeRate = RateWindow()
 
@@ -120,6 +124,7 @@ public final class Uploader: Sendable {
     public let deadLetters: DeadLetterFile?
     /// Who owns each run (for the dead-letter file) and how to tell its writer about a refusal.
     private let registry: RunRegistry?
+    private let logger = Logger(label: "armoryd")
 
     public init(sink: any RecordSink, bounds: Bounds = Bounds(), flushInterval: Double? = nil, journal: Journal? = nil,
                 deadLetters: DeadLetterFile? = nil, registry: RunRegistry? = nil) {
@@ -512,8 +517,15 @@ public final class Uploader: Sendable {
             s.counters.metricsWritten += UInt64(settled.metrics)
             s.counters.systemMetricsWritten += UInt64(settled.systemMetrics)
             s.counters.writeRate.add(UInt64(settled.metrics), atMs: wallNow)
+            let wasRefusingCredentials = s.counters.needsCredentials != nil
             switch outcome {
-            case .applied, .created: s.counters.lastSuccessMs = wallNow
+            case .applied, .created:
+                s.counters.lastSuccessMs = wallNow
+                s.counters.needsCredentials = nil
+            case .needsCredentials(let reason):
+                s.counters.needsCredentials = reason
+                s.counters.lastError = reason + ": records wait in the journal for working credentials"
+                s.counters.lastErrorMs = wallNow
             case .retry(_, let reason):
                 s.counters.retries += 1
                 s.counters.lastError = reason
@@ -521,6 +533,13 @@ public final class Uploader: Sendable {
             case .rejected(let refusal):
                 s.counters.lastError = refusal.error.message
                 s.counters.lastErrorMs = wallNow
+            }
+            if wasRefusingCredentials != (s.counters.needsCredentials != nil) {
+                if let reason = s.counters.needsCredentials {
+                    logger.warning("destination needs credentials: records wait in the journal", metadata: ["destination": "\(destination)", "reason": "\(reason)"])
+                } else {
+                    logger.notice("destination accepts the credentials again: uploads resume", metadata: ["destination": "\(destination)"])
+                }
             }
             return (takeReady(&s), completions, settled.deadLetters)
         }
@@ -548,6 +567,26 @@ public final class Uploader: Sendable {
         let kept = deadLetters.map { " It is kept in \($0.path): `armoryctl errors` lists it, `armoryctl errors --retry` sends it again once the cause is fixed." } ?? ""
         error.message = "\(destination) refused \(letters.count == 1 ? "a record" : "\(letters.count) records") of this run: \(error.message).\(kept)"
         registry.report(error, toWriterOf: first.handle)
+    }
+
+    /// Why the server refuses the credentials, while it does (`needs-credentials`).
+    public var needsCredentials: String? { state.withLock { $0.counters.needsCredentials } }
+
+    /// The server's base URL (nil for a local store).
+    public var serverURL: String? { sink.serverURL }
+
+    /// Replaces the sink's credentials (rotated ones); what waited for them is sent at once.
+    /// Returns whether they changed.
+    @discardableResult
+    public func useCredentials(_ credentials: MLflowCredentials) -> Bool {
+        guard sink.useCredentials(credentials) else { return false }
+        state.withLock { s in
+            s.scheduler.retryNow()
+            s.counters.needsCredentials = nil  // until the server refuses these too
+        }
+        logger.notice("destination has new credentials: uploads resume", metadata: ["destination": "\(destination)"])
+        wake.yield()
+        return true
     }
 
     /// Queues dead letters again (`armoryctl errors --retry`), each run under a fresh handle

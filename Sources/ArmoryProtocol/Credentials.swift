@@ -51,9 +51,14 @@ public struct MLflowCredentials: Sendable, Hashable, CustomStringConvertible {
 
     /// `key = value` lines of one `[section]` of an INI file (MLflow's credentials format).
     public static func parseCredentialsFile(_ path: String, section wanted: String) -> [String: String] {
+        parseSections(path)[wanted] ?? [:]
+    }
+
+    /// Every `[section]` of an INI file with its `key = value` lines.
+    public static func parseSections(_ path: String) -> [String: [String: String]] {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [:] }
         var current = ""
-        var out: [String: String] = [:]
+        var out: [String: [String: String]] = [:]
         for raw in text.split(whereSeparator: \.isNewline) {
             let line = raw.trimmingCharacters(in: .whitespaces)
             if line.isEmpty || line.hasPrefix("#") || line.hasPrefix(";") { continue }
@@ -61,15 +66,15 @@ public struct MLflowCredentials: Sendable, Hashable, CustomStringConvertible {
                 current = String(line.dropFirst().dropLast()).trimmingCharacters(in: .whitespaces)
                 continue
             }
-            guard current == wanted, let separator = line.firstIndex(where: { $0 == "=" || $0 == ":" }) else { continue }
+            guard let separator = line.firstIndex(where: { $0 == "=" || $0 == ":" }) else { continue }
             let key = line[..<separator].trimmingCharacters(in: .whitespaces)
             let value = line[line.index(after: separator)...].trimmingCharacters(in: .whitespaces)
-            out[key] = value
+            out[current, default: [:]][key] = value
         }
         return out
     }
 
-    private static func nonEmpty(_ s: String?) -> String? { s.flatMap { $0.isEmpty ? nil : $0 } }
+    static func nonEmpty(_ s: String?) -> String? { s.flatMap { $0.isEmpty ? nil : $0 } }
 }
 
 

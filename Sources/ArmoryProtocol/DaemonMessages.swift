@@ -184,20 +184,27 @@ public struct FlushReply: Sendable, Equatable {
     public var complete: Bool
     public var pendingRecords: Int
     public var level: FlushLevel
+    /// What the caller should know although its records are safe (a destination waiting for
+    /// credentials): client libraries show each once.
+    public var warnings: [String]
 
-    public init(complete: Bool, pendingRecords: Int, level: FlushLevel) {
+    public init(complete: Bool, pendingRecords: Int, level: FlushLevel, warnings: [String] = []) {
         self.complete = complete
         self.pendingRecords = pendingRecords
         self.level = level
+        self.warnings = warnings
     }
 
     public var json: JSONObject {
-        ["complete": .bool(complete), "pending_records": .int(Int64(pendingRecords)), "wait": .string(level.rawValue)]
+        var o: JSONObject = ["complete": .bool(complete), "pending_records": .int(Int64(pendingRecords)), "wait": .string(level.rawValue)]
+        if !warnings.isEmpty { o["warnings"] = .array(warnings.map { .string($0) }) }
+        return o
     }
 
     public init?(json o: JSONObject) {
         guard let complete = o["complete"]?.boolValue else { return nil }
         self.init(complete: complete, pendingRecords: Int(o["pending_records"]?.intValue ?? 0),
-                  level: o["wait"]?.stringValue.flatMap(FlushLevel.init(rawValue:)) ?? .durable)
+                  level: o["wait"]?.stringValue.flatMap(FlushLevel.init(rawValue:)) ?? .durable,
+                  warnings: o["warnings"]?.arrayValue?.compactMap(\.stringValue) ?? [])
     }
 }

@@ -20,6 +20,9 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     /// The daemon restarted while an artifact was being sent: send it again from its first chunk.
     case artifactInterrupted = "ARTIFACT_INTERRUPTED"
     case unreachable = "UNREACHABLE"
+    /// The destination refuses the daemon's credentials (401, 403): records wait in the journal,
+    /// and a caller waiting for uploads is told at once what to do.
+    case authRequired = "AUTH_REQUIRED"
     case internalError = "INTERNAL"
 }
 

@@ -41,7 +41,7 @@ public final class Run: Sendable {
         if let runID { return runID }
         let body = try tracker.connection.request(.runInfo(run: handle, waitMs: Int64(timeout * 1000)), timeout: timeout + 10)
         guard let id = RunDescriptor(json: body)?.runID else {
-            throw .timedOut("pending: the MLflow server is unreachable, run '\(name)' (armoryd handle \(handle)) has no MLflow id yet. Its records are kept and uploaded when the server is back; `armoryctl status` shows the binding later.")
+            throw .timedOut("pending: run '\(name)' (armoryd handle \(handle)) has no MLflow id yet: the MLflow server is unreachable or refuses the credentials (`armoryctl status` says which). Its records are kept and uploaded once the server takes them; `armoryctl status` shows the binding later.")
         }
         return id
     }

@@ -13,6 +13,8 @@ import Synchronization
 public final class Tracker: Sendable {
     public let connection: Connection
     private let ids = Atomic<Int64>(1)
+    /// Flush warnings already written to stderr (each once).
+    private let warned = Mutex<Set<String>>([])
 
     /// Connects to armoryd (`$ARMORY_SOCKET`, else the per-user socket, else the system one).
     public init(socketPath: String? = nil, program: String = CommandLine.arguments.first ?? "") throws(ArmoryError) {
@@ -145,6 +147,9 @@ public final class Tracker: Sendable {
     public func flush(_ level: FlushLevel = .durable, timeout: Double = 10) throws(ArmoryError) -> FlushReply {
         let body = try connection.request(.flush(level, timeoutMs: Int64(timeout * 1000)), timeout: timeout + 10)
         guard let reply = FlushReply(json: body) else { throw .protocolViolation("armoryd sent an unreadable flush reply.") }
+        for text in reply.warnings where warned.withLock({ $0.insert(text).inserted }) {
+            FileHandle.standardError.write(Data("armoryd warning: \(text)\n".utf8))  // the records are safe: the evaluation goes on
+        }
         try connection.raiseDeferredErrors()
         return reply
     }

@@ -53,3 +53,18 @@ public struct MLflowDestination: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String { "\(baseURL) (\(credentials))" }
 }
+
+extension MLflowCredentials {
+    /// The credentials of each server in a file of MLflow's credentials format whose sections are
+    /// named by tracking URI (`[https://mlflow.lab:5000]`), keyed by `MLflowDestination.baseURL`:
+    /// `/etc/armory/credentials`, `$ARMORY_HOME/credentials`.
+    public static func perServer(file path: String) -> [String: MLflowCredentials] {
+        var servers: [String: MLflowCredentials] = [:]
+        for (section, values) in parseSections(path) where MLflowDestination.isRemote(section) {
+            func value(_ key: String) -> String? { values[key].flatMap { $0.isEmpty ? nil : $0 } }
+            let credentials = MLflowCredentials(username: value("mlflow_tracking_username"), password: value("mlflow_tracking_password"), token: value("mlflow_tracking_token"))
+            if !credentials.isEmpty { servers[MLflowDestination(trackingURI: section).baseURL] = credentials }
+        }
+        return servers
+    }
+}

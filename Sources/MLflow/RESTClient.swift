@@ -4,6 +4,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOSSL
+import Synchronization
 
 /// A failed MLflow call, typed by what the caller must do about it.
 public enum MLflowError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -73,12 +74,15 @@ public struct MLflowRunInfo: Sendable, Equatable {
 /// MLflow's tracking REST API (2.0) over async-http-client: the calls armoryd's uploader and
 /// `armoryctl` need, with MLflow's auth and TLS rules.
 public final class MLflowRESTClient: Sendable {
+    /// The server as the client was made for (its credentials may have been replaced since).
     public let destination: MLflowDestination
+    private let currentCredentials: Mutex<MLflowCredentials>
     private let http: HTTPClient
     private let timeout: TimeAmount
 
     public init(destination: MLflowDestination, requestTimeoutSeconds: Double = 30) throws(MLflowError) {
         self.destination = destination
+        currentCredentials = Mutex(destination.credentials)
         var tls = TLSConfiguration.makeClientConfiguration()
         if destination.tls.insecure { tls.certificateVerification = .none }
         do {
@@ -308,13 +312,26 @@ public final class MLflowRESTClient: Sendable {
         _ = try await execute(request)
     }
 
+    /// The credentials requests carry now.
+    public var credentials: MLflowCredentials { currentCredentials.withLock { $0 } }
+
+    /// Replaces the credentials of later requests (rotated ones); returns whether they changed.
+    @discardableResult
+    public func useCredentials(_ credentials: MLflowCredentials) -> Bool {
+        currentCredentials.withLock { current in
+            guard current != credentials else { return false }
+            current = credentials
+            return true
+        }
+    }
+
     // MARK: Transport
 
     private func headers(contentType: String?) -> HTTPHeaders {
         var h = HTTPHeaders()
         if let contentType { h.add(name: "Content-Type", value: contentType) }
         h.add(name: "User-Agent", value: "armoryd")
-        if let auth = destination.credentials.authorization { h.add(name: "Authorization", value: auth) }
+        if let auth = credentials.authorization { h.add(name: "Authorization", value: auth) }
         return h
     }
 

@@ -15,11 +15,11 @@ extension ArmoryCtl {
             let runs = try options.status(options.connect())["active_runs"]?.arrayValue ?? []
             if options.json { return options.printJSON(.array(runs)) }
             guard !runs.isEmpty else { return print("no active runs") }
-            let header = ["RUN ID", "EXPERIMENT", "RUN", "OWNER UID", "CLIENT PID", "BACKLOG", "CLIENT"]
+            let header = ["RUN ID", "EXPERIMENT", "RUN", "OWNER UID", "CLIENT PID", "BACKLOG", "UPLOAD", "CLIENT"]
             let rows = runs.map { r in
                 [r["run_id"]?.stringValue ?? "pending", r["experiment"]?.stringValue ?? "", r["name"]?.stringValue ?? "",
                  "\(r["owner_uid"]?.intValue ?? 0)", "\(r["client_pid"]?.intValue ?? 0)", "\(r["pending_records"]?.intValue ?? 0)",
-                 r["connected"]?.boolValue == true ? "connected" : "gone"]
+                 r["upload"]?.stringValue ?? "ok", r["connected"]?.boolValue == true ? "connected" : "gone"]
             }
             print(Table.render(header: header, rows: rows))
         }
@@ -333,6 +333,8 @@ enum PrometheusText {
         metric("destination_pending_records", "gauge", "Records pending per destination.", destinations.map { (label($0), Double($0["pending_records"]?.intValue ?? 0)) })
         metric("destination_retries_total", "counter", "Retried sink calls per destination.", destinations.map { (label($0), Double($0["retries"]?.intValue ?? 0)) })
         metric("destination_healthy", "gauge", "1 when the destination's last call succeeded.", destinations.map { (label($0), $0["state"]?.stringValue == "running" ? 1 : 0) })
+        metric("destination_needs_credentials", "gauge", "1 while the destination refuses the credentials (401, 403): its records wait in the journal.",
+               destinations.map { (label($0), $0["state"]?.stringValue == "needs-credentials" ? 1 : 0) })
         if let last = s["last_success_ms"]?.intValue {
             metric("last_success_timestamp_seconds", "gauge", "When a destination last applied a call.", [("", Double(last) / 1000)])
         }

@@ -115,7 +115,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let (ready, readyContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let daemon = Daemon(configuration: resolution.configuration, logger: logger) { _ in readyContinuation.yield() }
         let supervisor = SystemdSupervisor(daemon: daemon, notifier: notifier, ready: ready, logger: logger)
-        let reloader = ConfigurationReloader(notifier: notifier, logger: logger, applied: resolution.settings.resolved) { [self] in
+        let reloader = ConfigurationReloader(notifier: notifier, logger: logger, applied: resolution.settings.resolved, reloadCredentials: daemon.reloadCredentials) { [self] in
             try await resolve(environment: ProcessInfo.processInfo.environment, adopted: adopted)
         }
         // Shutdown runs in reverse order: the supervisor says STOPPING=1 before the daemon drains.
@@ -152,6 +152,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let absoluteHome = armoryHome.hasPrefix("/") ? armoryHome : FileManager.default.currentDirectoryPath + "/" + armoryHome
 
         var config = DaemonConfiguration(socketPath: socketPath, storeRoot: absoluteHome + "/mlruns", stateDirectory: absoluteHome + "/state")
+        config.credentialsFiles = (isRoot ? ["/etc/armory/credentials"] : []) + [absoluteHome + "/credentials"]
         config.adoptedSocket = useAdopted ? adopted?.descriptor : nil
         config.createsSocketDirectory = configuredSocket == nil
         let uri = try settings.value("tracking-uri", flag: trackingURI, default: nil, what: "a tracking URI", also: ["MLFLOW_TRACKING_URI"]) {

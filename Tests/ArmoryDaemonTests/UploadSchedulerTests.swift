@@ -214,6 +214,22 @@ import Testing
         #expect(others.count == 1 && others[0].metrics == [batch.metrics[0]])
     }
 
+    @Test func refusedCredentialsKeepTheRecordsAndNewOnesEndTheBackoff() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r", experimentID: nil))
+        s.enqueue("a", .log(metrics(10)), now: 0)
+        for attempt in 0..<3 {
+            let batch = try take(&s, UInt64(attempt) * 10_000_000)
+            let settled = s.finish(batch, .needsCredentials(reason: "401"), now: UInt64(attempt) * 10_000_000)
+            #expect(settled.failures.isEmpty && settled.deadLetters.isEmpty && settled.tickets.isEmpty)
+        }
+        #expect(s.next(now: 20_000_001) == nil && s.queuedEntries == 1)  // backing off
+        s.retryNow()
+        let batch = try take(&s, 20_000_001)
+        #expect(s.finish(batch, .applied, now: 20_000_001).metrics == 10)
+        #expect(s.settledUpTo == s.lastTicket)
+    }
+
     @Test func aRefusedRunIsNotSplit() throws {
         var s = scheduler()
         s.bind("a", .init(runID: "r", experimentID: nil))

@@ -36,6 +36,24 @@ import Testing
         #expect(c.token == "secret-token" && c.username == "unit-user" && c.password == "env-pass")
     }
 
+    @Test func theDaemonsCredentialsFileHasOneSectionPerServer() throws {
+        let path = NSTemporaryDirectory() + "armory-servers-" + UUID().uuidString
+        try """
+            [mlflow]
+            mlflow_tracking_token = not-a-server
+            [https://mlflow.lab.example/]
+            mlflow_tracking_username = armory
+            mlflow_tracking_password = rotated
+            [http://127.0.0.1:5000]
+            mlflow_tracking_token = t2
+            [https://empty.example]
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+        let servers = MLflowCredentials.perServer(file: path)
+        #expect(servers == ["https://mlflow.lab.example": MLflowCredentials(username: "armory", password: "rotated"),
+                            "http://127.0.0.1:5000": MLflowCredentials(token: "t2")])
+        #expect(MLflowCredentials.perServer(file: "/nonexistent").isEmpty)
+    }
+
     @Test func basicAuthWinsOverAToken() {
         let c = MLflowCredentials.resolve(environment: ["MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p", "MLFLOW_TRACKING_TOKEN": "t"], credentialsFile: "/nonexistent")
         #expect(c.authorization?.hasPrefix("Basic ") == true)

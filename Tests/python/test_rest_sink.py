@@ -127,11 +127,16 @@ def test_basic_auth_right_credentials_land_wrong_ones_are_clear_errors(tmp_path,
         del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
 
     bad = Daemon(tmp_path / "bad", env={"MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"})
-    out = subprocess.run([str(BIN / "armory-example")], env=bad.env(), capture_output=True, text=True, timeout=60)
+    # Refused credentials are not a reason to drop records: they wait. An evaluation that waits
+    # for uploads is told at once what to do; one that waits for durability is warned and goes on.
+    out = subprocess.run([str(BIN / "armory-example")], env=dict(bad.env(), ARMORY_WAIT_UPLOAD="60"), capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
-    assert "401" in out.stderr and "MLFLOW_TRACKING_USERNAME" in out.stderr
+    assert "AUTH_REQUIRED" in out.stderr and "401" in out.stderr and "MLFLOW_TRACKING_USERNAME" in out.stderr
+    out = subprocess.run([str(BIN / "armory-example")], env=bad.env(), capture_output=True, text=True, timeout=60)
+    assert "armoryd warning" in out.stderr and "401" in out.stderr and "refuses the credentials" in out.stderr  # (it wants run ids to show)
     status = bad.status()
     assert status["state"] == "degraded" and "401" in status["last_error"]
+    assert status["destinations"][0]["state"] == "needs-credentials" and status["pending_records"] > 0
     assert "wrong" not in str(status)
     log = (tmp_path / "bad" / "armoryd.log").read_text()
     assert "wrong" not in log

@@ -185,6 +185,11 @@ public final class Session: @unchecked Sendable {
     public var handledSeq: UInt64 { lastSeq }
 
     /// What must be on disk before everything handled so far may be acknowledged.
+    /// The uploaders of every destination this session wrote to.
+    public var destinationsWritten: [Uploader] {
+        lastLSNs.keys.map { services.destinations.uploader($0.isEmpty ? nil : $0) }
+    }
+
     public var durabilityWaits: [DurableWait] {
         lastLSNs.compactMap { key, lsn in lsn > 0 ? DurableWait(uploader: services.destinations.uploader(key.isEmpty ? nil : key), lsn: lsn) : nil }
     }

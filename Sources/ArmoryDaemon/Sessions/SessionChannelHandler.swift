@@ -102,12 +102,19 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 }
             }
         case .awaitDurable(let waits, let timeoutMs):
+            let uploaders = session.destinationsWritten
             answerWhen(Self.durable(waits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context) { complete in
-                .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: 0, level: .durable).json)
+                let warnings = uploaders.compactMap { $0.needsCredentials.map(Self.credentialsWarning) }
+                return .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: 0, level: .durable, warnings: warnings).json)
             }
         case .awaitUploaded(let waits, let timeoutMs):
             // Uploaded implies durable: the ack covering the flushed frames comes before the reply.
-            answerWhen(Self.settled(waits) + Self.durable(session.durabilityWaits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context) { complete in
+            // A destination that refuses the credentials fails the wait at once: nothing would land.
+            let abort: @Sendable () -> DaemonMessage? = {
+                guard let reason = waits.lazy.compactMap({ $0.uploader.pending(upTo: $0.ticket) > 0 ? $0.uploader.needsCredentials : nil }).first else { return nil }
+                return .error(ProtocolError(.authRequired, Self.credentialsWarning(reason), seq: frame.seq, op: frame.op.name))
+            }
+            answerWhen(Self.settled(waits) + Self.durable(session.durabilityWaits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context, abort: abort) { complete in
                 let pending = complete ? 0 : waits.reduce(0) { $0 + $1.uploader.pending(upTo: $1.ticket) }
                 return .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: pending, level: .uploaded).json)
             }
@@ -300,20 +307,30 @@ final class SessionChannelHandler: ChannelInboundHandler {
 
     /// Answers once every registration called back, or when the bound runs out (`complete` false).
     /// `acking`: frames up to this seq are durable once complete; their ack goes before the answer.
-    private func answerWhen(_ registrations: [Registration], timeoutMs: Int64, acking: UInt64? = nil, context: ChannelHandlerContext, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
+    /// `abort`, checked every half second while waiting, answers early when it has an answer.
+    private func answerWhen(_ registrations: [Registration], timeoutMs: Int64, acking: UInt64? = nil, context: ChannelHandlerContext,
+                            abort: (@Sendable () -> DaemonMessage?)? = nil, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
-        let respond: @Sendable (Bool) -> Void = { complete in
+        let checks = NIOLoopBoundBox<RepeatedTask?>(nil, eventLoop: context.eventLoop)
+        let respondWith: @Sendable (Bool, DaemonMessage?) -> Void = { complete, early in
             loopBound.eventLoop.execute {
                 guard !answered.value else { return }
                 answered.value = true
+                checks.value?.cancel()
                 let (handler, context) = loopBound.value
                 if complete, let acking, acking > handler.ackedSeq {
                     handler.ackedSeq = acking
                     handler.send(.ack(upto: acking), context: context)
                 }
-                handler.send(answer(complete), context: context)
+                handler.send(early ?? answer(complete), context: context)
                 context.flush()
+            }
+        }
+        let respond: @Sendable (Bool) -> Void = { respondWith($0, nil) }
+        if let abort {
+            checks.value = context.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(500)) { _ in
+                if let early = abort() { respondWith(false, early) }
             }
         }
         let timeout = context.eventLoop.scheduleTask(in: .milliseconds(timeoutMs)) { respond(false) }
@@ -329,6 +346,13 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 respond(true)
             }
         }
+    }
+
+    /// What a client is told while a destination refuses the daemon's credentials.
+    static func credentialsWarning(_ reason: String) -> String {
+        "\(reason). Your records are kept in armoryd's journal and upload by themselves once working credentials arrive: "
+            + "write them to the daemon's credentials file (/etc/armory/credentials, or $ARMORY_HOME/credentials for your own daemon; a [<tracking URI>] section) "
+            + "and run `systemctl reload armoryd`, or run an evaluation with MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) set to working ones."
     }
 
     private func whenAllDrained(_ uploaders: [Uploader], _ body: @escaping @Sendable () -> Void) {

@@ -4,7 +4,7 @@ A drop-in for `armory.track` (same names and semantics) plus Armory evaluations 
 writes to MLflow: calls return in microseconds, records are durable in the daemon, and many
 evaluation processes share one daemon.
 """
-from ._connection import ArmoryError, Connection, connection, socket_candidates
+from ._connection import ArmoryError, ArmoryWarning, Connection, connection, socket_candidates
 from .evaluation import Chain, Evaluation, Run, attach, track_metrics, track_system_metrics
 from .track import (
     Trackable,
@@ -25,7 +25,7 @@ def flush(wait: str = "durable", timeout: float = 10.0):
 
 
 __all__ = [
-    "ArmoryError", "Chain", "Connection", "Evaluation", "Run", "Trackable", "attach", "connection", "flush",
+    "ArmoryError", "ArmoryWarning", "Chain", "Connection", "Evaluation", "Run", "Trackable", "attach", "connection", "flush",
     "get_current_params", "reset_params", "socket_candidates", "track_call", "track_init_params", "track_param",
     "track_metrics", "track_params", "track_system_metrics", "trackable_context", "tracking_context",
 ]

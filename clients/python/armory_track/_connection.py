@@ -28,7 +28,8 @@ import socket
 import struct
 import sys
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import _rules
 
@@ -47,6 +48,11 @@ _REQUEST_OPS = frozenset(("hello", "get_params", "get_trackable", "start", "end"
                           "sync_status"))
 # Errors after which the daemon closes the connection: resending would only repeat them.
 _CLOSING_CODES = ("FRAME_TOO_LARGE", "UNSUPPORTED_PROTOCOL")
+
+
+class ArmoryWarning(UserWarning):
+    """Something armoryd wants the evaluation to know although its records are safe: a
+    destination that refuses the daemon's credentials (the records wait in its journal)."""
 
 
 class ArmoryError(RuntimeError):
@@ -172,6 +178,7 @@ class Connection:
         self._replies: Dict[int, Dict[str, Any]] = {}
         self._awaited = set()
         self._errors: List[Dict[str, Any]] = []
+        self._warned: Set[str] = set()  # flush warnings already shown
         self._closed: Optional[str] = None
         self.acked = 0
         # Sent frames kept until acked, as (seq of the first and of the last frame in them, bytes),
@@ -613,6 +620,10 @@ class Connection:
         `outage` False: `timeout` bounds the wait even while the daemon is away."""
         reply = self.request("flush", timeout=timeout + (10 if outage else 0), outage=outage, urgent=urgent, wait=wait,
                              timeout_ms=int(timeout * 1000))
+        for text in reply.get("warnings") or []:
+            if text not in self._warned:  # once each: the records are safe, the run goes on
+                self._warned.add(text)
+                warnings.warn(f"armoryd: {text}", ArmoryWarning, stacklevel=3)
         self.raise_errors()
         return reply
 
