@@ -43,6 +43,10 @@ public struct DaemonConfiguration: Sendable {
     /// Credentials per server, re-read on `reloadCredentials` (SIGHUP), later files winning:
     /// `/etc/armory/credentials` for root's daemon, then `<home>/credentials`.
     public var credentialsFiles: [String] = []
+    /// Destinations other than the daemon's own one uid may name (`TOO_MANY_DESTINATIONS` past it).
+    public var maxDestinationsPerUser = 4
+    /// Members see every user's runs in `status`, and every dead letter (`--admin-group`).
+    public var adminGroup = "armory-admin"
     /// Records are journaled and then discarded (`null:`): the daemon's own cost, for benchmarks.
     public var discardsRecords = false
     /// Sink calls in flight at once (REST).
@@ -188,6 +192,7 @@ public final class Daemon: Service {
                 requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
                 journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
                 deadLetterRoot: config.stateDirectory + "/dead-letters", credentialsFiles: config.credentialsFiles,
+                maxDestinationsPerUser: config.maxDestinationsPerUser,
                 daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry, onRestoredRuns: { handles in
                 restored.withLock { $0.append(contentsOf: handles) }
             }, onRestoredSessions: { records in
@@ -199,7 +204,7 @@ public final class Daemon: Service {
         }
         let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool,
                                       socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger,
-                                      sessions: sessions)
+                                      sessions: sessions, adminGroup: config.adminGroup)
         servicesBox.withLock { $0 = services }
         let waiting = sessions.counts.waiting
         if waiting > 0 { logger.notice("sessions restored, waiting for their clients", metadata: ["sessions": "\(waiting)", "grace_s": "\(config.orphanGraceSeconds)"]) }

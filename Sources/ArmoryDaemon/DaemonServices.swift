@@ -31,9 +31,13 @@ public final class DaemonServices: Sendable {
     /// Client sessions, attached or waiting to be resumed.
     public let sessions: SessionTable
 
+    /// Members of this group (and root, and the daemon's own user) see every user's runs and dead letters.
+    public let adminGroup: String
+
     public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String,
-                localStore: String? = nil, logger: Logger = Logger(label: "armoryd"), sessions: SessionTable? = nil) {
+                localStore: String? = nil, logger: Logger = Logger(label: "armoryd"), sessions: SessionTable? = nil, adminGroup: String = "armory-admin") {
         self.logger = logger
+        self.adminGroup = adminGroup
         self.sessions = sessions ?? SessionTable(graceSeconds: 60, schedule: { seconds, body in
             DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: body)
         }, onExpired: { session, _ in session?.expire() })
@@ -49,6 +53,26 @@ public final class DaemonServices: Sendable {
     public convenience init(uploader: Uploader, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
         let registry = RunRegistry()
         self.init(registry: registry, destinations: Destinations(primary: uploader, registry: registry), limits: limits, spoolDirectory: spoolDirectory, socketPath: socketPath)
+    }
+
+    /// Whether a peer sees every user's runs: root, the daemon's own user, or a member of
+    /// `adminGroup` (its primary group or a supplementary one).
+    public func isAdmin(_ peer: PeerCredentials) -> Bool {
+        if peer.uid == 0 || peer.uid == getuid() { return true }
+        var group = Glibc.group()
+        var found: UnsafeMutablePointer<Glibc.group>?
+        var buffer = [CChar](repeating: 0, count: 16384)
+        guard getgrnam_r(adminGroup, &group, &buffer, buffer.count, &found) == 0, found != nil else { return false }
+        let admins = group.gr_gid
+        if peer.gid == admins { return true }
+        let name = Self.userName(uid: peer.uid)
+        var count: Int32 = 64
+        var groups = [gid_t](repeating: 0, count: Int(count))
+        if getgrouplist(name, peer.gid, &groups, &count) < 0 {
+            groups = [gid_t](repeating: 0, count: Int(count))
+            guard getgrouplist(name, peer.gid, &groups, &count) >= 0 else { return false }
+        }
+        return groups.prefix(Int(count)).contains(admins)
     }
 
     /// The user name of a uid (for `mlflow.user`), or the number when it has none.

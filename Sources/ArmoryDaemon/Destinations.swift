@@ -33,11 +33,13 @@ public final class Destinations: Sendable {
         /// on `reloadCredentials` (SIGHUP), later files winning: `/etc/armory/credentials` (root's
         /// daemon), then `$ARMORY_HOME/credentials`.
         public var credentialsFiles: [String]
+        /// Destinations one uid may name besides the daemon's own (`TOO_MANY_DESTINATIONS` past it).
+        public var maxDestinationsPerUser: Int
         /// The daemon's own MLflow credentials (for journals of its destinations after a restart).
         public var daemonCredentials: MLflowCredentials
 
         public init(bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
-                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [],
+                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [], maxDestinationsPerUser: Int = 4,
                     daemonCredentials: MLflowCredentials = .init()) {
             self.bounds = bounds
             self.uploadConcurrency = uploadConcurrency
@@ -48,6 +50,7 @@ public final class Destinations: Sendable {
             self.journalOptions = journalOptions
             self.deadLetterRoot = deadLetterRoot
             self.credentialsFiles = credentialsFiles
+            self.maxDestinationsPerUser = maxDestinationsPerUser
             self.daemonCredentials = daemonCredentials
         }
     }
@@ -328,6 +331,7 @@ public final class Destinations: Sendable {
 
     private func create(_ key: String, identity: JournalIdentity, _ makeSink: () throws(ProtocolError) -> any RecordSink) throws(ProtocolError) {
         if others.withLock({ $0[key] }) != nil { return }
+        try checkShare(of: identity.uid, adding: identity.uri)
         let sink = try makeSink()
         // A journal left by a previous life for this server and user resumes with these credentials.
         let waiting = identity.credentials == "client" ? awaiting.withLock { $0.removeValue(forKey: identity.uri + "|" + String(identity.uid)) } : nil
@@ -350,6 +354,16 @@ public final class Destinations: Sendable {
         owners.withLock { $0[key] = identity.uid }
         uploader.start()
         if let waiting { restore(waiting.recovery, into: uploader, key: key) }
+    }
+
+    /// One uid may name at most `maxDestinationsPerUser` destinations of its own (each has a
+    /// journal of its own on the daemon's disk); the daemon's own user is not limited.
+    private func checkShare(of uid: UInt32, adding uri: String) throws(ProtocolError) {
+        guard uid != getuid() else { return }
+        let current = others.withLock { map in owners.withLock { owned in Set(map.filter { owned[$0.key] == uid }.map { ObjectIdentifier($0.value) }) } }
+        guard current.count >= settings.maxDestinationsPerUser else { return }
+        let names = all.filter { current.contains(ObjectIdentifier($0)) }.map { $0.serverURL ?? $0.destination }
+        throw ProtocolError(.tooManyDestinations, "uid \(uid) already writes to \(current.count) destinations of its own (\(names.joined(separator: ", "))); armoryd allows \(settings.maxDestinationsPerUser) per user (--max-destinations-per-user). Use one of them for \(MLflowDestination.stripUserInfo(uri)), or the daemon's own destination (unset MLFLOW_TRACKING_URI).")
     }
 
     /// Every uploader, the primary first.

@@ -32,7 +32,9 @@ public enum StatusReport {
         return (name, path.contains("/user@"))
     }()
 
-    public static func make(services: DaemonServices) -> JSONObject {
+    /// The status as `viewer` may see it: an admin (`DaemonServices.isAdmin`) sees every run and
+    /// client; another user sees their own, and only counts of the others' (`nil`: everything).
+    public static func make(services: DaemonServices, viewer: PeerCredentials? = nil) -> JSONObject {
         let uploaders = services.destinations.all
         let all = uploaders.map { ($0.destination, $0.counterSnapshot) }
         var counters = Uploader.Counters()
@@ -50,8 +52,11 @@ public enum StatusReport {
             }
         }
         let totals = services.statistics.totals
-        let clients = services.statistics.clients
-        let runs = services.registry.activeRuns
+        let everyone = viewer.map(services.isAdmin) ?? true
+        let allClients = services.statistics.clients
+        let allRuns = services.registry.activeRuns
+        let clients = everyone ? allClients : allClients.filter { $0.peer.uid == viewer?.uid }
+        let runs = everyone ? allRuns : allRuns.filter { $0.ownerUID == viewer?.uid }
         var pendingByRun: [String: Int] = [:]
         for uploader in uploaders { pendingByRun.merge(uploader.pendingByRun) { $0 + $1 } }
         let nowMs = DaemonServices.nowMs()
@@ -137,6 +142,13 @@ public enum StatusReport {
                 "upload": .string(services.destinations.uploader(r.destination).needsCredentials != nil ? "needs-credentials" : "ok"),
             ])
         })
+        var backlog: [UInt32: Int] = [:]
+        for uploader in uploaders { backlog.merge(uploader.backlogByUID) { $0 + $1 } }
+        o["backlog_by_uid"] = .object(JSONObject(uniqueKeysWithValues: backlog.filter { everyone || $0.key == viewer?.uid }.sorted { $0.key < $1.key }
+            .map { (String($0.key), .int(Int64($0.value))) }))
+        if !everyone {
+            o["other_users"] = .object(["active_runs": .int(Int64(allRuns.count - runs.count)), "clients": .int(Int64(allClients.count - clients.count))])
+        }
         o["pending_records"] = .int(Int64(counters.pendingRecords))
         o["applied_records"] = .int(Int64(counters.appliedRecords))
         o["rejected_records"] = .int(Int64(counters.rejectedRecords))
@@ -150,7 +162,7 @@ public enum StatusReport {
         o["last_success_ms"] = counters.lastSuccessMs.map { .int($0) } ?? .null
         o["last_error"] = counters.lastError.map { .string($0) } ?? .null
         o["last_error_ms"] = counters.lastErrorMs.map { .int($0) } ?? .null
-        o["last_refusal"] = services.statistics.lastRefusal.map { .object($0.json) } ?? .null
+        o["last_refusal"] = services.statistics.lastRefusal.flatMap { everyone || $0.uid == viewer?.uid ? .object($0.json) : nil } ?? .null
         o["syncs"] = .array(services.syncs.all.map(\.json))
         o["host"] = .object(JSONObject(uniqueKeysWithValues: services.host.current.sorted { $0.key < $1.key }.map { ($0.key, .double($0.value)) }))
         return o

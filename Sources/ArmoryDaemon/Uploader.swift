@@ -74,12 +74,19 @@ public final class Uploader: Sendable {
         public var memoryBytes: Int = 16 << 20
         /// With a journal: its size past which producers pause.
         public var maxBacklogBytes: Int = 8 << 30
+        /// The part of `maxBacklogBytes` one uid may hold while another uid's records wait too:
+        /// past it that user's connections pause, the others' go on.
+        public var userShare: Double = 0.5
 
-        public init(highWater: Int = 200_000, memoryBytes: Int = 16 << 20, maxBacklogBytes: Int = 8 << 30) {
+        public init(highWater: Int = 200_000, memoryBytes: Int = 16 << 20, maxBacklogBytes: Int = 8 << 30, userShare: Double = 0.5) {
             self.highWater = highWater
             self.memoryBytes = memoryBytes
             self.maxBacklogBytes = maxBacklogBytes
+            self.userShare = userShare
         }
+
+        /// The bytes one uid may hold while others wait.
+        var userShareBytes: Int { Int(Double(maxBacklogBytes) * userShare) }
     }
 
     /// Records that are in the journal only, waiting to be read back.
@@ -96,7 +103,11 @@ public final class Uploader: Sendable {
         var scheduler: UploadScheduler
         var completions: [UInt64: Completion] = [:]
         var waiters: [(sequence: UInt64, callback: @Sendable () -> Void)] = []
-        var drainedCallbacks: [@Sendable () -> Void] = []
+        var drainedCallbacks: [(uid: UInt32?, callback: @Sendable () -> Void)] = []
+        /// Journal bytes not yet settled, per producing uid, and the runs of records they came in
+        /// (consecutive records of one uid share an entry).
+        var bytesByUID: [UInt32: Int] = [:]
+        var owed = Deque<(through: UInt64, uid: UInt32, bytes: Int)>()
         var counters = Counters()
         /// Each queued record's last scheduler ticket, sequence number and size, in order.
         var queued = Deque<(ticket: UInt64, sequence: UInt64, bytes: Int)>()
@@ -176,9 +187,10 @@ public final class Uploader: Sendable {
     /// Journals and enqueues records in order, under one acquisition of each lock (a connection's
     /// read burst); returns what `enqueue` returns for the last one.
     /// `tail`, a journal-only entry (a session's record or mark), is appended right after them,
-    /// in the same write: a restart finds both or neither.
+    /// in the same write: a restart finds both or neither. `uid`: the client user they come from,
+    /// whose share of the backlog they count against (`overloaded` is then about that user).
     @discardableResult
-    public func enqueue(_ records: [(handle: String, record: SinkRecord, completion: Completion?)], tail: JournalEntry? = nil) -> Enqueued {
+    public func enqueue(_ records: [(handle: String, record: SinkRecord, completion: Completion?)], tail: JournalEntry? = nil, uid: UInt32? = nil) -> Enqueued {
         let now = Self.monotonicNs()
         let entries = records.map { JournalEntry.record(handle: $0.handle, $0.record) } + (tail.map { [$0] } ?? [])
         let encoded = journal == nil ? [] : entries.map { (entry: $0, body: Journal.encode($0)) }  // outside the locks
@@ -191,6 +203,15 @@ public final class Uploader: Sendable {
                 return Enqueued(ticket: s.lastSequence, lsn: 0, overloaded: s.scheduler.queuedEntries > bounds.highWater)
             }
             let appended = journal.append(encoded)
+            if let uid, let last = appended.last {
+                let bytes = encoded.reduce(0) { $0 + $1.body.count }
+                s.bytesByUID[uid, default: 0] += bytes
+                if let tail = s.owed.last, tail.uid == uid {
+                    s.owed[s.owed.count - 1] = (last.lsn, uid, tail.bytes + bytes)
+                } else {
+                    s.owed.append((last.lsn, uid, bytes))
+                }
+            }
             for ((handle, record, completion), appended) in zip(records, appended) {
                 s.lastSequence = appended.lsn
                 s.journalBytes = appended.journalBytes
@@ -204,7 +225,7 @@ public final class Uploader: Sendable {
                     queue(&s, handle, record, sequence: appended.lsn, bytes: footprint, now: now, completion: completion)
                 }
             }
-            return Enqueued(ticket: s.lastSequence, lsn: appended.last?.lsn ?? s.lastSequence, overloaded: s.journalBytes > bounds.maxBacklogBytes)
+            return Enqueued(ticket: s.lastSequence, lsn: appended.last?.lsn ?? s.lastSequence, overloaded: isOverloaded(s, uid: uid, resuming: false))
         }
         if !records.isEmpty { wake.yield() }
         return result
@@ -336,36 +357,56 @@ public final class Uploader: Sendable {
         if now { callback() } else { wake.yield() }
     }
 
-    /// Whether producers should pause now.
-    public var isOverloaded: Bool {
-        state.withLock { s in journal == nil ? s.scheduler.queuedEntries > bounds.highWater : s.journalBytes > bounds.maxBacklogBytes }
+    /// Whether producers of `uid` (nil: any) should pause now.
+    public func isOverloaded(uid: UInt32? = nil) -> Bool {
+        state.withLock { s in isOverloaded(s, uid: uid, resuming: false) }
     }
 
-    /// Calls `callback` once producers may go on: the queue back under half its high-water mark,
-    /// or the journal back under three quarters of its bound.
-    public func whenDrained(_ callback: @escaping @Sendable () -> Void) {
+    /// Fair shares (docs/architecture.md, "Backpressure"): without a journal, past the queue's
+    /// high-water mark. With one, a uid pauses past its share of the backlog bound while another
+    /// uid's records wait too; past the bound itself, those over their share (or alone) pause,
+    /// never one under its share. `resuming`: whether paused producers may go on (below half
+    /// the high-water mark; below three quarters of the bound and the share).
+    private func isOverloaded(_ s: State, uid: UInt32?, resuming: Bool) -> Bool {
+        guard journal != nil else { return s.scheduler.queuedEntries > (resuming ? bounds.highWater / 2 : bounds.highWater) }
+        let bound = resuming ? 0.75 : 1
+        let mine = uid.flatMap { s.bytesByUID[$0] } ?? 0
+        let othersWait = uid.map { uid in s.bytesByUID.contains { $0.key != uid && $0.value > 0 } } ?? true
+        let overShare = uid != nil && Double(mine) > Double(bounds.userShareBytes) * bound
+        if overShare && othersWait { return true }
+        return Double(s.journalBytes) > Double(bounds.maxBacklogBytes) * bound && (overShare || !othersWait || uid == nil)
+    }
+
+    /// Calls `callback` once producers of `uid` may go on: the queue back under half its
+    /// high-water mark, or the journal (and the user's share) back under three quarters.
+    public func whenDrained(uid: UInt32? = nil, _ callback: @escaping @Sendable () -> Void) {
         let now = state.withLock { s -> Bool in
-            if isDrained(&s) { return true }
-            s.drainedCallbacks.append(callback)
+            if isDrained(&s, uid: uid) { return true }
+            s.drainedCallbacks.append((uid, callback))
             return false
         }
         if now { callback() }
     }
 
-    private func isDrained(_ s: inout State) -> Bool {
-        guard let journal else { return s.scheduler.queuedEntries <= bounds.highWater / 2 }
-        s.journalBytes = journal.diskBytes
-        return s.journalBytes <= bounds.maxBacklogBytes / 4 * 3
+    private func isDrained(_ s: inout State, uid: UInt32?) -> Bool {
+        if let journal { s.journalBytes = journal.diskBytes }
+        return !isOverloaded(s, uid: uid, resuming: true)
     }
 
-    /// Runs the drained callbacks if producers may go on (after the journal shrank).
+    /// Runs the drained callbacks of producers that may go on (after the journal shrank).
     private func checkDrained() {
-        let ready = state.withLock { s -> [@Sendable () -> Void] in
-            guard !s.drainedCallbacks.isEmpty, isDrained(&s) else { return [] }
-            defer { s.drainedCallbacks.removeAll() }
-            return s.drainedCallbacks
-        }
+        let ready = state.withLock { s in takeDrained(&s) }
         for callback in ready { callback() }
+    }
+
+    private func takeDrained(_ s: inout State) -> [@Sendable () -> Void] {
+        var ready: [@Sendable () -> Void] = []
+        var waiting: [(uid: UInt32?, callback: @Sendable () -> Void)] = []
+        for waiter in s.drainedCallbacks {
+            if isDrained(&s, uid: waiter.uid) { ready.append(waiter.callback) } else { waiting.append(waiter) }
+        }
+        s.drainedCallbacks = waiting
+        return ready
     }
 
     /// How many of the records up to sequence number `ticket` are not settled yet.
@@ -569,6 +610,9 @@ public final class Uploader: Sendable {
         registry.report(error, toWriterOf: first.handle)
     }
 
+    /// Journal bytes not yet settled, per client uid (what fair shares weigh).
+    public var backlogByUID: [UInt32: Int] { state.withLock { $0.bytesByUID } }
+
     /// Why the server refuses the credentials, while it does (`needs-credentials`).
     public var needsCredentials: String? { state.withLock { $0.counters.needsCredentials } }
 
@@ -630,15 +674,17 @@ public final class Uploader: Sendable {
     private func takeReady(_ s: inout State) -> [@Sendable () -> Void] {
         var ready: [@Sendable () -> Void] = []
         let settledSequence = s.settledSequence
+        while let first = s.owed.first, first.through <= settledSequence {
+            s.owed.removeFirst()
+            s.bytesByUID[first.uid, default: 0] -= first.bytes
+            if s.bytesByUID[first.uid] ?? 0 <= 0 { s.bytesByUID[first.uid] = nil }
+        }
         s.waiters.removeAll { waiter in
             guard waiter.sequence <= settledSequence else { return false }
             ready.append(waiter.callback)
             return true
         }
-        if !s.drainedCallbacks.isEmpty, isDrained(&s) {
-            ready.append(contentsOf: s.drainedCallbacks)
-            s.drainedCallbacks.removeAll()
-        }
+        if !s.drainedCallbacks.isEmpty { ready += takeDrained(&s) }
         return ready
     }
 

@@ -15,6 +15,8 @@ public enum ErrorCode: String, Sendable, CaseIterable, Error {
     case invalidState = "INVALID_STATE"
     case permissionDenied = "PERMISSION_DENIED"
     case tooManyConnections = "TOO_MANY_CONNECTIONS"
+    /// A client names one more destination of its own than `--max-destinations-per-user` allows.
+    case tooManyDestinations = "TOO_MANY_DESTINATIONS"
     case notFound = "NOT_FOUND"
     case sinkRejected = "SINK_REJECTED"
     /// The daemon restarted while an artifact was being sent: send it again from its first chunk.

@@ -177,8 +177,13 @@ enum StatusText {
             let connected = r["connected"]?.boolValue == true ? "" : "  (client gone)"
             lines.append(String(repeating: " ", count: 16) + "\(r["run_id"]?.stringValue ?? "?")  \(r["experiment"]?.stringValue ?? "")/\(r["name"]?.stringValue ?? "")  pid \(r["client_pid"]?.intValue ?? 0)\(connected)")
         }
+        if let others = s["other_users"] {
+            row("Other users", "\(others["active_runs"]?.intValue ?? 0) active runs, \(others["clients"]?.intValue ?? 0) clients (only admins see them)")
+        }
         let journalBytes = s["journal"]?["bytes"]?.intValue ?? 0
         row("Backlog", "\(s["pending_records"]?.intValue ?? 0) records, journal \(ByteText.render(journalBytes))")
+        let byUser = (s["backlog_by_uid"]?.objectValue ?? [:]).compactMap { uid, bytes in bytes.intValue.map { "uid \(uid) \(ByteText.render($0))" } }
+        if byUser.count > 1 { lines.append(String(repeating: " ", count: 16) + byUser.sorted().joined(separator: ", ")) }
         row("Upload rate", "\(s["write_rate_metrics_per_s"]?.doubleValue ?? 0) metrics/s (last 10 s)")
         if let host = s["host"]?.objectValue, !host.isEmpty {
             func figure(_ key: String) -> String { host[key]?.doubleValue.map { String(format: "%.1f", $0) } ?? "?" }

@@ -76,6 +76,12 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     @Option(help: "Connections served at once (default 1024).")
     var maxConnections: Int?
 
+    @Option(help: "MLflow servers or stores one user may name besides the daemon's own destination, each with a journal of its own (default 4).")
+    var maxDestinationsPerUser: Int?
+
+    @Option(help: "Group whose members, like root and the daemon's user, see every user's runs in status and every dead letter (default armory-admin).")
+    var adminGroup: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (default info).")
     var logLevel: String?
 
@@ -204,6 +210,11 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         config.maxConnections = try settings.value("max-connections", flag: maxConnections, default: 1024, what: "a whole number ≥ 1") {
             Int($0).flatMap { $0 >= 1 ? $0 : nil }
         }
+        config.maxDestinationsPerUser = try settings.value("max-destinations-per-user", flag: maxDestinationsPerUser, default: 4, what: "a whole number ≥ 0") {
+            Int($0).flatMap { $0 >= 0 ? $0 : nil }
+        }
+        guard config.maxDestinationsPerUser >= 0 else { throw ConfigurationError("--max-destinations-per-user must be 0 or more.") }
+        config.adminGroup = try settings.value("admin-group", flag: adminGroup, default: "armory-admin", what: "a group name") { $0.isEmpty ? nil : $0 }
         config.bounds.maxBacklogBytes = try settings.value("max-backlog-bytes", flag: maxBacklogBytes, default: ByteCount(8 << 30),
                                                           what: "a size such as 512M or 8G") { ByteCount(argument: $0) }.bytes
         config.bounds.memoryBytes = try settings.value("memory-backlog-bytes", flag: memoryBacklogBytes, default: ByteCount(16 << 20),

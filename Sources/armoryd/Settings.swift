@@ -21,6 +21,7 @@ struct SettingsResolver {
         "socket", "home", "tracking-uri", "max-frame-bytes", "orphan-grace", "shutdown-drain", "upload-concurrency",
         "flush-interval", "request-timeout", "journal-commit-ms", "journal-fsync", "max-backlog-bytes",
         "memory-backlog-bytes", "socket-mode", "max-connections", "log-level", "system-metrics-interval",
+        "max-destinations-per-user", "admin-group",
     ]
 
     /// One resolved setting, for `--check-config`.

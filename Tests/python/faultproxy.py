@@ -23,6 +23,7 @@ class FaultProxy:
         self.faults_served = 0
         self.refused_keys = set()  # log-batch calls holding a metric of these keys are answered 400, as MLflow names a bad key
         self.refusals_served = 0
+        self.log_batch_delay = 0.0  # seconds each log-batch waits before it is forwarded (a slow server)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -61,6 +62,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                if proxy.log_batch_delay and "runs/log-batch" in self.path:
+                    time.sleep(proxy.log_batch_delay)
                 refused = proxy.refused_key(self.path, body)
                 if refused is not None:
                     payload = json.dumps({"error_code": "INVALID_PARAMETER_VALUE",

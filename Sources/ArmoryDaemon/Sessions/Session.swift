@@ -323,7 +323,7 @@ public final class Session: @unchecked Sendable {
             var end = start + 1
             while end < records.count && records[end].destination == destination { end += 1 }
             let isHome = destination == self.destination && !tailWritten
-            let done = services.destinations.uploader(destination).enqueue(records[start..<end].map { ($0.handle, $0.record, $0.completion) }, tail: isHome ? tail : nil)
+            let done = services.destinations.uploader(destination).enqueue(records[start..<end].map { ($0.handle, $0.record, $0.completion) }, tail: isHome ? tail : nil, uid: peer.uid)
             if isHome { tailWritten = true }
             noteEnqueued(done, to: destination)
             start = end
@@ -442,7 +442,7 @@ public final class Session: @unchecked Sendable {
             let waits = lastTickets.map { UploadWait(uploader: services.destinations.uploader($0.key.isEmpty ? nil : $0.key), ticket: $0.value) }
             return .awaitUploaded(waits: waits, timeoutMs: max(0, timeoutMs))
         case .status:
-            return .reply(StatusReport.make(services: services))
+            return .reply(StatusReport.make(services: services, viewer: peer))
         case .sync(let request):
             return .reply(try startSync(request))
         case .syncStatus:
@@ -456,9 +456,9 @@ public final class Session: @unchecked Sendable {
     // MARK: Dead letters
 
     /// `armoryctl errors`: the dead letters of every destination (the caller's own, unless it is
-    /// root or the daemon's user), of one run when `runID` is given; `retry` queues them again.
+    /// an admin: root, the daemon's user, or in the admin group), of one run when `runID` is given; `retry` queues them again.
     private func deadLetters(runID: String?, retry: Bool) -> JSONObject {
-        let everyone = peer.uid == 0 || peer.uid == getuid()
+        let everyone = services.isAdmin(peer)
         var listed: [DeadLetterLine] = []
         var files: [String] = []
         for uploader in services.destinations.all {

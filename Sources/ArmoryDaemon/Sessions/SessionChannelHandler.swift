@@ -355,10 +355,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
             + "and run `systemctl reload armoryd`, or run an evaluation with MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) set to working ones."
     }
 
-    private func whenAllDrained(_ uploaders: [Uploader], _ body: @escaping @Sendable () -> Void) {
+    private func whenAllDrained(_ uploaders: [Uploader], uid: UInt32, _ body: @escaping @Sendable () -> Void) {
         let remaining = NIOLockedValueBox(uploaders.count)
         for uploader in uploaders {
-            uploader.whenDrained {
+            uploader.whenDrained(uid: uid) {
                 if remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 { body() }
             }
         }
@@ -368,8 +368,9 @@ final class SessionChannelHandler: ChannelInboundHandler {
         paused = true
         context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        let overloaded = services.destinations.all.filter { $0.isOverloaded }
-        whenAllDrained(overloaded.isEmpty ? [services.uploader] : overloaded) {
+        let uid = session.peer.uid
+        let overloaded = services.destinations.all.filter { $0.isOverloaded(uid: uid) }
+        whenAllDrained(overloaded.isEmpty ? [services.uploader] : overloaded, uid: uid) {
             loopBound.eventLoop.execute {
                 let (handler, context) = loopBound.value
                 handler.paused = false

@@ -45,7 +45,7 @@ _DEFAULT_SEND_TIMEOUT = 300.0
 # Ops the daemon answers with a reply (ClientOp.requestNames in ArmoryProtocol).
 _REQUEST_OPS = frozenset(("hello", "get_params", "get_trackable", "start", "end", "attach", "run_info", "artifact_open",
                           "artifact_close", "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync",
-                          "sync_status"))
+                          "sync_status", "dead_letters"))
 # Errors after which the daemon closes the connection: resending would only repeat them.
 _CLOSING_CODES = ("FRAME_TOO_LARGE", "UNSUPPORTED_PROTOCOL")
 
