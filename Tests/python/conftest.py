@@ -130,6 +130,23 @@ class RawClient:
         self.sock.close()
 
 
+def start_chain(client, name, evaluation="rest-tests"):
+    """Evaluation 1 with chain 2 called `name`, started; returns the chain's run reply."""
+    client.send("evaluation", id=1, name=evaluation)
+    client.send("chain", id=2, evaluation=1, name=name)
+    return client.request("start", chain=2)
+
+
+def wait_for(predicate, timeout=60):
+    """Polls `predicate` every 0.2 s until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def log_steps(socket_path: str, evaluation: str, steps: int):
     """A raw client that started evaluation 1 and logged metric `m` at `steps` steps
     (fire-and-forget); returns it and the run's reply."""

@@ -15,7 +15,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from conftest import AUTH_PASSWORD, Daemon, RawClient
+from conftest import AUTH_PASSWORD, Daemon, RawClient, start_chain, wait_for
 from faultproxy import FaultProxy
 
 BASE_TS = 1795600000000
@@ -35,18 +35,22 @@ def change_password(server, user: str, password: str):
     requests.patch(f"{server.url}/api/2.0/mlflow/users/update-password", json={"username": user, "password": password}, auth=ADMIN, timeout=30).raise_for_status()
 
 
-def wait_for(predicate, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def log_frames(client, handle, first, count):
     for frame in range(first, first + count):
         client.send("log", run=handle, metrics=[["m", float(k), frame * 100 + k, BASE_TS + frame * 100 + k] for k in range(100)])
+
+
+def stream_until_refused(client, server, proxy, daemon, user, evaluation, frames):
+    """Starts a chain, lands `frames` frames, changes the user's password on the server, logs as
+    many again and waits until the destination needs credentials; returns the run id."""
+    run = start_chain(client, "rotated", evaluation=evaluation)
+    log_frames(client, run["handle"], 0, frames)
+    assert client.request("flush", wait="uploaded", timeout_ms=30000)["complete"]
+    run_id = client.request("run_info", run=run["handle"])["run_id"]
+    change_password(server, user, "second-Password-2")
+    log_frames(client, run["handle"], frames, frames)
+    assert wait_for(lambda: destination_state(daemon, proxy.url) == "needs-credentials")
+    return run_id
 
 
 def destination_state(daemon, url):
@@ -82,16 +86,7 @@ def test_a_changed_password_waits_for_the_credentials_file_and_sighup(tmp_path, 
     try:
         c = RawClient(daemon.socket)
         c.hello()
-        c.send("evaluation", id=1, name="credentials-file")
-        c.send("chain", id=2, evaluation=1, name="rotated")
-        run = c.request("start", chain=2)
-        log_frames(c, run["handle"], 0, 10)
-        assert c.request("flush", wait="uploaded", timeout_ms=30000)["complete"]
-        run_id = c.request("run_info", run=run["handle"])["run_id"]
-
-        change_password(server, user, "second-Password-2")
-        log_frames(c, run["handle"], 10, 10)
-        assert wait_for(lambda: destination_state(daemon, proxy.url) == "needs-credentials")
+        run_id = stream_until_refused(c, server, proxy, daemon, user, "credentials-file", frames=10)
         status = daemon.status()
         assert [r["upload"] for r in status["active_runs"]] == ["needs-credentials"] * 2  # the evaluation's run and its chain
         assert "second-Password-2" not in str(status) and "first-Password-1" not in str(status)
@@ -136,16 +131,7 @@ def test_a_changed_password_waits_for_a_client_that_brings_the_new_one(tmp_path,
     try:
         c = RawClient(daemon.socket)
         c.request("hello", protocol=1, client="pytest", tracking_uri=proxy.url, credentials={"username": user, "password": "first-Password-1"})
-        c.send("evaluation", id=1, name="credentials-client")
-        c.send("chain", id=2, evaluation=1, name="rotated")
-        run = c.request("start", chain=2)
-        log_frames(c, run["handle"], 0, 5)
-        assert c.request("flush", wait="uploaded", timeout_ms=30000)["complete"]
-        run_id = c.request("run_info", run=run["handle"])["run_id"]
-
-        change_password(server, user, "second-Password-2")
-        log_frames(c, run["handle"], 5, 5)
-        assert wait_for(lambda: destination_state(daemon, proxy.url) == "needs-credentials")
+        run_id = stream_until_refused(c, server, proxy, daemon, user, "credentials-client", frames=5)
         # Another process of the same user, with the new password: the waiting records go with it.
         other = RawClient(daemon.socket)
         other.request("hello", protocol=1, client="pytest", tracking_uri=proxy.url, credentials={"username": user, "password": "second-Password-2"})

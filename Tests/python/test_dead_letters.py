@@ -4,12 +4,11 @@ refused entities are left, those go to the destination's dead-letter file, their
 fixed. Against the real `mlflow server`; a proxy refuses what MLflow would refuse only sometimes."""
 import json
 import subprocess
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, Daemon, RawClient
+from conftest import BIN, Daemon, RawClient, start_chain, wait_for
 from faultproxy import FaultProxy
 
 BASE_TS = 1795500000000
@@ -22,21 +21,6 @@ def armoryctl(daemon, *args):
 def dead_letters(daemon, *args):
     out = armoryctl(daemon, "errors", "--json", *args)
     return json.loads(out.stdout)
-
-
-def start_chain(client, name, evaluation):
-    client.send("evaluation", id=1, name=evaluation)
-    client.send("chain", id=2, evaluation=1, name=name)
-    return client.request("start", chain=2)
-
-
-def wait_for(predicate, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture

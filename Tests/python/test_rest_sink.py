@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import AUTH_PASSWORD, BIN, Daemon, RawClient
+from conftest import AUTH_PASSWORD, BIN, Daemon, RawClient, start_chain
 from examplecheck import assert_example_recorded, run_example
 from faultproxy import FaultProxy
 
@@ -21,12 +21,6 @@ def rest_daemon(tmp_path, mlflow_server):
     d = Daemon(tmp_path / "daemon", env={"MLFLOW_TRACKING_URI": mlflow_server.url}, args=("--flush-interval", "0.2"))
     yield d
     d.stop()
-
-
-def start_chain(client, name, evaluation="rest-tests"):
-    client.send("evaluation", id=1, name=evaluation)
-    client.send("chain", id=2, evaluation=1, name=name)
-    return client.request("start", chain=2)
 
 
 def test_example_lands_completely(rest_daemon, mlflow_server, tmp_path):
