@@ -41,7 +41,8 @@ public struct DaemonConfiguration: Sendable {
     /// An MLflow server to write to instead of the local store (the daemon's `MLFLOW_TRACKING_URI`).
     public var server: MLflowDestination?
     /// Credentials per server, re-read on `reloadCredentials` (SIGHUP), later files winning:
-    /// `/etc/armory/credentials` for root's daemon, then `<home>/credentials`.
+    /// `/etc/armory/credentials` (the system daemon's: mode 0600, owned by its user), then
+    /// `<home>/credentials`; files it cannot read are skipped.
     public var credentialsFiles: [String] = []
     /// Destinations other than the daemon's own one uid may name (`TOO_MANY_DESTINATIONS` past it).
     public var maxDestinationsPerUser = 4

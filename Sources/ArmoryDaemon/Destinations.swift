@@ -30,8 +30,8 @@ public final class Destinations: Sendable {
         /// Where each destination's dead-letter file lives (`nil`: refused records are dropped).
         public var deadLetterRoot: String?
         /// Credentials per server (`[<tracking URI>]` sections, MLflow's format), read at start and
-        /// on `reloadCredentials` (SIGHUP), later files winning: `/etc/armory/credentials` (root's
-        /// daemon), then `$ARMORY_HOME/credentials`.
+        /// on `reloadCredentials` (SIGHUP), later files winning: `/etc/armory/credentials` (the
+        /// system daemon's), then `$ARMORY_HOME/credentials`.
         public var credentialsFiles: [String]
         /// Destinations one uid may name besides the daemon's own (`TOO_MANY_DESTINATIONS` past it).
         public var maxDestinationsPerUser: Int
@@ -204,7 +204,7 @@ public final class Destinations: Sendable {
 
     /// The uploader of a sink, with its dead-letter file (when the daemon keeps them).
     private static func uploader(sink: any RecordSink, journal: Journal?, flushInterval: Double, settings: Settings, registry: RunRegistry) -> Uploader {
-        let deadLetters = settings.deadLetterRoot.flatMap { try? DeadLetterFile(directory: $0, destination: sink.destination) }
+        let deadLetters = settings.deadLetterRoot.flatMap { try? DeadLetterFile(directory: $0, destination: sink.serverURL ?? sink.destination) }
         return Uploader(sink: sink, bounds: settings.bounds, flushInterval: flushInterval, journal: journal, deadLetters: deadLetters, registry: registry)
     }
 

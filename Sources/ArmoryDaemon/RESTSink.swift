@@ -36,7 +36,8 @@ public final class RESTSink: RecordSink {
         self.concurrency = max(1, concurrency)
     }
 
-    public var destination: String { client.destination.description }
+    /// The server and who it writes as now (never a secret).
+    public var destination: String { "\(client.destination.baseURL) (\(client.credentials))" }
     public var serverURL: String? { client.destination.baseURL }
 
     public func useCredentials(_ credentials: MLflowCredentials) -> Bool { client.useCredentials(credentials) }

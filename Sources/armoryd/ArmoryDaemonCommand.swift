@@ -158,7 +158,9 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let absoluteHome = armoryHome.hasPrefix("/") ? armoryHome : FileManager.default.currentDirectoryPath + "/" + armoryHome
 
         var config = DaemonConfiguration(socketPath: socketPath, storeRoot: absoluteHome + "/mlruns", stateDirectory: absoluteHome + "/state")
-        config.credentialsFiles = (isRoot ? ["/etc/armory/credentials"] : []) + [absoluteHome + "/credentials"]
+        // The system daemon's (user armory, or root) is /etc/armory/credentials, readable by it alone;
+        // any daemon also reads <home>/credentials. A file this daemon cannot read is skipped.
+        config.credentialsFiles = ["/etc/armory/credentials", absoluteHome + "/credentials"]
         config.adoptedSocket = useAdopted ? adopted?.descriptor : nil
         config.createsSocketDirectory = configuredSocket == nil
         let uri = try settings.value("tracking-uri", flag: trackingURI, default: nil, what: "a tracking URI", also: ["MLFLOW_TRACKING_URI"]) {

@@ -251,3 +251,61 @@ def test_under_the_hardening_a_sync_reaches_an_mlflow_server_over_ip(manager, tm
         assert set(runs.values()) <= copied
     finally:
         server.stop()
+
+
+def test_a_rotated_password_in_etc_armory_credentials_reaches_the_daemon_on_reload(manager, alice_env, tmp_path):
+    """The lab's server changes the tracking user's password while alice evaluates: her records
+    wait (needs-credentials), her evaluation ends with a warning, and once the admin writes the new
+    password to /etc/armory/credentials (readable by the daemon's user alone) and reloads the unit,
+    everything lands."""
+    import os
+
+    import requests
+    from mlflow.tracking import MlflowClient
+    from testbed import MLflowServer
+
+    admin = ("admin", "armory-test-Admin-1")
+    server = MLflowServer(tmp_path / "auth", extra_args=("--app-name", "basic-auth"),
+                          env={"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret", "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1]})
+    api = f"{server.url}/api/2.0/mlflow/users"
+
+    def write_credentials(password):
+        manager.run(f"install -m 0600 -o armory -g armory /dev/null /etc/armory/credentials && printf '%s\\n' "
+                    f"'[{server.url}]' 'mlflow_tracking_username = lab' 'mlflow_tracking_password = {password}' > /etc/armory/credentials")
+
+    manager.run("cp /etc/armory/armoryd.conf /etc/armory/armoryd.conf.before-auth")
+    try:
+        requests.post(f"{api}/create", json={"username": "lab", "password": "first-Password-1"}, auth=admin, timeout=30).raise_for_status()
+        requests.patch(f"{api}/update-admin", json={"username": "lab", "is_admin": True}, auth=admin, timeout=30).raise_for_status()
+        write_credentials("first-Password-1")
+        manager.run(f"echo 'tracking-uri: {server.url}' >> /etc/armory/armoryd.conf && systemctl restart armoryd.service")
+        assert "mlflow_tracking_password" not in manager.run("cat /etc/armory/credentials", user="alice", check=False).stdout
+        first = example(manager, points=50)  # lands with the first password
+
+        requests.patch(f"{api}/update-password", json={"username": "lab", "password": "second-Password-2"}, auth=admin, timeout=30).raise_for_status()
+        # (It cannot know its run ids meanwhile: the server has created no run.)
+        evaluation = STREAM.replace("print(chain.run_id)", "print('ended')")
+        manager.run(f"cat > /tmp/rotated.py <<'PY'\n{evaluation}\nPY\nchmod 644 /tmp/rotated.py")
+        ended = manager.run(f"cd /tmp && {PYTHON} /tmp/rotated.py 2000 rotated", user="alice", env=alice_env, check=False)
+        assert ended.returncode == 0 and "ended" in ended.stdout, ended.stderr  # it went on: its records are safe
+        assert "ArmoryWarning" in ended.stderr and "401" in ended.stderr, ended.stderr
+        status = json.loads(manager.run("armoryctl status --json", user="alice", check=False).stdout)  # exit 1: degraded
+        assert status["destinations"][0]["state"] == "needs-credentials" and status["pending_records"] > 0
+        assert any("needs credentials" in e.get("MESSAGE", "") for e in manager.journal())
+
+        write_credentials("second-Password-2")
+        manager.run("systemctl reload armoryd.service")
+        assert manager.run("armoryctl flush --wait --timeout 120", user="alice").returncode == 0
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = admin
+        try:
+            client = MlflowClient(tracking_uri=server.url)
+            [chain] = client.search_runs([client.get_experiment_by_name("rotated").experiment_id], filter_string="tags.`mlflow.parentRunId` != ''")
+            assert len(client.get_metric_history(chain.info.run_id, "loss")) == 2000
+            assert chain.info.status == "FINISHED"
+            assert all(client.get_run(r).info.status == "FINISHED" for r in first.values())
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    finally:
+        manager.run("mv /etc/armory/armoryd.conf.before-auth /etc/armory/armoryd.conf && rm -f /etc/armory/credentials"
+                    " && systemctl restart armoryd.service", check=False)
+        server.stop()
