@@ -116,7 +116,8 @@ def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args
     examples = start_swift_examples(daemon, swift_examples)
     # Every evaluation is connected (and streaming) before the first restart: this is about
     # evaluations that run across restarts, not ones that start during one.
-    deadline = time.time() + 60
+    # (A debug daemon on two cores answers a status in up to 20 s while 24 clients stream.)
+    deadline = time.time() + 180
     while len(daemon.status()["clients"]) <= len(procs) + len(scripts) + len(examples):  # status itself is one
         assert time.time() < deadline, "the evaluations did not all connect"
         time.sleep(0.1)
