@@ -418,13 +418,15 @@ public final class Uploader: Sendable {
     }
 
     /// Sends what is queued (without batching delays), then stops; waits at most `timeout`
-    /// seconds. Returns the number of records left unsent.
+    /// seconds, and not at all while the server refuses the credentials. Returns the number of
+    /// records left unsent (they stay in the journal).
     public func shutdown(timeout: Double) async -> Int {
         state.withLock { $0.stopping = true }
         wake.yield()
         let deadline = Self.monotonicNs() + UInt64(timeout * 1e9)
         while Self.monotonicNs() < deadline {
-            if state.withLock({ $0.stopped }) { break }
+            // A server that refuses the credentials takes nothing: the journal keeps it all.
+            if state.withLock({ $0.stopped || $0.counters.needsCredentials != nil }) { break }
             try? await Task.sleep(for: .milliseconds(20))
         }
         state.withLock { $0.stopped = true }
