@@ -146,22 +146,14 @@ public final class DeadLetterFile: Sendable {
     public func append(_ letters: [DeadLetter], owner: (String) -> UInt32) {
         guard !letters.isEmpty else { return }
         let now = DaemonServices.nowMs()
-        var writer = JSONWriter(capacity: 512 * letters.count)
-        for var letter in letters {
+        let bytes = Self.render(letters.map { original in
+            var letter = original
             if case .artifact(let artifactPath, let spool) = letter.record {
                 letter.record = .artifact(path: artifactPath, spoolPath: keep(spool))
             }
-            writer.write(.object(DeadLetterLine(timeMs: now, destination: destination, letter: letter, uid: owner(letter.handle)).json))
-            writer.bytes.append(UInt8(ascii: "\n"))
-        }
-        let bytes = writer.bytes
-        lock.withLock { _ in
-            let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { return }
-            defer { close(fd) }
-            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            fsync(fd)
-        }
+            return DeadLetterLine(timeMs: now, destination: destination, letter: letter, uid: owner(letter.handle))
+        })
+        lock.withLock { _ in _ = Self.write(bytes, to: path, flags: O_APPEND) }
     }
 
     /// Every line, oldest first (lines that do not parse are skipped).
@@ -179,20 +171,27 @@ public final class DeadLetterFile: Sendable {
                 gone.remove(at: i)
                 return false
             }
-            var writer = JSONWriter(capacity: 512 * kept.count)
-            for line in kept {
-                writer.write(.object(line.json))
-                writer.bytes.append(UInt8(ascii: "\n"))
-            }
             let temporary = path + ".tmp"
-            let bytes = writer.bytes
-            let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { return }
-            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            fsync(fd)
-            close(fd)
-            rename(temporary, path)
+            if Self.write(Self.render(kept), to: temporary, flags: O_TRUNC) { rename(temporary, path) }
         }
+    }
+
+    /// Lines as JSON Lines.
+    private static func render(_ lines: [DeadLetterLine]) -> [UInt8] {
+        var writer = JSONWriter(capacity: 512 * lines.count)
+        for line in lines {
+            writer.write(.object(line.json))
+            writer.bytes.append(UInt8(ascii: "\n"))
+        }
+        return writer.bytes
+    }
+
+    /// Writes `bytes` whole and fsyncs them (`flags`: `O_APPEND` or `O_TRUNC`); false when it failed.
+    private static func write(_ bytes: [UInt8], to path: String, flags: Int32) -> Bool {
+        let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0o600)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return FileWrites.writeAll(fd, bytes) == nil && fsync(fd) == 0
     }
 
     private func read() -> [DeadLetterLine] {

@@ -389,8 +389,8 @@ public struct UploadScheduler: Sendable {
             backOff(&queue, after: nil, now: now, jitter: jitter)
         case .rejected(let refusal):
             queue.attempt = 0
-            if case .log(let runID, let sent) = batch.operation {
-                refuse(sent, of: batch, runID: runID, refusal, &queue, &settled)
+            if case .log(_, let sent) = batch.operation {
+                refuse(sent, of: batch, refusal, &queue, &settled)
             } else {
                 let entry = batch.entries[0]
                 _ = queue.entries.popFirst()
@@ -437,20 +437,18 @@ public struct UploadScheduler: Sendable {
 
     /// A log batch was refused: what the refusal names becomes a dead letter and the rest is sent
     /// again in pieces (halves when it names nothing), so that every valid entity still lands.
-    private func refuse(_ sent: LogBatch, of batch: Batch, runID: String, _ refusal: SinkRefusal, _ queue: inout RunQueue, _ settled: inout Settled) {
+    private func refuse(_ sent: LogBatch, of batch: Batch, _ refusal: SinkRefusal, _ queue: inout RunQueue, _ settled: inout Settled) {
         var split = queue.split ?? Split(entries: batch.entries, pieces: [sent])
         split.pieces.removeFirst()
         let (refused, rest) = refusal.refusesRun ? (sent, []) : Self.divide(sent, by: refusal.error.message)
         if let refused {
             split.refused = split.refused ?? refusal.error
-            var letter = deadLetter(batch.handle, .log(refused), refusal)
-            letter.runID = runID
-            settled.deadLetters.append(letter)
+            settled.deadLetters.append(deadLetter(batch.handle, .log(refused), refusal))
         }
         for piece in rest.reversed() { split.pieces.prepend(piece) }
         if refusal.refusesRun {
             // The run itself is refused: the pieces left would be refused as well.
-            for piece in split.pieces { settled.deadLetters.append(DeadLetter(handle: batch.handle, record: .log(piece), refusal: refusal, runID: runID)) }
+            for piece in split.pieces { settled.deadLetters.append(deadLetter(batch.handle, .log(piece), refusal)) }
             split.pieces.removeAll()
         }
         queue.split = split

@@ -411,14 +411,6 @@ public final class FileStore {
         dirty.insert(path)
         if let slash = path.lastIndex(of: "/") { dirty.insert(String(path[..<slash])) }
         defer { close(fd) }
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .io("cannot write \(path): \(String(cString: strerror(errno)))")
-            }
-            offset += n
-        }
+        if let failure = FileWrites.writeAll(fd, bytes) { throw .io("cannot write \(path): \(failure)") }
     }
 }

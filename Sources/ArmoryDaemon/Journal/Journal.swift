@@ -493,17 +493,7 @@ public final class Journal: @unchecked Sendable {
     }
 
     private static func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws {
-        var offset = 0
-        try bytes.withUnsafeBytes { raw in
-            while offset < raw.count {
-                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw JournalError.io("journal write failed: \(String(cString: strerror(errno)))")
-                }
-                offset += n
-            }
-        }
+        if let failure = FileWrites.writeAll(fd, bytes) { throw JournalError.io("journal write failed: \(failure)") }
     }
 
     private static func syncDirectory(_ path: String) {
