@@ -11,7 +11,11 @@ extension ArmoryCtl {
 
         @OptionGroup var options: ConnectionOptions
 
+        @Flag(help: "List the records destinations refused for good instead (as `armoryctl errors`).")
+        var errors = false
+
         func run() throws {
+            if errors { return try Errors.show(options: options, runID: nil, retry: false) }
             let runs = try options.status(options.connect())["active_runs"]?.arrayValue ?? []
             if options.json { return options.printJSON(.array(runs)) }
             guard !runs.isEmpty else { return print("no active runs") }
@@ -85,6 +89,11 @@ extension ArmoryCtl {
         var retry = false
 
         func run() throws {
+            try Self.show(options: options, runID: runID, retry: retry)
+        }
+
+        /// Lists the dead letters (of one run), or re-queues them; also `armoryctl runs --errors`.
+        static func show(options: ConnectionOptions, runID: String?, retry: Bool) throws {
             let reply = try options.request(.deadLetters(runID: runID, retry: retry), connection: options.connect())
             let letters = reply["dead_letters"]?.arrayValue ?? []
             if options.json { return options.printJSON(.object(reply)) }
@@ -93,8 +102,8 @@ extension ArmoryCtl {
             let rows = letters.map { line -> [String] in
                 let time = Date(timeIntervalSince1970: Double(line["time_ms"]?.intValue ?? 0) / 1000)
                 let status = [line["http_status"]?.intValue.map { String($0) }, line["error_code"]?.stringValue].compactMap { $0 }.joined(separator: " ")
-                return [Self.timestamp.string(from: time), line["run_id"]?.stringValue ?? "(not created)", "\(line["uid"]?.intValue ?? 0)",
-                        Self.describe(line["record"]), status.isEmpty ? line["code"]?.stringValue ?? "" : status, String((line["message"]?.stringValue ?? "").prefix(100))]
+                return [timestamp.string(from: time), line["run_id"]?.stringValue ?? "(not created)", "\(line["uid"]?.intValue ?? 0)",
+                        describe(line["record"]), status.isEmpty ? line["code"]?.stringValue ?? "" : status, String((line["message"]?.stringValue ?? "").prefix(100))]
             }
             print(Table.render(header: ["TIME", "RUN ID", "UID", "RECORD", "STATUS", "MESSAGE"], rows: rows))
             let files = (reply["files"]?.arrayValue ?? []).compactMap(\.stringValue).filter { FileManager.default.fileExists(atPath: $0) }
