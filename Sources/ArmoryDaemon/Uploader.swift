@@ -402,8 +402,9 @@ public final class Uploader: Sendable {
     private func takeDrained(_ s: inout State) -> [@Sendable () -> Void] {
         var ready: [@Sendable () -> Void] = []
         var waiting: [(uid: UInt32?, callback: @Sendable () -> Void)] = []
+        if let journal { s.journalBytes = journal.diskBytes }  // once for every waiter
         for waiter in s.drainedCallbacks {
-            if isDrained(&s, uid: waiter.uid) { ready.append(waiter.callback) } else { waiting.append(waiter) }
+            if isOverloaded(s, uid: waiter.uid, resuming: true) { waiting.append(waiter) } else { ready.append(waiter.callback) }
         }
         s.drainedCallbacks = waiting
         return ready
@@ -526,7 +527,7 @@ public final class Uploader: Sendable {
 
     private func finish(_ batch: UploadScheduler.Batch, _ outcome: SinkOutcome) {
         let now = Self.monotonicNs()
-        let (callbacks, completions, letters) = state.withLock { s -> ([@Sendable () -> Void], [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)], [DeadLetter]) in
+        let (callbacks, completions, letters, credentials) = state.withLock { s -> ([@Sendable () -> Void], [(Completion, Result<UploadScheduler.Binding?, ProtocolError>)], [DeadLetter], (wasRefused: Bool, refused: String?)) in
             let settled = s.scheduler.finish(batch, outcome, now: now, jitter: Double.random(in: 0...1))
             if let created = settled.created {
                 journal?.append(.bind(handle: batch.handle, runID: created.runID, experimentID: created.experimentID))
@@ -577,14 +578,14 @@ public final class Uploader: Sendable {
                 s.counters.lastError = refusal.error.message
                 s.counters.lastErrorMs = wallNow
             }
-            if wasRefusingCredentials != (s.counters.needsCredentials != nil) {
-                if let reason = s.counters.needsCredentials {
-                    logger.warning("destination needs credentials: records wait in the journal", metadata: ["destination": "\(destination)", "reason": "\(reason)"])
-                } else {
-                    logger.notice("destination accepts the credentials again: uploads resume", metadata: ["destination": "\(destination)"])
-                }
+            return (takeReady(&s), completions, settled.deadLetters, (wasRefusingCredentials, s.counters.needsCredentials))
+        }
+        if credentials.wasRefused != (credentials.refused != nil) {  // logged outside the lock
+            if let reason = credentials.refused {
+                logger.warning("destination needs credentials: records wait in the journal", metadata: ["destination": "\(destination)", "reason": "\(reason)"])
+            } else {
+                logger.notice("destination accepts the credentials again: uploads resume", metadata: ["destination": "\(destination)"])
             }
-            return (takeReady(&s), completions, settled.deadLetters)
         }
         if !letters.isEmpty { keep(letters, toldByCompletion: completions.contains { if case .failure = $0.1 { true } else { false } }) }
         for (completion, result) in completions { completion(result) }
