@@ -244,7 +244,13 @@ public final class Uploader: Sendable {
 
     /// The destination's id of a handle's run, once it exists there.
     public func runID(of handle: String) -> String? {
-        state.withLock { $0.scheduler.bindings[handle]?.runID }
+        binding(of: handle)?.runID
+    }
+
+    /// A handle's run at the destination, once created. Set under the same lock as the settled
+    /// watermark, so a waiter told "settled" finds it (the registry learns it a moment later).
+    public func binding(of handle: String) -> UploadScheduler.Binding? {
+        state.withLock { $0.scheduler.bindings[handle] }
     }
 
     /// A run that already exists in MLflow (attached): its records need no create.

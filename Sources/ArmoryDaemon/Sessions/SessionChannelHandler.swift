@@ -129,7 +129,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
                     failure.op = frame.op.name
                     return .error(failure)
                 }
-                return .reply(seq: frame.seq, body: entry.descriptor.json)
+                var descriptor = entry.descriptor
+                if let bound = wait.uploader.binding(of: handle) {  // the create's completion may still be on its way
+                    descriptor.runID = bound.runID
+                    descriptor.experimentID = bound.experimentID ?? descriptor.experimentID
+                }
+                return .reply(seq: frame.seq, body: descriptor.json)
             }
         }
         if session.wantsPause && !paused { pause(context: context) }
