@@ -282,7 +282,7 @@ public final class Daemon: Service {
                         let key = ObjectIdentifier(channel)
                         self.children.withLock { $0[key] = channel }
                         channel.closeFuture.whenComplete { _ in _ = self.children.withLock { $0.removeValue(forKey: key) } }
-                        let session = Session(connectionID: connection, peer: peer, services: services, reportLater: SessionChannelHandler.reporter(for: channel, peer: peer, statistics: services.statistics))
+                        let session = Session(connectionID: connection, peer: peer, services: services, report: SessionChannelHandler.reporter(for: channel, peer: peer, statistics: services.statistics))
                         let handler = SessionChannelHandler(session: session, services: services, logger: logger) { channel.close(promise: nil) }
                         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameChannelDecoder(maxFrameBytes: config.limits.maxFrameBytes)))
                         try channel.pipeline.syncOperations.addHandler(handler)

@@ -59,25 +59,21 @@ final class SessionChannelHandler: ChannelInboundHandler {
             refuse(error, context: context)
             return
         }
-        if case .hello(let hello) = frame.op, let resume = hello.resume, session.hello == nil {
+        if case .hello(let hello) = frame.op, let resume = hello.resume, session.machine.hello == nil {
             claim(resume, hello: hello, seq: frame.seq, context: context)
             return
         }
-        carryOut(session.handle(frame, nowMs: now), for: frame, context: context)
+        carryOut(session.receive(frame, nowMs: now), for: frame, context: context)
     }
 
     /// Answers a frame that could not be read, with the `seq` the session assigns it.
     private func refuse(_ error: ProtocolError, context: ChannelHandlerContext) {
-        if let error = session.refuseUnreadable(error) { send(.error(error), context: context) }
+        if let error = session.event({ $0.refuseUnreadable(error) }) { send(.error(error), context: context) }
     }
 
     /// Carries out what the session decided about `frame`.
-    private func carryOut(_ outcome: SessionOutcome, for frame: ClientFrame, context: ChannelHandlerContext) {
-        if case .hello = frame.op, case .reply = outcome, !opened {
-            opened = true
-            services.sessions.opened(session, connection: session.connectionID, close: closeConnection)
-        }
-        switch outcome {
+    private func carryOut(_ action: SessionAction, for frame: ClientFrame, context: ChannelHandlerContext) {
+        switch action {
         case .none:
             break
         case .reply(let body):
@@ -86,30 +82,43 @@ final class SessionChannelHandler: ChannelInboundHandler {
             send(.error(error), context: context)
         case .close(let error):
             sendThenClose(.error(error), context: context)
-        case .deferred(let body):
+        case .handshake(let hello):
+            handshake(hello, frame: frame, context: context)
+        case .askDestination(let query):
+            let uploader = services.destinations.uploader(session.machine.destination)
+            answerLater(frame, context: context) { reply in
+                uploader.callSink({ (sink) async throws(ProtocolError) -> JSONObject in
+                    switch query {
+                    case .experiment(let name, let create):
+                        let id = try await sink.experiment(named: name, create: create)
+                        return ["experiment_id": id.map { .string($0) } ?? .null]
+                    case .setExperimentTag(let experimentID, let key, let value):
+                        try await sink.setExperimentTag(experimentID: experimentID, key: key, value: value)
+                        return [:]
+                    }
+                }, reply)
+            }
+        case .findRun(let runID):
+            let uploader = services.destinations.uploader(session.machine.destination)
             let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-            let seq = frame.seq
-            body { result in
+            uploader.findRun(runID: runID) { stored in
                 loopBound.eventLoop.execute {
                     let (handler, context) = loopBound.value
-                    switch result {
-                    case .success(let reply): handler.send(.reply(seq: seq, body: reply), context: context)
-                    case .failure(var error):
-                        error.seq = seq
-                        handler.send(.error(error), context: context)
-                    }
+                    let action = handler.session.runFound(stored, runID: runID, in: uploader, for: frame)
+                    handler.carryOut(action, for: frame, context: context)
                     context.flush()
                 }
             }
-        case .awaitDurable(let waits, let timeoutMs):
+        case .awaitDurable(let timeoutMs):
             let uploaders = session.destinationsWritten
-            answerWhen(Self.durable(waits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context) { complete in
+            answerWhen(Self.durable(session.durabilityWaits), timeoutMs: timeoutMs, acking: session.handledSeq, context: context) { complete in
                 let warnings = uploaders.compactMap { $0.needsCredentials.map(Self.credentialsWarning) }
                 return .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: 0, level: .durable, warnings: warnings).json)
             }
-        case .awaitUploaded(let waits, let timeoutMs):
+        case .awaitUploaded(let timeoutMs):
             // Uploaded implies durable: the ack covering the flushed frames comes before the reply.
             // A destination that refuses the credentials fails the wait at once: nothing would land.
+            let waits = session.uploadWaits
             let abort: @Sendable () -> DaemonMessage? = {
                 guard let reason = waits.lazy.compactMap({ $0.uploader.pending(upTo: $0.ticket) > 0 ? $0.uploader.needsCredentials : nil }).first else { return nil }
                 return .error(ProtocolError(.authRequired, Self.credentialsWarning(reason), seq: frame.seq, op: frame.op.name))
@@ -118,8 +127,13 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 let pending = complete ? 0 : waits.reduce(0) { $0 + $1.uploader.pending(upTo: $1.ticket) }
                 return .reply(seq: frame.seq, body: FlushReply(complete: complete, pendingRecords: pending, level: .uploaded).json)
             }
-        case .awaitRun(let handle, let wait, let timeoutMs):
+        case .awaitRun(let handle, let timeoutMs):
             let registry = services.registry
+            guard let entry = registry.entry(handle) else {
+                send(.error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name)), context: context)
+                break
+            }
+            let wait = session.creationWait(of: entry)
             answerWhen(Self.settled([wait]), timeoutMs: timeoutMs, context: context) { _ in
                 guard let entry = registry.entry(handle) else {
                     return .error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name))
@@ -136,8 +150,78 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 }
                 return .reply(seq: frame.seq, body: descriptor.json)
             }
+        case .openSpool(let id, let path):
+            let failure = session.openSpool(artifact: id, path: path)
+            carryOut(session.event { machine in
+                failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolOpened(artifact: id, for: frame)
+            }, for: frame, context: context)
+        case .writeSpool(let id, let bytes):
+            if let reason = session.writeSpool(artifact: id, bytes: bytes) {
+                carryOut(session.event { $0.spoolFailed(artifact: id, reason: reason, for: frame) }, for: frame, context: context)
+            }
+        case .closeSpool(let id):
+            let failure = session.closeSpool(artifact: id)
+            carryOut(session.event { machine in
+                failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolClosed(artifact: id, for: frame)
+            }, for: frame, context: context)
+        case .query(let query):
+            let answer: SessionAction
+            do {
+                answer = .reply(try services.answer(query, peer: session.peer, destination: session.machine.destination, hello: session.machine.hello))
+            } catch {
+                answer = .error(error)
+            }
+            carryOut(session.event { $0.answered(frame, answer) }, for: frame, context: context)
         }
         if session.wantsPause && !paused { pause(context: context) }
+    }
+
+    /// The handshake of a new session: its destination is resolved (credentials, the user's
+    /// share of destinations), then hello is answered; `notResumedReason` says why a `resume`
+    /// it carried opened a new session instead.
+    private func handshake(_ hello: Hello, frame: ClientFrame, context: ChannelHandlerContext) {
+        let destination: String?
+        do {
+            destination = try resolveDestination(hello)
+        } catch {
+            send(.error(error.answering(frame)), context: context)
+            return
+        }
+        session.accept(hello, destination: destination, connectionID: session.connectionID, peer: session.peer, resumed: false)
+        if !opened {
+            opened = true
+            services.sessions.opened(session, connection: session.connectionID, close: closeConnection)
+        }
+        let resumed: HelloReply.Resumed? = hello.resume.map { _ in .notResumed(reason: notResumedReason ?? "unknown") }
+        send(.reply(seq: frame.seq, body: helloReply(hello, resumed: resumed).json), context: context)
+    }
+
+    /// Why a `resume` in this connection's `hello` opened a new session instead.
+    private var notResumedReason: String?
+
+    private func resolveDestination(_ hello: Hello) throws(ProtocolError) -> String? {
+        try services.destinations.resolve(trackingURI: hello.trackingURI, credentials: hello.credentials, peerUID: session.peer.uid)
+    }
+
+    private func helloReply(_ h: Hello, resumed: HelloReply.Resumed?) -> HelloReply {
+        let destinationURI = services.destinations.uploader(session.machine.destination).destination.split(separator: " ").first.map(String.init)
+        return HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: session.peer.uid,
+                          pid: session.peer.pid, destination: destinationURI, session: session.id, resumed: resumed)
+    }
+
+    /// Answers `frame` with what `body` reports later, from any thread.
+    private func answerLater(_ frame: ClientFrame, context: ChannelHandlerContext, _ body: (@escaping @Sendable (Result<JSONObject, ProtocolError>) -> Void) -> Void) {
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        body { result in
+            loopBound.eventLoop.execute {
+                let (handler, context) = loopBound.value
+                switch result {
+                case .success(let reply): handler.send(.reply(seq: frame.seq, body: reply), context: context)
+                case .failure(let error): handler.send(.error(error.answering(frame)), context: context)
+                }
+                context.flush()
+            }
+        }
     }
 
     /// `hello` with `resume`: takes the session it names (closing an older connection that still
@@ -163,13 +247,11 @@ final class SessionChannelHandler: ChannelInboundHandler {
             let restored = Session(restoring: record, services: services)
             services.sessions.opened(restored, connection: fresh.connectionID, close: closeConnection)
             adopt(restored, from: fresh, hello: hello, frame: frame, context: context)
-        case .refused(var error):
-            error.seq = seq
-            error.op = "hello"
-            carryOut(.error(error), for: frame, context: context)
+        case .refused(let error):
+            carryOut(.error(error.answering(frame)), for: frame, context: context)
         case .notFound(let reason):
-            fresh.notResumedReason = reason
-            carryOut(fresh.handle(frame, nowMs: DaemonServices.nowMs()), for: frame, context: context)
+            notResumedReason = reason
+            carryOut(fresh.receive(frame, nowMs: DaemonServices.nowMs()), for: frame, context: context)
         }
         let waiting = heldBack ?? []
         heldBack = nil
@@ -177,18 +259,24 @@ final class SessionChannelHandler: ChannelInboundHandler {
         channelReadComplete(context: context)
     }
 
+    /// The client continues `resumed` on this connection: its frames after the `seq` the reply
+    /// names are expected again, its runs are its own again.
     private func adopt(_ resumed: Session, from fresh: Session, hello: Hello, frame: ClientFrame, context: ChannelHandlerContext) {
-        resumed.attach(connectionID: fresh.connectionID, peer: fresh.peer, reportLater: Self.reporter(for: context.channel, peer: fresh.peer, statistics: services.statistics))
+        fresh.reportTo(nil)
+        resumed.reportTo(Self.reporter(for: context.channel, peer: fresh.peer, statistics: services.statistics))
         session = resumed
         opened = true
         ackedSeq = 0
-        let outcome = resumed.resume(hello, seq: frame.seq)
-        if case .error = outcome {
-            carryOut(outcome, for: frame, context: context)
-            context.close(promise: nil)
+        let destination: String?
+        do throws(ProtocolError) {
+            if let unsupported = SessionStateMachine.unsupported(hello) { throw unsupported }
+            destination = try resolveDestination(hello)
+        } catch {
+            sendThenClose(.error(error.answering(frame)), context: context)
             return
         }
-        carryOut(outcome, for: frame, context: context)
+        resumed.accept(hello, destination: destination, connectionID: fresh.connectionID, peer: fresh.peer, resumed: true)
+        send(.reply(seq: frame.seq, body: helloReply(hello, resumed: .continued(held: resumed.handledSeq)).json), context: context)
     }
 
     /// Sends a session's later errors (those of fire-and-forget ops, known once the sink acted)
