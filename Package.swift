@@ -1,4 +1,4 @@
-// swift-tools-version:6.1
+// swift-tools-version:6.2
 import PackageDescription
 
 let package = Package(
@@ -139,4 +139,9 @@ if Context.environment["ARMORY_FUZZ"] == "1" {
         .executableTarget(name: "fuzz-messages", dependencies: ["ArmoryProtocol"], path: "Fuzz/fuzz-messages", swiftSettings: fuzzFlags),
         .executableTarget(name: "fuzz-journal", dependencies: ["ArmoryDaemon"], path: "Fuzz/fuzz-journal", swiftSettings: fuzzFlags),
     ]
+}
+
+// The project's own targets build without warnings: any warning fails the build.
+for target in package.targets where target.type != .system {
+    target.swiftSettings = (target.swiftSettings ?? []) + [.treatAllWarnings(as: .error)]
 }

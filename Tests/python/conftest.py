@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy"))
 from testbed import MLflowServer, free_port, socket_answers  # noqa: E402,F401 (re-exported to the tests)
 BIN = Path(os.environ.get("ARMORY_BIN", ROOT / ".build" / "debug"))
+# Another build of the daemon (`make test` builds the release one), for restarts onto a new binary.
+OTHER_BIN = Path(os.environ.get("ARMORY_OTHER_BIN", ROOT / ".build" / "release"))
 
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
@@ -22,8 +24,9 @@ os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 class Daemon:
     """One armoryd process with its own socket and ARMORY_HOME (and, optionally, an MLflow server)."""
 
-    def __init__(self, home: Path, env: dict | None = None, args: tuple = ()):
+    def __init__(self, home: Path, env: dict | None = None, args: tuple = (), binary: Path = BIN):
         self.home = home
+        self.binary = binary
         home.mkdir(parents=True, exist_ok=True)
         self.socket = str(home / "d.sock")
         self.log = open(home / "armoryd.log", "ab")
@@ -32,7 +35,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             # No system metrics unless a test asks (its own --system-metrics-interval comes later and
             # wins): many tests count the metrics that reach MLflow exactly.
-            [str(BIN / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info",
+            [str(binary / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info",
              "--system-metrics-interval", "0", *args],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=daemon_env,
         )

@@ -64,7 +64,7 @@ def test_a_refused_key_in_1000_metric_batches_is_a_dead_letter_and_every_other_p
     assert status["dead_letters"] == len(listed["dead_letters"]) and status["destinations"][0]["dead_letters"] == status["dead_letters"]
     text = armoryctl(daemon, "errors")
     assert text.returncode == 1 and "bad key" in text.stdout and "--retry" in text.stdout
-    assert armoryctl(daemon, "runs", "--errors").stdout == text.stdout  # DESIGN.md's name for it
+    assert armoryctl(daemon, "runs", "--errors").stdout == text.stdout  # its other name
 
     # The server's rule changes (here: the proxy's); --retry sends them again and they land.
     proxy.refused_keys = set()

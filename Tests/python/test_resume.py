@@ -1,5 +1,5 @@
 """Sessions outlive connections: evaluations streaming through `armory_track` (with unchanged MLflow
-scripts through `armoryd://` and Swift `armory-example`s) while the daemon is restarted (SIGTERM, then kill -9) all exit 0 with their runs FINISHED, every metric point lands
+scripts through `armoryd://` and Swift `armory-example`s) while the daemon is restarted (SIGTERM, then kill -9, then SIGTERM and a restart onto another build) all exit 0 with their runs FINISHED, every metric point lands
 exactly once (counted at a proxy in front of the real MLflow server, and as lines of the local
 store's files) and every artifact is byte-identical. Then the edges: a resume of an unknown
 session, another uid's resume, garbage in `resume`, a re-sent request, a daemon that never comes
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, Daemon, RawClient
+from conftest import BIN, OTHER_BIN, Daemon, RawClient
 
 HERE = Path(__file__).resolve().parent
 POINTS = 20000
@@ -67,14 +67,23 @@ def start_clients(daemon, workdir: Path, count: int, artifact_mb: float, env_ext
     return procs
 
 
-def restart(daemon: Daemon, how: str, env=None, args=()) -> Daemon:
+def restart(daemon: Daemon, how: str, env=None, args=(), binary: Path = BIN) -> Daemon:
     if how == "kill":
         daemon.proc.kill()
         daemon.proc.wait()
         daemon.log.close()
     else:
         assert daemon.stop() == 0
-    return start_daemon(daemon.home, env=env, args=args)
+    return start_daemon(daemon.home, env=env, args=args, binary=binary)
+
+
+def other_build() -> Path:
+    """The directory of another build of armoryd (an upgrade's new binary): `make test` builds
+    the release one; the tests run the debug one."""
+    other = OTHER_BIN / "armoryd"
+    assert other.exists(), f"{other} is missing: build it with `swift build -c release --product armoryd` (make test does), or name one with ARMORY_OTHER_BIN"
+    assert other.read_bytes() != (BIN / "armoryd").read_bytes(), f"{other} is the same build as {BIN / 'armoryd'}"
+    return OTHER_BIN
 
 
 def finish(procs):
@@ -110,7 +119,9 @@ def finish_swift(procs):
 
 
 def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args=(), mlflow_scripts=0, swift_examples=0):
-    """Clients stream; the daemon gets SIGTERM + restart, then kill -9 + restart, mid-stream."""
+    """Clients stream; the daemon gets SIGTERM + restart, then kill -9 + restart, then SIGTERM +
+    a restart onto another build of the daemon, mid-stream."""
+    binary = other_build()
     procs = start_clients(daemon, tmp_path, count, artifact_mb)
     scripts = start_mlflow_scripts(daemon, tmp_path, mlflow_scripts)
     examples = start_swift_examples(daemon, swift_examples)
@@ -125,6 +136,8 @@ def stream_through_restarts(daemon, tmp_path, count, artifact_mb, env=None, args
     daemon = restart(daemon, "term", env=env, args=args)
     time.sleep(2.5)
     daemon = restart(daemon, "kill", env=env, args=args)
+    time.sleep(2.5)
+    daemon = restart(daemon, "term", env=env, args=args, binary=binary)
     return daemon, finish(procs), finish(scripts), finish_swift(examples)
 
 
