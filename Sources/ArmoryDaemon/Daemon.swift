@@ -156,14 +156,21 @@ public final class Daemon: Service {
                 throw DaemonStartError.store("\(error) Set ARMORY_HOME (or --home) to a writable directory.")
             }
         }
+        let settings = Destinations.Settings(
+            bounds: config.bounds, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
+            requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
+            journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
+            deadLetterRoot: config.stateDirectory + "/dead-letters", credentialsFiles: config.credentialsFiles,
+            maxDestinationsPerUser: config.maxDestinationsPerUser,
+            daemonCredentials: config.server?.credentials ?? MLflowCredentials())
         let sink: any RecordSink
         do {
             if config.discardsRecords {
                 sink = NullSink()
             } else if let server = config.server {
-                sink = try RESTSink(destination: server, concurrency: config.uploadConcurrency, requestTimeoutSeconds: config.requestTimeout)
+                sink = try settings.sinks.server(server)
             } else {
-                sink = try FileStoreSink(root: config.storeRoot)
+                sink = try settings.sinks.sink(uri: config.storeRoot, credentials: MLflowCredentials())
             }
         } catch {
             throw DaemonStartError.store(error.message)
@@ -188,13 +195,7 @@ public final class Daemon: Service {
         })
         let destinations: Destinations
         do {
-            destinations = try Destinations(primarySink: sink, primaryServer: config.server, settings: .init(
-                bounds: config.bounds, uploadConcurrency: config.uploadConcurrency, flushInterval: config.flushInterval,
-                requestTimeout: config.requestTimeout, tls: config.server?.tls ?? MLflowTLSSettings.resolve(environment: ProcessInfo.processInfo.environment),
-                journalRoot: config.stateDirectory + "/journal", journalOptions: config.journal,
-                deadLetterRoot: config.stateDirectory + "/dead-letters", credentialsFiles: config.credentialsFiles,
-                maxDestinationsPerUser: config.maxDestinationsPerUser,
-                daemonCredentials: config.server?.credentials ?? MLflowCredentials()), registry: registry, onRestoredRuns: { handles in
+            destinations = try Destinations(primarySink: sink, primaryServer: config.server, settings: settings, registry: registry, onRestoredRuns: { handles in
                 restored.withLock { $0.append(contentsOf: handles) }
             }, onRestoredSessions: { records in
                 sessions.restore(records)

@@ -6,6 +6,16 @@ import Foundation
 import MLflow
 import Synchronization
 
+/// Which destination a run or a session writes to: the daemon's own (`primary`), or one an
+/// evaluation named in `hello` (its URL and who it writes as, or a local store's `file://` URI).
+public struct DestinationKey: Hashable, Sendable, CustomStringConvertible {
+    let raw: String
+    /// The daemon's own destination.
+    public static let primary = DestinationKey(raw: "")
+    public var isPrimary: Bool { raw.isEmpty }
+    public var description: String { isPrimary ? "(the daemon's own)" : raw }
+}
+
 /// Every destination the daemon writes to: its own (the primary uploader), and the MLflow servers
 /// or stores that evaluations name in `hello` (their process's `MLFLOW_TRACKING_URI` and
 /// credentials), each with an uploader and a journal of its own, created on first use.
@@ -37,6 +47,9 @@ public final class Destinations: Sendable {
         public var maxDestinationsPerUser: Int
         /// The daemon's own MLflow credentials (for journals of its destinations after a restart).
         public var daemonCredentials: MLflowCredentials
+
+        /// How this daemon builds a destination's sink.
+        public var sinks: SinkFactory { SinkFactory(uploadConcurrency: uploadConcurrency, requestTimeout: requestTimeout, tls: tls) }
 
         public init(bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
                     journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [], maxDestinationsPerUser: Int = 4,
@@ -105,12 +118,12 @@ public final class Destinations: Sendable {
 
     public let primary: Uploader
     /// The primary destination's identity, so a client naming the same server uses it.
-    private let primaryKey: String?
+    private let primaryKey: DestinationKey?
     private let settings: Settings
     private let registry: RunRegistry
-    private let others = Mutex<[String: Uploader]>([:])
+    private let others = Mutex<[DestinationKey: Uploader]>([:])
     /// The uid each destination other than the primary writes for (whose client may rotate its credentials).
-    private let owners = Mutex<[String: UInt32]>([:])
+    private let owners = Mutex<[DestinationKey: UInt32]>([:])
     private let awaiting = Mutex<[String: AwaitingCredentials]>([:])
     private let report = Mutex(RecoveryReport())
     /// Told about runs restored from a journal that are still running (their clients are gone).
@@ -149,7 +162,7 @@ public final class Destinations: Sendable {
         let opened = try Self.openJournal(at: mine?.0, identity: JournalIdentity(uri: primarySink.destination, credentials: source, uid: getuid()), sink: primarySink, settings: settings)
         primary = Self.uploader(sink: primarySink, journal: opened?.0, flushInterval: primarySink.assignsRunIDs ? 0 : settings.flushInterval, settings: settings, registry: registry)
         primary.start()
-        if let opened { restore(opened.1, into: primary, key: nil) }
+        if let opened { restore(opened.1, into: primary, key: .primary) }
         for (directory, identity) in found { recover(directory: directory, identity: identity) }
         reloadCredentials()
     }
@@ -171,9 +184,7 @@ public final class Destinations: Sendable {
             let destination = MLflowDestination(trackingURI: waiting.uri, credentials: credentials, tls: settings.tls)
             let identity = JournalIdentity(uri: waiting.uri, credentials: "client", uid: waiting.uid)
             do {
-                try create(Self.key(destination), identity: identity) { () throws(ProtocolError) -> any RecordSink in
-                    try RESTSink(destination: destination, concurrency: settings.uploadConcurrency, requestTimeoutSeconds: settings.requestTimeout)
-                }
+                try create(Self.key(destination), identity: identity) { () throws(ProtocolError) in try settings.sinks.server(destination) }
                 changed.append(waiting.uri)
             } catch {
                 report.withLock { $0.errors.append("\(waiting.uri): \(error.message)") }
@@ -184,11 +195,11 @@ public final class Destinations: Sendable {
 
     /// A client of `uid` names a server with credentials: a destination of that server and uid
     /// (the primary, for the daemon's own uid) whose credentials the server refuses takes them.
-    /// Returns its key (`.some(nil)`: the primary), or nil when none waits for credentials.
-    private func rotate(_ destination: MLflowDestination, uid: UInt32, key: String) -> String?? {
+    /// Returns its key, or nil when none waits for credentials.
+    private func rotate(_ destination: MLflowDestination, uid: UInt32, key: DestinationKey) -> DestinationKey? {
         if uid == getuid(), primary.serverURL == destination.baseURL, primary.needsCredentials != nil {
             primary.useCredentials(destination.credentials)
-            return .some(nil)
+            return .primary
         }
         let candidates = others.withLock { Array($0) }
         let owned = owners.withLock { $0 }
@@ -199,7 +210,7 @@ public final class Destinations: Sendable {
         // Both keys name it now: runs that hold the old one, and clients that bring the new credentials.
         others.withLock { $0[key] = uploader }
         owners.withLock { $0[key] = uid }
-        return .some(found)
+        return found
     }
 
     /// The uploader of a sink, with its dead-letter file (when the daemon keeps them).
@@ -229,7 +240,7 @@ public final class Destinations: Sendable {
     }
 
     /// Replays a journal into its uploader and the registry.
-    private func restore(_ recovery: Journal.Recovery, into uploader: Uploader, key: String?) {
+    private func restore(_ recovery: Journal.Recovery, into uploader: Uploader, key: DestinationKey) {
         let unsettled = recovery.state.unsettled
         let onDisk = recovery.state.leftOnDisk?.count ?? 0
         uploader.replay(recovery)
@@ -256,15 +267,8 @@ public final class Destinations: Sendable {
 
     /// Recovers the journal of a destination other than the daemon's own.
     private func recover(directory: String, identity: JournalIdentity) {
-        let sink: any RecordSink
         do throws(ProtocolError) {
-            if MLflowDestination.isRemote(identity.uri) {
-                let credentials = identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()
-                sink = try RESTSink(destination: MLflowDestination(trackingURI: identity.uri, credentials: credentials, tls: settings.tls),
-                                    concurrency: settings.uploadConcurrency, requestTimeoutSeconds: settings.requestTimeout)
-            } else {
-                sink = try FileStoreSink(root: String(identity.uri.dropFirst("file://".count)))
-            }
+            let sink = try settings.sinks.sink(uri: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials())
             guard let (journal, recovery) = try Self.openJournal(at: directory, identity: identity, sink: sink, settings: settings) else { return }
             if recovery.state.runs.isEmpty && recovery.state.unsettled.isEmpty && recovery.state.leftOnDisk == nil && recovery.state.sessions.isEmpty {
                 journal.close()
@@ -281,7 +285,7 @@ public final class Destinations: Sendable {
             let uploader = Self.uploader(sink: sink, journal: journal, flushInterval: settings.flushInterval, settings: settings, registry: registry)
             let key = MLflowDestination.isRemote(identity.uri)
                 ? Self.key(MLflowDestination(trackingURI: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()))
-                : identity.uri
+                : DestinationKey(raw: identity.uri)
             others.withLock { $0[key] = uploader }
             owners.withLock { $0[key] = identity.uid }
             uploader.start()
@@ -291,45 +295,41 @@ public final class Destinations: Sendable {
         }
     }
 
-    /// The uploader of a destination key (`nil`: the daemon's own).
-    public func uploader(_ key: String?) -> Uploader {
-        guard let key else { return primary }
-        return others.withLock { $0[key] } ?? primary
+    /// The uploader of a destination.
+    public func uploader(_ key: DestinationKey) -> Uploader {
+        key.isPrimary ? primary : others.withLock { $0[key] } ?? primary
     }
 
-    /// Resolves what a client's `hello` names: `nil` for the daemon's own destination, else the
-    /// key of a destination (created now if new). A client of another uid may not point the
-    /// daemon at a local path.
-    public func resolve(trackingURI: String?, credentials: MLflowCredentials, peerUID: UInt32) throws(ProtocolError) -> String? {
-        guard let uri = trackingURI, !uri.isEmpty, !uri.hasPrefix("armoryd:") else { return nil }
+    /// Resolves what a client's `hello` names: the daemon's own destination, or another one
+    /// (created now if new). A client of another uid may not point the daemon at a local path.
+    public func resolve(trackingURI: String?, credentials: MLflowCredentials, peerUID: UInt32) throws(ProtocolError) -> DestinationKey {
+        guard let uri = trackingURI, !uri.isEmpty, !uri.hasPrefix("armoryd:") else { return .primary }
         if MLflowDestination.isRemote(uri) {
             let destination = MLflowDestination(trackingURI: uri, credentials: credentials, tls: settings.tls)
             let key = Self.key(destination)
-            if key == primaryKey || (credentials.isEmpty && Self.baseKey(destination) == primaryKey.map { String($0.prefix { $0 != "|" }) }) {
-                return nil
+            if key == primaryKey || (credentials.isEmpty && Self.baseKey(destination) == primaryKey.map { String($0.raw.prefix { $0 != "|" }) }) {
+                return .primary
             }
             if others.withLock({ $0[key] }) == nil, !credentials.isEmpty, let rotated = rotate(destination, uid: peerUID, key: key) {
                 return rotated
             }
             let identity = JournalIdentity(uri: destination.baseURL, credentials: credentials.isEmpty ? "none" : "client", uid: peerUID)
-            try create(key, identity: identity) { () throws(ProtocolError) -> any RecordSink in
-                try RESTSink(destination: destination, concurrency: settings.uploadConcurrency, requestTimeoutSeconds: settings.requestTimeout)
-            }
+            try create(key, identity: identity) { () throws(ProtocolError) in try settings.sinks.server(destination) }
             return key
         }
         if uri.hasPrefix("file:") || uri.hasPrefix("/") {
-            guard peerUID == getuid() else { return nil }  // another user's path: the daemon's own store instead
+            guard peerUID == getuid() else { return .primary }  // another user's path: the daemon's own store instead
             var path = uri.hasPrefix("file://") ? String(uri.dropFirst(7)) : (uri.hasPrefix("file:") ? String(uri.dropFirst(5)) : uri)
             path = path.removingPercentEncoding ?? path
-            if primary.destination == "file://" + path { return nil }
-            let key = "file://" + path
-            try create(key, identity: JournalIdentity(uri: key, credentials: "none", uid: peerUID)) { () throws(ProtocolError) -> any RecordSink in try FileStoreSink(root: path) }
+            if primary.destination == "file://" + path { return .primary }
+            let key = DestinationKey(raw: "file://" + path)
+            try create(key, identity: JournalIdentity(uri: key.raw, credentials: "none", uid: peerUID)) { () throws(ProtocolError) in try settings.sinks.sink(uri: key.raw, credentials: MLflowCredentials()) }
             return key
         }
         throw ProtocolError(.invalidValue, "Unsupported MLFLOW_TRACKING_URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server, a file:///… store, or armoryd: for the daemon's own destination.")
     }
 
-    private func create(_ key: String, identity: JournalIdentity, _ makeSink: () throws(ProtocolError) -> any RecordSink) throws(ProtocolError) {
+    private func create(_ key: DestinationKey, identity: JournalIdentity, _ makeSink: () throws(ProtocolError) -> any RecordSink) throws(ProtocolError) {
         if others.withLock({ $0[key] }) != nil { return }
         try checkShare(of: identity.uid, adding: identity.uri)
         let sink = try makeSink()
@@ -370,7 +370,7 @@ public final class Destinations: Sendable {
     public var all: [Uploader] {
         var seen: Set<ObjectIdentifier> = [ObjectIdentifier(primary)]
         // A destination whose credentials a client rotated is named by two keys: listed once.
-        return [primary] + others.withLock { map in map.keys.sorted().compactMap { map[$0] } }.filter { seen.insert(ObjectIdentifier($0)).inserted }
+        return [primary] + others.withLock { map in map.keys.sorted { $0.raw < $1.raw }.compactMap { map[$0] } }.filter { seen.insert(ObjectIdentifier($0)).inserted }
     }
 
     /// Journals waiting for a client's credentials.
@@ -389,11 +389,11 @@ public final class Destinations: Sendable {
     }
 
     /// A destination's identity: its URL and who it writes as (a hash, never the secret).
-    static func key(_ d: MLflowDestination) -> String {
+    static func key(_ d: MLflowDestination) -> DestinationKey {
         var hasher = Hasher()
         hasher.combine(d.credentials.password)
         hasher.combine(d.credentials.token)
-        return baseKey(d) + "|" + (d.credentials.username ?? "") + "|" + String(hasher.finalize())
+        return DestinationKey(raw: baseKey(d) + "|" + (d.credentials.username ?? "") + "|" + String(hasher.finalize()))
     }
 
     static func baseKey(_ d: MLflowDestination) -> String { d.baseURL }

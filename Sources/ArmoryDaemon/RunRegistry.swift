@@ -33,8 +33,8 @@ public struct RunEntry: Sendable, Equatable {
     public var endTime: Int64?
     /// Why the run could not be created, if it could not.
     public var failure: ProtocolError?
-    /// The destination it is written to (`nil`: the daemon's own).
-    public var destination: String?
+    /// The destination it is written to.
+    public var destination = DestinationKey.primary
     /// Whether the daemon logs `system/...` metrics to it (tag `armory.system_metrics: off`, or
     /// the client's `hello`, turns them off).
     public var systemMetrics = true

@@ -246,3 +246,32 @@ public final class NullSink: RecordSink {
     public func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError) {}
     public func close() async {}
 }
+
+/// Builds the sink of every destination, the daemon's own and those evaluations name: an MLflow
+/// server's REST API, or a local MLflow file store.
+public struct SinkFactory: Sendable {
+    /// Requests a REST sink keeps in flight.
+    public var uploadConcurrency: Int
+    /// Seconds one REST request may take.
+    public var requestTimeout: Double
+    /// The daemon's TLS settings (a client's certificate paths are its own files).
+    public var tls: MLflowTLSSettings
+
+    public init(uploadConcurrency: Int = 4, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init()) {
+        self.uploadConcurrency = uploadConcurrency
+        self.requestTimeout = requestTimeout
+        self.tls = tls
+    }
+
+    /// The sink of an MLflow server.
+    public func server(_ destination: MLflowDestination) throws(ProtocolError) -> any RecordSink {
+        try RESTSink(destination: destination, concurrency: uploadConcurrency, requestTimeoutSeconds: requestTimeout)
+    }
+
+    /// The sink of a tracking URI: an MLflow server (`http(s)://…`, written to with `credentials`)
+    /// or a local store (`file://PATH` or a path).
+    public func sink(uri: String, credentials: MLflowCredentials) throws(ProtocolError) -> any RecordSink {
+        if MLflowDestination.isRemote(uri) { return try server(MLflowDestination(trackingURI: uri, credentials: credentials, tls: tls)) }
+        return try FileStoreSink(root: uri.hasPrefix("file://") ? String(uri.dropFirst("file://".count)) : uri)
+    }
+}

@@ -51,7 +51,7 @@ struct SessionResumeTests {
         #expect(record.seq == 9 && record.openArtifacts == [artifact])
 
         var restored = SessionStateMachine(restoring: record, number: 50, runs: h.registry, userName: "user1000", spoolDirectory: "/spool")
-        restored.accept(Hello(client: "test", clientVersion: "1", program: "/t.py"), destination: nil, assignsRunIDs: true, peer: s.peer)
+        restored.accept(Hello(client: "test", clientVersion: "1", program: "/t.py"), destination: .primary, assignsRunIDs: true, peer: s.peer)
         #expect(restored.handledSeq == 9)  // what the resume's reply names as held
         #expect(restored.id == s.id && restored.tracking == s.tracking)
         #expect(restored.tracking.globalParams == ["seed": "7"])

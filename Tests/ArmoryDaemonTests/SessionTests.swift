@@ -50,7 +50,7 @@ struct SessionHarness {
         case .reply(let body): return .success(body)
         case .error(let error), .close(let error): return .failure(error)
         case .handshake(let hello):
-            machine.accept(hello, destination: nil, assignsRunIDs: true, peer: machine.peer)
+            machine.accept(hello, destination: .primary, assignsRunIDs: true, peer: machine.peer)
             return .success(["session": .string(machine.id)])
         case .awaitRun(let handle, _):
             guard let entry = registry.entry(handle) else { return .failure(ProtocolError(.unknownHandle, handle)) }

@@ -9,7 +9,7 @@ import MLflow
 
 extension DaemonServices {
     /// Answers a `DaemonQuery` of the client `peer`, whose session writes to `destination`.
-    func answer(_ query: DaemonQuery, peer: PeerCredentials, destination: String?, hello: Hello?) throws(ProtocolError) -> JSONObject {
+    func answer(_ query: DaemonQuery, peer: PeerCredentials, destination: DestinationKey, hello: Hello?) throws(ProtocolError) -> JSONObject {
         switch query {
         case .status:
             return StatusReport.make(services: self, viewer: peer)
@@ -43,9 +43,9 @@ extension DaemonServices {
     /// Starts copying a local store into the session's destination (its hello's tracking URI
     /// and credentials). Another user's path is not read for them: only the daemon's own
     /// store, or a path of a client running as the daemon's user (or root).
-    private func startSync(_ request: SyncRequest, peer: PeerCredentials, destination: String?, hello: Hello?) throws(ProtocolError) -> SyncJob {
+    private func startSync(_ request: SyncRequest, peer: PeerCredentials, destination: DestinationKey, hello: Hello?) throws(ProtocolError) -> SyncJob {
         let uploader = destinations.uploader(destination)
-        if destination == nil, let uri = hello?.trackingURI, !uri.isEmpty, !uri.hasPrefix("armoryd:"), !MLflowDestination.isRemote(uri), peer.uid != getuid() {
+        if destination.isPrimary, let uri = hello?.trackingURI, !uri.isEmpty, !uri.hasPrefix("armoryd:"), !MLflowDestination.isRemote(uri), peer.uid != getuid() {
             throw ProtocolError(.permissionDenied, "armoryd runs as uid \(getuid()) and does not write to \(uri) for uid \(peer.uid): sync into an MLflow server, or into your own store with your own daemon (a user unit).")
         }
         guard uploader.destination.hasPrefix("http") || uploader.destination.hasPrefix("file://") else {

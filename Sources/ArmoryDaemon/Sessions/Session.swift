@@ -21,10 +21,10 @@ public final class Session: @unchecked Sendable {
     private var awaitsReplayedRecords = false
     /// The last uploader ticket of a record this session produced, per destination (what
     /// `flush wait=uploaded` and a run's creation wait for).
-    private var lastTickets: [String: UInt64] = [:]
+    private var lastTickets: [DestinationKey: UInt64] = [:]
     /// The last journal sequence number of a record this session produced, per destination
     /// (what an ack waits for).
-    private var lastLSNs: [String: UInt64] = [:]
+    private var lastLSNs: [DestinationKey: UInt64] = [:]
     /// Open spool files, by artifact id.
     private var spoolFiles: [Int64: (fd: Int32, path: String)] = [:]
     /// Set when an uploader passed its high-water mark: the connection should stop reading.
@@ -93,9 +93,9 @@ public final class Session: @unchecked Sendable {
         }
     }
 
-    private func noteEnqueued(_ done: Uploader.Enqueued, to destination: String?, records: Bool = true) {
-        if records { lastTickets[destination ?? ""] = done.ticket }
-        lastLSNs[destination ?? ""] = done.lsn
+    private func noteEnqueued(_ done: Uploader.Enqueued, to destination: DestinationKey, records: Bool = true) {
+        if records { lastTickets[destination] = done.ticket }
+        lastLSNs[destination] = done.lsn
         if done.overloaded { wantsPause = true }
     }
 
@@ -160,23 +160,23 @@ public final class Session: @unchecked Sendable {
 
     /// The uploaders of every destination this session wrote to.
     public var destinationsWritten: [Uploader] {
-        lastLSNs.keys.map { services.destinations.uploader($0.isEmpty ? nil : $0) }
+        lastLSNs.keys.map(services.destinations.uploader)
     }
 
     /// What must be on disk before everything handled so far may be acknowledged.
     public var durabilityWaits: [DurableWait] {
-        lastLSNs.compactMap { key, lsn in lsn > 0 ? DurableWait(uploader: services.destinations.uploader(key.isEmpty ? nil : key), lsn: lsn) : nil }
+        lastLSNs.compactMap { key, lsn in lsn > 0 ? DurableWait(uploader: services.destinations.uploader(key), lsn: lsn) : nil }
     }
 
     /// What `flush wait=uploaded` waits for: every record of this session settled.
     public var uploadWaits: [UploadWait] {
-        lastTickets.map { UploadWait(uploader: services.destinations.uploader($0.key.isEmpty ? nil : $0.key), ticket: $0.value) }
+        lastTickets.map { UploadWait(uploader: services.destinations.uploader($0.key), ticket: $0.value) }
     }
 
     /// What a run's creation waits for: the session's records of its destination settled.
     public func creationWait(of entry: RunEntry) -> UploadWait {
         let uploader = services.destinations.uploader(entry.destination)
-        return UploadWait(uploader: uploader, ticket: lastTickets[entry.destination ?? ""] ?? uploader.lastTicket)
+        return UploadWait(uploader: uploader, ticket: lastTickets[entry.destination] ?? uploader.lastTicket)
     }
 
     public func clearPause() { wantsPause = false }
@@ -188,7 +188,7 @@ public final class Session: @unchecked Sendable {
 
     /// The handshake went through on connection `connectionID`; `resumed` when it continues
     /// the session after a reconnect (its runs are the client's again).
-    public func accept(_ hello: Hello, destination: String?, connectionID: UInt64, peer: PeerCredentials, resumed: Bool) {
+    public func accept(_ hello: Hello, destination: DestinationKey, connectionID: UInt64, peer: PeerCredentials, resumed: Bool) {
         self.connectionID = connectionID
         machine.accept(hello, destination: destination, assignsRunIDs: services.destinations.uploader(destination).assignsRunIDs, peer: peer)
         if !hello.admin { services.statistics.connected(.init(connection: connectionID, peer: peer, client: "\(hello.client) \(hello.clientVersion)", program: hello.program)) }
@@ -198,8 +198,7 @@ public final class Session: @unchecked Sendable {
         if awaitsReplayedRecords {
             // What the journal replayed of its runs is queued up to each uploader's last ticket.
             for entry in handles.compactMap({ services.registry.entry($0) }) {
-                let key = entry.destination ?? ""
-                lastTickets[key] = max(lastTickets[key] ?? 0, services.destinations.uploader(entry.destination).lastTicket)
+                lastTickets[entry.destination] = max(lastTickets[entry.destination] ?? 0, services.destinations.uploader(entry.destination).lastTicket)
             }
             awaitsReplayedRecords = false
         }

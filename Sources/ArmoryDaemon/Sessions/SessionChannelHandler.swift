@@ -180,7 +180,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
     /// share of destinations), then hello is answered; `notResumedReason` says why a `resume`
     /// it carried opened a new session instead.
     private func handshake(_ hello: Hello, frame: ClientFrame, context: ChannelHandlerContext) {
-        let destination: String?
+        let destination: DestinationKey
         do {
             destination = try resolveDestination(hello)
         } catch {
@@ -199,7 +199,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
     /// Why a `resume` in this connection's `hello` opened a new session instead.
     private var notResumedReason: String?
 
-    private func resolveDestination(_ hello: Hello) throws(ProtocolError) -> String? {
+    private func resolveDestination(_ hello: Hello) throws(ProtocolError) -> DestinationKey {
         try services.destinations.resolve(trackingURI: hello.trackingURI, credentials: hello.credentials, peerUID: session.peer.uid)
     }
 
@@ -267,7 +267,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
         session = resumed
         opened = true
         ackedSeq = 0
-        let destination: String?
+        let destination: DestinationKey
         do throws(ProtocolError) {
             if let unsupported = SessionStateMachine.unsupported(hello) { throw unsupported }
             destination = try resolveDestination(hello)

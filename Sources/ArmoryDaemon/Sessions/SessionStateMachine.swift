@@ -48,9 +48,9 @@ public enum DaemonQuery: Sendable {
     case deadLetters(runID: String?, retry: Bool)
 }
 
-/// A record a frame produced, with the destination (`nil`: the daemon's own) it goes to.
+/// A record a frame produced, with the destination it goes to.
 public struct SessionRecordOut: Sendable {
-    public var destination: String?
+    public var destination: DestinationKey
     public var handle: String
     public var record: SinkRecord
 }
@@ -60,7 +60,7 @@ public struct SessionRecordOut: Sendable {
 public struct SessionCommit: Sendable {
     public var records: [SessionRecordOut]
     public var tail: JournalEntry?
-    public var home: String?
+    public var home: DestinationKey
 }
 
 /// One client session's protocol logic as a value: the handshake, the `seq` numbering across
@@ -83,8 +83,8 @@ public struct SessionStateMachine: Sendable {
 
     public private(set) var hello: Hello?
     public private(set) var tracking = TrackingState()
-    /// Where this session's new runs go (`nil`: the daemon's own destination).
-    public private(set) var destination: String?
+    /// Where this session's new runs go.
+    public private(set) var destination = DestinationKey.primary
     /// The destination names run ids itself (a local store): the daemon assigns them.
     private var assignsRunIDs = false
     /// The highest `seq` handled so far (what an ack may cover).
@@ -119,7 +119,7 @@ public struct SessionStateMachine: Sendable {
     /// An artifact being received: where it goes and its spool file.
     private struct OpenArtifact: Sendable {
         var handle: String
-        var destination: String?
+        var destination: DestinationKey
         var path: String
         var spoolPath: String
         var bytes: Int
@@ -426,7 +426,7 @@ public struct SessionStateMachine: Sendable {
 
     /// The handshake went through (its destination resolved): the session is open, or continues
     /// on a new connection when `peer` comes from a resume.
-    public mutating func accept(_ h: Hello, destination: String?, assignsRunIDs: Bool, peer: PeerCredentials) {
+    public mutating func accept(_ h: Hello, destination: DestinationKey, assignsRunIDs: Bool, peer: PeerCredentials) {
         hello = h
         self.destination = destination
         self.assignsRunIDs = assignsRunIDs
@@ -747,7 +747,7 @@ public struct SessionStateMachine: Sendable {
     }
 
     /// Adds a record to the frame being handled (journaled and queued by `commit`).
-    private mutating func enqueue(_ handle: String, _ record: SinkRecord, to destination: String?) {
+    private mutating func enqueue(_ handle: String, _ record: SinkRecord, to destination: DestinationKey) {
         pending.append(SessionRecordOut(destination: destination, handle: handle, record: record))
     }
 
