@@ -373,6 +373,15 @@ public final class Destinations: Sendable {
         return [primary] + others.withLock { map in map.keys.sorted { $0.raw < $1.raw }.compactMap { map[$0] } }.filter { seen.insert(ObjectIdentifier($0)).inserted }
     }
 
+    /// The uid a destination other than the daemon's own writes for (`nil`: the daemon's own,
+    /// or one it recovered for itself).
+    public func owner(of uploader: Uploader) -> UInt32? {
+        guard uploader !== primary else { return nil }
+        let keys = others.withLock { $0.filter { $0.value === uploader }.map(\.key) }
+        let owned = owners.withLock { $0 }
+        return keys.compactMap { owned[$0] }.first
+    }
+
     /// Journals waiting for a client's credentials.
     public var awaitingCredentials: [AwaitingCredentials] {
         awaiting.withLock { $0.values.sorted { $0.uri < $1.uri } }

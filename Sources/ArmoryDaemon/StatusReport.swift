@@ -35,7 +35,12 @@ public enum StatusReport {
     /// The status as `viewer` may see it: an admin (`DaemonServices.isAdmin`) sees every run and
     /// client; another user sees their own, and only counts of the others' (`nil`: everything).
     public static func make(services: DaemonServices, viewer: PeerCredentials? = nil) -> JSONObject {
-        let uploaders = services.destinations.all
+        let everyone = viewer.map(services.isAdmin) ?? true
+        let allUploaders = services.destinations.all
+        // Another user's destinations (their servers, their backlogs) are counted, not shown.
+        let uploaders = everyone ? allUploaders : allUploaders.filter { services.destinations.owner(of: $0).map { $0 == viewer?.uid } ?? true }
+        let allWaiting = services.destinations.awaitingCredentials
+        let waiting = everyone ? allWaiting : allWaiting.filter { $0.uid == viewer?.uid }
         let all = uploaders.map { ($0.destination, $0.counterSnapshot) }
         var counters = Uploader.Counters()
         for (_, c) in all {
@@ -52,7 +57,6 @@ public enum StatusReport {
             }
         }
         let totals = services.statistics.totals
-        let everyone = viewer.map(services.isAdmin) ?? true
         let allClients = services.statistics.clients
         let allRuns = services.registry.activeRuns
         let clients = everyone ? allClients : allClients.filter { $0.peer.uid == viewer?.uid }
@@ -89,7 +93,7 @@ public enum StatusReport {
                 "journal_segments": .int(Int64(journal?.segments ?? 0)),
                 "journal_error": journal?.lastError.map { .string($0) } ?? .null,
             ])
-        } + services.destinations.awaitingCredentials.map { waiting in
+        } + waiting.map { waiting in
             .object([
                 "destination": .string(waiting.uri),
                 "state": .string("needs-credentials"),
@@ -147,7 +151,8 @@ public enum StatusReport {
         o["backlog_by_uid"] = .object(JSONObject(uniqueKeysWithValues: backlog.filter { everyone || $0.key == viewer?.uid }.sorted { $0.key < $1.key }
             .map { (String($0.key), .int(Int64($0.value))) }))
         if !everyone {
-            o["other_users"] = .object(["active_runs": .int(Int64(allRuns.count - runs.count)), "clients": .int(Int64(allClients.count - clients.count))])
+            o["other_users"] = .object(["active_runs": .int(Int64(allRuns.count - runs.count)), "clients": .int(Int64(allClients.count - clients.count)),
+                                        "destinations": .int(Int64(allUploaders.count - uploaders.count + allWaiting.count - waiting.count))])
         }
         o["pending_records"] = .int(Int64(counters.pendingRecords))
         o["applied_records"] = .int(Int64(counters.appliedRecords))

@@ -137,7 +137,10 @@ def test_one_user_flooding_does_not_stall_another_and_stays_in_its_share(mlflow_
         run_id = b.request("run_info", run=run["handle"])["run_id"]
         assert sorted(m.step for m in MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(run_id, "b")) == list(range(step))
 
-        # A's fifth destination of its own is refused; its status shows B's runs only as counts.
+        # A's fifth destination of its own is refused; its status shows B's runs and B's own
+        # destination (a server B names) only as counts.
+        b_elsewhere = RawClient(d.socket)
+        assert b_elsewhere.request("hello", protocol=1, client="pytest", program=__file__, tracking_uri="http://127.0.0.1:9")["destination"] == "http://127.0.0.1:9"
         other = as_nobody(OTHER_DESTINATIONS_AND_STATUS, d.socket)
         out, err = other.communicate(timeout=60)
         assert other.returncode == 0, err
@@ -148,6 +151,10 @@ def test_one_user_flooding_does_not_stall_another_and_stays_in_its_share(mlflow_
         assert all(r["owner_uid"] == nobody for r in status["active_runs"])  # (A's flood runs may have ended FAILED by now)
         assert status["other_users"]["active_runs"] == 2  # B's evaluation and chain
         assert set(status["backlog_by_uid"]) <= {str(nobody)}
+        shown = {x["destination"].split(" ")[0] for x in status["destinations"]}
+        assert "http://127.0.0.1:9" not in shown and {f"http://127.0.0.1:{port}" for port in range(1, 5)} <= shown, shown
+        assert status["other_users"]["destinations"] == 1
+        b_elsewhere.close()
         b.close()
     finally:
         d.stop()
