@@ -22,6 +22,9 @@ public enum JSONValue: Sendable, Equatable {
     public var arrayValue: [JSONValue]? { if case .array(let a) = self { return a } else { return nil } }
     public var isNull: Bool { if case .null = self { return true } else { return false } }
 
+    /// A string, or `null`.
+    public static func optional(_ string: String?) -> JSONValue { string.map { .string($0) } ?? .null }
+
     /// The value as an exact integer (a double only when it has no fraction).
     public var intValue: Int64? {
         switch self {

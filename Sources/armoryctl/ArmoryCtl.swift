@@ -96,10 +96,16 @@ struct ConnectionOptions: ParsableArguments {
     }
 
     /// The daemon's status reply, or exit 3 when no daemon answers.
-    func status(_ connection: Connection) throws -> JSONObject {
-        do { return try connection.status() } catch {
+    func status(_ connection: Connection) throws -> StatusReply {
+        let reply: JSONObject
+        do { reply = try connection.status() } catch {
             throw notRunning(error)
         }
+        guard let status = StatusReply(json: reply) else {
+            FileHandle.standardError.write(Data("armoryctl: the daemon's status reply is not one this armoryctl reads (is the daemon another version?)\n".utf8))
+            throw ExitCode(1)
+        }
+        return status
     }
 
     /// A request's reply; a refusal is printed and exits 1.
@@ -139,79 +145,73 @@ extension ArmoryCtl {
         func run() throws {
             let status = try options.status(options.connect())
             if options.json {
-                options.printJSON(.object(status))
+                options.printJSON(.object(status.json))
             } else {
                 print(StatusText.render(status))
             }
-            if status["state"]?.stringValue != "running" { throw ExitCode(1) }
+            if status.state != "running" { throw ExitCode(1) }
         }
     }
 }
 
 /// The human form of a status reply, laid out like `systemctl status`.
 enum StatusText {
-    static func render(_ s: JSONObject) -> String {
-        let state = s["state"]?.stringValue ?? "unknown"
-        var lines = ["\(state == "running" ? "●" : "×") armoryd \(s["version"]?.stringValue ?? "?") — \(state)"]
+    static func render(_ s: StatusReply) -> String {
+        var lines = ["\(s.state == "running" ? "●" : "×") armoryd \(s.version) — \(s.state)"]
         func row(_ label: String, _ value: String) { lines.append(label.leftPadded(to: 14) + ": " + value) }
-        row("PID", "\(s["pid"]?.intValue ?? 0)")
-        row("Uptime", duration(s["uptime_s"]?.doubleValue ?? 0))
-        row("Socket", s["socket"]?.stringValue ?? "?")
-        let destinations = s["destinations"]?.arrayValue ?? []
-        row("Destinations", "\(destinations.count)")
-        for d in destinations {  // credentials are never in the status: URIs without user info
-            let error = d["last_error"]?.stringValue.map { "  last error: \($0.prefix(100))" } ?? ""
-            lines.append(String(repeating: " ", count: 16) + "\(d["destination"]?.stringValue ?? "?")  \(d["state"]?.stringValue ?? "?"), \(d["pending_records"]?.intValue ?? 0) pending\(error)")
+        row("PID", "\(s.pid)")
+        row("Uptime", duration(s.uptimeSeconds))
+        row("Socket", s.socket)
+        row("Destinations", "\(s.destinations.count)")
+        for d in s.destinations {  // credentials are never in the status: URIs without user info
+            let error = d.lastError.map { "  last error: \($0.prefix(100))" } ?? ""
+            lines.append(String(repeating: " ", count: 16) + "\(d.destination)  \(d.state), \(d.pendingRecords) pending\(error)")
         }
-        let clients = s["clients"]?.arrayValue ?? []
-        row("Clients", "\(clients.count) connected")
-        for c in clients {
-            lines.append(String(repeating: " ", count: 16) + "pid \(c["pid"]?.intValue ?? 0) uid \(c["uid"]?.intValue ?? 0)  \(c["client"]?.stringValue ?? "")  \(c["program"]?.stringValue ?? "")")
+        row("Clients", "\(s.clients.count) connected")
+        for c in s.clients {
+            lines.append(String(repeating: " ", count: 16) + "pid \(c.pid) uid \(c.uid)  \(c.client)  \(c.program)")
         }
-        if let waiting = s["sessions"]?["waiting"]?.intValue, waiting > 0 {
-            row("Sessions", "\(waiting) waiting for their clients to resume (after a restart or a broken connection)")
+        if s.sessions.waiting > 0 {
+            row("Sessions", "\(s.sessions.waiting) waiting for their clients to resume (after a restart or a broken connection)")
         }
-        let runs = s["active_runs"]?.arrayValue ?? []
-        row("Active runs", "\(runs.count)")
-        for r in runs {
-            let connected = r["connected"]?.boolValue == true ? "" : "  (client gone)"
-            lines.append(String(repeating: " ", count: 16) + "\(r["run_id"]?.stringValue ?? "?")  \(r["experiment"]?.stringValue ?? "")/\(r["name"]?.stringValue ?? "")  pid \(r["client_pid"]?.intValue ?? 0)\(connected)")
+        row("Active runs", "\(s.activeRuns.count)")
+        for r in s.activeRuns {
+            let connected = r.connected ? "" : "  (client gone)"
+            lines.append(String(repeating: " ", count: 16) + "\(r.runID ?? "?")  \(r.experiment)/\(r.name)  pid \(r.clientPID)\(connected)")
         }
-        if let others = s["other_users"] {
-            row("Other users", "\(others["active_runs"]?.intValue ?? 0) active runs, \(others["clients"]?.intValue ?? 0) clients (only admins see them)")
+        if let others = s.otherUsers {
+            row("Other users", "\(others.activeRuns) active runs, \(others.clients) clients, \(others.destinations) destinations (only admins see them)")
         }
-        let journalBytes = s["journal"]?["bytes"]?.intValue ?? 0
-        row("Backlog", "\(s["pending_records"]?.intValue ?? 0) records, journal \(ByteText.render(journalBytes))")
-        let byUser = (s["backlog_by_uid"]?.objectValue ?? [:]).compactMap { uid, bytes in bytes.intValue.map { "uid \(uid) \(ByteText.render($0))" } }
-        if byUser.count > 1 { lines.append(String(repeating: " ", count: 16) + byUser.sorted().joined(separator: ", ")) }
-        row("Upload rate", "\(s["write_rate_metrics_per_s"]?.doubleValue ?? 0) metrics/s (last 10 s)")
-        if let host = s["host"]?.objectValue, !host.isEmpty {
-            func figure(_ key: String) -> String { host[key]?.doubleValue.map { String(format: "%.1f", $0) } ?? "?" }
+        row("Backlog", "\(s.pendingRecords) records, journal \(ByteText.render(s.journal.bytes))")
+        let byUser = s.backlogByUID.sorted { $0.key < $1.key }.map { "uid \($0.key) \(ByteText.render($0.value))" }
+        if byUser.count > 1 { lines.append(String(repeating: " ", count: 16) + byUser.joined(separator: ", ")) }
+        row("Upload rate", "\(s.writeRateMetricsPerSecond) metrics/s (last 10 s)")
+        if !s.host.isEmpty {
+            let host = s.host
+            func figure(_ key: String) -> String { host[key].map { String(format: "%.1f", $0) } ?? "?" }
             var text = "CPU \(figure("cpu_utilization_percentage"))%, memory \(figure("system_memory_usage_megabytes")) MB (\(figure("system_memory_usage_percentage"))%), "
                 + "disk \(figure("disk_usage_percentage"))% (\(figure("disk_available_megabytes")) MB free)"
             let gpus = host.keys.filter { $0.hasSuffix("_utilization_percentage") && $0.hasPrefix("gpu_") }.sorted()
             for gpu in gpus { text += ", \(gpu.dropLast("_utilization_percentage".count)) \(figure(gpu))%" }
             row("Host", text)
         }
-        let written = s["metrics_written"]?.intValue ?? 0
-        let system = s["metrics_written_system"]?.intValue ?? 0
-        row("Written", "\(s["applied_records"]?.intValue ?? 0) records, \(written) metrics (\(written - system) from clients, \(system) system/… host metrics)")
-        row("Rejected", "\(s["rejected_records"]?.intValue ?? 0) records refused by the destinations, \(s["dead_letters"]?.intValue ?? 0) dead letters kept since the start (armoryctl errors)")
-        row("Refused", "\(s["errors_sent"]?.intValue ?? 0) client operations (errors sent back to clients)")
+        row("Written", "\(s.appliedRecords) records, \(s.metricsWritten) metrics (\(s.metricsWritten - s.metricsWrittenSystem) from clients, \(s.metricsWrittenSystem) system/… host metrics)")
+        row("Rejected", "\(s.rejectedRecords) records refused by the destinations, \(s.deadLetters) dead letters kept since the start (armoryctl errors)")
+        row("Refused", "\(s.errorsSent) client operations (errors sent back to clients)")
         let nowMs = Date().timeIntervalSince1970 * 1000
         func ago(_ ms: Int64) -> String { duration(max(0, (nowMs - Double(ms)) / 1000)) + " ago" }
-        row("Last write", s["last_success_ms"]?.intValue.map(ago) ?? "never")
+        row("Last write", s.lastSuccessMs.map(ago) ?? "never")
         row("Last error", lastError(s, ago: ago))
-        for job in s["syncs"]?.arrayValue ?? [] where !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
-            row("Sync", ArmoryCtl.Sync.describe(job))
+        for job in s.syncs where !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
+            row("Sync", ArmoryCtl.Sync.describe(.object(job)))
         }
         return lines.joined(separator: "\n")
     }
 
     /// The latest of the destinations' last error and the last error sent to a client.
-    static func lastError(_ s: JSONObject, ago: (Int64) -> String) -> String {
-        let store = s["last_error"]?.stringValue.map { (ms: s["last_error_ms"]?.intValue ?? 0, text: "destination: \($0.prefix(200))") }
-        let refusal = s["last_refusal"]?.objectValue.map { r in
+    static func lastError(_ s: StatusReply, ago: (Int64) -> String) -> String {
+        let store = s.lastError.map { (ms: s.lastErrorMs ?? 0, text: "destination: \($0.prefix(200))") }
+        let refusal = s.lastRefusal.map { r in
             let ms = r["time_ms"]?.intValue ?? 0
             let op = r["op"]?.stringValue.map { " in '\($0)'" } ?? ""
             return (ms: ms, text: "\(r["code"]?.stringValue ?? "?")\(op) to pid \(r["pid"]?.intValue ?? 0) (uid \(r["uid"]?.intValue ?? 0)): \(r["message"]?.stringValue?.prefix(200) ?? "")")

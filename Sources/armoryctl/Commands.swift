@@ -16,14 +16,12 @@ extension ArmoryCtl {
 
         func run() throws {
             if errors { return try Errors.show(options: options, runID: nil, retry: false) }
-            let runs = try options.status(options.connect())["active_runs"]?.arrayValue ?? []
-            if options.json { return options.printJSON(.array(runs)) }
-            guard !runs.isEmpty else { return print("no active runs") }
+            let status = try options.status(options.connect())
+            if options.json { return options.printJSON(status.json["active_runs"] ?? .array([])) }
+            guard !status.activeRuns.isEmpty else { return print("no active runs") }
             let header = ["RUN ID", "EXPERIMENT", "RUN", "OWNER UID", "CLIENT PID", "BACKLOG", "UPLOAD", "CLIENT"]
-            let rows = runs.map { r in
-                [r["run_id"]?.stringValue ?? "pending", r["experiment"]?.stringValue ?? "", r["name"]?.stringValue ?? "",
-                 "\(r["owner_uid"]?.intValue ?? 0)", "\(r["client_pid"]?.intValue ?? 0)", "\(r["pending_records"]?.intValue ?? 0)",
-                 r["upload"]?.stringValue ?? "ok", r["connected"]?.boolValue == true ? "connected" : "gone"]
+            let rows = status.activeRuns.map { r in
+                [r.runID ?? "pending", r.experiment, r.name, "\(r.ownerUID)", "\(r.clientPID)", "\(r.pendingRecords)", r.upload, r.connected ? "connected" : "gone"]
             }
             print(Table.render(header: header, rows: rows))
         }
@@ -51,17 +49,17 @@ extension ArmoryCtl {
             let connection = try options.connect()
             var status = try options.status(connection)
             let start = Date()
-            let initial = max(1, status["pending_records"]?.intValue ?? 0)
+            let initial = max(1, status.pendingRecords)
             let progress = ProgressBar(enabled: wait && !options.json && isatty(STDERR_FILENO) == 1)
-            while wait, (status["pending_records"]?.intValue ?? 0) > 0, Date().timeIntervalSince(start) < timeout {
-                let pending = status["pending_records"]?.intValue ?? 0
+            while wait, status.pendingRecords > 0, Date().timeIntervalSince(start) < timeout {
+                let pending = status.pendingRecords
                 progress.show(done: Double(initial - pending) / Double(initial),
-                              text: "\(pending) records pending, \(status["write_rate_metrics_per_s"]?.doubleValue ?? 0) metrics/s")
+                              text: "\(pending) records pending, \(status.writeRateMetricsPerSecond) metrics/s")
                 Thread.sleep(forTimeInterval: 0.25)
                 status = try options.status(connection)
             }
             progress.finish()
-            let pending = status["pending_records"]?.intValue ?? 0
+            let pending = status.pendingRecords
             let result: JSONObject = ["pending_records": .int(pending), "drained": .bool(pending == 0),
                                       "seconds": .double((Date().timeIntervalSince(start) * 10).rounded() / 10)]
             if options.json { options.printJSON(.object(result)) } else {
@@ -146,7 +144,7 @@ extension ArmoryCtl {
 
         func run() throws {
             let status = try options.status(options.connect())
-            if options.json { return options.printJSON(.object(status)) }
+            if options.json { return options.printJSON(.object(status.json)) }
             print(PrometheusText.render(status), terminator: "")
         }
     }
@@ -191,7 +189,7 @@ extension ArmoryCtl {
         /// The running daemon's store, when it writes a local one.
         private func daemonStore() throws -> String? {
             guard let connection = try? Connection(socketPath: options.socket, client: "armoryctl", admin: true),
-                  let destination = try? connection.status()["destination"]?.stringValue,
+                  let destination = try? connection.status()["destination"]?.stringValue,  // not read as a whole: any daemon version says this
                   destination.hasPrefix("file://") else { return nil }
             return String(destination.dropFirst("file://".count))
         }
@@ -226,15 +224,14 @@ extension ArmoryCtl {
 
         func run() throws {
             let status = try options.status(options.connect())
-            let pid = pid_t(status["pid"]?.intValue ?? 0)
-            if let unit = status["systemd_unit"]?.stringValue {
-                let user = status["systemd_user"]?.boolValue == true ? " --user" : ""
+            let pid = status.pid
+            if let (unit, user) = status.systemdUnit.map({ ($0.name, $0.user ? " --user" : "") }) {
                 throw Failure("armoryd (pid \(pid)) runs under systemd as \(unit): stop it with `systemctl\(user) stop \(unit)` (its socket starts it again on the next connection; stop \(unit.replacingOccurrences(of: ".service", with: ".socket")) too to keep it stopped).")
             }
             guard pid > 0 else { throw Failure("armoryd did not say its pid; stop it with kill.") }
             if kill(pid, SIGTERM) != 0 {
                 let reason = String(cString: strerror(errno))
-                throw Failure("Cannot stop armoryd (pid \(pid), uid \(status["uid"]?.intValue ?? -1)): \(reason). Run armoryctl stop as the daemon's user or as root.", exitCode: errno == EPERM ? 4 : 1)
+                throw Failure("Cannot stop armoryd (pid \(pid), uid \(status.uid)): \(reason). Run armoryctl stop as the daemon's user or as root.", exitCode: errno == EPERM ? 4 : 1)
             }
             let deadline = Date().addingTimeInterval(timeout)
             while Self.isAlive(pid) {
@@ -308,43 +305,39 @@ struct ProgressBar {
 
 /// The status reply as Prometheus text: counters and gauges named `armoryd_*`.
 enum PrometheusText {
-    static func render(_ s: JSONObject) -> String {
+    static func render(_ s: StatusReply) -> String {
         var out = ""
         func metric(_ name: String, _ type: String, _ help: String, _ samples: [(labels: String, value: Double)]) {
             out += "# HELP armoryd_\(name) \(help)\n# TYPE armoryd_\(name) \(type)\n"
             for sample in samples { out += "armoryd_\(name)\(sample.labels) \(format(sample.value))\n" }
         }
-        func number(_ key: String) -> Double { s[key]?.doubleValue ?? Double(s[key]?.intValue ?? 0) }
-        metric("up", "gauge", "1 when running, 0 when degraded.", [("", s["state"]?.stringValue == "running" ? 1 : 0)])
-        metric("uptime_seconds", "gauge", "Seconds since the daemon started.", [("", number("uptime_s"))])
-        metric("clients", "gauge", "Connected clients.", [("", Double(s["clients"]?.arrayValue?.count ?? 0))])
-        let sessions = s["sessions"]
-        metric("sessions_attached", "gauge", "Client sessions carried by a connection.", [("", Double(sessions?["attached"]?.intValue ?? 0))])
-        metric("sessions_waiting", "gauge", "Client sessions waiting for their client to resume them (after a restart or a broken connection).",
-               [("", Double(sessions?["waiting"]?.intValue ?? 0))])
-        metric("sessions_expired_total", "counter", "Sessions nobody resumed within --orphan-grace (their runs ended FAILED).", [("", Double(sessions?["expired"]?.intValue ?? 0))])
-        metric("active_runs", "gauge", "Runs not yet ended.", [("", Double(s["active_runs"]?.arrayValue?.count ?? 0))])
-        metric("pending_records", "gauge", "Records accepted (journaled) and not yet applied by their destination.", [("", number("pending_records"))])
-        metric("applied_records_total", "counter", "Records the destinations applied (a record: one frame's metrics, params and tags for a run, a run's creation or end, an artifact).", [("", number("applied_records"))])
-        metric("rejected_records_total", "counter", "Records the destinations refused for good (each reported to the client that sent it).", [("", number("rejected_records"))])
-        metric("dead_letters_total", "counter", "Refused records (down to the refused entities of a batch) written to the dead-letter files since the start; armoryctl errors lists them.", [("", number("dead_letters"))])
-        metric("metrics_accepted_total", "counter", "Metrics accepted from clients (valid and journaled); the daemon's own system/... samples are not counted here.", [("", number("metrics_accepted"))])
-        metric("metrics_written_total", "counter", "Metrics the destinations applied: the clients' and the system/... host metrics (see metrics_written_system_total).", [("", number("metrics_written"))])
-        metric("metrics_written_system_total", "counter", "Of metrics_written_total, those named system/... (host metrics the daemon samples for each run, or a client's own monitor logs).", [("", number("metrics_written_system"))])
-        metric("write_rate_metrics_per_second", "gauge", "Metrics written per second over the last ten seconds.", [("", number("write_rate_metrics_per_s"))])
-        metric("frames_received_total", "counter", "Frames received from clients (requests and fire-and-forget ops, admin tools included).", [("", number("frames_received"))])
-        metric("errors_sent_total", "counter", "Errors sent back to clients: operations refused at once (bad keys or values, unknown handles, wrong states, oversized frames) and records a destination refused later. armoryctl status shows the latest.", [("", number("errors_sent"))])
-        let journal = s["journal"]?.objectValue ?? [:]
-        metric("journal_bytes", "gauge", "Bytes of journal segments on disk.", [("", Double(journal["bytes"]?.intValue ?? 0))])
-        metric("journal_corrupt_records_total", "counter", "Corrupt journal records skipped at the last start.", [("", Double(journal["corrupt_records"]?.intValue ?? 0))])
-        let destinations = s["destinations"]?.arrayValue ?? []
-        let label = { (d: JSONValue) in "{destination=\"\(escape(d["destination"]?.stringValue ?? ""))\"}" }
-        metric("destination_pending_records", "gauge", "Records pending per destination.", destinations.map { (label($0), Double($0["pending_records"]?.intValue ?? 0)) })
-        metric("destination_retries_total", "counter", "Retried sink calls per destination.", destinations.map { (label($0), Double($0["retries"]?.intValue ?? 0)) })
-        metric("destination_healthy", "gauge", "1 when the destination's last call succeeded.", destinations.map { (label($0), $0["state"]?.stringValue == "running" ? 1 : 0) })
+        func count(_ n: Int64) -> [(labels: String, value: Double)] { [("", Double(n))] }
+        metric("up", "gauge", "1 when running, 0 when degraded.", [("", s.state == "running" ? 1 : 0)])
+        metric("uptime_seconds", "gauge", "Seconds since the daemon started.", [("", s.uptimeSeconds)])
+        metric("clients", "gauge", "Connected clients.", count(Int64(s.clients.count)))
+        metric("sessions_attached", "gauge", "Client sessions carried by a connection.", count(s.sessions.attached))
+        metric("sessions_waiting", "gauge", "Client sessions waiting for their client to resume them (after a restart or a broken connection).", count(s.sessions.waiting))
+        metric("sessions_expired_total", "counter", "Sessions nobody resumed within --orphan-grace (their runs ended FAILED).", count(s.sessions.expired))
+        metric("active_runs", "gauge", "Runs not yet ended.", count(Int64(s.activeRuns.count)))
+        metric("pending_records", "gauge", "Records accepted (journaled) and not yet applied by their destination.", count(s.pendingRecords))
+        metric("applied_records_total", "counter", "Records the destinations applied (a record: one frame's metrics, params and tags for a run, a run's creation or end, an artifact).", count(s.appliedRecords))
+        metric("rejected_records_total", "counter", "Records the destinations refused for good (each reported to the client that sent it).", count(s.rejectedRecords))
+        metric("dead_letters_total", "counter", "Refused records (down to the refused entities of a batch) written to the dead-letter files since the start; armoryctl errors lists them.", count(s.deadLetters))
+        metric("metrics_accepted_total", "counter", "Metrics accepted from clients (valid and journaled); the daemon's own system/... samples are not counted here.", count(s.metricsAccepted))
+        metric("metrics_written_total", "counter", "Metrics the destinations applied: the clients' and the system/... host metrics (see metrics_written_system_total).", count(s.metricsWritten))
+        metric("metrics_written_system_total", "counter", "Of metrics_written_total, those named system/... (host metrics the daemon samples for each run, or a client's own monitor logs).", count(s.metricsWrittenSystem))
+        metric("write_rate_metrics_per_second", "gauge", "Metrics written per second over the last ten seconds.", [("", s.writeRateMetricsPerSecond)])
+        metric("frames_received_total", "counter", "Frames received from clients (requests and fire-and-forget ops, admin tools included).", count(s.framesReceived))
+        metric("errors_sent_total", "counter", "Errors sent back to clients: operations refused at once (bad keys or values, unknown handles, wrong states, oversized frames) and records a destination refused later. armoryctl status shows the latest.", count(s.errorsSent))
+        metric("journal_bytes", "gauge", "Bytes of journal segments on disk.", count(s.journal.bytes))
+        metric("journal_corrupt_records_total", "counter", "Corrupt journal records skipped at the last start.", count(s.journal.corruptRecords))
+        let label = { (d: StatusReply.Destination) in "{destination=\"\(escape(d.destination))\"}" }
+        metric("destination_pending_records", "gauge", "Records pending per destination.", s.destinations.map { (label($0), Double($0.pendingRecords)) })
+        metric("destination_retries_total", "counter", "Retried sink calls per destination.", s.destinations.map { (label($0), Double($0.retries)) })
+        metric("destination_healthy", "gauge", "1 when the destination's last call succeeded.", s.destinations.map { (label($0), $0.state == "running" ? 1 : 0) })
         metric("destination_needs_credentials", "gauge", "1 while the destination refuses the credentials (401, 403): its records wait in the journal.",
-               destinations.map { (label($0), $0["state"]?.stringValue == "needs-credentials" ? 1 : 0) })
-        if let last = s["last_success_ms"]?.intValue {
+               s.destinations.map { (label($0), $0.state == "needs-credentials" ? 1 : 0) })
+        if let last = s.lastSuccessMs {
             metric("last_success_timestamp_seconds", "gauge", "When a destination last applied a call.", [("", Double(last) / 1000)])
         }
         return out

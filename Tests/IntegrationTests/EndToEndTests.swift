@@ -250,7 +250,13 @@ import Testing
         let group = ServiceGroupHolder(daemon)
         try await Task.sleep(for: .milliseconds(300))
         let tracker = try Tracker(socketPath: path)
-        #expect(try tracker.status()["socket"] == .string(path))
+        var reply = try tracker.status()
+        (reply["op"], reply["seq"]) = (nil, nil)
+        // The reply reads back as the type armoryctl uses, and writes out as the daemon sent it.
+        let status = try #require(StatusReply(json: reply))
+        #expect(status.socket == path && status.state == "running" && status.destinations.count == 1)
+        #expect(status.destinations.first?.live?.journalSegments ?? 0 > 0)
+        #expect(status.json == reply)
         tracker.connection.disconnect()
         try await group.stop()
         #expect(!FileManager.default.fileExists(atPath: path))  // removed on shutdown

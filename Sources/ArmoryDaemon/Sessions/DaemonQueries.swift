@@ -12,7 +12,7 @@ extension DaemonServices {
     func answer(_ query: DaemonQuery, peer: PeerCredentials, destination: DestinationKey, hello: Hello?) throws(ProtocolError) -> JSONObject {
         switch query {
         case .status:
-            return StatusReport.make(services: self, viewer: peer)
+            return StatusReport.make(services: self, viewer: peer).json
         case .sync(let request):
             return ["job": try startSync(request, peer: peer, destination: destination, hello: hello).json]
         case .syncStatus:
