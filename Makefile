@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := .build/debug
 
-.PHONY: all bootstrap build demo test test-swift test-python test-scale test-compat bench bench-lab bench-sync fuzz install clean
+.PHONY: all bootstrap build demo lint format test test-swift test-python test-scale test-compat bench bench-lab bench-sync fuzz install clean
 
 all: build
 
@@ -18,7 +18,16 @@ build: bootstrap
 demo: build
 	@bash scripts/demo.sh
 
+# swift-format with the checked-in .swift-format: `make lint` checks, `make format` rewrites.
+FORMATTED := Sources Tests Benchmarks/armory-bench Fuzz Package.swift
+lint:
+	$(SWIFT) format lint --strict --configuration .swift-format -r $(FORMATTED)
+
+format:
+	$(SWIFT) format format -i --configuration .swift-format -r $(FORMATTED)
+
 test: build
+	$(MAKE) lint
 	$(MAKE) test-swift
 	$(MAKE) test-python
 	$(MAKE) test-scale

@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import ArmoryProtocol
 import ArmoryTrack
-import MLflow
 import Foundation
+import MLflow
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// `armory-bench`: figures next to baselines measured in the same run (see Benchmarks/README.md).
 @main
@@ -96,29 +97,33 @@ struct ArmoryBench: AsyncParsableCommand {
 
         // 1. Client call cost: ArmoryTrack's logMetric vs a raw write() of the same frame bytes.
         if wanted.contains("calls") {
-        let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
-        let callEvaluation = tracker.evaluation("bench-call-cost")
-        let run = try callEvaluation.start()
-        let floor = Self.rawWriteLatencies(frame: sample, count: calls)
-        var latencies = [UInt64](repeating: 0, count: calls)
-        for i in 0..<1000 { run.logMetric("warmup", Double(i), step: Int64(i)) }
-        for i in 0..<calls {
-            let start = Self.nanos()
-            run.logMetric("loss", Double(i) * 0.001, step: Int64(i))
-            latencies[i] = Self.nanos() - start
-        }
-        try tracker.flush(.uploaded, timeout: 120)
-        try callEvaluation.end()
-        let call = Percentiles(latencies)
-        let raw = Percentiles(floor)
-        table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "ArmoryTrack logMetric (fire-and-forget)" as NSString, call.p50, call.p99, call.p999))
-        table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "baseline: raw write() of the same frame" as NSString, raw.p50, raw.p99, raw.p999))
-        table.append(String(format: "%-44@ p50 %.2fx  p99 %.2fx of the raw write", "ratio" as NSString, call.p50 / raw.p50, call.p99 / raw.p99))
-        results.append(("call_cost", .object([
-            "calls": .int(Int64(calls)), "armorytrack_us": call.json, "raw_write_us": raw.json,
-            "ratio_p50": .double(call.p50 / raw.p50), "ratio_p99": .double(call.p99 / raw.p99),
-        ])))
-        tracker.connection.disconnect()
+            let tracker = try Tracker(socketPath: socketPath, program: "armory-bench")
+            let callEvaluation = tracker.evaluation("bench-call-cost")
+            let run = try callEvaluation.start()
+            let floor = Self.rawWriteLatencies(frame: sample, count: calls)
+            var latencies = [UInt64](repeating: 0, count: calls)
+            for i in 0..<1000 { run.logMetric("warmup", Double(i), step: Int64(i)) }
+            for i in 0..<calls {
+                let start = Self.nanos()
+                run.logMetric("loss", Double(i) * 0.001, step: Int64(i))
+                latencies[i] = Self.nanos() - start
+            }
+            try tracker.flush(.uploaded, timeout: 120)
+            try callEvaluation.end()
+            let call = Percentiles(latencies)
+            let raw = Percentiles(floor)
+            table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "ArmoryTrack logMetric (fire-and-forget)" as NSString, call.p50, call.p99, call.p999))
+            table.append(String(format: "%-44@ p50 %7.2f µs  p99 %7.2f µs  p99.9 %7.2f µs", "baseline: raw write() of the same frame" as NSString, raw.p50, raw.p99, raw.p999))
+            table.append(String(format: "%-44@ p50 %.2fx  p99 %.2fx of the raw write", "ratio" as NSString, call.p50 / raw.p50, call.p99 / raw.p99))
+            results.append(
+                (
+                    "call_cost",
+                    .object([
+                        "calls": .int(Int64(calls)), "armorytrack_us": call.json, "raw_write_us": raw.json,
+                        "ratio_p50": .double(call.p50 / raw.p50), "ratio_p99": .double(call.p99 / raw.p99),
+                    ])
+                ))
+            tracker.connection.disconnect()
         }
 
         // 2. Sustained ingest with N concurrent clients into the daemon and its local store,
@@ -126,21 +131,27 @@ struct ArmoryBench: AsyncParsableCommand {
         let total = Double(clients * metricsPerClient)
         var rate = 0.0
         if wanted.contains("ingest") {
-        let ceiling = Self.rawIngest(clients: clients, frame: sample, frames: metricsPerClient)
-        let (ingestProcess, ingestSocket) = try Self.startDaemon(daemon, home: home + "/ingest", environment: [:])
-        let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: ingestSocket, daemonPID: ingestProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
-        ingestProcess.terminate()
-        ingestProcess.waitUntilExit()
-        rate = total / elapsed
-        table.append(String(format: "%-44@ %10.0f metrics/s  (%d clients × %d single-metric frames, written to the store; %.2f CPU-s per 1M; peak RSS %d MB)",
-                            "armoryd ingest" as NSString, rate, clients, metricsPerClient, cpu / total * 1e6, peakKB / 1024))
-        table.append(String(format: "%-44@ %10.0f frames/s", "baseline: raw socket writes, same frames" as NSString, ceiling))
-        table.append(String(format: "%-44@ %.2fx of the raw transport", "ratio" as NSString, rate / ceiling))
-        results.append(("ingest", .object([
-            "clients": .int(Int64(clients)), "metrics_per_client": .int(Int64(metricsPerClient)),
-            "metrics_per_s": .double(rate.rounded()), "raw_frames_per_s": .double(ceiling.rounded()), "ratio": .double(rate / ceiling),
-            "daemon_cpu_s_per_million": .double(cpu / total * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
-        ])))
+            let ceiling = Self.rawIngest(clients: clients, frame: sample, frames: metricsPerClient)
+            let (ingestProcess, ingestSocket) = try Self.startDaemon(daemon, home: home + "/ingest", environment: [:])
+            let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: ingestSocket, daemonPID: ingestProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
+            ingestProcess.terminate()
+            ingestProcess.waitUntilExit()
+            rate = total / elapsed
+            table.append(
+                String(
+                    format: "%-44@ %10.0f metrics/s  (%d clients × %d single-metric frames, written to the store; %.2f CPU-s per 1M; peak RSS %d MB)",
+                    "armoryd ingest" as NSString, rate, clients, metricsPerClient, cpu / total * 1e6, peakKB / 1024))
+            table.append(String(format: "%-44@ %10.0f frames/s", "baseline: raw socket writes, same frames" as NSString, ceiling))
+            table.append(String(format: "%-44@ %.2fx of the raw transport", "ratio" as NSString, rate / ceiling))
+            results.append(
+                (
+                    "ingest",
+                    .object([
+                        "clients": .int(Int64(clients)), "metrics_per_client": .int(Int64(metricsPerClient)),
+                        "metrics_per_s": .double(rate.rounded()), "raw_frames_per_s": .double(ceiling.rounded()), "ratio": .double(rate / ceiling),
+                        "daemon_cpu_s_per_million": .double(cpu / total * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
+                    ])
+                ))
         }
 
         // 2b. The ingest matrix: 1, 8 and 64 concurrent clients, single-metric and 100-metric
@@ -150,21 +161,26 @@ struct ArmoryBench: AsyncParsableCommand {
             for count in ingestClients.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
                 for perFrame in [1, 100] {
                     let perClient = max(perFrame, ingestMetrics / count / perFrame * perFrame)
-                    let (matrixProcess, matrixSocket) = try Self.startDaemon(daemon, home: home + "/matrix-\(count)-\(perFrame)", environment: [:],
-                                                                             arguments: ingestSink == "null" ? ["--tracking-uri", "null:"] : [])
-                    let (elapsed, cpu, peakKB) = try Self.daemonIngest(socketPath: matrixSocket, daemonPID: matrixProcess.processIdentifier,
-                                                                      clients: count, metrics: perClient, perFrame: perFrame)
+                    let (matrixProcess, matrixSocket) = try Self.startDaemon(
+                        daemon, home: home + "/matrix-\(count)-\(perFrame)", environment: [:],
+                        arguments: ingestSink == "null" ? ["--tracking-uri", "null:"] : [])
+                    let (elapsed, cpu, peakKB) = try Self.daemonIngest(
+                        socketPath: matrixSocket, daemonPID: matrixProcess.processIdentifier,
+                        clients: count, metrics: perClient, perFrame: perFrame)
                     matrixProcess.terminate()
                     matrixProcess.waitUntilExit()
                     let metrics = Double(count * perClient)
-                    table.append(String(format: "%-44@ %10.0f metrics/s %9.0f frames/s  %.2f CPU-s per 1M  peak RSS %d MB",
-                                        "ingest (\(ingestSink)) \(count) clients × \(perFrame)-metric frames" as NSString, metrics / elapsed, metrics / Double(perFrame) / elapsed,
-                                        cpu / metrics * 1e6, peakKB / 1024))
-                    rows.append(.object([
-                        "clients": .int(Int64(count)), "metrics_per_frame": .int(Int64(perFrame)), "metrics": .int(Int64(metrics)), "sink": .string(ingestSink),
-                        "metrics_per_s": .double((metrics / elapsed).rounded()), "frames_per_s": .double((metrics / Double(perFrame) / elapsed).rounded()),
-                        "daemon_cpu_s_per_million": .double(cpu / metrics * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
-                    ]))
+                    table.append(
+                        String(
+                            format: "%-44@ %10.0f metrics/s %9.0f frames/s  %.2f CPU-s per 1M  peak RSS %d MB",
+                            "ingest (\(ingestSink)) \(count) clients × \(perFrame)-metric frames" as NSString, metrics / elapsed, metrics / Double(perFrame) / elapsed,
+                            cpu / metrics * 1e6, peakKB / 1024))
+                    rows.append(
+                        .object([
+                            "clients": .int(Int64(count)), "metrics_per_frame": .int(Int64(perFrame)), "metrics": .int(Int64(metrics)), "sink": .string(ingestSink),
+                            "metrics_per_s": .double((metrics / elapsed).rounded()), "frames_per_s": .double((metrics / Double(perFrame) / elapsed).rounded()),
+                            "daemon_cpu_s_per_million": .double(cpu / metrics * 1e6), "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
+                        ]))
                 }
             }
             results.append(("ingest_matrix", .array(rows)))
@@ -172,31 +188,43 @@ struct ArmoryBench: AsyncParsableCommand {
 
         // 3. The cost of durability: the same ingest into a daemon whose journal does not fsync.
         if wanted.contains("durability") && wanted.contains("ingest") {
-        let (unsyncedProcess, unsyncedSocket) = try Self.startDaemon(daemon, home: home + "/nofsync", environment: [:], arguments: ["--journal-fsync", "off"])
-        let (unsyncedElapsed, _, _) = try Self.daemonIngest(socketPath: unsyncedSocket, daemonPID: unsyncedProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
-        unsyncedProcess.terminate()
-        unsyncedProcess.waitUntilExit()
-        let unsyncedRate = total / unsyncedElapsed
-        table.append(String(format: "%-44@ %10.0f metrics/s  (same ingest, --journal-fsync off)", "baseline: journal without fsync" as NSString, unsyncedRate))
-        table.append(String(format: "%-44@ %.2fx of the unsynced journal", "ratio (cost of fsync)" as NSString, rate / unsyncedRate))
-        results.append(("durability", .object([
-            "fsync_metrics_per_s": .double(rate.rounded()), "no_fsync_metrics_per_s": .double(unsyncedRate.rounded()), "ratio": .double(rate / unsyncedRate),
-        ])))
+            let (unsyncedProcess, unsyncedSocket) = try Self.startDaemon(daemon, home: home + "/nofsync", environment: [:], arguments: ["--journal-fsync", "off"])
+            let (unsyncedElapsed, _, _) = try Self.daemonIngest(socketPath: unsyncedSocket, daemonPID: unsyncedProcess.processIdentifier, clients: clients, metrics: metricsPerClient)
+            unsyncedProcess.terminate()
+            unsyncedProcess.waitUntilExit()
+            let unsyncedRate = total / unsyncedElapsed
+            table.append(String(format: "%-44@ %10.0f metrics/s  (same ingest, --journal-fsync off)", "baseline: journal without fsync" as NSString, unsyncedRate))
+            table.append(String(format: "%-44@ %.2fx of the unsynced journal", "ratio (cost of fsync)" as NSString, rate / unsyncedRate))
+            results.append(
+                (
+                    "durability",
+                    .object([
+                        "fsync_metrics_per_s": .double(rate.rounded()), "no_fsync_metrics_per_s": .double(unsyncedRate.rounded()), "ratio": .double(rate / unsyncedRate),
+                    ])
+                ))
         }
 
         // 4. Recovery: a daemon whose server is unreachable builds a backlog of `recoveryGB` in
         //    its journal, is killed with SIGKILL, and is started again; timed until it answers.
         if recoveryGB > 0 && wanted.contains("recovery") {
             let figure = try Self.recovery(daemon, home: home + "/recovery", bytes: Int(recoveryGB * Double(1 << 30)))
-            table.append(String(format: "%-44@ %10.2f s  (%.2f GB, %d segments; RSS after replay %d MB; the first start of an empty journal took %.2f s)",
-                                "recovery after kill -9" as NSString, figure.seconds, Double(figure.bytes) / Double(1 << 30), figure.segments, figure.rssKB / 1024, figure.emptySeconds))
-            table.append(String(format: "%-44@ %@", "daemon RSS while the backlog grew" as NSString,
-                                figure.rssByBacklog.map { "\($0.bytes >> 20) MB backlog: \($0.rssKB / 1024) MB" }.joined(separator: ", ") as NSString))
-            results.append(("recovery", .object([
-                "journal_bytes": .int(Int64(figure.bytes)), "seconds": .double(figure.seconds), "empty_start_seconds": .double(figure.emptySeconds),
-                "rss_mb_after_replay": .int(Int64(figure.rssKB / 1024)), "replayed_records": .int(Int64(figure.records)),
-                "rss_mb_by_backlog_mb": .array(figure.rssByBacklog.map { .object(["backlog_mb": .int(Int64($0.bytes >> 20)), "rss_mb": .int(Int64($0.rssKB / 1024))]) }),
-            ])))
+            table.append(
+                String(
+                    format: "%-44@ %10.2f s  (%.2f GB, %d segments; RSS after replay %d MB; the first start of an empty journal took %.2f s)",
+                    "recovery after kill -9" as NSString, figure.seconds, Double(figure.bytes) / Double(1 << 30), figure.segments, figure.rssKB / 1024, figure.emptySeconds))
+            table.append(
+                String(
+                    format: "%-44@ %@", "daemon RSS while the backlog grew" as NSString,
+                    figure.rssByBacklog.map { "\($0.bytes >> 20) MB backlog: \($0.rssKB / 1024) MB" }.joined(separator: ", ") as NSString))
+            results.append(
+                (
+                    "recovery",
+                    .object([
+                        "journal_bytes": .int(Int64(figure.bytes)), "seconds": .double(figure.seconds), "empty_start_seconds": .double(figure.emptySeconds),
+                        "rss_mb_after_replay": .int(Int64(figure.rssKB / 1024)), "replayed_records": .int(Int64(figure.records)),
+                        "rss_mb_by_backlog_mb": .array(figure.rssByBacklog.map { .object(["backlog_mb": .int(Int64($0.bytes >> 20)), "rss_mb": .int(Int64($0.rssKB / 1024))]) }),
+                    ])
+                ))
         }
 
         // 5. Drain into a real MLflow server: armoryd end to end next to raw log-batch calls with
@@ -213,11 +241,15 @@ struct ArmoryBench: AsyncParsableCommand {
             table.append(String(format: "%-44@ %10.0f metrics/s  (%d runs × %d metrics, 100-metric frames, until confirmed by the server)", "armoryd drain into mlflow server" as NSString, drained, drainRuns, drainMetrics))
             table.append(String(format: "%-44@ %10.0f metrics/s  (%d concurrent, prebuilt 1000-metric bodies; %.0f before, %.0f after)", "baseline: raw log-batch" as NSString, raw, drainRuns, rawBefore, rawAfter))
             table.append(String(format: "%-44@ %.2fx of raw log-batch", "ratio" as NSString, drained / raw))
-            results.append(("drain", .object([
-                "runs": .int(Int64(drainRuns)), "metrics_per_run": .int(Int64(drainMetrics)),
-                "armoryd_metrics_per_s": .double(drained.rounded()), "raw_log_batch_metrics_per_s": .double(raw.rounded()),
-                "raw_before": .double(rawBefore.rounded()), "raw_after": .double(rawAfter.rounded()), "ratio": .double(drained / raw),
-            ])))
+            results.append(
+                (
+                    "drain",
+                    .object([
+                        "runs": .int(Int64(drainRuns)), "metrics_per_run": .int(Int64(drainMetrics)),
+                        "armoryd_metrics_per_s": .double(drained.rounded()), "raw_log_batch_metrics_per_s": .double(raw.rounded()),
+                        "raw_before": .double(rawBefore.rounded()), "raw_after": .double(rawAfter.rounded()), "ratio": .double(drained / raw),
+                    ])
+                ))
         }
 
         // 6. The daemon's CPU cost of system-metrics sampling with many active runs: the same
@@ -225,8 +257,9 @@ struct ArmoryBench: AsyncParsableCommand {
         if wanted.contains("sampling") {
             var cost: [String: Double] = [:]
             for (label, interval) in [("on", "1"), ("off", "0")] {
-                let (sampler, samplerSocket) = try Self.startDaemon(daemon, home: home + "/sampling-" + label, environment: [:],
-                                                                   arguments: ["--system-metrics-interval", interval])
+                let (sampler, samplerSocket) = try Self.startDaemon(
+                    daemon, home: home + "/sampling-" + label, environment: [:],
+                    arguments: ["--system-metrics-interval", interval])
                 let tracker = try Tracker(socketPath: samplerSocket, program: "armory-bench")
                 let evaluation = tracker.evaluation("bench-sampling")
                 for i in 0..<max(0, samplingRuns - 1) { _ = try evaluation.addChain("run-\(i)").start() }
@@ -240,12 +273,18 @@ struct ArmoryBench: AsyncParsableCommand {
                 sampler.waitUntilExit()
             }
             let perSecond = max(0, cost["on"]! - cost["off"]!) * 100
-            table.append(String(format: "%-44@ %6.2f %% of a core at a 1 s interval (%.2f %% at the default 10 s); daemon %.2f %% with, %.2f %% without",
-                                "system-metrics sampling, \(samplingRuns) runs" as NSString, perSecond, perSecond / 10, cost["on"]! * 100, cost["off"]! * 100))
-            results.append(("sampling", .object([
-                "runs": .int(Int64(samplingRuns)), "core_percent_at_1s": .double(perSecond), "core_percent_at_10s": .double(perSecond / 10),
-                "daemon_core_percent_sampling": .double(cost["on"]! * 100), "daemon_core_percent_not_sampling": .double(cost["off"]! * 100),
-            ])))
+            table.append(
+                String(
+                    format: "%-44@ %6.2f %% of a core at a 1 s interval (%.2f %% at the default 10 s); daemon %.2f %% with, %.2f %% without",
+                    "system-metrics sampling, \(samplingRuns) runs" as NSString, perSecond, perSecond / 10, cost["on"]! * 100, cost["off"]! * 100))
+            results.append(
+                (
+                    "sampling",
+                    .object([
+                        "runs": .int(Int64(samplingRuns)), "core_percent_at_1s": .double(perSecond), "core_percent_at_10s": .double(perSecond / 10),
+                        "daemon_core_percent_sampling": .double(cost["on"]! * 100), "daemon_core_percent_not_sampling": .double(cost["off"]! * 100),
+                    ])
+                ))
         }
 
         // 7. Scale: time and memory for one run of 1k to 1M metrics, and for 1 to 256 connected
@@ -257,16 +296,22 @@ struct ArmoryBench: AsyncParsableCommand {
                 let (elapsed, _, peakKB) = try Self.daemonIngest(socketPath: scaleSocket, daemonPID: scaleProcess.processIdentifier, clients: 1, metrics: metrics)
                 scaleProcess.terminate()
                 scaleProcess.waitUntilExit()
-                table.append(String(format: "%-44@ %8.3f s  %6.2f µs per metric  peak RSS %d MB", "scale: one run of \(metrics) metrics" as NSString,
-                                    elapsed, elapsed / Double(metrics) * 1e6, peakKB / 1024))
-                runRows.append(.object(["metrics": .int(Int64(metrics)), "seconds": .double(elapsed), "us_per_metric": .double(elapsed / Double(metrics) * 1e6),
-                                        "daemon_peak_rss_mb": .int(Int64(peakKB / 1024))]))
+                table.append(
+                    String(
+                        format: "%-44@ %8.3f s  %6.2f µs per metric  peak RSS %d MB", "scale: one run of \(metrics) metrics" as NSString,
+                        elapsed, elapsed / Double(metrics) * 1e6, peakKB / 1024))
+                runRows.append(
+                    .object([
+                        "metrics": .int(Int64(metrics)), "seconds": .double(elapsed), "us_per_metric": .double(elapsed / Double(metrics) * 1e6),
+                        "daemon_peak_rss_mb": .int(Int64(peakKB / 1024)),
+                    ]))
             }
             var clientRows: [JSONValue] = []
             for count in scaleClients.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
                 // Sampling off: its cost with many runs is the sampling figure's.
-                let (scaleProcess, scaleSocket) = try Self.startDaemon(daemon, home: home + "/scale-clients-\(count)", environment: [:],
-                                                                       arguments: ["--system-metrics-interval", "0"])
+                let (scaleProcess, scaleSocket) = try Self.startDaemon(
+                    daemon, home: home + "/scale-clients-\(count)", environment: [:],
+                    arguments: ["--system-metrics-interval", "0"])
                 let pid = scaleProcess.processIdentifier
                 let perClient = max(1, scaleBusyMetrics / count)
                 let processes = try ClientProcesses(count, ClientWorkload(socketPath: scaleSocket, evaluation: "bench-scale", metrics: perClient, perFrame: 1))
@@ -280,11 +325,16 @@ struct ArmoryBench: AsyncParsableCommand {
                 scaleProcess.terminate()
                 scaleProcess.waitUntilExit()
                 let metrics = Double(perClient * count)
-                table.append(String(format: "%-44@ idle: RSS %d MB, %.2f wake-ups/s; busy: %.0f metrics/s, %.2f CPU-s per 1M, peak RSS %d MB",
-                                    "scale: \(count) connected clients" as NSString, idleKB / 1024, wakeups, metrics / elapsed, cpu / metrics * 1e6, peakKB / 1024))
-                clientRows.append(.object(["clients": .int(Int64(count)), "idle_rss_mb": .int(Int64(idleKB / 1024)), "idle_wakeups_per_s": .double(wakeups),
-                                           "busy_metrics_per_s": .double((metrics / elapsed).rounded()), "busy_cpu_s_per_million": .double(cpu / metrics * 1e6),
-                                           "busy_peak_rss_mb": .int(Int64(peakKB / 1024))]))
+                table.append(
+                    String(
+                        format: "%-44@ idle: RSS %d MB, %.2f wake-ups/s; busy: %.0f metrics/s, %.2f CPU-s per 1M, peak RSS %d MB",
+                        "scale: \(count) connected clients" as NSString, idleKB / 1024, wakeups, metrics / elapsed, cpu / metrics * 1e6, peakKB / 1024))
+                clientRows.append(
+                    .object([
+                        "clients": .int(Int64(count)), "idle_rss_mb": .int(Int64(idleKB / 1024)), "idle_wakeups_per_s": .double(wakeups),
+                        "busy_metrics_per_s": .double((metrics / elapsed).rounded()), "busy_cpu_s_per_million": .double(cpu / metrics * 1e6),
+                        "busy_peak_rss_mb": .int(Int64(peakKB / 1024)),
+                    ]))
             }
             results.append(("scale", .object(["run_metrics": .array(runRows), "clients": .array(clientRows)])))
         }
@@ -330,13 +380,14 @@ struct ArmoryBench: AsyncParsableCommand {
         for r in 0..<runs {
             let run = try await client.createRun(experimentID: experiment, runName: "raw-\(r)", startTime: time, userID: "bench", tags: [:])
             // The shape armoryd's drain sends: 100 keys per step, 10 steps per body.
-            bodies.append((0..<(metrics / 1000)).map { b in
-                var points: [MetricPoint] = []
-                for step in (b * 10)..<(b * 10 + 10) {
-                    for key in 0..<100 { points.append(MetricPoint(key: "m\(key)", value: Double(key), step: Int64(step), timestamp: time + Int64(step))) }
-                }
-                return MLflowRESTClient.logBatchBody(runID: run.runID, LogBatch(metrics: points))
-            })
+            bodies.append(
+                (0..<(metrics / 1000)).map { b in
+                    var points: [MetricPoint] = []
+                    for step in (b * 10)..<(b * 10 + 10) {
+                        for key in 0..<100 { points.append(MetricPoint(key: "m\(key)", value: Double(key), step: Int64(step), timestamp: time + Int64(step))) }
+                    }
+                    return MLflowRESTClient.logBatchBody(runID: run.runID, LogBatch(metrics: points))
+                })
         }
         let start = nanos()
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -436,11 +487,15 @@ struct ArmoryBench: AsyncParsableCommand {
     static func wakeups(pid: Int32, over seconds: Double) -> Double {
         func switches() -> [String: Int] {
             let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-            return Dictionary(uniqueKeysWithValues: tasks.map { task in
-                let status = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8)) ?? ""
-                return (task, status.split(separator: "\n").filter { $0.hasPrefix("voluntary_ctxt_switches:") || $0.hasPrefix("nonvoluntary_ctxt_switches:") }
-                    .compactMap { Int($0.split(separator: "\t").last ?? "") }.reduce(0, +))
-            })
+            return Dictionary(
+                uniqueKeysWithValues: tasks.map { task in
+                    let status = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8)) ?? ""
+                    return (
+                        task,
+                        status.split(separator: "\n").filter { $0.hasPrefix("voluntary_ctxt_switches:") || $0.hasPrefix("nonvoluntary_ctxt_switches:") }
+                            .compactMap { Int($0.split(separator: "\t").last ?? "") }.reduce(0, +)
+                    )
+                })
         }
         let first = switches()
         var last = first
@@ -474,7 +529,8 @@ struct ArmoryBench: AsyncParsableCommand {
         var frame = 0
         func journalBytes() -> Int {
             guard case .array(let all)? = (try? connection.status())?["destinations"], case .object(let first)? = all.first,
-                  let n = first["journal_bytes"]?.intValue else { return 0 }
+                let n = first["journal_bytes"]?.intValue
+            else { return 0 }
             return Int(n)
         }
         var rssByBacklog: [(bytes: Int, rssKB: Int)] = []
@@ -503,7 +559,8 @@ struct ArmoryBench: AsyncParsableCommand {
         let seconds = Double(nanos() - started) / 1e9
         let probe = try Connection(socketPath: againSocket, program: "armory-bench")
         let status = try probe.status()
-        var segments = 0, records = 0
+        var segments = 0
+        var records = 0
         if case .object(let j)? = status["journal"] {
             segments = Int(j["segments"]?.intValue ?? 0)
             records = Int(j["replayed_records"]?.intValue ?? 0)
@@ -517,7 +574,8 @@ struct ArmoryBench: AsyncParsableCommand {
 
     static func cpuSeconds(pid: Int32) -> Double {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return 0 }
+            let close = stat.lastIndex(of: ")")
+        else { return 0 }
         let fields = stat[stat.index(after: close)...].split(separator: " ")
         let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)  // utime, stime
         return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import ArmoryProtocol
 import ArmoryTrack
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// What one benchmark client process does once told to go: `metrics` metrics into one chain run,
 /// in frames of `perFrame` metrics (1: `logMetric`; more: one `log` frame of distinct keys per step).
@@ -49,9 +50,12 @@ final class ClientProcesses {
         for c in 0..<count {
             let process = Process()
             process.executableURL = executable
-            process.arguments = ["--client-socket", workload.socketPath, "--client-evaluation", workload.evaluation, "--client-name", "client-\(c)",
-                                 "--client-metrics", String(workload.metrics), "--client-per-frame", String(workload.perFrame)]
-            let input = Pipe(), output = Pipe()
+            process.arguments = [
+                "--client-socket", workload.socketPath, "--client-evaluation", workload.evaluation, "--client-name", "client-\(c)",
+                "--client-metrics", String(workload.metrics), "--client-per-frame", String(workload.perFrame),
+            ]
+            let input = Pipe()
+            let output = Pipe()
             process.standardInput = input
             process.standardOutput = output
             try process.run()

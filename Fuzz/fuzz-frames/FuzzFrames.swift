@@ -1,7 +1,8 @@
-@testable import ArmoryDaemon
 import ArmoryProtocol
 import NIOCore
 import NIOEmbedded
+
+@testable import ArmoryDaemon
 
 /// libFuzzer target: the daemon's frame decoder (NIO) and the clients' (`FrameDecoder`) fed the
 /// same bytes in the same chunks must agree frame by frame up to the first frame over the limit,
@@ -47,7 +48,9 @@ public func fuzzFrames(_ start: UnsafeRawPointer, _ count: Int) -> CInt {
                 switch decoder.next() {
                 case .frame(let payload): valueFrames.append(payload)
                 case .needMoreData: break loop
-                case .tooLarge: valueStopped = true; break loop
+                case .tooLarge:
+                    valueStopped = true
+                    break loop
                 }
             }
         }

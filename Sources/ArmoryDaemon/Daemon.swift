@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import ArmoryProtocol
 import Foundation
 import Logging
@@ -11,6 +6,12 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// Everything armoryd needs to start; `armoryd`'s flags and environment fill it in.
 public struct DaemonConfiguration: Sendable {
@@ -182,46 +183,56 @@ public final class Daemon: Service {
         let servicesBox = Mutex<DaemonServices?>(nil)
         let timerLoop = group.next()
         let logger = logger
-        let sessions = SessionTable(graceSeconds: config.orphanGraceSeconds, schedule: { seconds, body in
-            timerLoop.scheduleTask(in: .milliseconds(Int64(seconds * 1000))) { body() }
-        }, onExpired: { session, record in
-            guard let services = servicesBox.withLock({ $0 }) else { return }
-            session?.expire()
-            // Its record may be in any destination's journal (a resume may name another one).
-            if let id = session.map({ $0.journaled ? $0.id : nil }) ?? record?.id {
-                for uploader in services.destinations.all { uploader.enqueue([], tail: .sessionEnd(id: id)) }
-            }
-            Self.endOrphans(session?.record.runHandles ?? record?.runHandles ?? [], services: services, logger: logger)
-        })
+        let sessions = SessionTable(
+            graceSeconds: config.orphanGraceSeconds,
+            schedule: { seconds, body in
+                timerLoop.scheduleTask(in: .milliseconds(Int64(seconds * 1000))) { body() }
+            },
+            onExpired: { session, record in
+                guard let services = servicesBox.withLock({ $0 }) else { return }
+                session?.expire()
+                // Its record may be in any destination's journal (a resume may name another one).
+                if let id = session.map({ $0.journaled ? $0.id : nil }) ?? record?.id {
+                    for uploader in services.destinations.all { uploader.enqueue([], tail: .sessionEnd(id: id)) }
+                }
+                Self.endOrphans(session?.record.runHandles ?? record?.runHandles ?? [], services: services, logger: logger)
+            })
         let destinations: Destinations
         do {
-            destinations = try Destinations(primarySink: sink, primaryServer: config.server, settings: settings, registry: registry, onRestoredRuns: { handles in
-                restored.withLock { $0.append(contentsOf: handles) }
-            }, onRestoredSessions: { records in
-                sessions.restore(records)
-            })
+            destinations = try Destinations(
+                primarySink: sink, primaryServer: config.server, settings: settings, registry: registry,
+                onRestoredRuns: { handles in
+                    restored.withLock { $0.append(contentsOf: handles) }
+                },
+                onRestoredSessions: { records in
+                    sessions.restore(records)
+                })
         } catch {
             try? await group.shutdownGracefully()
             throw DaemonStartError.store(error.message)
         }
-        let services = DaemonServices(registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool,
-                                      socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger,
-                                      sessions: sessions, adminGroup: config.adminGroup)
+        let services = DaemonServices(
+            registry: registry, destinations: destinations, limits: config.limits, spoolDirectory: spool,
+            socketPath: config.socketPath, localStore: config.server == nil && !config.discardsRecords ? config.storeRoot : nil, logger: logger,
+            sessions: sessions, adminGroup: config.adminGroup)
         servicesBox.withLock { $0 = services }
         let waiting = sessions.counts.waiting
         if waiting > 0 { logger.notice("sessions restored, waiting for their clients", metadata: ["sessions": "\(waiting)", "grace_s": "\(config.orphanGraceSeconds)"]) }
         removeUnreferencedSpoolFiles(spool, destinations: destinations)
         let recovery = destinations.recoveryReport
         if recovery.records > 0 || recovery.runs > 0 || recovery.corruptRecords > 0 || recovery.truncatedBytes > 0 {
-            logger.notice("journal replayed", metadata: [
-                "records": "\(recovery.records)", "runs": "\(recovery.runs)", "bytes": "\(recovery.bytes)",
-                "corrupt_records": "\(recovery.corruptRecords)", "truncated_bytes": "\(recovery.truncatedBytes)",
-                "seconds": "\(String(format: "%.3f", recovery.seconds))",
-            ])
+            logger.notice(
+                "journal replayed",
+                metadata: [
+                    "records": "\(recovery.records)", "runs": "\(recovery.runs)", "bytes": "\(recovery.bytes)",
+                    "corrupt_records": "\(recovery.corruptRecords)", "truncated_bytes": "\(recovery.truncatedBytes)",
+                    "seconds": "\(String(format: "%.3f", recovery.seconds))",
+                ])
         }
         for error in recovery.errors { logger.error("journal could not be replayed", metadata: ["error": "\(error)"]) }
         scheduleOrphanCheck(restored.withLock { $0 }, services: services, on: group.next())
-        let sampling = config.systemMetricsInterval > 0
+        let sampling =
+            config.systemMetricsInterval > 0
             ? SystemMetricsService(services: services, interval: config.systemMetricsInterval, sampler: SystemSampler(diskPath: config.stateDirectory))
                 .start(on: group.next())
             : nil
@@ -236,9 +247,11 @@ public final class Daemon: Service {
         }
         if config.adoptedSocket == nil { chmod(config.socketPath, config.socketMode) }
         running.withLock { $0 = Running(group: group, services: services) }
-        logger.notice("armoryd \(DaemonServices.version) ready", metadata: [
-            "socket": "\(config.socketPath)", "store": "\(sink.destination)", "socket_activated": "\(config.adoptedSocket != nil)",
-        ])
+        logger.notice(
+            "armoryd \(DaemonServices.version) ready",
+            metadata: [
+                "socket": "\(config.socketPath)", "store": "\(sink.destination)", "socket_activated": "\(config.adoptedSocket != nil)",
+            ])
         readiness?(config.socketPath)
 
         try? await gracefulShutdown()
@@ -318,12 +331,13 @@ public final class Daemon: Service {
     static func endOrphans(_ handles: [String], services: DaemonServices, logger: Logger) {
         for handle in handles {
             let now = DaemonServices.nowMs()
-            let ended = (try? services.registry.update(handle) { entry -> RunEntry? in
-                guard entry.connection == nil, entry.status == .running else { return nil }
-                entry.status = .failed
-                entry.endTime = now
-                return entry
-            }) ?? nil
+            let ended =
+                (try? services.registry.update(handle) { entry -> RunEntry? in
+                    guard entry.connection == nil, entry.status == .running else { return nil }
+                    entry.status = .failed
+                    entry.endTime = now
+                    return entry
+                }) ?? nil
             if let ended = ended ?? nil {
                 logger.warning("client vanished: run ended FAILED", metadata: ["run_id": "\(ended.runID ?? handle)", "run": "\(ended.name)", "client_pid": "\(ended.clientPID)"])
                 services.destinations.uploader(ended.destination).enqueue(handle, .updateRun(status: .failed, endTime: now))

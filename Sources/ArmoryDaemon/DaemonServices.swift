@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import ArmoryProtocol
 import Foundation
 import Logging
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// What every session shares: the run registry, the uploader, the daemon's settings.
 public final class DaemonServices: Sendable {
@@ -34,13 +35,19 @@ public final class DaemonServices: Sendable {
     /// Members of this group (and root, and the daemon's own user) see every user's runs and dead letters.
     public let adminGroup: String
 
-    public init(registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String,
-                localStore: String? = nil, logger: Logger = Logger(label: "armoryd"), sessions: SessionTable? = nil, adminGroup: String = "armory-admin") {
+    public init(
+        registry: RunRegistry, destinations: Destinations, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String,
+        localStore: String? = nil, logger: Logger = Logger(label: "armoryd"), sessions: SessionTable? = nil, adminGroup: String = "armory-admin"
+    ) {
         self.logger = logger
         self.adminGroup = adminGroup
-        self.sessions = sessions ?? SessionTable(graceSeconds: 60, schedule: { seconds, body in
-            DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: body)
-        }, onExpired: { session, _ in session?.expire() })
+        self.sessions =
+            sessions
+            ?? SessionTable(
+                graceSeconds: 60,
+                schedule: { seconds, body in
+                    DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: body)
+                }, onExpired: { session, _ in session?.expire() })
         self.syncs = SyncJobs(localStore: localStore)
         self.registry = registry
         self.destinations = destinations
@@ -117,8 +124,10 @@ public final class DaemonStatistics: Sendable {
         public var pid: Int32
 
         public var json: JSONObject {
-            ["time_ms": .int(timeMs), "code": .string(error.code.rawValue), "op": error.op.map { .string($0) } ?? .null,
-             "key": error.key.map { .string($0) } ?? .null, "message": .string(error.message), "uid": .int(Int64(uid)), "pid": .int(Int64(pid))]
+            [
+                "time_ms": .int(timeMs), "code": .string(error.code.rawValue), "op": error.op.map { .string($0) } ?? .null,
+                "key": error.key.map { .string($0) } ?? .null, "message": .string(error.message), "uid": .int(Int64(uid)), "pid": .int(Int64(pid)),
+            ]
         }
     }
 

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
 import Foundation
 import MLflow
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One line of a dead-letter file: a record the destination refused for good, with why
 /// (docs/architecture.md, "Refused records").
@@ -22,10 +23,12 @@ public struct DeadLetterLine: Sendable, Equatable {
     public var message: String
 
     public var json: JSONObject {
-        var o: JSONObject = ["time_ms": .int(timeMs), "destination": .string(destination), "handle": .string(handle), "uid": .int(Int64(uid)),
-                             "record": .object(Self.json(record)), "code": .string(code.rawValue), "message": .string(message),
-                             "run_id": runID.map { .string($0) } ?? .null, "http_status": httpStatus.map { .int(Int64($0)) } ?? .null,
-                             "error_code": serverCode.map { .string($0) } ?? .null]
+        var o: JSONObject = [
+            "time_ms": .int(timeMs), "destination": .string(destination), "handle": .string(handle), "uid": .int(Int64(uid)),
+            "record": .object(Self.json(record)), "code": .string(code.rawValue), "message": .string(message),
+            "run_id": runID.map { .string($0) } ?? .null, "http_status": httpStatus.map { .int(Int64($0)) } ?? .null,
+            "error_code": serverCode.map { .string($0) } ?? .null,
+        ]
         if let parentRunID { o["parent_run_id"] = .string(parentRunID) }
         return o
     }
@@ -46,8 +49,9 @@ public struct DeadLetterLine: Sendable, Equatable {
 
     public init?(json o: JSONObject) {
         guard let time = o["time_ms"]?.intValue, let destination = o["destination"]?.stringValue, let handle = o["handle"]?.stringValue,
-              let uid = o["uid"]?.intValue, let recordJSON = o["record"]?.objectValue, let record = Self.record(recordJSON),
-              let code = o["code"]?.stringValue.flatMap(ErrorCode.init(rawValue:)), let message = o["message"]?.stringValue else { return nil }
+            let uid = o["uid"]?.intValue, let recordJSON = o["record"]?.objectValue, let record = Self.record(recordJSON),
+            let code = o["code"]?.stringValue.flatMap(ErrorCode.init(rawValue:)), let message = o["message"]?.stringValue
+        else { return nil }
         timeMs = time
         self.destination = destination
         self.handle = handle
@@ -66,15 +70,19 @@ public struct DeadLetterLine: Sendable, Equatable {
         func object(_ map: StringMap) -> JSONValue { .object(map.mapValues { .string($0) }) }
         switch record {
         case .createRun(let c):
-            var o: JSONObject = ["kind": .string("create_run"), "experiment_name": .string(c.experimentName), "name": .string(c.name),
-                                 "user_id": .string(c.userID), "start_time": .int(c.startTime), "tags": object(c.tags),
-                                 "owner_uid": .int(Int64(c.ownerUID)), "client_pid": .int(Int64(c.clientPID))]
+            var o: JSONObject = [
+                "kind": .string("create_run"), "experiment_name": .string(c.experimentName), "name": .string(c.name),
+                "user_id": .string(c.userID), "start_time": .int(c.startTime), "tags": object(c.tags),
+                "owner_uid": .int(Int64(c.ownerUID)), "client_pid": .int(Int64(c.clientPID)),
+            ]
             if let id = c.experimentID { o["experiment_id"] = .string(id) }
             if let id = c.runID { o["run_id"] = .string(id) }
             return o
         case .log(let b):
-            return ["kind": .string("log"), "metrics": .array(b.metrics.map { .array([.string($0.key), .double($0.value), .int($0.step), .int($0.timestamp)]) }),
-                    "params": object(b.params), "tags": object(b.tags)]
+            return [
+                "kind": .string("log"), "metrics": .array(b.metrics.map { .array([.string($0.key), .double($0.value), .int($0.step), .int($0.timestamp)]) }),
+                "params": object(b.params), "tags": object(b.tags),
+            ]
         case .updateRun(let status, let endTime):
             return ["kind": .string("update_run"), "status": .string(status.rawValue), "end_time": endTime.map { .int($0) } ?? .null]
         case .artifact(let path, let spoolPath):
@@ -93,9 +101,11 @@ public struct DeadLetterLine: Sendable, Equatable {
         switch o["kind"]?.stringValue {
         case "create_run":
             guard let experiment = o["experiment_name"]?.stringValue, let name = o["name"]?.stringValue, let user = o["user_id"]?.stringValue,
-                  let start = o["start_time"]?.intValue else { return nil }
-            var c = RunCreation(handle: "", runID: o["run_id"]?.stringValue, experimentName: experiment, experimentID: o["experiment_id"]?.stringValue,
-                                name: name, userID: user, startTime: start, tags: map("tags"), parentHandle: nil)
+                let start = o["start_time"]?.intValue
+            else { return nil }
+            var c = RunCreation(
+                handle: "", runID: o["run_id"]?.stringValue, experimentName: experiment, experimentID: o["experiment_id"]?.stringValue,
+                name: name, userID: user, startTime: start, tags: map("tags"), parentHandle: nil)
             c.ownerUID = UInt32(truncatingIfNeeded: o["owner_uid"]?.intValue ?? 0)
             c.clientPID = Int32(truncatingIfNeeded: o["client_pid"]?.intValue ?? 0)
             return .createRun(c)
@@ -103,7 +113,8 @@ public struct DeadLetterLine: Sendable, Equatable {
             var b = LogBatch(params: map("params"), tags: map("tags"))
             for row in o["metrics"]?.arrayValue ?? [] {
                 guard let cells = row.arrayValue, cells.count == 4, let key = cells[0].stringValue, let value = cells[1].doubleValue,
-                      let step = cells[2].intValue, let time = cells[3].intValue else { return nil }
+                    let step = cells[2].intValue, let time = cells[3].intValue
+                else { return nil }
                 b.metrics.append(MetricPoint(key: key, value: value, step: step, timestamp: time))
             }
             return .log(b)
@@ -146,13 +157,14 @@ public final class DeadLetterFile: Sendable {
     public func append(_ letters: [DeadLetter], owner: (String) -> UInt32) {
         guard !letters.isEmpty else { return }
         let now = DaemonServices.nowMs()
-        let bytes = Self.render(letters.map { original in
-            var letter = original
-            if case .artifact(let artifactPath, let spool) = letter.record {
-                letter.record = .artifact(path: artifactPath, spoolPath: keep(spool))
-            }
-            return DeadLetterLine(timeMs: now, destination: destination, letter: letter, uid: owner(letter.handle))
-        })
+        let bytes = Self.render(
+            letters.map { original in
+                var letter = original
+                if case .artifact(let artifactPath, let spool) = letter.record {
+                    letter.record = .artifact(path: artifactPath, spoolPath: keep(spool))
+                }
+                return DeadLetterLine(timeMs: now, destination: destination, letter: letter, uid: owner(letter.handle))
+            })
         lock.withLock { _ in _ = Self.write(bytes, to: path, flags: O_APPEND) }
     }
 

@@ -1,10 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
 import Foundation
 import MLflow
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Which destination a run or a session writes to: the daemon's own (`primary`), or one an
 /// evaluation named in `hello` (its URL and who it writes as, or a local store's `file://` URI).
@@ -51,9 +52,11 @@ public final class Destinations: Sendable {
         /// How this daemon builds a destination's sink.
         public var sinks: SinkFactory { SinkFactory(uploadConcurrency: uploadConcurrency, requestTimeout: requestTimeout, tls: tls) }
 
-        public init(bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
-                    journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [], maxDestinationsPerUser: Int = 4,
-                    daemonCredentials: MLflowCredentials = .init()) {
+        public init(
+            bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
+            journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [], maxDestinationsPerUser: Int = 4,
+            daemonCredentials: MLflowCredentials = .init()
+        ) {
             self.bounds = bounds
             self.uploadConcurrency = uploadConcurrency
             self.flushInterval = flushInterval
@@ -86,7 +89,8 @@ public final class Destinations: Sendable {
 
         init?(file: String) {
             guard let bytes = FileManager.default.contents(atPath: file), case .object(let o)? = try? JSONParser.parse(Array(bytes)),
-                  let uri = o["uri"]?.stringValue, let source = o["credentials"]?.stringValue, let uid = o["uid"]?.intValue else { return nil }
+                let uri = o["uri"]?.stringValue, let source = o["credentials"]?.stringValue, let uid = o["uid"]?.intValue
+            else { return nil }
             self.init(uri: uri, credentials: source, uid: UInt32(truncatingIfNeeded: uid))
         }
     }
@@ -142,9 +146,11 @@ public final class Destinations: Sendable {
     }
 
     /// Replays the primary's journal (if any) and the journals of other destinations.
-    public init(primarySink: any RecordSink, primaryServer: MLflowDestination? = nil, settings: Settings = Settings(), registry: RunRegistry,
-                onRestoredRuns: @escaping @Sendable ([String]) -> Void = { _ in },
-                onRestoredSessions: @escaping @Sendable ([SessionRecord]) -> Void = { _ in }) throws(ProtocolError) {
+    public init(
+        primarySink: any RecordSink, primaryServer: MLflowDestination? = nil, settings: Settings = Settings(), registry: RunRegistry,
+        onRestoredRuns: @escaping @Sendable ([String]) -> Void = { _ in },
+        onRestoredSessions: @escaping @Sendable ([SessionRecord]) -> Void = { _ in }
+    ) throws(ProtocolError) {
         self.primaryKey = primaryServer.map(Self.key)
         self.settings = settings
         self.registry = registry
@@ -276,14 +282,16 @@ public final class Destinations: Sendable {
                 return
             }
             if identity.credentials == "client" {
-                let waiting = AwaitingCredentials(uri: identity.uri, uid: identity.uid, pendingRecords: recovery.state.unsettled.count + (recovery.state.leftOnDisk?.count ?? 0),
-                                                  runs: recovery.state.runs.count, journal: journal, recovery: recovery)
+                let waiting = AwaitingCredentials(
+                    uri: identity.uri, uid: identity.uid, pendingRecords: recovery.state.unsettled.count + (recovery.state.leftOnDisk?.count ?? 0),
+                    runs: recovery.state.runs.count, journal: journal, recovery: recovery)
                 awaiting.withLock { $0[identity.uri + "|" + String(identity.uid)] = waiting }
                 report.withLock { $0.spoolFiles.formUnion(recovery.state.unsettledSpoolFiles) }
                 return
             }
             let uploader = Self.uploader(sink: sink, journal: journal, flushInterval: settings.flushInterval, settings: settings, registry: registry)
-            let key = MLflowDestination.isRemote(identity.uri)
+            let key =
+                MLflowDestination.isRemote(identity.uri)
                 ? Self.key(MLflowDestination(trackingURI: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials()))
                 : DestinationKey(raw: identity.uri)
             others.withLock { $0[key] = uploader }
@@ -363,7 +371,10 @@ public final class Destinations: Sendable {
         let current = others.withLock { map in owners.withLock { owned in Set(map.filter { owned[$0.key] == uid }.map { ObjectIdentifier($0.value) }) } }
         guard current.count >= settings.maxDestinationsPerUser else { return }
         let names = all.filter { current.contains(ObjectIdentifier($0)) }.map { $0.serverURL ?? $0.destination }
-        throw ProtocolError(.tooManyDestinations, "uid \(uid) already writes to \(current.count) destinations of its own (\(names.joined(separator: ", "))); armoryd allows \(settings.maxDestinationsPerUser) per user (--max-destinations-per-user). Use one of them for \(MLflowDestination.stripUserInfo(uri)), or the daemon's own destination (unset MLFLOW_TRACKING_URI).")
+        throw ProtocolError(
+            .tooManyDestinations,
+            "uid \(uid) already writes to \(current.count) destinations of its own (\(names.joined(separator: ", "))); armoryd allows \(settings.maxDestinationsPerUser) per user (--max-destinations-per-user). Use one of them for \(MLflowDestination.stripUserInfo(uri)), or the daemon's own destination (unset MLFLOW_TRACKING_URI)."
+        )
     }
 
     /// Every uploader, the primary first.

@@ -99,11 +99,13 @@ public final class RESTSink: RecordSink {
         switch error {
         case .api(let status, let code, let message, _):
             refusal.serverCode = code
-            let runID: String? = switch operation {
-            case .log(let id, _), .updateRun(let id, _, _), .artifact(let id, _, _), .deleteTag(let id, _): id
-            case .createRun: nil
-            }
-            refusal.refusesRun = status == 404 || code == "RESOURCE_DOES_NOT_EXIST" || runID.map { message.contains($0) } == true
+            let runID: String? =
+                switch operation {
+                case .log(let id, _), .updateRun(let id, _, _), .artifact(let id, _, _), .deleteTag(let id, _): id
+                case .createRun: nil
+                }
+            refusal.refusesRun =
+                status == 404 || code == "RESOURCE_DOES_NOT_EXIST" || runID.map { message.contains($0) } == true
                 || message.contains("must be in the 'active' state")  // a deleted run or experiment
         case .http(let status, let body, _):
             refusal.error.message = "MLflow answered \(status) with a body that is not MLflow's error JSON: \(String(decoding: body.utf8.prefix(200), as: UTF8.self))"
@@ -152,11 +154,13 @@ public final class RESTSink: RecordSink {
                 self.artifactURIs.withLock { $0[run.runID] = run.artifactURI }
                 var counts: [String: Int] = [:]
                 for key in metricKeys { counts[key] = try await self.client.metricHistory(run.runID, key: key).count }
-                return SyncedRunLookup(experimentID: experimentID, run: SyncDestination(
-                    runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
-                    metricCounts: counts, artifactBytes: try await self.client.listArtifacts(runID: run.runID)))
+                return SyncedRunLookup(
+                    experimentID: experimentID,
+                    run: SyncDestination(
+                        runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
+                        metricCounts: counts, artifactBytes: try await self.client.listArtifacts(runID: run.runID)))
             }
-        } catch where error.isRetryable {
+        } catch  where error.isRetryable {
             throw ProtocolError(.unreachable, "\(destination) did not answer for \(Int(patience)) s (last: \(error)). Check the address and that the server is up, then sync again: it resumes where it stopped.")
         } catch {
             throw Self.translate(error)
@@ -180,8 +184,9 @@ public final class RESTSink: RecordSink {
     public func findRun(runID: String) async -> StoredRun? {
         guard let run = try? await client.getRun(runID) else { return nil }
         artifactURIs.withLock { $0[run.runID] = run.artifactURI }
-        return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
-                         status: run.status, endTime: run.endTime, params: run.params, tags: run.tags)
+        return StoredRun(
+            runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
+            status: run.status, endTime: run.endTime, params: run.params, tags: run.tags)
     }
 
     public func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String? {

@@ -155,8 +155,9 @@ public final class FileStoreSink: RecordSink {
         store.withLock { box in
             guard let run = box.store.findRun(runID: runID) else { return nil }
             box.experimentOfRun[runID] = run.experimentID
-            return StoredRun(runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
-                             status: run.status, endTime: run.endTime, params: box.store.params(of: run), tags: box.store.tags(of: run))
+            return StoredRun(
+                runID: run.runID, experimentID: run.experimentID, name: run.name, userID: run.userID,
+                status: run.status, endTime: run.endTime, params: box.store.params(of: run), tags: box.store.tags(of: run))
         }
     }
 
@@ -181,14 +182,17 @@ public final class FileStoreSink: RecordSink {
                 guard let id else { return SyncedRunLookup(experimentID: nil, run: nil) }
                 let reader = try FileStoreReader(root: box.store.root)
                 guard let experiment = reader.experiments().first(where: { $0.id == id }),
-                      let run = reader.runs(of: experiment).first(where: { !$0.isDeleted && reader.tag(of: $0, key: SyncTags.sourceRun) == sourceRunID }) else {
+                    let run = reader.runs(of: experiment).first(where: { !$0.isDeleted && reader.tag(of: $0, key: SyncTags.sourceRun) == sourceRunID })
+                else {
                     return SyncedRunLookup(experimentID: id, run: nil)
                 }
                 box.experimentOfRun[run.info.runID] = id
-                return SyncedRunLookup(experimentID: id, run: SyncDestination(
-                    runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: reader.tags(of: run),
-                    metricCounts: Dictionary(uniqueKeysWithValues: metricKeys.map { ($0, reader.metricCount(of: run, key: $0)) }),
-                    artifactBytes: reader.artifactSizes(of: run)))
+                return SyncedRunLookup(
+                    experimentID: id,
+                    run: SyncDestination(
+                        runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: reader.tags(of: run),
+                        metricCounts: Dictionary(uniqueKeysWithValues: metricKeys.map { ($0, reader.metricCount(of: run, key: $0)) }),
+                        artifactBytes: reader.artifactSizes(of: run)))
             } catch {
                 throw Self.translate(error)
             }

@@ -10,7 +10,8 @@ public enum StatusReport {
         let pending = counters.reduce(0) { $0 + $1.pendingRecords }
         let journalBytes = services.destinations.all.reduce(0) { $0 + ($1.journal?.snapshotStatistics.bytes ?? 0) }
         let lastSuccess = counters.compactMap(\.lastSuccessMs).max()
-        var line = "\(degraded ? "degraded" : "running"): \(services.statistics.clients.count) clients, \(services.registry.activeRuns.count) active runs, "
+        var line =
+            "\(degraded ? "degraded" : "running"): \(services.statistics.clients.count) clients, \(services.registry.activeRuns.count) active runs, "
             + "backlog \(pending) records (\(ByteText.render(Int64(journalBytes))) journaled)"
         if let lastSuccess {
             line += ", last upload \(max(0, (DaemonServices.nowMs() - lastSuccess) / 1000)) s ago"
@@ -72,26 +73,34 @@ public enum StatusReport {
                     destination: uploader.destination, state: c.needsCredentials != nil ? "needs-credentials" : c.isDegraded ? "degraded" : "running",
                     pendingRecords: Int64(c.pendingRecords), appliedRecords: Int64(c.appliedRecords), rejectedRecords: Int64(c.rejectedRecords),
                     retries: Int64(c.retries), lastError: c.lastError,
-                    live: .init(deadLetters: Int64(c.deadLetters), deadLetterFile: uploader.deadLetters?.path, journalBytes: Int64(journal?.bytes ?? 0),
-                                journalSegments: Int64(journal?.segments ?? 0), journalError: journal?.lastError))
-            } + waiting.map { waiting in
-                StatusReply.Destination(destination: waiting.uri, state: "needs-credentials", pendingRecords: Int64(waiting.pendingRecords), appliedRecords: 0,
-                                        rejectedRecords: 0, retries: 0, lastError: "waiting for a client of uid \(waiting.uid) to name this server with its credentials",
-                                        ownerUID: waiting.uid, runs: Int64(waiting.runs))
-            },
-            journal: .init(enabled: !journals.isEmpty, bytes: Int64(journals.reduce(0) { $0 + $1.bytes }), segments: Int64(journals.reduce(0) { $0 + $1.segments }),
-                           replayedRecords: Int64(recovery.records), replayedRuns: Int64(recovery.runs), corruptRecords: Int64(recovery.corruptRecords),
-                           truncatedBytes: Int64(recovery.truncatedBytes), recoverySeconds: (recovery.seconds * 1000).rounded() / 1000),
+                    live: .init(
+                        deadLetters: Int64(c.deadLetters), deadLetterFile: uploader.deadLetters?.path, journalBytes: Int64(journal?.bytes ?? 0),
+                        journalSegments: Int64(journal?.segments ?? 0), journalError: journal?.lastError))
+            }
+                + waiting.map { waiting in
+                    StatusReply.Destination(
+                        destination: waiting.uri, state: "needs-credentials", pendingRecords: Int64(waiting.pendingRecords), appliedRecords: 0,
+                        rejectedRecords: 0, retries: 0, lastError: "waiting for a client of uid \(waiting.uid) to name this server with its credentials",
+                        ownerUID: waiting.uid, runs: Int64(waiting.runs))
+                },
+            journal: .init(
+                enabled: !journals.isEmpty, bytes: Int64(journals.reduce(0) { $0 + $1.bytes }), segments: Int64(journals.reduce(0) { $0 + $1.segments }),
+                replayedRecords: Int64(recovery.records), replayedRuns: Int64(recovery.runs), corruptRecords: Int64(recovery.corruptRecords),
+                truncatedBytes: Int64(recovery.truncatedBytes), recoverySeconds: (recovery.seconds * 1000).rounded() / 1000),
             sessions: .init(attached: Int64(sessions.attached), waiting: Int64(sessions.waiting), expired: Int64(sessions.expired)),
             clients: clients.map { .init(connection: Int64(bitPattern: $0.connection), uid: $0.peer.uid, pid: $0.peer.pid, client: $0.client, program: $0.program) },
             activeRuns: runs.map { r in
-                .init(handle: r.handle, runID: r.runID, experiment: r.experimentName, name: r.name, ownerUID: r.ownerUID, clientPID: r.clientPID,
-                      connected: r.connection != nil, pendingRecords: Int64(pendingByRun[r.handle] ?? 0),
-                      upload: services.destinations.uploader(r.destination).needsCredentials != nil ? "needs-credentials" : "ok")
+                .init(
+                    handle: r.handle, runID: r.runID, experiment: r.experimentName, name: r.name, ownerUID: r.ownerUID, clientPID: r.clientPID,
+                    connected: r.connection != nil, pendingRecords: Int64(pendingByRun[r.handle] ?? 0),
+                    upload: services.destinations.uploader(r.destination).needsCredentials != nil ? "needs-credentials" : "ok")
             },
             backlogByUID: backlog.filter { visible($0.key) }.mapValues(Int64.init),
-            otherUsers: everyone ? nil : .init(activeRuns: Int64(allRuns.count - runs.count), clients: Int64(allClients.count - clients.count),
-                                               destinations: Int64(allUploaders.count - uploaders.count + allWaiting.count - waiting.count)),
+            otherUsers: everyone
+                ? nil
+                : .init(
+                    activeRuns: Int64(allRuns.count - runs.count), clients: Int64(allClients.count - clients.count),
+                    destinations: Int64(allUploaders.count - uploaders.count + allWaiting.count - waiting.count)),
             pendingRecords: sum(\.pendingRecords), appliedRecords: sum(\.appliedRecords), rejectedRecords: sum(\.rejectedRecords),
             deadLetters: sum(\.deadLetters), metricsAccepted: Int64(totals.metrics), metricsWritten: sum(\.metricsWritten),
             metricsWrittenSystem: sum(\.systemMetricsWritten),

@@ -326,13 +326,16 @@ public struct UploadScheduler: Sendable {
         case .log(let first):
             var merged = first
             var entries = [head]
-            var metrics = first.metrics.count, params = first.params.count, tags = first.tags.count
+            var metrics = first.metrics.count
+            var params = first.params.count
+            var tags = first.tags.count
             var bytes = BatchLimits.estimate(first)
             var full = false
             if !full {
                 for entry in queue.entries.dropFirst() {
                     guard case .log(let next) = entry.record,
-                          !next.params.keys.contains(where: { merged.params[$0] != nil }) else {
+                        !next.params.keys.contains(where: { merged.params[$0] != nil })
+                    else {
                         full = true
                         break
                     }
@@ -479,7 +482,8 @@ public struct UploadScheduler: Sendable {
         let count = b.metrics.count + b.params.count + b.tags.count
         if count <= 1 { return (b, []) }
         if let (kind, index) = namedIndex(in: message) {
-            var refused = LogBatch(), rest = b
+            var refused = LogBatch()
+            var rest = b
             switch kind {
             case "metrics" where index < b.metrics.count: refused.metrics = [rest.metrics.remove(at: index)]
             case "params" where index < b.params.count:
@@ -494,13 +498,15 @@ public struct UploadScheduler: Sendable {
         }
         let keys = Set(b.metrics.map(\.key) + b.params.keys + b.tags.keys).filter { message.contains("'\($0)'") || message.contains("\"\($0)\"") }
         if !keys.isEmpty {
-            var refused = LogBatch(), rest = LogBatch()
+            var refused = LogBatch()
+            var rest = LogBatch()
             for m in b.metrics { if keys.contains(m.key) { refused.metrics.append(m) } else { rest.metrics.append(m) } }
             for (k, v) in b.params { if keys.contains(k) { refused.params[k] = v } else { rest.params[k] = v } }
             for (k, v) in b.tags { if keys.contains(k) { refused.tags[k] = v } else { rest.tags[k] = v } }
             return (refused, rest.isEmpty ? [] : [rest])
         }
-        var first = LogBatch(), second = LogBatch()
+        var first = LogBatch()
+        var second = LogBatch()
         var i = 0
         func side(_ body: (inout LogBatch) -> Void) {
             if i < count / 2 { body(&first) } else { body(&second) }

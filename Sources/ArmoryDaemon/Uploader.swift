@@ -1,14 +1,15 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
-import Foundation
-import NIOCore
-import NIOPosix
 import DequeModule
+import Foundation
 import Logging
 import MLflow
+import NIOCore
+import NIOPosix
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Runs tasks on one NIO event loop thread: the uploader's own, so that neither blocking file
 /// writes nor a busy cooperative pool can stall the other.
@@ -137,8 +138,10 @@ public final class Uploader: Sendable {
     private let registry: RunRegistry?
     private let logger = Logger(label: "armoryd")
 
-    public init(sink: any RecordSink, bounds: Bounds = Bounds(), flushInterval: Double? = nil, journal: Journal? = nil,
-                deadLetters: DeadLetterFile? = nil, registry: RunRegistry? = nil) {
+    public init(
+        sink: any RecordSink, bounds: Bounds = Bounds(), flushInterval: Double? = nil, journal: Journal? = nil,
+        deadLetters: DeadLetterFile? = nil, registry: RunRegistry? = nil
+    ) {
         self.sink = sink
         self.journal = journal
         self.deadLetters = deadLetters
@@ -322,8 +325,10 @@ public final class Uploader: Sendable {
 
     /// Calls the sink directly, off the caller's thread, for what is not queued per run
     /// (experiment lookups and tags).
-    public func callSink<Value: Sendable>(_ work: @escaping @Sendable (any RecordSink) async throws(ProtocolError) -> Value,
-                                          _ body: @escaping @Sendable (Result<Value, ProtocolError>) -> Void) {
+    public func callSink<Value: Sendable>(
+        _ work: @escaping @Sendable (any RecordSink) async throws(ProtocolError) -> Value,
+        _ body: @escaping @Sendable (Result<Value, ProtocolError>) -> Void
+    ) {
         let sink = sink
         Task(executorPreference: executor) {
             do throws(ProtocolError) {
@@ -481,7 +486,8 @@ public final class Uploader: Sendable {
 
     /// Subtracts a settled record's footprint from the memory in use (`queued` is in ticket order).
     private static func release(_ ticket: UInt64, _ s: inout State) {
-        var low = s.queued.startIndex, high = s.queued.endIndex
+        var low = s.queued.startIndex
+        var high = s.queued.endIndex
         while low < high {
             let mid = (low + high) / 2
             if s.queued[mid].ticket < ticket { low = mid + 1 } else { high = mid }
@@ -502,7 +508,8 @@ public final class Uploader: Sendable {
         }
         guard let (position, first, last) = request else { return }
         let through = min(last, journal.durableSequence)
-        let (records, next) = through >= first
+        let (records, next) =
+            through >= first
             // maxBytes counts journal bytes; a record holds ~3.5× its journal size once queued
             // (measured: ~285 bytes for a single metric whose record is ~80), so this reads back
             // about a quarter of the memory bound.
@@ -653,8 +660,10 @@ public final class Uploader: Sendable {
             let handle = "retry-" + DaemonServices.newHandle()
             handles[runID] = handle
             // Finished: a restart does not take it for a client's run left running.
-            attach(RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: "", name: "", ownerUID: owner, status: .finished,
-                            parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+            attach(
+                RunEntry(
+                    handle: handle, runID: runID, experimentID: nil, experimentName: "", name: "", ownerUID: owner, status: .finished,
+                    parentHandle: nil, params: [:], connection: nil, clientPID: 0))
             return handle
         }
         var records: [(handle: String, record: SinkRecord, completion: Completion?)] = []

@@ -40,7 +40,8 @@ public struct MLflowCredentials: Sendable, Hashable, CustomStringConvertible {
         let fromFile = parseCredentialsFile(file, section: "mlflow")
         let systemd = { (name: String) -> String? in
             guard let directory = nonEmpty(environment["CREDENTIALS_DIRECTORY"]),
-                  let text = try? String(contentsOfFile: directory + "/mlflow-" + name, encoding: .utf8) else { return nil }
+                let text = try? String(contentsOfFile: directory + "/mlflow-" + name, encoding: .utf8)
+            else { return nil }
             return nonEmpty(text.trimmingCharacters(in: .whitespacesAndNewlines))
         }
         return MLflowCredentials(
@@ -76,7 +77,6 @@ public struct MLflowCredentials: Sendable, Hashable, CustomStringConvertible {
 
     static func nonEmpty(_ s: String?) -> String? { s.flatMap { $0.isEmpty ? nil : $0 } }
 }
-
 
 extension MLflowCredentials {
     /// The `credentials` member of `hello` (absent when there are none).

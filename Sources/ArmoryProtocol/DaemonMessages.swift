@@ -92,8 +92,9 @@ public struct RunDescriptor: Sendable, Equatable {
 
     public init?(json o: JSONObject) {
         guard let handle = o["handle"]?.stringValue, let status = o["status"]?.stringValue.flatMap(RunStatus.init(rawValue:)) else { return nil }
-        self.init(handle: handle, runID: o["run_id"]?.stringValue, experimentID: o["experiment_id"]?.stringValue,
-                  name: o["name"]?.stringValue ?? "", status: status, parentHandle: o["parent"]?.stringValue)
+        self.init(
+            handle: handle, runID: o["run_id"]?.stringValue, experimentID: o["experiment_id"]?.stringValue,
+            name: o["name"]?.stringValue ?? "", status: status, parentHandle: o["parent"]?.stringValue)
     }
 }
 
@@ -119,8 +120,10 @@ public struct HelloReply: Sendable, Equatable {
         case notResumed(reason: String)
     }
 
-    public init(daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32, destination: String? = nil,
-                session: String? = nil, resumed: Resumed? = nil) {
+    public init(
+        daemonVersion: String, protocolVersion: Int, limits: ProtocolLimits, uid: UInt32, pid: Int32, destination: String? = nil,
+        session: String? = nil, resumed: Resumed? = nil
+    ) {
         self.session = session
         self.resumed = resumed
         self.daemonVersion = daemonVersion
@@ -203,8 +206,9 @@ public struct FlushReply: Sendable, Equatable {
 
     public init?(json o: JSONObject) {
         guard let complete = o["complete"]?.boolValue else { return nil }
-        self.init(complete: complete, pendingRecords: Int(o["pending_records"]?.intValue ?? 0),
-                  level: o["wait"]?.stringValue.flatMap(FlushLevel.init(rawValue:)) ?? .durable,
-                  warnings: o["warnings"]?.arrayValue?.compactMap(\.stringValue) ?? [])
+        self.init(
+            complete: complete, pendingRecords: Int(o["pending_records"]?.intValue ?? 0),
+            level: o["wait"]?.stringValue.flatMap(FlushLevel.init(rawValue:)) ?? .durable,
+            warnings: o["warnings"]?.arrayValue?.compactMap(\.stringValue) ?? [])
     }
 }

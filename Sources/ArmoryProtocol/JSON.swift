@@ -65,17 +65,19 @@ public struct JSONParser {
 
     /// Parses one complete JSON document from `bytes`.
     public static func parse<Bytes: Collection<UInt8>>(_ bytes: Bytes, maxDepth: Int = defaultMaxDepth) throws(JSONParseError) -> JSONValue {
-        let result: Result<JSONValue, JSONParseError> = bytes.withContiguousStorageIfAvailable { buffer in
-            Result { () throws(JSONParseError) -> JSONValue in
-                var parser = Cursor(buffer: UnsafeRawBufferPointer(buffer), maxDepth: maxDepth)
-                return try parser.document()
+        let result: Result<JSONValue, JSONParseError> =
+            bytes.withContiguousStorageIfAvailable { buffer in
+                Result { () throws(JSONParseError) -> JSONValue in
+                    var parser = Cursor(buffer: UnsafeRawBufferPointer(buffer), maxDepth: maxDepth)
+                    return try parser.document()
+                }
             }
-        } ?? Array(bytes).withUnsafeBytes { buffer in
-            Result { () throws(JSONParseError) -> JSONValue in
-                var parser = Cursor(buffer: buffer, maxDepth: maxDepth)
-                return try parser.document()
+            ?? Array(bytes).withUnsafeBytes { buffer in
+                Result { () throws(JSONParseError) -> JSONValue in
+                    var parser = Cursor(buffer: buffer, maxDepth: maxDepth)
+                    return try parser.document()
+                }
             }
-        }
         return try result.get()
     }
 
@@ -115,11 +117,21 @@ public struct JSONParser {
             case UInt8(ascii: "{"): return try object()
             case UInt8(ascii: "["): return try array()
             case UInt8(ascii: "\""): return .string(try string())
-            case UInt8(ascii: "t"): try literal("true"); return .bool(true)
-            case UInt8(ascii: "f"): try literal("false"); return .bool(false)
-            case UInt8(ascii: "n"): try literal("null"); return .null
-            case UInt8(ascii: "N"): try literal("NaN"); return .double(.nan)
-            case UInt8(ascii: "I"): try literal("Infinity"); return .double(.infinity)
+            case UInt8(ascii: "t"):
+                try literal("true")
+                return .bool(true)
+            case UInt8(ascii: "f"):
+                try literal("false")
+                return .bool(false)
+            case UInt8(ascii: "n"):
+                try literal("null")
+                return .null
+            case UInt8(ascii: "N"):
+                try literal("NaN")
+                return .double(.nan)
+            case UInt8(ascii: "I"):
+                try literal("Infinity")
+                return .double(.infinity)
             case UInt8(ascii: "-") where index + 1 < buffer.count && buffer[index + 1] == UInt8(ascii: "I"):
                 index += 1
                 try literal("Infinity")
@@ -163,8 +175,14 @@ public struct JSONParser {
                 members[key] = try value()
                 skipWhitespace()
                 guard index < buffer.count else { throw fail("unterminated object") }
-                if buffer[index] == UInt8(ascii: ",") { index += 1; continue }
-                if buffer[index] == UInt8(ascii: "}") { index += 1; break }
+                if buffer[index] == UInt8(ascii: ",") {
+                    index += 1
+                    continue
+                }
+                if buffer[index] == UInt8(ascii: "}") {
+                    index += 1
+                    break
+                }
                 throw fail("expected ',' or '}'")
             }
             depth -= 1
@@ -186,8 +204,14 @@ public struct JSONParser {
                 elements.append(try value())
                 skipWhitespace()
                 guard index < buffer.count else { throw fail("unterminated array") }
-                if buffer[index] == UInt8(ascii: ",") { index += 1; continue }
-                if buffer[index] == UInt8(ascii: "]") { index += 1; break }
+                if buffer[index] == UInt8(ascii: ",") {
+                    index += 1
+                    continue
+                }
+                if buffer[index] == UInt8(ascii: "]") {
+                    index += 1
+                    break
+                }
                 throw fail("expected ',' or ']'")
             }
             depth -= 1
@@ -359,10 +383,7 @@ public struct JSONWriter: Sendable {
     }
 
     public mutating func writeDouble(_ d: Double) {
-        if d.isNaN { append("\"NaN\"") }
-        else if d == .infinity { append("\"Infinity\"") }
-        else if d == -.infinity { append("\"-Infinity\"") }
-        else { bytes.append(contentsOf: d.description.utf8) }
+        if d.isNaN { append("\"NaN\"") } else if d == .infinity { append("\"Infinity\"") } else if d == -.infinity { append("\"-Infinity\"") } else { bytes.append(contentsOf: d.description.utf8) }
     }
 
     private static let hexDigits: [UInt8] = Array("0123456789abcdef".utf8)

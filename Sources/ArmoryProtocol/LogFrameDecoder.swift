@@ -15,8 +15,9 @@ enum LogFrameDecoder {
         if !s.peek(UInt8(ascii: "]")) {
             repeat {
                 guard s.skip(UInt8(ascii: "[")), s.skip(UInt8(ascii: "\"")), let key = s.stringBody(), s.skip(UInt8(ascii: ",")),
-                      let value = s.number(), s.skip(UInt8(ascii: ",")), let step = s.integer(), s.skip(UInt8(ascii: ",")),
-                      let timestamp = s.integer(), s.skip(UInt8(ascii: "]")) else { return nil }
+                    let value = s.number(), s.skip(UInt8(ascii: ",")), let step = s.integer(), s.skip(UInt8(ascii: ",")),
+                    let timestamp = s.integer(), s.skip(UInt8(ascii: "]"))
+                else { return nil }
                 metrics.append(MetricPoint(key: key, value: value, step: step, timestamp: timestamp))
             } while s.skip(UInt8(ascii: ","))
         }

@@ -99,8 +99,10 @@ public struct Hello: Sendable, Equatable {
         }
     }
 
-    public init(protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String,
-                trackingURI: String? = nil, credentials: MLflowCredentials = MLflowCredentials()) {
+    public init(
+        protocolVersion: Int = ProtocolVersion.current, client: String, clientVersion: String, program: String,
+        trackingURI: String? = nil, credentials: MLflowCredentials = MLflowCredentials()
+    ) {
         self.protocolVersion = protocolVersion
         self.client = client
         self.clientVersion = clientVersion
@@ -205,7 +207,7 @@ public enum ClientOp: Sendable, Equatable {
     public var expectsReply: Bool {
         switch self {
         case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun,
-             .setExperimentTag, .sync, .syncStatus, .deadLetters:
+            .setExperimentTag, .sync, .syncStatus, .deadLetters:
             true
         case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk, .deleteTag:
             false
@@ -338,8 +340,9 @@ extension ClientFrame {
         case "experiment":
             op = .experiment(name: try f.string("name"), create: try f.optionalBool("create") ?? false)
         case "create_run":
-            op = .createRun(experimentID: try f.string("experiment_id"), runName: try f.optionalString("run_name"),
-                            startTime: try f.optionalInt("start_time"), tags: try f.stringMap("tags"))
+            op = .createRun(
+                experimentID: try f.string("experiment_id"), runName: try f.optionalString("run_name"),
+                startTime: try f.optionalInt("start_time"), tags: try f.stringMap("tags"))
         case "attach": op = .attach(runID: try f.string("run_id"))
         case "run_info": op = .runInfo(run: try f.string("run"), waitMs: max(0, try f.optionalInt("wait_ms") ?? 0))
         case "log":
@@ -363,8 +366,10 @@ extension ClientFrame {
             op = .flush(level, timeoutMs: try f.optionalInt("timeout_ms") ?? 10_000)
         case "status": op = .status
         case "sync":
-            op = .sync(SyncRequest(from: try f.optionalString("from"), experiments: try f.stringArray("experiments"), runs: try f.stringArray("runs"),
-                                   dryRun: try f.optionalBool("dry_run") ?? false))
+            op = .sync(
+                SyncRequest(
+                    from: try f.optionalString("from"), experiments: try f.stringArray("experiments"), runs: try f.stringArray("runs"),
+                    dryRun: try f.optionalBool("dry_run") ?? false))
         case "sync_status": op = .syncStatus
         case "dead_letters": op = .deadLetters(runID: try f.optionalString("run_id"), retry: try f.optionalBool("retry") ?? false)
         default:

@@ -8,7 +8,10 @@ public enum PythonFloat {
         // Swift's description gives the shortest round-trip digits; re-lay them out Python's way.
         var text = Substring(value.description)
         var sign = ""
-        if text.first == "-" { sign = "-"; text = text.dropFirst() }
+        if text.first == "-" {
+            sign = "-"
+            text = text.dropFirst()
+        }
         var exponent = 0
         if let e = text.firstIndex(where: { $0 == "e" || $0 == "E" }) {
             exponent = Int(text[text.index(after: e)...])!

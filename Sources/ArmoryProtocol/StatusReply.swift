@@ -76,8 +76,10 @@ public struct StatusReply: Sendable, Equatable {
             }
         }
 
-        public init(destination: String, state: String, pendingRecords: Int64, appliedRecords: Int64, rejectedRecords: Int64, retries: Int64,
-                    lastError: String?, live: Live? = nil, ownerUID: UInt32? = nil, runs: Int64? = nil) {
+        public init(
+            destination: String, state: String, pendingRecords: Int64, appliedRecords: Int64, rejectedRecords: Int64, retries: Int64,
+            lastError: String?, live: Live? = nil, ownerUID: UInt32? = nil, runs: Int64? = nil
+        ) {
             self.destination = destination
             self.state = state
             self.pendingRecords = pendingRecords
@@ -183,12 +185,14 @@ public struct StatusReply: Sendable, Equatable {
         }
     }
 
-    public init(state: String, pid: Int32, uid: UInt32, systemdUnit: (name: String, user: Bool)?, version: String, uptimeSeconds: Double, socket: String,
-                destination: String, destinations: [Destination], journal: Journal, sessions: Sessions, clients: [Client], activeRuns: [ActiveRun],
-                backlogByUID: [UInt32: Int64], otherUsers: OtherUsers?, pendingRecords: Int64, appliedRecords: Int64, rejectedRecords: Int64,
-                deadLetters: Int64, metricsAccepted: Int64, metricsWritten: Int64, metricsWrittenSystem: Int64, writeRateMetricsPerSecond: Double,
-                framesReceived: Int64, errorsSent: Int64, lastSuccessMs: Int64?, lastError: String?, lastErrorMs: Int64?, lastRefusal: JSONObject?,
-                syncs: [JSONObject], host: [String: Double]) {
+    public init(
+        state: String, pid: Int32, uid: UInt32, systemdUnit: (name: String, user: Bool)?, version: String, uptimeSeconds: Double, socket: String,
+        destination: String, destinations: [Destination], journal: Journal, sessions: Sessions, clients: [Client], activeRuns: [ActiveRun],
+        backlogByUID: [UInt32: Int64], otherUsers: OtherUsers?, pendingRecords: Int64, appliedRecords: Int64, rejectedRecords: Int64,
+        deadLetters: Int64, metricsAccepted: Int64, metricsWritten: Int64, metricsWrittenSystem: Int64, writeRateMetricsPerSecond: Double,
+        framesReceived: Int64, errorsSent: Int64, lastSuccessMs: Int64?, lastError: String?, lastErrorMs: Int64?, lastRefusal: JSONObject?,
+        syncs: [JSONObject], host: [String: Double]
+    ) {
         self.state = state
         self.pid = pid
         self.uid = uid
@@ -243,16 +247,18 @@ extension StatusReply {
             "corrupt_records": .int(journal.corruptRecords), "truncated_bytes": .int(journal.truncatedBytes), "recovery_s": .double(journal.recoverySeconds),
         ])
         o["sessions"] = .object(["attached": .int(sessions.attached), "waiting": .int(sessions.waiting), "expired": .int(sessions.expired)])
-        o["clients"] = .array(clients.map { c in
-            .object(["connection": .int(c.connection), "uid": .int(Int64(c.uid)), "pid": .int(Int64(c.pid)), "client": .string(c.client), "program": .string(c.program)])
-        })
-        o["active_runs"] = .array(activeRuns.map { r in
-            .object([
-                "handle": .string(r.handle), "run_id": .optional(r.runID), "experiment": .string(r.experiment), "name": .string(r.name),
-                "owner_uid": .int(Int64(r.ownerUID)), "client_pid": .int(Int64(r.clientPID)), "connected": .bool(r.connected),
-                "pending_records": .int(r.pendingRecords), "upload": .string(r.upload),
-            ])
-        })
+        o["clients"] = .array(
+            clients.map { c in
+                .object(["connection": .int(c.connection), "uid": .int(Int64(c.uid)), "pid": .int(Int64(c.pid)), "client": .string(c.client), "program": .string(c.program)])
+            })
+        o["active_runs"] = .array(
+            activeRuns.map { r in
+                .object([
+                    "handle": .string(r.handle), "run_id": .optional(r.runID), "experiment": .string(r.experiment), "name": .string(r.name),
+                    "owner_uid": .int(Int64(r.ownerUID)), "client_pid": .int(Int64(r.clientPID)), "connected": .bool(r.connected),
+                    "pending_records": .int(r.pendingRecords), "upload": .string(r.upload),
+                ])
+            })
         o["backlog_by_uid"] = .object(JSONObject(uniqueKeysWithValues: backlogByUID.sorted { $0.key < $1.key }.map { (String($0.key), .int($0.value)) }))
         if let otherUsers {
             o["other_users"] = .object(["active_runs": .int(otherUsers.activeRuns), "clients": .int(otherUsers.clients), "destinations": .int(otherUsers.destinations)])
@@ -279,7 +285,8 @@ extension StatusReply {
     /// Reads a status reply; `nil` when a member every daemon sends is missing.
     public init?(json o: JSONObject) {
         guard let state = o["state"]?.stringValue, let pid = o["pid"]?.intValue, let version = o["version"]?.stringValue,
-              let journal = o["journal"]?.objectValue, let sessions = o["sessions"]?.objectValue else { return nil }
+            let journal = o["journal"]?.objectValue, let sessions = o["sessions"]?.objectValue
+        else { return nil }
         self.state = state
         self.pid = Int32(truncatingIfNeeded: pid)
         uid = UInt32(truncatingIfNeeded: o["uid"]?.intValue ?? 0)
@@ -290,24 +297,28 @@ extension StatusReply {
         destination = o["destination"]?.stringValue ?? ""
         destinations = (o["destinations"]?.arrayValue ?? []).compactMap { $0.objectValue.map(Destination.init(json:)) }
         func int(_ object: JSONObject, _ key: String) -> Int64 { object[key]?.intValue ?? 0 }
-        self.journal = Journal(enabled: journal["enabled"]?.boolValue ?? false, bytes: int(journal, "bytes"), segments: int(journal, "segments"),
-                               replayedRecords: int(journal, "replayed_records"), replayedRuns: int(journal, "replayed_runs"),
-                               corruptRecords: int(journal, "corrupt_records"), truncatedBytes: int(journal, "truncated_bytes"),
-                               recoverySeconds: journal["recovery_s"]?.doubleValue ?? 0)
+        self.journal = Journal(
+            enabled: journal["enabled"]?.boolValue ?? false, bytes: int(journal, "bytes"), segments: int(journal, "segments"),
+            replayedRecords: int(journal, "replayed_records"), replayedRuns: int(journal, "replayed_runs"),
+            corruptRecords: int(journal, "corrupt_records"), truncatedBytes: int(journal, "truncated_bytes"),
+            recoverySeconds: journal["recovery_s"]?.doubleValue ?? 0)
         self.sessions = Sessions(attached: int(sessions, "attached"), waiting: int(sessions, "waiting"), expired: int(sessions, "expired"))
         clients = (o["clients"]?.arrayValue ?? []).compactMap(\.objectValue).map { c in
-            Client(connection: int(c, "connection"), uid: UInt32(truncatingIfNeeded: int(c, "uid")), pid: Int32(truncatingIfNeeded: int(c, "pid")),
-                   client: c["client"]?.stringValue ?? "", program: c["program"]?.stringValue ?? "")
+            Client(
+                connection: int(c, "connection"), uid: UInt32(truncatingIfNeeded: int(c, "uid")), pid: Int32(truncatingIfNeeded: int(c, "pid")),
+                client: c["client"]?.stringValue ?? "", program: c["program"]?.stringValue ?? "")
         }
         activeRuns = (o["active_runs"]?.arrayValue ?? []).compactMap(\.objectValue).map { r in
-            ActiveRun(handle: r["handle"]?.stringValue ?? "", runID: r["run_id"]?.stringValue, experiment: r["experiment"]?.stringValue ?? "",
-                      name: r["name"]?.stringValue ?? "", ownerUID: UInt32(truncatingIfNeeded: int(r, "owner_uid")),
-                      clientPID: Int32(truncatingIfNeeded: int(r, "client_pid")), connected: r["connected"]?.boolValue ?? false,
-                      pendingRecords: int(r, "pending_records"), upload: r["upload"]?.stringValue ?? "ok")
+            ActiveRun(
+                handle: r["handle"]?.stringValue ?? "", runID: r["run_id"]?.stringValue, experiment: r["experiment"]?.stringValue ?? "",
+                name: r["name"]?.stringValue ?? "", ownerUID: UInt32(truncatingIfNeeded: int(r, "owner_uid")),
+                clientPID: Int32(truncatingIfNeeded: int(r, "client_pid")), connected: r["connected"]?.boolValue ?? false,
+                pendingRecords: int(r, "pending_records"), upload: r["upload"]?.stringValue ?? "ok")
         }
-        backlogByUID = Dictionary(uniqueKeysWithValues: (o["backlog_by_uid"]?.objectValue ?? [:]).compactMap { key, value in
-            UInt32(key).flatMap { uid in value.intValue.map { (uid, $0) } }
-        })
+        backlogByUID = Dictionary(
+            uniqueKeysWithValues: (o["backlog_by_uid"]?.objectValue ?? [:]).compactMap { key, value in
+                UInt32(key).flatMap { uid in value.intValue.map { (uid, $0) } }
+            })
         otherUsers = o["other_users"]?.objectValue.map { OtherUsers(activeRuns: int($0, "active_runs"), clients: int($0, "clients"), destinations: int($0, "destinations")) }
         pendingRecords = int(o, "pending_records")
         appliedRecords = int(o, "applied_records")
@@ -348,12 +359,16 @@ extension StatusReply.Destination {
 
     public init(json d: JSONObject) {
         func int(_ key: String) -> Int64 { d[key]?.intValue ?? 0 }
-        self.init(destination: d["destination"]?.stringValue ?? "", state: d["state"]?.stringValue ?? "", pendingRecords: int("pending_records"),
-                  appliedRecords: int("applied_records"), rejectedRecords: int("rejected_records"), retries: int("retries"),
-                  lastError: d["last_error"]?.stringValue,
-                  live: d["journal_bytes"] == nil ? nil : Live(deadLetters: int("dead_letters"), deadLetterFile: d["dead_letter_file"]?.stringValue,
-                                                               journalBytes: int("journal_bytes"), journalSegments: int("journal_segments"),
-                                                               journalError: d["journal_error"]?.stringValue),
-                  ownerUID: d["owner_uid"]?.intValue.map { UInt32(truncatingIfNeeded: $0) }, runs: d["runs"]?.intValue)
+        self.init(
+            destination: d["destination"]?.stringValue ?? "", state: d["state"]?.stringValue ?? "", pendingRecords: int("pending_records"),
+            appliedRecords: int("applied_records"), rejectedRecords: int("rejected_records"), retries: int("retries"),
+            lastError: d["last_error"]?.stringValue,
+            live: d["journal_bytes"] == nil
+                ? nil
+                : Live(
+                    deadLetters: int("dead_letters"), deadLetterFile: d["dead_letter_file"]?.stringValue,
+                    journalBytes: int("journal_bytes"), journalSegments: int("journal_segments"),
+                    journalError: d["journal_error"]?.stringValue),
+            ownerUID: d["owner_uid"]?.intValue.map { UInt32(truncatingIfNeeded: $0) }, runs: d["runs"]?.intValue)
     }
 }

@@ -22,11 +22,15 @@ public enum MLflowRules {
             throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key.prefix(60))…': \(length) characters, MLflow allows at most \(maxKeyLength).", key: key)
         }
         for scalar in key.unicodeScalars where !isKeyScalar(scalar) {
-            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key)': character '\(scalar.escaped(asASCII: true))' is not allowed. Keys may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/).", key: key)
+            throw ProtocolError(
+                .invalidKey, "Invalid \(kind.rawValue) key '\(key)': character '\(scalar.escaped(asASCII: true))' is not allowed. Keys may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/).",
+                key: key)
         }
         let normalized = posixNormalizedPath(key)
         if normalized != key || normalized == "." || normalized.hasPrefix("..") || normalized.hasPrefix("/") {
-            throw ProtocolError(.invalidKey, "Invalid \(kind.rawValue) key '\(key)': keys are used as file paths and must not resolve to another name (this one resolves to '\(normalized)'): no leading '/', no '//', no '.' or '..' segments, no trailing '/'.", key: key)
+            throw ProtocolError(
+                .invalidKey, "Invalid \(kind.rawValue) key '\(key)': keys are used as file paths and must not resolve to another name (this one resolves to '\(normalized)'): no leading '/', no '//', no '.' or '..' segments, no trailing '/'.",
+                key: key)
         }
     }
 
@@ -50,7 +54,7 @@ public enum MLflowRules {
             case UInt8(ascii: "."):
                 dots += 1
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-                 UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: " "), UInt8(ascii: ":"):
+                UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: " "), UInt8(ascii: ":"):
                 break
             default:
                 return false
@@ -106,7 +110,7 @@ public enum MLflowRules {
             guard scalar.value >= 0x80 else { return false }
             switch scalar.properties.generalCategory {
             case .uppercaseLetter, .lowercaseLetter, .titlecaseLetter, .modifierLetter, .otherLetter,
-                 .decimalNumber, .letterNumber, .otherNumber:
+                .decimalNumber, .letterNumber, .otherNumber:
                 return true
             default:
                 return false

@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import ArmoryProtocol
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#elseif canImport(Darwin)
+    import Darwin
+#endif
 
 /// What a client call can fail with.
 public enum ArmoryError: Error, CustomStringConvertible, Equatable {
@@ -95,8 +96,10 @@ public final class Connection: @unchecked Sendable {
     /// Connects to `socketPath`, or discovers the daemon (docs/architecture.md, "Finding the daemon"), and says hello.
     /// `admin`: an admin tool (`armoryctl`), which fails fast (a broken connection is final, no
     /// session is resumed) and is not listed as a client.
-    public init(socketPath: String? = nil, client: String = "ArmoryTrack", program: String = CommandLine.arguments.first ?? "",
-                environment: [String: String] = ProcessInfo.processInfo.environment, admin: Bool = false) throws(ArmoryError) {
+    public init(
+        socketPath: String? = nil, client: String = "ArmoryTrack", program: String = CommandLine.arguments.first ?? "",
+        environment: [String: String] = ProcessInfo.processInfo.environment, admin: Bool = false
+    ) throws(ArmoryError) {
         let candidates = socketPath.map { [$0] } ?? SocketDiscovery.clientCandidates(environment: environment) { FileManager.default.fileExists(atPath: $0) }
         var lastReason = "no candidate path"
         var connected: (Int32, String)?
@@ -128,9 +131,10 @@ public final class Connection: @unchecked Sendable {
         // The process's own MLflow destination and credentials (`ARMORY_TRACKING_URI`, else
         // `MLFLOW_TRACKING_URI`): the daemon writes this process's runs there, keeping them in
         // memory only; none, or `armoryd:`, means the daemon's own.
-        var hello = Hello(client: client, clientVersion: ArmoryTrackVersion.current, program: absoluteProgram,
-                          trackingURI: [environment["ARMORY_TRACKING_URI"], environment["MLFLOW_TRACKING_URI"]].compactMap { $0 }.first { !$0.isEmpty },
-                          credentials: MLflowCredentials.resolve(environment: environment))
+        var hello = Hello(
+            client: client, clientVersion: ArmoryTrackVersion.current, program: absoluteProgram,
+            trackingURI: [environment["ARMORY_TRACKING_URI"], environment["MLFLOW_TRACKING_URI"]].compactMap { $0 }.first { !$0.isEmpty },
+            credentials: MLflowCredentials.resolve(environment: environment))
         hello.admin = admin
         self.hello = hello
         let body = try request(.hello(hello), timeout: 10)
@@ -216,7 +220,8 @@ public final class Connection: @unchecked Sendable {
         var deadline: Date?  // set once a wait begins: the common path reads no clock
         var extended = false
         while closedReason == nil && !output.bytes.isEmpty
-            && ((output.bytes.count > maxBufferedBytes && !reconnecting) || retainedBytes + output.bytes.count > maxRetainedBytes) {
+            && ((output.bytes.count > maxBufferedBytes && !reconnecting) || retainedBytes + output.bytes.count > maxRetainedBytes)
+        {
             var bound = deadline ?? Date(timeIntervalSinceNow: sendTimeout)
             if reconnecting && !extended {
                 bound += reconnectSeconds
@@ -235,7 +240,9 @@ public final class Connection: @unchecked Sendable {
         let limit = maxFrameBytes
         guard length <= limit else {
             output.bytes.removeSubrange(start...)
-            return .failure(ProtocolError(.frameTooLarge, "Not sent: '\(name)' would be a frame of \(length) bytes; armoryd accepts at most \(limit) (max_frame_bytes). Log large values as artifacts (logText, logBytes, logArtifact), which are sent in chunks.", op: name))
+            return .failure(
+                ProtocolError(
+                    .frameTooLarge, "Not sent: '\(name)' would be a frame of \(length) bytes; armoryd accepts at most \(limit) (max_frame_bytes). Log large values as artifacts (logText, logBytes, logArtifact), which are sent in chunks.", op: name))
         }
         nextSeq += 1
         if start == 0 { outputFirst = seq }
@@ -295,7 +302,8 @@ public final class Connection: @unchecked Sendable {
             // While the daemon is away, a request waits within the reconnect budget instead.
             let outage = reconnecting && waitsOutOutage
             if !condition.wait(until: outage ? Date(timeIntervalSinceNow: 0.5) : deadline) && replies[seq] == nil && !outage
-                && Date() >= deadline {
+                && Date() >= deadline
+            {
                 if reconnecting {
                     throw .timedOut("armoryd is away (its connection broke) and was not back within \(timeout) s: \(undelivered) yet.")
                 }
@@ -492,7 +500,8 @@ public final class Connection: @unchecked Sendable {
             if Date() >= deadline {
                 condition.lock()
                 if closedReason == nil {
-                    closedReason = "armoryd did not come back within ARMORY_RECONNECT_SECONDS=\(Int(reconnectSeconds)) s (the connection broke: \(reason); last try: \(last)): \(undelivered). They are lost unless the daemon comes back; restart the evaluation once it runs."
+                    closedReason =
+                        "armoryd did not come back within ARMORY_RECONNECT_SECONDS=\(Int(reconnectSeconds)) s (the connection broke: \(reason); last try: \(last)): \(undelivered). They are lost unless the daemon comes back; restart the evaluation once it runs."
                 }
                 reconnecting = false
                 condition.broadcast()
@@ -504,7 +513,10 @@ public final class Connection: @unchecked Sendable {
         }
     }
 
-    private enum ResumeOutcome { case done, retry(String) }
+    private enum ResumeOutcome {
+        case done
+        case retry(String)
+    }
 
     /// Sends `hello` with `resume` on `newFD`, then what the daemon does not hold, in order.
     /// Without a session yet (the broken connection's `hello` was not answered), the kept frames,

@@ -114,8 +114,10 @@ public final class Chain: @unchecked Sendable {
 
     /// `chain.track_call`: records a call's arguments in the chain's context.
     @discardableResult
-    public func trackCall<R>(_ name: String, prefix: String? = nil, ignore: Set<String> = [], fileID: String = #fileID,
-                             _ arguments: KeyValuePairs<String, any ParamConvertible>, _ call: () throws -> R) rethrows -> R {
+    public func trackCall<R>(
+        _ name: String, prefix: String? = nil, ignore: Set<String> = [], fileID: String = #fileID,
+        _ arguments: KeyValuePairs<String, any ParamConvertible>, _ call: () throws -> R
+    ) rethrows -> R {
         try tracker.trackCall(name, prefix: prefix, ignore: ignore, fileID: fileID, arguments, call)
     }
 
@@ -164,8 +166,10 @@ public final class Chain: @unchecked Sendable {
 extension Chain {
     /// `chain.track_call(Class, …)`: records an initializer's arguments in the chain's context.
     @discardableResult
-    public func trackInit<T>(_ type: T.Type, prefix: String? = nil, ignore: Set<String> = [],
-                             _ arguments: KeyValuePairs<String, any ParamConvertible>, _ make: () throws -> T) rethrows -> T {
+    public func trackInit<T>(
+        _ type: T.Type, prefix: String? = nil, ignore: Set<String> = [],
+        _ arguments: KeyValuePairs<String, any ParamConvertible>, _ make: () throws -> T
+    ) rethrows -> T {
         try tracker.trackInit(type, prefix: prefix, ignore: ignore, arguments, make)
     }
 }

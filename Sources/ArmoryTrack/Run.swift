@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// An MLflow run the daemon writes for this process: a chain's nested run, an evaluation's
 /// parent run, or one continued with `Tracker.attach(runID:)`.
@@ -41,7 +42,9 @@ public final class Run: Sendable {
         if let runID { return runID }
         let body = try tracker.connection.request(.runInfo(run: handle, waitMs: Int64(timeout * 1000)), timeout: timeout + 10)
         guard let id = RunDescriptor(json: body)?.runID else {
-            throw .timedOut("pending: run '\(name)' (armoryd handle \(handle)) has no MLflow id yet: the MLflow server is unreachable or refuses the credentials (`armoryctl status` says which). Its records are kept and uploaded once the server takes them; `armoryctl status` shows the binding later.")
+            throw .timedOut(
+                "pending: run '\(name)' (armoryd handle \(handle)) has no MLflow id yet: the MLflow server is unreachable or refuses the credentials (`armoryctl status` says which). Its records are kept and uploaded once the server takes them; `armoryctl status` shows the binding later."
+            )
         }
         return id
     }
@@ -78,8 +81,9 @@ public final class Run: Sendable {
         for metric in batch.metrics where !MLflowRules.isPlainValidKey(metric.key) { keys[metric.key] = "" }
         var batch = batch
         guard tracker.checked("log", keys, kind: .metric) != nil,
-              let params = tracker.checked("log", batch.params, kind: .param),
-              let tags = tracker.checked("log", batch.tags, kind: .tag) else { return }
+            let params = tracker.checked("log", batch.params, kind: .param),
+            let tags = tracker.checked("log", batch.tags, kind: .tag)
+        else { return }
         (batch.params, batch.tags) = (params, tags)
         tracker.connection.send(.log(run: handle, batch: batch))
     }

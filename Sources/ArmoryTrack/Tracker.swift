@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
 import Foundation
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The entry point of the Swift client: Armory's `armory.track` API over one connection to armoryd.
 ///
@@ -50,7 +51,10 @@ public final class Tracker: Sendable {
                     try kind == .param ? MLflowRules.validateParamValue(value, key: key) : MLflowRules.validateTagValue(value, key: key)
                     continue
                 }
-                FileHandle.standardError.write(Data("ArmoryTrack: warning: \(kind.rawValue) '\(key)' has a value of \(value.unicodeScalars.count) characters: truncated to MLflow's limit of \(limit), as MLflow does. Log the whole value as an artifact (logText); MLFLOW_TRUNCATE_LONG_VALUES=false refuses such values instead.\n".utf8))
+                FileHandle.standardError.write(
+                    Data(
+                        "ArmoryTrack: warning: \(kind.rawValue) '\(key)' has a value of \(value.unicodeScalars.count) characters: truncated to MLflow's limit of \(limit), as MLflow does. Log the whole value as an artifact (logText); MLFLOW_TRUNCATE_LONG_VALUES=false refuses such values instead.\n"
+                            .utf8))
                 out[key] = String(String.UnicodeScalarView(value.unicodeScalars.prefix(limit)))
             } catch {
                 var refusal = error
@@ -83,8 +87,10 @@ public final class Tracker: Sendable {
     /// `track_call(func, **kwargs)`: records the call's arguments under `name` (or `prefix`) and
     /// runs it. `_func` is `<Module>.<name>`, the module taken from the caller's file.
     @discardableResult
-    public func trackCall<Result>(_ name: String, prefix: String? = nil, ignore: Set<String> = [], fileID: String = #fileID,
-                                  _ arguments: KeyValuePairs<String, any ParamConvertible>, _ call: () throws -> Result) rethrows -> Result {
+    public func trackCall<Result>(
+        _ name: String, prefix: String? = nil, ignore: Set<String> = [], fileID: String = #fileID,
+        _ arguments: KeyValuePairs<String, any ParamConvertible>, _ call: () throws -> Result
+    ) rethrows -> Result {
         let module = fileID.split(separator: "/").first.map(String.init) ?? "main"
         trackParams(prefix: prefix ?? name, function: module + "." + name, arguments, ignore: ignore)
         return try call()
@@ -93,8 +99,10 @@ public final class Tracker: Sendable {
     /// `track_init_params` / `track_call(Class, …)`: records an initializer's arguments under the
     /// type's name (`_func` = `<Module>.<Type>.init`) and creates the value.
     @discardableResult
-    public func trackInit<T>(_ type: T.Type, prefix: String? = nil, ignore: Set<String> = [],
-                             _ arguments: KeyValuePairs<String, any ParamConvertible>, _ make: () throws -> T) rethrows -> T {
+    public func trackInit<T>(
+        _ type: T.Type, prefix: String? = nil, ignore: Set<String> = [],
+        _ arguments: KeyValuePairs<String, any ParamConvertible>, _ make: () throws -> T
+    ) rethrows -> T {
         trackParams(prefix: prefix ?? String(describing: type), function: String(reflecting: type) + ".init", arguments, ignore: ignore)
         return try make()
     }

@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import ArmoryProtocol
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#elseif canImport(Darwin)
+    import Darwin
+#endif
 
 /// A run as MLflow's file store records it in `meta.yaml`.
 public struct FileStoreRun: Sendable, Equatable {
@@ -230,7 +231,10 @@ public final class FileStore {
         var lines: [String: [UInt8]] = [:]
         var order: [String] = []
         for m in batch.metrics {
-            if lines[m.key] == nil { order.append(m.key); lines[m.key] = [] }
+            if lines[m.key] == nil {
+                order.append(m.key)
+                lines[m.key] = []
+            }
             lines[m.key]!.append(contentsOf: "\(m.timestamp) \(PythonFloat.repr(m.value)) \(m.step)\n".utf8)
         }
         for key in order {

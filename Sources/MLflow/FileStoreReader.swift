@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Reading the files of MLflow's file-store layout, shared by the writer and the reader.
 enum StoreFiles {
@@ -41,7 +42,8 @@ enum StoreFiles {
             if value.hasPrefix("'") && value.hasSuffix("'") && value.count >= 2 {
                 value = String(value.dropFirst().dropLast()).replacingOccurrences(of: "''", with: "'")
             } else if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2,
-                      case .string(let s)? = try? JSONParser.parse(Array(value.utf8)) {
+                case .string(let s)? = try? JSONParser.parse(Array(value.utf8))
+            {
                 value = s
             }
             out[key] = value
@@ -89,8 +91,9 @@ public struct FileStoreReader: Sendable {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
         return entries.filter { !$0.hasPrefix(".") }.sorted().compactMap { id in
             guard let meta = StoreFiles.yaml(root + "/" + id + "/meta.yaml"), let name = meta["name"] else { return nil }
-            return Experiment(id: meta["experiment_id"].flatMap { $0.isEmpty ? nil : $0 } ?? id, name: name,
-                              isDeleted: meta["lifecycle_stage"] == "deleted", tags: StoreFiles.tree(root + "/" + id + "/tags"))
+            return Experiment(
+                id: meta["experiment_id"].flatMap { $0.isEmpty ? nil : $0 } ?? id, name: name,
+                isDeleted: meta["lifecycle_stage"] == "deleted", tags: StoreFiles.tree(root + "/" + id + "/tags"))
         }
     }
 
@@ -100,9 +103,10 @@ public struct FileStoreReader: Sendable {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
         return entries.compactMap { entry -> Run? in
             guard entry != "tags", let meta = StoreFiles.yaml(dir + "/" + entry + "/meta.yaml") else { return nil }
-            let info = FileStoreRun(runID: meta["run_id"].flatMap { $0.isEmpty ? nil : $0 } ?? entry, experimentID: experiment.id,
-                                    name: meta["run_name"] ?? "", userID: meta["user_id"] ?? "", status: FileStore.status(code: Int(meta["status"] ?? "") ?? 1),
-                                    startTime: Int64(meta["start_time"] ?? "") ?? 0, endTime: Int64(meta["end_time"] ?? ""))
+            let info = FileStoreRun(
+                runID: meta["run_id"].flatMap { $0.isEmpty ? nil : $0 } ?? entry, experimentID: experiment.id,
+                name: meta["run_name"] ?? "", userID: meta["user_id"] ?? "", status: FileStore.status(code: Int(meta["status"] ?? "") ?? 1),
+                startTime: Int64(meta["start_time"] ?? "") ?? 0, endTime: Int64(meta["end_time"] ?? ""))
             return Run(info: info, isDeleted: meta["lifecycle_stage"] == "deleted", directory: dir + "/" + entry)
         }.sorted { ($0.info.startTime, $0.info.runID) < ($1.info.startTime, $1.info.runID) }
     }
@@ -150,7 +154,8 @@ public struct FileStoreReader: Sendable {
     static func point<Line: Collection<UInt8>>(key: String, line: Line) -> MetricPoint? {
         let fields = line.split(separator: UInt8(ascii: " "))
         guard fields.count == 3, let timestamp = Int64(String(decoding: fields[0], as: UTF8.self)),
-              let value = Double(String(decoding: fields[1], as: UTF8.self)), let step = Int64(String(decoding: fields[2], as: UTF8.self)) else { return nil }
+            let value = Double(String(decoding: fields[1], as: UTF8.self)), let step = Int64(String(decoding: fields[2], as: UTF8.self))
+        else { return nil }
         return MetricPoint(key: key, value: value, step: step, timestamp: timestamp)
     }
 

@@ -167,11 +167,13 @@ public final class MLflowRESTClient: Sendable {
     /// A run of `experimentID` whose tag `key` is `value` (how an ambiguous create is resolved).
     public func findRun(experimentID: String, tag key: String, value: String) async throws(MLflowError) -> MLflowRunInfo? {
         let escaped = value.replacingOccurrences(of: "'", with: "\\'")
-        let body = try await call(.POST, "runs/search", json: .object([
-            "experiment_ids": .array([.string(experimentID)]),
-            "filter": .string("tags.`\(key)` = '\(escaped)'"),
-            "max_results": .int(2),
-        ]))
+        let body = try await call(
+            .POST, "runs/search",
+            json: .object([
+                "experiment_ids": .array([.string(experimentID)]),
+                "filter": .string("tags.`\(key)` = '\(escaped)'"),
+                "max_results": .int(2),
+            ]))
         guard let first = body["runs"]?.arrayValue?.first else { return nil }
         return try Self.runInfo(first)
     }
@@ -196,8 +198,9 @@ public final class MLflowRESTClient: Sendable {
     }
 
     public func setExperimentTag(_ experimentID: String, key: String, value: String) async throws(MLflowError) {
-        _ = try await call(.POST, "experiments/set-experiment-tag",
-                           json: .object(["experiment_id": .string(experimentID), "key": .string(key), "value": .string(value)]))
+        _ = try await call(
+            .POST, "experiments/set-experiment-tag",
+            json: .object(["experiment_id": .string(experimentID), "key": .string(key), "value": .string(value)]))
     }
 
     /// One `runs/log-batch` (the caller keeps it within MLflow's limits).

@@ -32,7 +32,8 @@ enum YAMLScalar {
     private static func isPlainSafe(_ s: String) -> Bool {
         // Hex ids with a letter other than 'e' (MLflow's run ids; '1e5' could read as a number) resolve to strings in PyYAML: MLflow writes them plain.
         if s.unicodeScalars.allSatisfy({ ("0"..."9").contains($0) || ("a"..."f").contains($0) }),
-           s.unicodeScalars.contains(where: { ("a"..."d").contains($0) || $0 == "f" }) {
+            s.unicodeScalars.contains(where: { ("a"..."d").contains($0) || $0 == "f" })
+        {
             return true
         }
         guard let first = s.unicodeScalars.first, s.unicodeScalars.last != ":" else { return false }

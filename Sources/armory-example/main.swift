@@ -8,8 +8,14 @@ import Foundation
 // `--points N --seconds S`: each chain logs N loss points paced over about S seconds (default 100
 // points at once), e.g. to stream across a daemon restart.
 
-struct Dataset { let name: String; let batches: Int }
-struct Model { let name: String; let weights: String }
+struct Dataset {
+    let name: String
+    let batches: Int
+}
+struct Model {
+    let name: String
+    let weights: String
+}
 struct Attack { let epsilon: Double }
 
 func loadDataset(split: String, batchSize: Int) -> Dataset { Dataset(name: "cifar10-\(split)", batches: 100) }
@@ -37,21 +43,26 @@ do {
 
     let evaluation = tracker.evaluation("armory-example", description: "Example two-chain evaluation through armoryd")
     let dataset = evaluation.autotrack { track in
-        track.trackable(track.trackCall("load_dataset", ["split": "test", "batch_size": 16]) {
-            loadDataset(split: "test", batchSize: 16)
-        })
+        track.trackable(
+            track.trackCall("load_dataset", ["split": "test", "batch_size": 16]) {
+                loadDataset(split: "test", batchSize: 16)
+            })
     }
     evaluation.useDataset(dataset)
 
     evaluation.addChain("benign") { chain in
-        chain.useModel(chain.trackable(chain.trackCall("load_model", ["name": "resnet18", "weights": "imagenet"]) {
-            loadModel(name: "resnet18", weights: "imagenet")
-        }))
+        chain.useModel(
+            chain.trackable(
+                chain.trackCall("load_model", ["name": "resnet18", "weights": "imagenet"]) {
+                    loadModel(name: "resnet18", weights: "imagenet")
+                }))
     }
     evaluation.addChain("attacked") { chain in
-        chain.useModel(chain.trackable(chain.trackCall("load_model", ["name": "resnet18", "weights": "robust-l2"]) {
-            loadModel(name: "resnet18", weights: "robust-l2")
-        }))
+        chain.useModel(
+            chain.trackable(
+                chain.trackCall("load_model", ["name": "resnet18", "weights": "robust-l2"]) {
+                    loadModel(name: "resnet18", weights: "robust-l2")
+                }))
         chain.addPerturbation(chain.trackable(chain.trackInit(Attack.self, ["epsilon": 0.031]) { Attack(epsilon: 0.031) }))
     }
 

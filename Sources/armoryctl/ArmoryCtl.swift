@@ -189,7 +189,8 @@ enum StatusText {
         if !s.host.isEmpty {
             let host = s.host
             func figure(_ key: String) -> String { host[key].map { String(format: "%.1f", $0) } ?? "?" }
-            var text = "CPU \(figure("cpu_utilization_percentage"))%, memory \(figure("system_memory_usage_megabytes")) MB (\(figure("system_memory_usage_percentage"))%), "
+            var text =
+                "CPU \(figure("cpu_utilization_percentage"))%, memory \(figure("system_memory_usage_megabytes")) MB (\(figure("system_memory_usage_percentage"))%), "
                 + "disk \(figure("disk_usage_percentage"))% (\(figure("disk_available_megabytes")) MB free)"
             let gpus = host.keys.filter { $0.hasSuffix("_utilization_percentage") && $0.hasPrefix("gpu_") }.sorted()
             for gpu in gpus { text += ", \(gpu.dropLast("_utilization_percentage".count)) \(figure(gpu))%" }

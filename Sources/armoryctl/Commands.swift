@@ -53,16 +53,21 @@ extension ArmoryCtl {
             let progress = ProgressBar(enabled: wait && !options.json && isatty(STDERR_FILENO) == 1)
             while wait, status.pendingRecords > 0, Date().timeIntervalSince(start) < timeout {
                 let pending = status.pendingRecords
-                progress.show(done: Double(initial - pending) / Double(initial),
-                              text: "\(pending) records pending, \(status.writeRateMetricsPerSecond) metrics/s")
+                progress.show(
+                    done: Double(initial - pending) / Double(initial),
+                    text: "\(pending) records pending, \(status.writeRateMetricsPerSecond) metrics/s")
                 Thread.sleep(forTimeInterval: 0.25)
                 status = try options.status(connection)
             }
             progress.finish()
             let pending = status.pendingRecords
-            let result: JSONObject = ["pending_records": .int(pending), "drained": .bool(pending == 0),
-                                      "seconds": .double((Date().timeIntervalSince(start) * 10).rounded() / 10)]
-            if options.json { options.printJSON(.object(result)) } else {
+            let result: JSONObject = [
+                "pending_records": .int(pending), "drained": .bool(pending == 0),
+                "seconds": .double((Date().timeIntervalSince(start) * 10).rounded() / 10),
+            ]
+            if options.json {
+                options.printJSON(.object(result))
+            } else {
                 print(pending == 0 ? "backlog drained" : "\(pending) records pending")
             }
             if wait, pending > 0 { throw ExitCode(1) }
@@ -100,8 +105,10 @@ extension ArmoryCtl {
             let rows = letters.map { line -> [String] in
                 let time = Date(timeIntervalSince1970: Double(line["time_ms"]?.intValue ?? 0) / 1000)
                 let status = [line["http_status"]?.intValue.map { String($0) }, line["error_code"]?.stringValue].compactMap { $0 }.joined(separator: " ")
-                return [timestamp.string(from: time), line["run_id"]?.stringValue ?? "(not created)", "\(line["uid"]?.intValue ?? 0)",
-                        describe(line["record"]), status.isEmpty ? line["code"]?.stringValue ?? "" : status, String((line["message"]?.stringValue ?? "").prefix(100))]
+                return [
+                    timestamp.string(from: time), line["run_id"]?.stringValue ?? "(not created)", "\(line["uid"]?.intValue ?? 0)",
+                    describe(line["record"]), status.isEmpty ? line["code"]?.stringValue ?? "" : status, String((line["message"]?.stringValue ?? "").prefix(100)),
+                ]
             }
             print(Table.render(header: ["TIME", "RUN ID", "UID", "RECORD", "STATUS", "MESSAGE"], rows: rows))
             let files = (reply["files"]?.arrayValue ?? []).compactMap(\.stringValue).filter { FileManager.default.fileExists(atPath: $0) }
@@ -123,9 +130,11 @@ extension ArmoryCtl {
                 let keys = Set(metrics.compactMap { $0.arrayValue?.first?.stringValue }).sorted()
                 let params = record?["params"]?.objectValue?.keys.sorted() ?? []
                 let tags = record?["tags"]?.objectValue?.keys.sorted() ?? []
-                return [metrics.isEmpty ? nil : "\(metrics.count) metrics (\(keys.prefix(3).joined(separator: ", ")))",
-                        params.isEmpty ? nil : "params \(params.prefix(3).joined(separator: ", "))",
-                        tags.isEmpty ? nil : "tags \(tags.prefix(3).joined(separator: ", "))"].compactMap { $0 }.joined(separator: "; ")
+                return [
+                    metrics.isEmpty ? nil : "\(metrics.count) metrics (\(keys.prefix(3).joined(separator: ", ")))",
+                    params.isEmpty ? nil : "params \(params.prefix(3).joined(separator: ", "))",
+                    tags.isEmpty ? nil : "tags \(tags.prefix(3).joined(separator: ", "))",
+                ].compactMap { $0 }.joined(separator: "; ")
             case "create_run": return "create run '\(record?["name"]?.stringValue ?? "")'"
             case "update_run": return "end run \(record?["status"]?.stringValue ?? "")"
             case "artifact": return "artifact \(record?["path"]?.stringValue ?? "")"
@@ -189,8 +198,9 @@ extension ArmoryCtl {
         /// The running daemon's store, when it writes a local one.
         private func daemonStore() throws -> String? {
             guard let connection = try? Connection(socketPath: options.socket, client: "armoryctl", admin: true),
-                  let destination = try? connection.status()["destination"]?.stringValue,  // not read as a whole: any daemon version says this
-                  destination.hasPrefix("file://") else { return nil }
+                let destination = try? connection.status()["destination"]?.stringValue,  // not read as a whole: any daemon version says this
+                destination.hasPrefix("file://")
+            else { return nil }
             return String(destination.dropFirst("file://".count))
         }
 
@@ -226,7 +236,9 @@ extension ArmoryCtl {
             let status = try options.status(options.connect())
             let pid = status.pid
             if let (unit, user) = status.systemdUnit.map({ ($0.name, $0.user ? " --user" : "") }) {
-                throw Failure("armoryd (pid \(pid)) runs under systemd as \(unit): stop it with `systemctl\(user) stop \(unit)` (its socket starts it again on the next connection; stop \(unit.replacingOccurrences(of: ".service", with: ".socket")) too to keep it stopped).")
+                throw Failure(
+                    "armoryd (pid \(pid)) runs under systemd as \(unit): stop it with `systemctl\(user) stop \(unit)` (its socket starts it again on the next connection; stop \(unit.replacingOccurrences(of: ".service", with: ".socket")) too to keep it stopped)."
+                )
             }
             guard pid > 0 else { throw Failure("armoryd did not say its pid; stop it with kill.") }
             if kill(pid, SIGTERM) != 0 {
@@ -247,7 +259,8 @@ extension ArmoryCtl {
         static func isAlive(_ pid: pid_t) -> Bool {
             guard kill(pid, 0) == 0 else { return false }
             guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { return true }
+                let close = stat.lastIndex(of: ")")
+            else { return true }
             return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
         }
     }
@@ -328,15 +341,18 @@ enum PrometheusText {
         metric("metrics_written_system_total", "counter", "Of metrics_written_total, those named system/... (host metrics the daemon samples for each run, or a client's own monitor logs).", count(s.metricsWrittenSystem))
         metric("write_rate_metrics_per_second", "gauge", "Metrics written per second over the last ten seconds.", [("", s.writeRateMetricsPerSecond)])
         metric("frames_received_total", "counter", "Frames received from clients (requests and fire-and-forget ops, admin tools included).", count(s.framesReceived))
-        metric("errors_sent_total", "counter", "Errors sent back to clients: operations refused at once (bad keys or values, unknown handles, wrong states, oversized frames) and records a destination refused later. armoryctl status shows the latest.", count(s.errorsSent))
+        metric(
+            "errors_sent_total", "counter", "Errors sent back to clients: operations refused at once (bad keys or values, unknown handles, wrong states, oversized frames) and records a destination refused later. armoryctl status shows the latest.",
+            count(s.errorsSent))
         metric("journal_bytes", "gauge", "Bytes of journal segments on disk.", count(s.journal.bytes))
         metric("journal_corrupt_records_total", "counter", "Corrupt journal records skipped at the last start.", count(s.journal.corruptRecords))
         let label = { (d: StatusReply.Destination) in "{destination=\"\(escape(d.destination))\"}" }
         metric("destination_pending_records", "gauge", "Records pending per destination.", s.destinations.map { (label($0), Double($0.pendingRecords)) })
         metric("destination_retries_total", "counter", "Retried sink calls per destination.", s.destinations.map { (label($0), Double($0.retries)) })
         metric("destination_healthy", "gauge", "1 when the destination's last call succeeded.", s.destinations.map { (label($0), $0.state == "running" ? 1 : 0) })
-        metric("destination_needs_credentials", "gauge", "1 while the destination refuses the credentials (401, 403): its records wait in the journal.",
-               s.destinations.map { (label($0), $0.state == "needs-credentials" ? 1 : 0) })
+        metric(
+            "destination_needs_credentials", "gauge", "1 while the destination refuses the credentials (401, 403): its records wait in the journal.",
+            s.destinations.map { (label($0), $0.state == "needs-credentials" ? 1 : 0) })
         if let last = s.lastSuccessMs {
             metric("last_success_timestamp_seconds", "gauge", "When a destination last applied a call.", [("", Double(last) / 1000)])
         }

@@ -67,7 +67,8 @@ extension ArmoryCtl {
             }
             progress.finish()
             if options.json { options.printJSON(job) } else { print(Self.describe(job, problems: false)) }
-            let problems = (job["conflicts"]?.arrayValue ?? []).map { $0.stringValue ?? "" } + (job["failures"]?.arrayValue ?? []).map { "not copied: " + ($0.stringValue ?? "") }
+            let problems =
+                (job["conflicts"]?.arrayValue ?? []).map { $0.stringValue ?? "" } + (job["failures"]?.arrayValue ?? []).map { "not copied: " + ($0.stringValue ?? "") }
                 + [job["error"]?.stringValue.map { "sync failed: " + $0 }].compactMap { $0 }
             for problem in problems { FileHandle.standardError.write(Data("armoryctl: \(problem)\n".utf8)) }
             if job["state"]?.stringValue == "failed" || !(job["conflicts"]?.arrayValue ?? []).isEmpty { throw ExitCode(1) }
@@ -114,10 +115,12 @@ struct SyncRate {
 
     /// Takes one poll in: rates are smoothed over about two seconds.
     mutating func observe(_ job: JSONValue, at now: Date) {
-        let metrics = Int(job["metrics_landed"]?.intValue ?? 0), bytes = Int(job["artifact_bytes_landed"]?.intValue ?? 0)
+        let metrics = Int(job["metrics_landed"]?.intValue ?? 0)
+        let bytes = Int(job["artifact_bytes_landed"]?.intValue ?? 0)
         if let last, case let elapsed = now.timeIntervalSince(last.at), elapsed > 0 {
             let weight = min(1, elapsed / 2)
-            let metricRate = Double(metrics - last.metrics) / elapsed, byteRate = Double(bytes - last.bytes) / elapsed
+            let metricRate = Double(metrics - last.metrics) / elapsed
+            let byteRate = Double(bytes - last.bytes) / elapsed
             metricsPerSecond += weight * (metricRate - metricsPerSecond)
             bytesPerSecond += weight * (byteRate - bytesPerSecond)
         }
@@ -143,8 +146,12 @@ struct SyncRate {
 
     static func bytes(_ n: Int) -> String {
         let units = ["B", "KB", "MB", "GB", "TB"]
-        var value = Double(n), unit = 0
-        while value >= 1000 && unit < units.count - 1 { value /= 1000; unit += 1 }
+        var value = Double(n)
+        var unit = 0
+        while value >= 1000 && unit < units.count - 1 {
+            value /= 1000
+            unit += 1
+        }
         return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
     }
 }

@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import ArmoryDaemon
 import ArmoryProtocol
@@ -9,6 +6,10 @@ import Logging
 import MLflow
 import ServiceLifecycle
 import Systemd
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// `armoryd`: the per-host tracking daemon.
 @main
@@ -113,7 +114,8 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         let toJournal = JournalLogHandler.stderrIsJournal(environment: environment)
         LogLevelControl.shared.level = resolution.logLevel
         LoggingSystem.bootstrap { label in
-            toJournal ? LogLevelControl.shared.handler(JournalLogHandler(label: label))
+            toJournal
+                ? LogLevelControl.shared.handler(JournalLogHandler(label: label))
                 : LogLevelControl.shared.handler(StreamLogHandler.standardError(label: label))
         }
         let logger = Logger(label: "armoryd")
@@ -140,19 +142,25 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ConfigurationError("Unknown log level '\(logLevel)': use trace, debug, info, notice, warning, error or critical.")
         }
-        let level = try settings.value("log-level", flag: logLevel.flatMap(Logger.Level.init(rawValue:)), default: Logger.Level.info,
-                                       what: "a log level (trace, debug, info, notice, warning, error, critical)") { Logger.Level(rawValue: $0) }
+        let level = try settings.value(
+            "log-level", flag: logLevel.flatMap(Logger.Level.init(rawValue:)), default: Logger.Level.info,
+            what: "a log level (trace, debug, info, notice, warning, error, critical)"
+        ) { Logger.Level(rawValue: $0) }
         // docs/architecture.md, "Finding the daemon": --socket, else $ARMORY_SOCKET, else the socket systemd passed, else
         // the file's, else the per-user or system default.
         let adoptedPath = adopted.map { SocketActivation.boundPath($0.descriptor) ?? "fd \($0.descriptor)" }
         let useAdopted = socket == nil && (environment["ARMORY_SOCKET"] ?? "").isEmpty && adoptedPath != nil
-        let configuredSocket = useAdopted ? settings.record("socket", adoptedPath!, source: "socket passed by systemd")
+        let configuredSocket =
+            useAdopted
+            ? settings.record("socket", adoptedPath!, source: "socket passed by systemd")
             : try settings.value("socket", flag: socket, default: nil, what: "a socket path") { $0.isEmpty ? nil : $0 }
         guard let socketPath = configuredSocket ?? SocketDiscovery.daemonPath(flag: nil, environment: environment, isRoot: isRoot) else {
             throw ConfigurationError("No socket path: XDG_RUNTIME_DIR is not set. Pass --socket PATH or set ARMORY_SOCKET.")
         }
-        let maxFrameBytes = try settings.value("max-frame-bytes", flag: maxFrameBytes, default: ProtocolLimits.default.maxFrameBytes,
-                                               what: "a byte count of at least 1024") { Int($0).flatMap { $0 >= 1024 ? $0 : nil } }
+        let maxFrameBytes = try settings.value(
+            "max-frame-bytes", flag: maxFrameBytes, default: ProtocolLimits.default.maxFrameBytes,
+            what: "a byte count of at least 1024"
+        ) { Int($0).flatMap { $0 >= 1024 ? $0 : nil } }
         guard maxFrameBytes >= 1024 else { throw ConfigurationError("--max-frame-bytes must be at least 1024.") }
         let armoryHome = try settings.value("home", flag: home, default: NSHomeDirectory() + "/.armory", what: "a directory") { $0.isEmpty ? nil : $0 }
         let absoluteHome = armoryHome.hasPrefix("/") ? armoryHome : FileManager.default.currentDirectoryPath + "/" + armoryHome
@@ -178,7 +186,8 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
                 let path = uri.hasPrefix("file://") ? String(uri.dropFirst(7)) : (uri.hasPrefix("file:") ? String(uri.dropFirst(5)) : uri)
                 config.storeRoot = path.removingPercentEncoding ?? path
             } else {
-                throw ConfigurationError("Setting 'tracking-uri': unsupported URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server, file:///… for a local store (or null: to discard records after journaling them, for benchmarks).")
+                throw ConfigurationError(
+                    "Setting 'tracking-uri': unsupported URI '\(MLflowDestination.stripUserInfo(uri))': use http(s)://… for an MLflow server, file:///… for a local store (or null: to discard records after journaling them, for benchmarks).")
             }
         }
         let seconds = "a number of seconds ≥ 0"
@@ -198,9 +207,10 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         }
         config.orphanGraceSeconds = try settings.value("orphan-grace", flag: orphanGrace, default: 60, what: seconds) { Self.nonNegative($0) }
         config.shutdownDrainSeconds = try settings.value("shutdown-drain", flag: shutdownDrain, default: 30, what: seconds) { Self.nonNegative($0) }
-        config.journal.commitInterval = try settings.value("journal-commit-ms", flag: journalCommitMs, default: 50, what: "milliseconds ≥ 0") {
-            Self.nonNegative($0)
-        } / 1000
+        config.journal.commitInterval =
+            try settings.value("journal-commit-ms", flag: journalCommitMs, default: 50, what: "milliseconds ≥ 0") {
+                Self.nonNegative($0)
+            } / 1000
         config.journal.fsync = try settings.value("journal-fsync", flag: journalFsync, default: .on, what: "on or off") { Toggle(rawValue: $0) } == .on
         let modeText = try settings.value("socket-mode", flag: socketMode, default: "600", what: "an octal file mode such as 600 or 660") {
             Self.octalMode($0) == nil ? nil : $0
@@ -217,10 +227,14 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
         }
         guard config.maxDestinationsPerUser >= 0 else { throw ConfigurationError("--max-destinations-per-user must be 0 or more.") }
         config.adminGroup = try settings.value("admin-group", flag: adminGroup, default: "armory-admin", what: "a group name") { $0.isEmpty ? nil : $0 }
-        config.bounds.maxBacklogBytes = try settings.value("max-backlog-bytes", flag: maxBacklogBytes, default: ByteCount(8 << 30),
-                                                          what: "a size such as 512M or 8G") { ByteCount(argument: $0) }.bytes
-        config.bounds.memoryBytes = try settings.value("memory-backlog-bytes", flag: memoryBacklogBytes, default: ByteCount(16 << 20),
-                                                      what: "a size such as 64M") { ByteCount(argument: $0) }.bytes
+        config.bounds.maxBacklogBytes = try settings.value(
+            "max-backlog-bytes", flag: maxBacklogBytes, default: ByteCount(8 << 30),
+            what: "a size such as 512M or 8G"
+        ) { ByteCount(argument: $0) }.bytes
+        config.bounds.memoryBytes = try settings.value(
+            "memory-backlog-bytes", flag: memoryBacklogBytes, default: ByteCount(16 << 20),
+            what: "a size such as 64M"
+        ) { ByteCount(argument: $0) }.bytes
         // Segments small enough that a bounded journal can shrink in steps.
         config.journal.segmentBytes = max(1 << 20, min(64 << 20, config.bounds.maxBacklogBytes / 16))
 

@@ -14,8 +14,10 @@ struct ConfigurationReloader: Service {
     let reloadCredentials: @Sendable () -> [String]
     let resolve: @Sendable () async throws -> ArmoryDaemonCommand.Resolution
 
-    init(notifier: SystemdNotifier, logger: Logger, applied: [SettingsResolver.Resolved], reloadCredentials: @escaping @Sendable () -> [String],
-         resolve: @escaping @Sendable () async throws -> ArmoryDaemonCommand.Resolution) {
+    init(
+        notifier: SystemdNotifier, logger: Logger, applied: [SettingsResolver.Resolved], reloadCredentials: @escaping @Sendable () -> [String],
+        resolve: @escaping @Sendable () async throws -> ArmoryDaemonCommand.Resolution
+    ) {
         self.notifier = notifier
         self.logger = logger
         self.applied = applied
@@ -36,9 +38,11 @@ struct ConfigurationReloader: Service {
                     setting.key != "log-level" && current.first { $0.key == setting.key }?.value != setting.value
                 }
                 for setting in changed {
-                    logger.warning("setting changed: takes effect at the next restart", metadata: [
-                        "setting": "\(setting.key)", "value": "\(setting.value)", "source": "\(setting.source)",
-                    ])
+                    logger.warning(
+                        "setting changed: takes effect at the next restart",
+                        metadata: [
+                            "setting": "\(setting.key)", "value": "\(setting.value)", "source": "\(setting.source)",
+                        ])
                 }
                 logger.notice("configuration reloaded", metadata: ["log_level": "\(next.logLevel)", "file": "\(next.settings.filePath ?? "none")"])
                 current = next.settings.resolved

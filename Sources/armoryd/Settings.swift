@@ -99,8 +99,10 @@ struct SettingsResolver {
 
     /// A setting's value: the flag, else the environment, else the file, else `defaultValue`.
     /// `also` names other environment variables that set it (after `ARMORY_…`).
-    mutating func value<Value>(_ key: String, flag: Value?, default defaultValue: Value?, what: String, also: [String] = [],
-                               _ parse: (String) -> Value?) throws -> Value? {
+    mutating func value<Value>(
+        _ key: String, flag: Value?, default defaultValue: Value?, what: String, also: [String] = [],
+        _ parse: (String) -> Value?
+    ) throws -> Value? {
         if let flag {
             resolved.append(Resolved(key: key, value: Self.shown(key, "\(flag)"), source: "flag --\(key)"))
             return flag
@@ -108,7 +110,7 @@ struct SettingsResolver {
         var candidates: [(String?, String)] = [(environment.string(forKey: ConfigKey(key)), "environment \(Self.environmentName(key))")]
         for name in also { candidates.append((environmentValues[name].flatMap { $0.isEmpty ? nil : $0 }, "environment \(name)")) }
         candidates.append((file?.string(forKey: ConfigKey(key)), "file \(filePath ?? "")"))
-        for case let (text?, source) in candidates {
+        for case (let text?, let source) in candidates {
             guard let value = parse(text) else {
                 throw ConfigurationError("Setting '\(key)' (\(source)): '\(Self.shown(key, text))' is not \(what).")
             }
@@ -126,8 +128,10 @@ struct SettingsResolver {
     }
 
     /// `value` for settings that always have a default.
-    mutating func value<Value>(_ key: String, flag: Value?, default defaultValue: Value, what: String, also: [String] = [],
-                               _ parse: (String) -> Value?) throws -> Value {
+    mutating func value<Value>(
+        _ key: String, flag: Value?, default defaultValue: Value, what: String, also: [String] = [],
+        _ parse: (String) -> Value?
+    ) throws -> Value {
         try value(key, flag: flag, default: Optional(defaultValue), what: what, also: also, parse)!
     }
 

@@ -35,9 +35,11 @@ struct SystemdSupervisor: Service {
                     unhealthy = false
                 } else if !unhealthy {
                     unhealthy = true
-                    logger.error("health check failed: watchdog pings stop; systemd restarts armoryd after WatchdogSec", metadata: [
-                        "problems": "\(problems.joined(separator: "; "))", "watchdog_s": "\(interval.seconds)",
-                    ])
+                    logger.error(
+                        "health check failed: watchdog pings stop; systemd restarts armoryd after WatchdogSec",
+                        metadata: [
+                            "problems": "\(problems.joined(separator: "; "))", "watchdog_s": "\(interval.seconds)",
+                        ])
                 }
             }
             let status = unhealthy ? "unhealthy (watchdog pings stopped): " + daemon.statusLine : daemon.statusLine

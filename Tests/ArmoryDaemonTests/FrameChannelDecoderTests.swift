@@ -1,8 +1,9 @@
-@testable import ArmoryDaemon
 import ArmoryProtocol
 import NIOCore
 import NIOEmbedded
 import Testing
+
+@testable import ArmoryDaemon
 
 /// The daemon's frame decoder without a socket: frames pass, a frame over the limit is skipped as
 /// its bytes arrive and reported with its head and tail, and the frames after it carry on.
@@ -29,7 +30,8 @@ import Testing
         let decoded = try decode(chunks, limit: 1024)
         #expect(decoded.count == 3)
         guard decoded.count == 3, case .frame(let first) = decoded[0], case .tooLarge(let length, let head, let tail) = decoded[1],
-              case .frame(let last) = decoded[2] else {
+            case .frame(let last) = decoded[2]
+        else {
             Issue.record("unexpected frames: \(decoded)")
             return
         }

@@ -1,13 +1,15 @@
-@testable import ArmoryDaemon
 import ArmoryProtocol
 import Foundation
 import Synchronization
 import Testing
 
+@testable import ArmoryDaemon
+
 @Suite struct JournalCodecTests {
     static let creation: RunCreation = {
-        var c = RunCreation(handle: "h1", runID: "r1", experimentName: "exp", name: "run", userID: "alice", startTime: 1_700_000_000_000,
-                            tags: ["mlflow.user": "alice", "armory.handle": "h1"], parentHandle: "h0")
+        var c = RunCreation(
+            handle: "h1", runID: "r1", experimentName: "exp", name: "run", userID: "alice", startTime: 1_700_000_000_000,
+            tags: ["mlflow.user": "alice", "armory.handle": "h1"], parentHandle: "h0")
         c.ownerUID = 1000
         c.clientPID = 4242
         return c
@@ -15,16 +17,22 @@ import Testing
 
     static let entries: [JournalEntry] = [
         .record(handle: "h1", .createRun(creation)),
-        .record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "loss", value: .nan, step: 3, timestamp: 17), MetricPoint(key: "acc/é", value: -.infinity, step: -1, timestamp: 18)],
-                                            params: ["lr": "0.1"], tags: ["t": ""]))),
+        .record(
+            handle: "h1",
+            .log(
+                LogBatch(
+                    metrics: [MetricPoint(key: "loss", value: .nan, step: 3, timestamp: 17), MetricPoint(key: "acc/é", value: -.infinity, step: -1, timestamp: 18)],
+                    params: ["lr": "0.1"], tags: ["t": ""]))),
         .record(handle: "h1", .updateRun(status: .finished, endTime: 99)),
         .record(handle: "h1", .updateRun(status: .running, endTime: nil)),
         .record(handle: "h1", .artifact(path: "a/b.txt", spoolPath: "/s/x")),
         .record(handle: "h1", .deleteTag(key: "draft")),
         .bind(handle: "h1", runID: "abc", experimentID: nil),
         .settled(12),
-        .run(RunEntry(handle: "h2", runID: nil, experimentID: "3", experimentName: "e", name: "n", ownerUID: 7, status: .killed, parentHandle: nil,
-                      params: ["a": "b"], connection: nil, clientPID: 9)),
+        .run(
+            RunEntry(
+                handle: "h2", runID: nil, experimentID: "3", experimentName: "e", name: "n", ownerUID: 7, status: .killed, parentHandle: nil,
+                params: ["a": "b"], connection: nil, clientPID: 9)),
     ]
 
     @Test func everyEntryRoundTrips() throws {

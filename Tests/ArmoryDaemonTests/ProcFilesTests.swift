@@ -1,6 +1,7 @@
-@testable import ArmoryDaemon
 import Foundation
 import Testing
+
+@testable import ArmoryDaemon
 
 /// The sampler's parsers against `/proc` files recorded on this machine (Fixtures/proc).
 @Suite struct ProcFilesTests {
@@ -11,7 +12,7 @@ import Testing
     @Test func cpuTimesAreTheFirstLinesCountersWithIowaitAsIdle() throws {
         let times = try #require(ProcFiles.cpuTimes(stat: Self.fixture("stat.0")))
         // cpu  1888149 0 159126 884484 8836 0 3775 22020 0 0
-        #expect(times.total == 1888149 + 159126 + 884484 + 8836 + 3775 + 22020)
+        #expect(times.total == 1_888_149 + 159126 + 884484 + 8836 + 3775 + 22020)
         #expect(times.idle == 884484 + 8836)
         let later = try #require(ProcFiles.cpuTimes(stat: Self.fixture("stat.1")))
         #expect(later.total > times.total && later.idle >= times.idle)
@@ -19,21 +20,22 @@ import Testing
 
     @Test func memoryUsedIsPsutils() throws {
         let memory = try #require(ProcFiles.memory(meminfo: Self.fixture("meminfo")))
-        #expect(memory.totalKB == 24684092 && memory.freeKB == 20002532 && memory.availableKB == 24055004)
-        #expect(memory.cachedKB == 3808836 + 549640 && memory.buffersKB == 53912)
-        #expect(memory.usedKB == 24684092 - 20002532 - (3808836 + 549640) - 53912)
+        #expect(memory.totalKB == 24_684_092 && memory.freeKB == 20_002_532 && memory.availableKB == 24_055_004)
+        #expect(memory.cachedKB == 3_808_836 + 549640 && memory.buffersKB == 53912)
+        #expect(memory.usedKB == 24_684_092 - 20_002_532 - (3_808_836 + 549640) - 53912)
     }
 
     @Test func networkSumsEveryInterface() throws {
         let text = try Self.fixture("net-dev")
         let (received, sent) = try #require(ProcFiles.networkBytes(netDev: text))
-        var rx: UInt64 = 0, tx: UInt64 = 0
+        var rx: UInt64 = 0
+        var tx: UInt64 = 0
         for line in text.split(separator: "\n").dropFirst(2) {
             let f = line.split(separator: ":")[1].split(separator: " ").compactMap { UInt64($0) }
             rx += f[0]
             tx += f[8]
         }
-        #expect(received == rx && sent == tx && received >= 771180879)
+        #expect(received == rx && sent == tx && received >= 771_180_879)
         #expect(ProcFiles.networkBytes(netDev: "Inter-|\n face |\n") == nil)
     }
 
@@ -65,8 +67,8 @@ import Testing
         var sampler = SystemSampler(root: root, diskPath: root, gpus: nil)
         let first = sampler.sampleHost()
         #expect(first.metrics["cpu_utilization_percentage"] == nil)  // no rate from one sample
-        #expect(first.metrics["system_memory_usage_percentage"] == SystemSampler.round1(Double(24684092 - 20002532 - 3808836 - 549640 - 53912) / 24684092 * 100))
-        #expect(first.metrics["disk_usage_percentage"] != nil && first.networkReceived >= 771180879)
+        #expect(first.metrics["system_memory_usage_percentage"] == SystemSampler.round1(Double(24_684_092 - 20_002_532 - 3_808_836 - 549640 - 53912) / 24_684_092 * 100))
+        #expect(first.metrics["disk_usage_percentage"] != nil && first.networkReceived >= 771_180_879)
         try put("stat.1", "/proc/stat")
         let second = sampler.sampleHost()
         let a = try #require(ProcFiles.cpuTimes(stat: ProcFilesTests.fixture("stat.0")))

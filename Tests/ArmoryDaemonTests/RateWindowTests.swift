@@ -1,5 +1,6 @@
-@testable import ArmoryDaemon
 import Testing
+
+@testable import ArmoryDaemon
 
 /// The upload rate `armoryctl status` shows: counts per second over a sliding window.
 @Suite struct RateWindowTests {

@@ -1,6 +1,7 @@
-@testable import ArmoryDaemon
 import ArmoryProtocol
 import Testing
+
+@testable import ArmoryDaemon
 
 /// What makes a session outlive its connection, driven frame by frame without a socket: frames it
 /// holds are dropped by `seq`, requests answered as the first time, and its journal record
@@ -37,7 +38,10 @@ struct SessionResumeTests {
         let run = try h.reply(&s, .start(.chain(2)))
         let opened = try h.reply(&s, .artifactOpen(run: try #require(run["handle"]?.stringValue), path: "a.bin"))
         // The latest commit journaled the session's record, as the journal writes and reads it back.
-        guard case .session(let committed)? = h.lastTail else { Issue.record("no session record committed"); return }
+        guard case .session(let committed)? = h.lastTail else {
+            Issue.record("no session record committed")
+            return
+        }
         #expect(committed == s.record)
         var writer = JournalWriter()
         JournalCodec.encode(.session(s.record), into: &writer)
@@ -45,7 +49,10 @@ struct SessionResumeTests {
             var reader = JournalReader(raw)
             return try JournalCodec.decode(&reader)
         }
-        guard case .session(let record) = decoded else { Issue.record("not a session record"); return }
+        guard case .session(let record) = decoded else {
+            Issue.record("not a session record")
+            return
+        }
         #expect(record == s.record)
         let artifact = try #require(opened["artifact"]?.intValue)
         #expect(record.seq == 9 && record.openArtifacts == [artifact])
@@ -60,7 +67,10 @@ struct SessionResumeTests {
         #expect(h.send(&restored, .trackParam(key: "seed", value: "8"), seq: 2) == nil)
         #expect(restored.tracking.globalParams["seed"] == "7")
         #expect(h.send(&restored, .artifactChunk(artifact: artifact, data: [1, 2, 3]), seq: 10) == nil)
-        guard case .failure(let interrupted)? = h.send(&restored, .artifactClose(artifact: artifact), seq: 11) else { Issue.record("close answered"); return }
+        guard case .failure(let interrupted)? = h.send(&restored, .artifactClose(artifact: artifact), seq: 11) else {
+            Issue.record("close answered")
+            return
+        }
         #expect(interrupted.code == .artifactInterrupted)
         // It goes on: the chain it started ends through it.
         #expect(try h.send(&restored, .end(.chain(2), status: .finished, endTime: nil), seq: 12)?.get()["status"]?.stringValue == "FINISHED")

@@ -1,6 +1,7 @@
-@testable import ArmoryDaemon
 import ArmoryProtocol
 import Testing
+
+@testable import ArmoryDaemon
 
 /// Drives a `SessionStateMachine` frame by frame: no socket, no uploader, no journal. It answers
 /// the actions that ask the connection for something (a resolved destination, an opened spool
@@ -19,8 +20,9 @@ struct SessionHarness {
 
     mutating func session(uid: UInt32 = 1000) -> SessionStateMachine {
         numbers += 1
-        var machine = SessionStateMachine(number: numbers, peer: PeerCredentials(uid: uid, gid: uid, pid: 4242), runs: registry,
-                                          userName: "user\(uid)", spoolDirectory: "/spool")
+        var machine = SessionStateMachine(
+            number: numbers, peer: PeerCredentials(uid: uid, gid: uid, pid: 4242), runs: registry,
+            userName: "user\(uid)", spoolDirectory: "/spool")
         send(&machine, .hello(Hello(client: "test", clientVersion: "1", program: "/t.py")))
         return machine
     }
@@ -340,8 +342,9 @@ struct SessionHarness {
 
     @Test func attachReopensAFinishedRunTheDestinationHolds() throws {
         var h = SessionHarness()  // a fresh registry (as after a restart): the run is looked up
-        h.stored["r1"] = StoredRun(runID: "r1", experimentID: "3", name: "old", userID: "user0", status: .finished, endTime: 50,
-                                   params: ["p": "1"], tags: ["armory.handle": "hOld"])
+        h.stored["r1"] = StoredRun(
+            runID: "r1", experimentID: "3", name: "old", userID: "user0", status: .finished, endTime: 50,
+            params: ["p": "1"], tags: ["armory.handle": "hOld"])
         var s = h.session(uid: 0)
         let attached = try h.descriptor(&s, .attach(runID: "r1"))
         #expect(attached.runID == "r1" && attached.handle == "hOld" && attached.status == .running)
@@ -369,10 +372,14 @@ struct SessionHarness {
             return
         }
         #expect(spoolPath.hasPrefix("/spool/" + run.handle))
-        guard case .reply(let opened) = s.spoolOpened(artifact: id, for: open) else { Issue.record("open not answered"); return }
+        guard case .reply(let opened) = s.spoolOpened(artifact: id, for: open) else {
+            Issue.record("open not answered")
+            return
+        }
         #expect(opened["artifact"] == .int(id))
         guard case .writeSpool(id, [1, 2, 3]) = s.receive(ClientFrame(seq: 11, op: .artifactChunk(artifact: id, data: [1, 2, 3])), nowMs: 1),
-              case .writeSpool(id, [4]) = s.receive(ClientFrame(seq: 12, op: .artifactChunk(artifact: id, data: [4])), nowMs: 1) else {
+            case .writeSpool(id, [4]) = s.receive(ClientFrame(seq: 12, op: .artifactChunk(artifact: id, data: [4])), nowMs: 1)
+        else {
             Issue.record("chunks not written")
             return
         }
@@ -385,7 +392,10 @@ struct SessionHarness {
         let committed = s.commit()
         #expect(committed?.records.map(\.record) == [.artifact(path: "exports/00000/00/a.bin", spoolPath: spoolPath)])
         // A resent close is answered as the first time, and queues nothing again.
-        guard case .reply(let again) = s.receive(close, nowMs: 1) else { Issue.record("resent close not answered"); return }
+        guard case .reply(let again) = s.receive(close, nowMs: 1) else {
+            Issue.record("resent close not answered")
+            return
+        }
         #expect(again == closed)
     }
 
@@ -403,7 +413,10 @@ struct SessionHarness {
             return
         }
         #expect(e.code == .internalError && e.message.contains("a.bin") && e.message.contains("No space") && e.seq == 20)
-        guard case .failure(let gone)? = h.send(&s, .artifactClose(artifact: id), seq: 21) else { Issue.record("closed a discarded artifact"); return }
+        guard case .failure(let gone)? = h.send(&s, .artifactClose(artifact: id), seq: 21) else {
+            Issue.record("closed a discarded artifact")
+            return
+        }
         #expect(gone.code == .unknownHandle)
         #expect(s.record.openArtifacts.isEmpty)
     }

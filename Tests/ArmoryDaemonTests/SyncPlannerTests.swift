@@ -1,15 +1,17 @@
 import ArmoryProtocol
-@testable import ArmoryDaemon
 import MLflow
 import Testing
+
+@testable import ArmoryDaemon
 
 @Suite struct SyncPlannerTests {
     let ended = FileStoreRun(runID: "src1", experimentID: "7", name: "benign", userID: "alice", status: .finished, startTime: 10, endTime: 20)
 
     func source(_ run: FileStoreRun? = nil, metrics: [String: Int] = ["loss": 100, "acc": 1]) -> SyncSource {
-        SyncSource(run: run ?? ended, params: ["seed": "42", "model": "resnet"],
-                   tags: ["mlflow.runName": "benign", "mlflow.parentRunId": "srcParent", "armory.handle": "h1", "note": "x"],
-                   metricCounts: metrics, artifactBytes: ["exports/a.png": 1000])
+        SyncSource(
+            run: run ?? ended, params: ["seed": "42", "model": "resnet"],
+            tags: ["mlflow.runName": "benign", "mlflow.parentRunId": "srcParent", "armory.handle": "h1", "note": "x"],
+            metricCounts: metrics, artifactBytes: ["exports/a.png": 1000])
     }
 
     func plain(_ map: StringMap) -> [String: String] { Dictionary(uniqueKeysWithValues: map.map { ($0.key, $0.value) }) }
@@ -29,8 +31,11 @@ import Testing
     @Test func aNewRunIsCreatedWithEverythingItsParentLinkRewrittenAndMarkedPartial() {
         let plan = SyncRunPlan.plan(source(), destination: nil, parentRunID: "dstParent", storeIdentity: "store-A")
         #expect(plan.create)
-        #expect(plain(plan.tags) == ["mlflow.runName": "benign", "mlflow.parentRunId": "dstParent", "note": "x",
-                              SyncTags.sourceRun: "src1", SyncTags.sourceStore: "store-A", SyncTags.state: "partial"])
+        #expect(
+            plain(plan.tags) == [
+                "mlflow.runName": "benign", "mlflow.parentRunId": "dstParent", "note": "x",
+                SyncTags.sourceRun: "src1", SyncTags.sourceStore: "store-A", SyncTags.state: "partial",
+            ])
         #expect(plain(plan.params) == ["seed": "42", "model": "resnet"])
         #expect(plan.metrics.map(\.key) == ["acc", "loss"] && plan.metrics.map(\.from) == [0, 0] && plan.metricPoints == 101)
         #expect(plan.artifacts == ["exports/a.png"])

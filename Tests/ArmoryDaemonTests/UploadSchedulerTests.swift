@@ -1,6 +1,7 @@
-@testable import ArmoryDaemon
 import ArmoryProtocol
 import Testing
+
+@testable import ArmoryDaemon
 
 /// The uploader's scheduling rules, driven without a sink.
 @Suite struct UploadSchedulerTests {
@@ -29,7 +30,10 @@ import Testing
         s.enqueue("a", .createRun(creation("a")), now: 0)
         s.enqueue("a", .log(metrics(3)), now: 0)
         let create = try take(&s, 0)
-        guard case .createRun(_, nil, 0) = create.operation else { Issue.record("\(create.operation)"); return }
+        guard case .createRun(_, nil, 0) = create.operation else {
+            Issue.record("\(create.operation)")
+            return
+        }
         #expect(s.next(now: 0) == nil)  // one call in flight per run
         let settled = s.finish(create, .created(runID: "r1", experimentID: "1"), now: 0)
         #expect(settled.created == .init(runID: "r1", experimentID: "1"))
@@ -46,7 +50,10 @@ import Testing
         #expect(s.next(now: 0) == nil)  // the chain waits for its parent
         _ = s.finish(first, .created(runID: "P", experimentID: "1"), now: 0)
         let chain = try take(&s, 0)
-        guard case .createRun(_, "P", _) = chain.operation else { Issue.record("\(chain.operation)"); return }
+        guard case .createRun(_, "P", _) = chain.operation else {
+            Issue.record("\(chain.operation)")
+            return
+        }
     }
 
     @Test func logsAreMergedUpToMLflowsLimits() throws {
@@ -55,7 +62,10 @@ import Testing
         for _ in 0..<5 { s.enqueue("a", .log(metrics(300)), now: 0) }
         let batch = try take(&s, 0)
         #expect(batch.entries.count == 3)  // 900 metrics; a fourth would pass 1000
-        guard case .log(_, let merged) = batch.operation else { Issue.record("not a log"); return }
+        guard case .log(_, let merged) = batch.operation else {
+            Issue.record("not a log")
+            return
+        }
         #expect(merged.metrics.count == 900)
     }
 
@@ -153,7 +163,10 @@ import Testing
         let first = try take(&s, 0)
         _ = s.finish(first, .retry(after: 0, reason: "timeout"), now: 0)
         let second = try take(&s, 1)
-        guard case .createRun(_, _, let attempt) = second.operation else { Issue.record("not a create"); return }
+        guard case .createRun(_, _, let attempt) = second.operation else {
+            Issue.record("not a create")
+            return
+        }
         #expect(attempt == 1)
     }
 
@@ -164,7 +177,10 @@ import Testing
         var calls = 0
         while let batch = s.next(now: 0) {
             calls += 1
-            guard case .log(_, let sent) = batch.operation else { Issue.record("not a log: \(batch.operation)"); break }
+            guard case .log(_, let sent) = batch.operation else {
+                Issue.record("not a log: \(batch.operation)")
+                break
+            }
             all.append(s.finish(batch, refuses(sent).map { .rejected($0) } ?? .applied, now: 0))
         }
         return (all, calls)
@@ -204,8 +220,9 @@ import Testing
     }
 
     @Test func anEntityNamedByItsIndexIsTheOneRefused() throws {
-        let batch = LogBatch(metrics: [MetricPoint(key: "a", value: 1, step: 0, timestamp: 1), MetricPoint(key: "a", value: 2, step: 1, timestamp: 1)],
-                             params: ["p": "1", "q": "2"])
+        let batch = LogBatch(
+            metrics: [MetricPoint(key: "a", value: 1, step: 0, timestamp: 1), MetricPoint(key: "a", value: 2, step: 1, timestamp: 1)],
+            params: ["p": "1", "q": "2"])
         let (refused, rest) = UploadScheduler.divide(batch, by: "Invalid value 'x' for parameter 'params[1].value'")
         #expect(refused == LogBatch(params: ["q": "2"]))
         #expect(rest == [LogBatch(metrics: batch.metrics, params: ["p": "1"])])

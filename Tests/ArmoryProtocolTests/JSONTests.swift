@@ -33,7 +33,7 @@ import Testing
         #expect(try JSONParser.parse(Array("9007199254740993".utf8)) == .int(9_007_199_254_740_993))
         #expect(try JSONParser.parse(Array("-9223372036854775808".utf8)) == .int(.min))
         // Past Int64: a double.
-        #expect(try JSONParser.parse(Array("18446744073709551616".utf8)) == .double(18446744073709551616))
+        #expect(try JSONParser.parse(Array("18446744073709551616".utf8)) == .double(18_446_744_073_709_551_616))
     }
 
     @Test(arguments: [

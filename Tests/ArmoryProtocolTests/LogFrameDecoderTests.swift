@@ -1,5 +1,6 @@
-@testable import ArmoryProtocol
 import Testing
+
+@testable import ArmoryProtocol
 
 /// The hand-written `log` decoder against the general path (JSON tree + `decode(json:)`): the same
 /// frame for everything it accepts, and nil for anything outside its exact form.

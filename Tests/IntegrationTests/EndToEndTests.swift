@@ -1,11 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryDaemon
 import ArmoryProtocol
 import ArmoryTrack
 import Foundation
+import Logging
+import ServiceLifecycle
 import Testing
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite(.serialized) struct EndToEndTests {
     @Test func exampleFlowLandsInTheStore() async throws {
@@ -280,9 +283,6 @@ import Testing
         try await daemon.stop()
     }
 }
-
-import Logging
-import ServiceLifecycle
 
 /// Runs a prepared `Daemon` in a service group until `stop()`.
 final class ServiceGroupHolder: Sendable {

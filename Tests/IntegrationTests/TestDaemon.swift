@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryDaemon
 import ArmoryProtocol
 import Foundation
 import Logging
 import ServiceLifecycle
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// A real armoryd (the library, in this process) on a socket in a temporary directory.
 final class TestDaemon: Sendable {

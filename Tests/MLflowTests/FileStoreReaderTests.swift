@@ -1,7 +1,8 @@
 import ArmoryProtocol
 import Foundation
-@testable import MLflow
 import Testing
+
+@testable import MLflow
 
 @Suite struct FileStoreReaderTests {
     let root = "/tmp/armory-reader-" + UUID().uuidString
@@ -15,10 +16,14 @@ import Testing
         let child = FileStoreRun(runID: "bbbb0000bbbb0000bbbb0000bbbb0000", experimentID: exp, name: "benign", userID: "alice", status: .running, startTime: 20)
         try store.createRun(parent, tags: ["mlflow.runName": "parent"])
         try store.createRun(child, tags: ["mlflow.runName": "benign", "mlflow.parentRunId": parent.runID])
-        try store.logBatch(runID: child.runID, experimentID: exp, LogBatch(
-            metrics: [MetricPoint(key: "loss", value: 1, step: 0, timestamp: 5), MetricPoint(key: "loss", value: .nan, step: 1, timestamp: 6),
-                      MetricPoint(key: "system/cpu", value: -.infinity, step: 0, timestamp: 7), MetricPoint(key: "loss", value: 1e-300, step: 2, timestamp: 8)],
-            params: ["scale/max": "2", "seed": "42"], tags: ["note": "it's"]))
+        try store.logBatch(
+            runID: child.runID, experimentID: exp,
+            LogBatch(
+                metrics: [
+                    MetricPoint(key: "loss", value: 1, step: 0, timestamp: 5), MetricPoint(key: "loss", value: .nan, step: 1, timestamp: 6),
+                    MetricPoint(key: "system/cpu", value: -.infinity, step: 0, timestamp: 7), MetricPoint(key: "loss", value: 1e-300, step: 2, timestamp: 8),
+                ],
+                params: ["scale/max": "2", "seed": "42"], tags: ["note": "it's"]))
         let spool = root + "/spool"
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         #expect(FileManager.default.createFile(atPath: spool, contents: Data(repeating: 7, count: 1000)))

@@ -1,7 +1,8 @@
 import ArmoryProtocol
 import Foundation
-@testable import MLflow
 import Testing
+
+@testable import MLflow
 
 @Suite struct FileStoreTests {
     let root = "/tmp/armory-filestore-" + UUID().uuidString
@@ -49,28 +50,33 @@ import Testing
             var isDir: ObjCBool = false
             #expect(FileManager.default.fileExists(atPath: root + "/" + base + "/" + dir, isDirectory: &isDir) && isDir.boolValue)
         }
-        #expect(read(base + "/meta.yaml") == """
-            artifact_uri: file://\(root)/\(base)/artifacts
-            end_time: null
-            entry_point_name: ''
-            experiment_id: '\(exp)'
-            lifecycle_stage: active
-            run_id: \(run.runID)
-            run_name: benign
-            source_name: ''
-            source_type: 4
-            source_version: ''
-            start_time: 1000
-            status: 1
-            tags: []
-            user_id: alice
+        #expect(
+            read(base + "/meta.yaml") == """
+                artifact_uri: file://\(root)/\(base)/artifacts
+                end_time: null
+                entry_point_name: ''
+                experiment_id: '\(exp)'
+                lifecycle_stage: active
+                run_id: \(run.runID)
+                run_name: benign
+                source_name: ''
+                source_type: 4
+                source_version: ''
+                start_time: 1000
+                status: 1
+                tags: []
+                user_id: alice
 
-            """)
+                """)
         #expect(read(base + "/tags/mlflow.parentRunId") == "p")
-        try store.logBatch(runID: run.runID, experimentID: exp, LogBatch(
-            metrics: [MetricPoint(key: "loss", value: 1, step: 0, timestamp: 5), MetricPoint(key: "system/cpu", value: .infinity, step: 2, timestamp: 6),
-                      MetricPoint(key: "loss", value: 0.5, step: 1, timestamp: 7)],
-            params: ["scale/max": "2"], tags: ["t": "v"]))
+        try store.logBatch(
+            runID: run.runID, experimentID: exp,
+            LogBatch(
+                metrics: [
+                    MetricPoint(key: "loss", value: 1, step: 0, timestamp: 5), MetricPoint(key: "system/cpu", value: .infinity, step: 2, timestamp: 6),
+                    MetricPoint(key: "loss", value: 0.5, step: 1, timestamp: 7),
+                ],
+                params: ["scale/max": "2"], tags: ["t": "v"]))
         #expect(read(base + "/metrics/loss") == "5 1.0 0\n7 0.5 1\n")
         #expect(read(base + "/metrics/system/cpu") == "6 inf 2\n")
         #expect(read(base + "/params/scale/max") == "2")

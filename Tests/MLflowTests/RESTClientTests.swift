@@ -1,18 +1,19 @@
-import Foundation
 import ArmoryProtocol
-@testable import MLflow
+import Foundation
 import Testing
+
+@testable import MLflow
 
 @Suite struct CredentialsTests {
     let file: String = {
         let path = NSTemporaryDirectory() + "mlflow-credentials-" + UUID().uuidString
         try! """
-            [other]
-            mlflow_tracking_username = nope
-            [mlflow]
-            mlflow_tracking_username = file-user
-            mlflow_tracking_password = file-pass
-            """.write(toFile: path, atomically: true, encoding: .utf8)
+        [other]
+        mlflow_tracking_username = nope
+        [mlflow]
+        mlflow_tracking_username = file-user
+        mlflow_tracking_password = file-pass
+        """.write(toFile: path, atomically: true, encoding: .utf8)
         return path
     }()
 
@@ -39,18 +40,21 @@ import Testing
     @Test func theDaemonsCredentialsFileHasOneSectionPerServer() throws {
         let path = NSTemporaryDirectory() + "armory-servers-" + UUID().uuidString
         try """
-            [mlflow]
-            mlflow_tracking_token = not-a-server
-            [https://mlflow.lab.example/]
-            mlflow_tracking_username = armory
-            mlflow_tracking_password = rotated
-            [http://127.0.0.1:5000]
-            mlflow_tracking_token = t2
-            [https://empty.example]
-            """.write(toFile: path, atomically: true, encoding: .utf8)
+        [mlflow]
+        mlflow_tracking_token = not-a-server
+        [https://mlflow.lab.example/]
+        mlflow_tracking_username = armory
+        mlflow_tracking_password = rotated
+        [http://127.0.0.1:5000]
+        mlflow_tracking_token = t2
+        [https://empty.example]
+        """.write(toFile: path, atomically: true, encoding: .utf8)
         let servers = MLflowCredentials.perServer(file: path)
-        #expect(servers == ["https://mlflow.lab.example": MLflowCredentials(username: "armory", password: "rotated"),
-                            "http://127.0.0.1:5000": MLflowCredentials(token: "t2")])
+        #expect(
+            servers == [
+                "https://mlflow.lab.example": MLflowCredentials(username: "armory", password: "rotated"),
+                "http://127.0.0.1:5000": MLflowCredentials(token: "t2"),
+            ])
         #expect(MLflowCredentials.perServer(file: "/nonexistent").isEmpty)
     }
 

@@ -1,6 +1,7 @@
 import Logging
-@testable import Systemd
 import Testing
+
+@testable import Systemd
 
 /// The pure parts of the systemd integration: journald field names and priorities, notify lines.
 @Suite struct SystemdTests {

@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import ArmoryProtocol
 import Foundation
 import MLflow
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// One destination's write-ahead journal: append-only segment files of CRC-framed records,
 /// written by a committer thread that fsyncs by group commit (at most every `commitInterval`,
@@ -83,8 +84,16 @@ public final class Journal: @unchecked Sendable {
 
     /// Called (on the committer thread) after segments were deleted: the journal shrank.
     public var onReclaim: (@Sendable () -> Void)? {
-        get { condition.lock(); defer { condition.unlock() }; return reclaimCallback }
-        set { condition.lock(); reclaimCallback = newValue; condition.unlock() }
+        get {
+            condition.lock()
+            defer { condition.unlock() }
+            return reclaimCallback
+        }
+        set {
+            condition.lock()
+            reclaimCallback = newValue
+            condition.unlock()
+        }
     }
     private var reclaimCallback: (@Sendable () -> Void)?
 
@@ -274,7 +283,10 @@ public final class Journal: @unchecked Sendable {
                 guard n >= JournalSegment.recordHeader else { break }
                 let length = JournalSegment.recordHeader + Int(UInt32(littleEndian: chunk.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }))
                 // One record larger than the chunk: read exactly its length.
-                if length > n, length <= file.bytes - offset, length > want { want = length; continue }
+                if length > n, length <= file.bytes - offset, length > want {
+                    want = length
+                    continue
+                }
                 break
             }
             Glibc.close(fd)
@@ -284,12 +296,21 @@ public final class Journal: @unchecked Sendable {
             chunk.withUnsafeBytes { raw in
                 while n - consumed >= JournalSegment.recordHeader {
                     let length = Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: consumed, as: UInt32.self)))
-                    guard length >= 9, length <= JournalSegment.maxRecordBytes else { stop = true; return }
+                    guard length >= 9, length <= JournalSegment.maxRecordBytes else {
+                        stop = true
+                        return
+                    }
                     guard n - consumed - JournalSegment.recordHeader >= length else { return }  // read it whole next time
                     let body = UnsafeRawBufferPointer(rebasing: raw[(consumed + JournalSegment.recordHeader)..<(consumed + JournalSegment.recordHeader + length)])
                     var reader = JournalReader(body)
-                    guard let lsn = try? reader.u64() else { consumed += JournalSegment.recordHeader + length; continue }
-                    if lsn > through { stop = true; return }
+                    guard let lsn = try? reader.u64() else {
+                        consumed += JournalSegment.recordHeader + length
+                        continue
+                    }
+                    if lsn > through {
+                        stop = true
+                        return
+                    }
                     consumed += JournalSegment.recordHeader + length
                     guard lsn > after else { continue }
                     if case .record(let handle, let record)? = try? JournalCodec.decode(&reader) {
@@ -509,6 +530,8 @@ public enum JournalError: Error, CustomStringConvertible {
     case io(String)
 
     public var description: String {
-        switch self { case .io(let message): message }
+        switch self {
+        case .io(let message): message
+        }
     }
 }

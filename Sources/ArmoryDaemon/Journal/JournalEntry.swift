@@ -113,20 +113,37 @@ enum JournalCodec {
         guard let kind = Kind(rawValue: try r.u8()) else { throw Malformed() }
         switch kind {
         case .run:
-            let handle = try r.string(), runID = try r.optional(), experimentID = try r.optional()
-            let experimentName = try r.string(), name = try r.string()
-            let owner = try r.u32(), pid = Int32(bitPattern: try r.u32())
-            let status = try r.status(), parent = try r.optional(), params = try r.map(), endTime = try r.optionalInt()
-            var e = RunEntry(handle: handle, runID: runID, experimentID: experimentID, experimentName: experimentName, name: name,
-                             ownerUID: owner, status: status, parentHandle: parent, params: params, connection: nil, clientPID: pid)
+            let handle = try r.string()
+            let runID = try r.optional()
+            let experimentID = try r.optional()
+            let experimentName = try r.string()
+            let name = try r.string()
+            let owner = try r.u32()
+            let pid = Int32(bitPattern: try r.u32())
+            let status = try r.status()
+            let parent = try r.optional()
+            let params = try r.map()
+            let endTime = try r.optionalInt()
+            var e = RunEntry(
+                handle: handle, runID: runID, experimentID: experimentID, experimentName: experimentName, name: name,
+                ownerUID: owner, status: status, parentHandle: parent, params: params, connection: nil, clientPID: pid)
             e.endTime = endTime
             return .run(e)
         case .create:
-            let handle = try r.string(), runID = try r.optional(), experimentName = try r.string(), experimentID = try r.optional()
-            let name = try r.string(), user = try r.string(), owner = try r.u32(), pid = Int32(bitPattern: try r.u32())
-            let start = Int64(bitPattern: try r.u64()), tags = try r.map(), parent = try r.optional()
-            var c = RunCreation(handle: handle, runID: runID, experimentName: experimentName, name: name, userID: user,
-                                startTime: start, tags: tags, parentHandle: parent)
+            let handle = try r.string()
+            let runID = try r.optional()
+            let experimentName = try r.string()
+            let experimentID = try r.optional()
+            let name = try r.string()
+            let user = try r.string()
+            let owner = try r.u32()
+            let pid = Int32(bitPattern: try r.u32())
+            let start = Int64(bitPattern: try r.u64())
+            let tags = try r.map()
+            let parent = try r.optional()
+            var c = RunCreation(
+                handle: handle, runID: runID, experimentName: experimentName, name: name, userID: user,
+                startTime: start, tags: tags, parentHandle: parent)
             c.experimentID = experimentID
             c.ownerUID = owner
             c.clientPID = pid
@@ -138,8 +155,10 @@ enum JournalCodec {
             var metrics: [MetricPoint] = []
             metrics.reserveCapacity(count)
             for _ in 0..<count {
-                let key = try r.string(), value = Double(bitPattern: try r.u64())
-                let step = Int64(bitPattern: try r.u64()), ts = Int64(bitPattern: try r.u64())
+                let key = try r.string()
+                let value = Double(bitPattern: try r.u64())
+                let step = Int64(bitPattern: try r.u64())
+                let ts = Int64(bitPattern: try r.u64())
                 metrics.append(MetricPoint(key: key, value: value, step: step, timestamp: ts))
             }
             return .record(handle: handle, .log(LogBatch(metrics: metrics, params: try r.map(), tags: try r.map())))
@@ -185,14 +204,27 @@ struct JournalWriter {
         }
     }
     mutating func optional(_ s: String?) {
-        if let s { u8(1); string(s) } else { u8(0) }
+        if let s {
+            u8(1)
+            string(s)
+        } else {
+            u8(0)
+        }
     }
     mutating func optionalInt(_ v: Int64?) {
-        if let v { u8(1); u64(UInt64(bitPattern: v)) } else { u8(0) }
+        if let v {
+            u8(1)
+            u64(UInt64(bitPattern: v))
+        } else {
+            u8(0)
+        }
     }
     mutating func map(_ m: StringMap) {
         u32(UInt32(m.count))
-        for (k, v) in m { string(k); string(v) }
+        for (k, v) in m {
+            string(k)
+            string(v)
+        }
     }
 }
 

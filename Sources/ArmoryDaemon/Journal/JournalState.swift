@@ -65,9 +65,10 @@ public struct JournalState: Sendable {
             switch record {
             case .createRun(let c):
                 if runs[handle] == nil {
-                    runs[handle] = RunEntry(handle: handle, runID: c.runID, experimentID: c.experimentID, experimentName: c.experimentName,
-                                            name: c.name, ownerUID: c.ownerUID, status: .running, parentHandle: c.parentHandle,
-                                            params: [:], connection: nil, clientPID: c.clientPID)
+                    runs[handle] = RunEntry(
+                        handle: handle, runID: c.runID, experimentID: c.experimentID, experimentName: c.experimentName,
+                        name: c.name, ownerUID: c.ownerUID, status: .running, parentHandle: c.parentHandle,
+                        params: [:], connection: nil, clientPID: c.clientPID)
                 }
             case .log(let batch):
                 for (k, v) in batch.params where runs[handle]?.params[k] == nil { runs[handle]?.params[k] = v }

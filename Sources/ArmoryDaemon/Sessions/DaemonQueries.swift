@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import ArmoryProtocol
 import Foundation
 import MLflow
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 extension DaemonServices {
     /// Answers a `DaemonQuery` of the client `peer`, whose session writes to `destination`.

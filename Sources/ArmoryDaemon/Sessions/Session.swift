@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import ArmoryProtocol
-import MLflow
 import Logging
+import MLflow
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// A live session: its `SessionStateMachine` and what carrying out its actions needs to keep
 /// across connections (the uploader tickets and journal positions of its records, its open
@@ -41,8 +42,9 @@ public final class Session: @unchecked Sendable {
     public init(connectionID: UInt64, peer: PeerCredentials, services: DaemonServices, report: @escaping @Sendable (ProtocolError) -> Void) {
         self.connectionID = connectionID
         self.services = services
-        machine = SessionStateMachine(number: services.sessions.nextNumber(), peer: peer, runs: services.registry,
-                                      userName: DaemonServices.userName(uid: peer.uid), spoolDirectory: services.spoolDirectory)
+        machine = SessionStateMachine(
+            number: services.sessions.nextNumber(), peer: peer, runs: services.registry,
+            userName: DaemonServices.userName(uid: peer.uid), spoolDirectory: services.spoolDirectory)
         services.registry.setReporter(report, forConnection: machine.number)
     }
 
@@ -50,8 +52,9 @@ public final class Session: @unchecked Sendable {
     public init(restoring record: SessionRecord, services: DaemonServices) {
         connectionID = 0
         self.services = services
-        machine = SessionStateMachine(restoring: record, number: services.sessions.nextNumber(), runs: services.registry,
-                                      userName: DaemonServices.userName(uid: record.uid), spoolDirectory: services.spoolDirectory)
+        machine = SessionStateMachine(
+            restoring: record, number: services.sessions.nextNumber(), runs: services.registry,
+            userName: DaemonServices.userName(uid: record.uid), spoolDirectory: services.spoolDirectory)
         awaitsReplayedRecords = true
     }
 
@@ -152,8 +155,10 @@ public final class Session: @unchecked Sendable {
 
     /// What the log says about a run: journald fields `RUN_ID`, `EVALUATION`, `RUN`, `CLIENT_PID`, `UID`.
     private static func metadata(_ entry: RunEntry) -> Logger.Metadata {
-        ["run_id": "\(entry.runID ?? "pending")", "handle": "\(entry.handle)", "evaluation": "\(entry.experimentName)",
-         "run": "\(entry.name)", "client_pid": "\(entry.clientPID)", "uid": "\(entry.ownerUID)"]
+        [
+            "run_id": "\(entry.runID ?? "pending")", "handle": "\(entry.handle)", "evaluation": "\(entry.experimentName)",
+            "run": "\(entry.name)", "client_pid": "\(entry.clientPID)", "uid": "\(entry.ownerUID)",
+        ]
     }
 
     // MARK: What the handler waits for

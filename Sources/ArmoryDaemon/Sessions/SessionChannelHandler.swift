@@ -47,7 +47,11 @@ final class SessionChannelHandler: ChannelInboundHandler {
             let peeked = FramePeek.opAndSeq(head + [UInt8(ascii: " ")] + tail)
             logger.warning("frame too large, skipped", metadata: ["length": "\(length)", "op": "\(peeked.op ?? "?")", "pid": "\(session.peer.pid)"])
             let limit = services.limits.maxFrameBytes
-            refuse(ProtocolError(.frameTooLarge, "A frame of \(length) bytes exceeds the daemon's limit of \(limit) bytes (hello's reply states it); it was skipped and the connection goes on. Keep params and tags within MLflow's limits, log large values as artifacts, and send artifacts in chunks (artifact_chunk).", seq: peeked.seq, op: peeked.op), context: context)
+            refuse(
+                ProtocolError(
+                    .frameTooLarge,
+                    "A frame of \(length) bytes exceeds the daemon's limit of \(limit) bytes (hello's reply states it); it was skipped and the connection goes on. Keep params and tags within MLflow's limits, log large values as artifacts, and send artifacts in chunks (artifact_chunk).",
+                    seq: peeked.seq, op: peeked.op), context: context)
             return
         }
         let bytes = Array(payload.readableBytesView)
@@ -87,16 +91,17 @@ final class SessionChannelHandler: ChannelInboundHandler {
         case .askDestination(let query):
             let uploader = services.destinations.uploader(session.machine.destination)
             answerLater(frame, context: context) { reply in
-                uploader.callSink({ (sink) async throws(ProtocolError) -> JSONObject in
-                    switch query {
-                    case .experiment(let name, let create):
-                        let id = try await sink.experiment(named: name, create: create)
-                        return ["experiment_id": id.map { .string($0) } ?? .null]
-                    case .setExperimentTag(let experimentID, let key, let value):
-                        try await sink.setExperimentTag(experimentID: experimentID, key: key, value: value)
-                        return [:]
-                    }
-                }, reply)
+                uploader.callSink(
+                    { (sink) async throws(ProtocolError) -> JSONObject in
+                        switch query {
+                        case .experiment(let name, let create):
+                            let id = try await sink.experiment(named: name, create: create)
+                            return ["experiment_id": id.map { .string($0) } ?? .null]
+                        case .setExperimentTag(let experimentID, let key, let value):
+                            try await sink.setExperimentTag(experimentID: experimentID, key: key, value: value)
+                            return [:]
+                        }
+                    }, reply)
             }
         case .findRun(let runID):
             let uploader = services.destinations.uploader(session.machine.destination)
@@ -152,18 +157,20 @@ final class SessionChannelHandler: ChannelInboundHandler {
             }
         case .openSpool(let id, let path):
             let failure = session.openSpool(artifact: id, path: path)
-            carryOut(session.event { machine in
-                failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolOpened(artifact: id, for: frame)
-            }, for: frame, context: context)
+            carryOut(
+                session.event { machine in
+                    failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolOpened(artifact: id, for: frame)
+                }, for: frame, context: context)
         case .writeSpool(let id, let bytes):
             if let reason = session.writeSpool(artifact: id, bytes: bytes) {
                 carryOut(session.event { $0.spoolFailed(artifact: id, reason: reason, for: frame) }, for: frame, context: context)
             }
         case .closeSpool(let id):
             let failure = session.closeSpool(artifact: id)
-            carryOut(session.event { machine in
-                failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolClosed(artifact: id, for: frame)
-            }, for: frame, context: context)
+            carryOut(
+                session.event { machine in
+                    failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolClosed(artifact: id, for: frame)
+                }, for: frame, context: context)
         case .query(let query):
             let answer: SessionAction
             do {
@@ -205,8 +212,9 @@ final class SessionChannelHandler: ChannelInboundHandler {
 
     private func helloReply(_ h: Hello, resumed: HelloReply.Resumed?) -> HelloReply {
         let destinationURI = services.destinations.uploader(session.machine.destination).destination.split(separator: " ").first.map(String.init)
-        return HelloReply(daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: session.peer.uid,
-                          pid: session.peer.pid, destination: destinationURI, session: session.id, resumed: resumed)
+        return HelloReply(
+            daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: session.peer.uid,
+            pid: session.peer.pid, destination: destinationURI, session: session.id, resumed: resumed)
     }
 
     /// Answers `frame` with what `body` reports later, from any thread.
@@ -319,7 +327,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         for wait in pending {
             wait.uploader.whenDurable(wait.lsn) {
-                guard remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 else { return }
+                guard
+                    remaining.withLockedValue({
+                        $0 -= 1
+                        return $0
+                    }) == 0
+                else { return }
                 loopBound.eventLoop.execute {
                     let (handler, context) = loopBound.value
                     handler.ackWaiting = false
@@ -356,7 +369,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
         switch error {
         case let tooLarge as FrameChannelDecoder.FrameTooLarge:
             logger.warning("closing connection: not an armoryd client", metadata: ["length": "\(tooLarge.length)", "pid": "\(session.peer.pid)"])
-            let error = ProtocolError(.frameTooLarge, "A frame announced \(tooLarge.length) bytes, far beyond the daemon's limit of \(tooLarge.limit) bytes: this does not look like an armoryd client (frames are a 4-byte big-endian length, then JSON; proto/PROTOCOL.md), so the connection is closed.", seq: session.handledSeq + 1)
+            let error = ProtocolError(
+                .frameTooLarge,
+                "A frame announced \(tooLarge.length) bytes, far beyond the daemon's limit of \(tooLarge.limit) bytes: this does not look like an armoryd client (frames are a 4-byte big-endian length, then JSON; proto/PROTOCOL.md), so the connection is closed.",
+                seq: session.handledSeq + 1)
             sendThenClose(.error(error), context: context)
             return
         case let truncated as FrameChannelDecoder.TruncatedFrame:
@@ -401,8 +417,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
     /// Answers once every registration called back, or when the bound runs out (`complete` false).
     /// `acking`: frames up to this seq are durable once complete; their ack goes before the answer.
     /// `abort`, checked every half second while waiting, answers early when it has an answer.
-    private func answerWhen(_ registrations: [Registration], timeoutMs: Int64, acking: UInt64? = nil, context: ChannelHandlerContext,
-                            abort: (@Sendable () -> DaemonMessage?)? = nil, _ answer: @escaping @Sendable (Bool) -> DaemonMessage) {
+    private func answerWhen(
+        _ registrations: [Registration], timeoutMs: Int64, acking: UInt64? = nil, context: ChannelHandlerContext,
+        abort: (@Sendable () -> DaemonMessage?)? = nil, _ answer: @escaping @Sendable (Bool) -> DaemonMessage
+    ) {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let answered = NIOLoopBoundBox(false, eventLoop: context.eventLoop)
         let checks = NIOLoopBoundBox<RepeatedTask?>(nil, eventLoop: context.eventLoop)
@@ -434,7 +452,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
         }
         for register in registrations {
             register {
-                guard remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 else { return }
+                guard
+                    remaining.withLockedValue({
+                        $0 -= 1
+                        return $0
+                    }) == 0
+                else { return }
                 timeout.cancel()
                 respond(true)
             }
@@ -452,7 +475,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
         let remaining = NIOLockedValueBox(uploaders.count)
         for uploader in uploaders {
             uploader.whenDrained(uid: uid) {
-                if remaining.withLockedValue({ $0 -= 1; return $0 }) == 0 { body() }
+                if remaining.withLockedValue({
+                    $0 -= 1
+                    return $0
+                }) == 0 {
+                    body()
+                }
             }
         }
     }

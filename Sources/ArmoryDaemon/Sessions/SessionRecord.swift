@@ -78,7 +78,8 @@ public struct SessionRecord: Sendable, Equatable {
             return out
         }
         guard let o = json.objectValue, o["v"]?.intValue == Self.version, let id = o["id"]?.stringValue,
-              let uid = o["uid"]?.intValue, let seq = o["seq"]?.intValue, let tracking = o["tracking"].flatMap(TrackingState.init(json:)) else { return nil }
+            let uid = o["uid"]?.intValue, let seq = o["seq"]?.intValue, let tracking = o["tracking"].flatMap(TrackingState.init(json:))
+        else { return nil }
         self.id = id
         self.uid = UInt32(truncatingIfNeeded: uid)
         self.gid = UInt32(truncatingIfNeeded: o["gid"]?.intValue ?? 0)
@@ -107,9 +108,11 @@ public struct SessionRecord: Sendable, Equatable {
         self.nextArtifactID = o["next_artifact"]?.intValue ?? 1
     }
 
-    public init(id: String, uid: UInt32, gid: UInt32, pid: Int32, client: String, program: String, systemMetrics: Bool, seq: UInt64,
-                tracking: TrackingState, evaluationRuns: [Int64: String], chainRuns: [Int64: String], otherRuns: [String],
-                replies: [UInt64: CachedReply], openArtifacts: [Int64], nextArtifactID: Int64) {
+    public init(
+        id: String, uid: UInt32, gid: UInt32, pid: Int32, client: String, program: String, systemMetrics: Bool, seq: UInt64,
+        tracking: TrackingState, evaluationRuns: [Int64: String], chainRuns: [Int64: String], otherRuns: [String],
+        replies: [UInt64: CachedReply], openArtifacts: [Int64], nextArtifactID: Int64
+    ) {
         self.id = id
         self.uid = uid
         self.gid = gid

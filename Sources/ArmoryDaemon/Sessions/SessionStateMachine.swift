@@ -144,8 +144,9 @@ public struct SessionStateMachine: Sendable {
 
     /// A session restored from its journal record after a restart, detached until a client resumes it.
     public init(restoring record: SessionRecord, number: UInt64, runs: RunRegistry, userName: String, spoolDirectory: String) {
-        self.init(id: record.id, number: number, peer: PeerCredentials(uid: record.uid, gid: record.gid, pid: record.pid),
-                  runs: runs, userName: userName, spoolDirectory: spoolDirectory)
+        self.init(
+            id: record.id, number: number, peer: PeerCredentials(uid: record.uid, gid: record.gid, pid: record.pid),
+            runs: runs, userName: userName, spoolDirectory: spoolDirectory)
         tracking = record.tracking
         handledSeq = record.seq
         evaluationRuns = record.evaluationRuns
@@ -160,16 +161,18 @@ public struct SessionStateMachine: Sendable {
     /// 128 random bits as 32 lowercase hex digits.
     public static func newSessionID() -> String {
         var generator = SystemRandomNumberGenerator()
-        let a = String(generator.next() as UInt64, radix: 16), b = String(generator.next() as UInt64, radix: 16)
+        let a = String(generator.next() as UInt64, radix: 16)
+        let b = String(generator.next() as UInt64, radix: 16)
         return String(repeating: "0", count: 16 - a.count) + a + String(repeating: "0", count: 16 - b.count) + b
     }
 
     /// What the journal keeps of the session.
     public var record: SessionRecord {
-        SessionRecord(id: id, uid: peer.uid, gid: peer.gid, pid: peer.pid, client: hello?.client ?? "", program: hello?.program ?? "",
-                      systemMetrics: hello?.systemMetrics ?? true, seq: handledSeq, tracking: tracking, evaluationRuns: evaluationRuns,
-                      chainRuns: chainRuns, otherRuns: otherRuns, replies: replies, openArtifacts: Array(artifacts.keys) + interruptedArtifacts,
-                      nextArtifactID: nextArtifactID)
+        SessionRecord(
+            id: id, uid: peer.uid, gid: peer.gid, pid: peer.pid, client: hello?.client ?? "", program: hello?.program ?? "",
+            systemMetrics: hello?.systemMetrics ?? true, seq: handledSeq, tracking: tracking, evaluationRuns: evaluationRuns,
+            chainRuns: chainRuns, otherRuns: otherRuns, replies: replies, openArtifacts: Array(artifacts.keys) + interruptedArtifacts,
+            nextArtifactID: nextArtifactID)
     }
 
     /// Whether the session holds nothing worth restoring (a status query, say).
@@ -276,7 +279,10 @@ public struct SessionStateMachine: Sendable {
             break
         }
         if Self.isRemembered(frame.op) {
-            return .error(ProtocolError(.invalidState, "Request seq \(frame.seq) ('\(frame.op.name)') was handled already and its reply is no longer kept (the daemon keeps the last \(Self.replyCacheSize)); the client resent it too late. Check the run with run_info.", seq: frame.seq, op: frame.op.name))
+            return .error(
+                ProtocolError(
+                    .invalidState, "Request seq \(frame.seq) ('\(frame.op.name)') was handled already and its reply is no longer kept (the daemon keeps the last \(Self.replyCacheSize)); the client resent it too late. Check the run with run_info.",
+                    seq: frame.seq, op: frame.op.name))
         }
         // Queries, flushes, `end` and `attach` give the same answer when asked again.
         do {
@@ -421,7 +427,10 @@ public struct SessionStateMachine: Sendable {
     /// The error for a `hello` of a protocol version this daemon does not speak.
     public static func unsupported(_ h: Hello) -> ProtocolError? {
         guard !ProtocolVersion.supported.contains(h.protocolVersion) else { return nil }
-        return ProtocolError(.unsupportedProtocol, "Protocol \(h.protocolVersion) is not supported: this armoryd \(DaemonServices.version) speaks \(ProtocolVersion.supported.lowerBound)...\(ProtocolVersion.supported.upperBound). Upgrade the client library or the daemon so that they share a version.")
+        return ProtocolError(
+            .unsupportedProtocol,
+            "Protocol \(h.protocolVersion) is not supported: this armoryd \(DaemonServices.version) speaks \(ProtocolVersion.supported.lowerBound)...\(ProtocolVersion.supported.upperBound). Upgrade the client library or the daemon so that they share a version."
+        )
     }
 
     /// The handshake went through (its destination resolved): the session is open, or continues
@@ -453,16 +462,18 @@ public struct SessionStateMachine: Sendable {
         let runID = assignsRunIDs ? DaemonServices.newRunID() : nil
         var tags = experimentID == nil ? baseTags(runName: name, handle: handle) : ["armory.handle": handle]
         for (k, v) in extraTags { tags[k] = v }
-        var entry = RunEntry(handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
-                             ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
-                             connection: number, clientPID: peer.pid)
+        var entry = RunEntry(
+            handle: handle, runID: runID, experimentID: nil, experimentName: experiment, name: name,
+            ownerUID: peer.uid, status: .running, parentHandle: parent?.handle, params: params,
+            connection: number, clientPID: peer.pid)
         entry.destination = destination
         // An evaluation's runs are sampled by default; a run of MLflow's API as MLflow samples it:
         // by MLflow's own monitor, when the code asks for it (the daemon then stays out of it).
         entry.systemMetrics = (hello?.systemMetrics ?? true) && (Self.systemMetricsWanted(tags) ?? (experimentID == nil))
         runs.insert(entry)
-        var creation = RunCreation(handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
-                                   startTime: nowMs, tags: tags, parentHandle: parent?.handle)
+        var creation = RunCreation(
+            handle: handle, runID: runID, experimentName: experiment, name: name, userID: userName,
+            startTime: nowMs, tags: tags, parentHandle: parent?.handle)
         creation.experimentID = experimentID
         creation.ownerUID = peer.uid
         creation.clientPID = peer.pid
@@ -557,12 +568,13 @@ public struct SessionStateMachine: Sendable {
         }
         var last: RunEntry?
         for handle in handles {
-            let ended: RunEntry? = try runs.update(handle) { entry in
-                guard entry.status == .running else { return nil }
-                entry.status = status
-                entry.endTime = nowMs
-                return entry
-            } ?? nil
+            let ended: RunEntry? =
+                try runs.update(handle) { entry in
+                    guard entry.status == .running else { return nil }
+                    entry.status = status
+                    entry.endTime = nowMs
+                    return entry
+                } ?? nil
             if let ended { enqueue(handle, .updateRun(status: status, endTime: nowMs), to: ended.destination) }
             last = runs.entry(handle)
         }
@@ -588,9 +600,10 @@ public struct SessionStateMachine: Sendable {
             return (nil, answered(frame, .error(ProtocolError(.permissionDenied, "Permission denied: run \(runID) belongs to user '\(stored.userID)'; only that user or root can write to it."))))
         }
         if let registered = runs.entry(runID: runID) { return (nil, answered(frame, .reply(reattach(registered)))) }
-        var entry = RunEntry(handle: stored.tags["armory.handle"] ?? DaemonServices.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
-                             experimentName: "", name: stored.name, ownerUID: peer.uid, status: stored.status,
-                             parentHandle: nil, params: stored.params, connection: number, clientPID: peer.pid)
+        var entry = RunEntry(
+            handle: stored.tags["armory.handle"] ?? DaemonServices.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
+            experimentName: "", name: stored.name, ownerUID: peer.uid, status: stored.status,
+            parentHandle: nil, params: stored.params, connection: number, clientPID: peer.pid)
         entry.endTime = stored.endTime
         entry.destination = destination
         runs.insert(entry)
@@ -604,11 +617,12 @@ public struct SessionStateMachine: Sendable {
             dirty = true
         }
         let number = number
-        let updated = (try? runs.update(entry.handle) { e in
-            e.connection = number
-            e.status = .running
-            return e
-        }) ?? nil
+        let updated =
+            (try? runs.update(entry.handle) { e in
+                e.connection = number
+                e.status = .running
+                return e
+            }) ?? nil
         if entry.status != .running { enqueue(entry.handle, .updateRun(status: .running, endTime: entry.endTime), to: entry.destination) }
         return (updated ?? entry).descriptor.json
     }
@@ -634,7 +648,9 @@ public struct SessionStateMachine: Sendable {
         if run.status != .running, isChain || evaluationRuns.values.contains(handle) {
             // An Armory evaluation or chain is over once ended (MLflow's API, `otherRuns`, may
             // still log to a finished run, as MLflow itself allows).
-            throw ProtocolError(.invalidState, "\(isChain ? "Chain" : "Evaluation") run '\(run.name)' already ended (\(run.status.rawValue)): nothing more is logged to it. Log before ending it, or start a new chain.", key: batch.metrics.first?.key ?? batch.params.keys.first ?? batch.tags.keys.first)
+            throw ProtocolError(
+                .invalidState, "\(isChain ? "Chain" : "Evaluation") run '\(run.name)' already ended (\(run.status.rawValue)): nothing more is logged to it. Log before ending it, or start a new chain.",
+                key: batch.metrics.first?.key ?? batch.params.keys.first ?? batch.tags.keys.first)
         }
         if handle != lastLoggedRun {
             // A run of this uid that another session started becomes this session's too.
@@ -710,7 +726,10 @@ public struct SessionStateMachine: Sendable {
             }
             if let old = entry.params[key] {
                 if old != value {
-                    errors.append(ProtocolError(.paramChanged, "Param '\(key)' of run \(entry.runID ?? entry.handle) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run.", key: key))
+                    errors.append(
+                        ProtocolError(
+                            .paramChanged, "Param '\(key)' of run \(entry.runID ?? entry.handle) was already logged as '\(old.prefix(100))'; MLflow params cannot change (new value '\(value.prefix(100))'). Use a new key, a tag, or a new run.",
+                            key: key))
                 }
                 continue
             }
@@ -733,7 +752,8 @@ public struct SessionStateMachine: Sendable {
                 guard let value = globals[key] else { continue }
                 if let old = entry.params[key] {
                     if old != value, firstError == nil {
-                        firstError = ProtocolError(.paramChanged, "Global param '\(key)' changed after the evaluation's parent run started (was '\(old.prefix(100))', now '\(value.prefix(100))'); MLflow params cannot change, so the run keeps the old value.", key: key)
+                        firstError = ProtocolError(
+                            .paramChanged, "Global param '\(key)' changed after the evaluation's parent run started (was '\(old.prefix(100))', now '\(value.prefix(100))'); MLflow params cannot change, so the run keeps the old value.", key: key)
                     }
                 } else {
                     fresh[key] = value

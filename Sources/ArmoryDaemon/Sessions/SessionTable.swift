@@ -38,8 +38,10 @@ public final class SessionTable: Sendable {
     /// Told when a session expired (its runs end FAILED, its end is journaled).
     private let onExpired: @Sendable (_ session: Session?, _ record: SessionRecord?) -> Void
 
-    public init(graceSeconds: Double, schedule: @escaping @Sendable (Double, @escaping @Sendable () -> Void) -> Void,
-                onExpired: @escaping @Sendable (Session?, SessionRecord?) -> Void) {
+    public init(
+        graceSeconds: Double, schedule: @escaping @Sendable (Double, @escaping @Sendable () -> Void) -> Void,
+        onExpired: @escaping @Sendable (Session?, SessionRecord?) -> Void
+    ) {
         self.graceSeconds = graceSeconds
         self.schedule = schedule
         self.onExpired = onExpired
@@ -82,7 +84,10 @@ public final class SessionTable: Sendable {
     /// Takes session `id` for a client of `uid` on `connection`. An attached session is first
     /// closed on its old connection; `done` is called once the claim is settled.
     public func claim(_ id: String, uid: UInt32, connection: UInt64, close: @escaping @Sendable () -> Void, _ done: @escaping @Sendable (Claim) -> Void) {
-        enum Step { case done(Claim), wait(@Sendable () -> Void) }
+        enum Step {
+            case done(Claim)
+            case wait(@Sendable () -> Void)
+        }
         let step = state.withLock { s -> Step in
             let owner: UInt32
             switch s.slots[id] {

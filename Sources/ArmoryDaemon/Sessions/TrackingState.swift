@@ -196,9 +196,10 @@ public struct TrackingState: Sendable, Equatable {
             return out
         }
         guard let o = json.objectValue, let params = o["params"]?.arrayValue?.compactMap(strings), !params.isEmpty,
-              let trackables = o["trackables"]?.arrayValue?.compactMap(ids), !trackables.isEmpty,
-              let kinds = o["kinds"]?.arrayValue?.compactMap({ $0.stringValue.flatMap(ContextKind.init(rawValue:)) }),
-              params.count == kinds.count + 1 else { return nil }
+            let trackables = o["trackables"]?.arrayValue?.compactMap(ids), !trackables.isEmpty,
+            let kinds = o["kinds"]?.arrayValue?.compactMap({ $0.stringValue.flatMap(ContextKind.init(rawValue:)) }),
+            params.count == kinds.count + 1
+        else { return nil }
         paramStack = params
         trackableStack = trackables
         contextKinds = kinds

@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArmoryProtocol
 import Foundation
 import Logging
 import MLflow
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One `armoryctl sync`: copies the runs of a local store into a destination through its
 /// uploader (batching, retries, the journal), in the background. Each run is planned against
@@ -99,8 +100,10 @@ public final class SyncJob: Sendable {
             var planned: [PlannedRun] = []
             for (index, (experiment, run)) in selected.runs.enumerated() where !failedWithParent(run.info.runID, parent: selected.parentOf[run.info.runID]) {
                 do throws(ProtocolError) {
-                    if let next = try await plan(run, reader: reader, experiment: experiment.name, identity: identity, into: &copied,
-                                                 patience: index == 0 ? Self.firstPatienceSeconds : Self.patienceSeconds) {
+                    if let next = try await plan(
+                        run, reader: reader, experiment: experiment.name, identity: identity, into: &copied,
+                        patience: index == 0 ? Self.firstPatienceSeconds : Self.patienceSeconds)
+                    {
                         planned.append(next)
                     }
                 } catch {
@@ -128,9 +131,15 @@ public final class SyncJob: Sendable {
             await settled(upTo: lastTicket.load(ordering: .relaxed))
             finish(runs: selected.runs.count)
         } catch let error as ProtocolError {
-            progress.withLock { $0.state = "failed"; $0.error = error.message }
+            progress.withLock {
+                $0.state = "failed"
+                $0.error = error.message
+            }
         } catch {
-            progress.withLock { $0.state = "failed"; $0.error = "\(error)" }
+            progress.withLock {
+                $0.state = "failed"
+                $0.error = "\(error)"
+            }
         }
     }
 
@@ -145,8 +154,9 @@ public final class SyncJob: Sendable {
             throw ProtocolError(.notFound, "No experiment \(missingExperiments.sorted().map { "'\($0)'" }.joined(separator: ", ")) with runs in \(source).")
         }
         // Each run's parent link, read once (tags are files).
-        let parentOf = Dictionary(selected.compactMap { _, run in reader.tag(of: run, key: "mlflow.parentRunId").map { (run.info.runID, $0) } },
-                                  uniquingKeysWith: { a, _ in a })
+        let parentOf = Dictionary(
+            selected.compactMap { _, run in reader.tag(of: run, key: "mlflow.parentRunId").map { (run.info.runID, $0) } },
+            uniquingKeysWith: { a, _ in a })
         if !request.runs.isEmpty {
             // A named run brings its ancestors along, so that its parent link can be rewritten.
             var wanted = Set(request.runs)
@@ -164,8 +174,12 @@ public final class SyncJob: Sendable {
         let present = Set(selected.map(\.1.info.runID))
         var depth: [String: Int] = [:]
         for (_, run) in selected {
-            var d = 0, current = run.info.runID
-            while d < 64, let parent = parentOf[current], present.contains(parent) { d += 1; current = parent }
+            var d = 0
+            var current = run.info.runID
+            while d < 64, let parent = parentOf[current], present.contains(parent) {
+                d += 1
+                current = parent
+            }
             depth[run.info.runID] = d
         }
         selected.sort { (depth[$0.1.info.runID]!, $0.1.info.startTime) < (depth[$1.1.info.runID]!, $1.1.info.startTime) }
@@ -233,8 +247,9 @@ public final class SyncJob: Sendable {
         let runID = run.info.runID
         let keys = reader.metricKeys(of: run)
         let counts = Dictionary(uniqueKeysWithValues: keys.map { ($0, reader.metricCount(of: run, key: $0)) })
-        let source = SyncSource(run: run.info, params: reader.params(of: run), tags: reader.tags(of: run), metricCounts: counts,
-                                artifactBytes: reader.artifactSizes(of: run))
+        let source = SyncSource(
+            run: run.info, params: reader.params(of: run), tags: reader.tags(of: run), metricCounts: counts,
+            artifactBytes: reader.artifactSizes(of: run))
         let create = !request.dryRun
         let lookup = try await call { (sink) async throws(ProtocolError) -> SyncedRunLookup in
             try await sink.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys, patience: patience)
@@ -261,7 +276,10 @@ public final class SyncJob: Sendable {
             $0.artifactBytesTotal += plan.artifacts.reduce(0) { $0 + (source.artifactBytes[$1] ?? 0) }
         }
         if request.dryRun || plan.upToDate {
-            progress.withLock { $0.runsDone += 1; if plan.upToDate { $0.runsUpToDate += 1 } }
+            progress.withLock {
+                $0.runsDone += 1
+                if plan.upToDate { $0.runsUpToDate += 1 }
+            }
             return nil
         }
         return PlannedRun(run: run, source: source, experimentID: experimentID, existing: existing, plan: plan)
@@ -284,8 +302,9 @@ public final class SyncJob: Sendable {
             if let sourceParent, let parentID = copied.destinationIDs[sourceParent] {
                 bind(Self.handle(sourceParent), to: parentID, experimentID: experimentID, name: "", status: .running)
             }
-            var creation = RunCreation(handle: handle, runID: nil, experimentName: "", name: run.info.name, userID: run.info.userID,
-                                       startTime: run.info.startTime, tags: tags, parentHandle: sourceParent.map { Self.handle($0) })
+            var creation = RunCreation(
+                handle: handle, runID: nil, experimentName: "", name: run.info.name, userID: run.info.userID,
+                startTime: run.info.startTime, tags: tags, parentHandle: sourceParent.map { Self.handle($0) })
             creation.experimentID = experimentID
             creation.ownerUID = getuid()
             enqueue(handle, runID, .createRun(creation))
@@ -335,13 +354,18 @@ public final class SyncJob: Sendable {
         if let status = plan.status { enqueue(handle, runID, .updateRun(status: status.status, endTime: status.endTime)) }
         if plan.marksComplete { copied.toMark.append((runID, handle)) }
         await pace(&copied)
-        progress.withLock { $0.runsDone += 1; if plan.create { $0.runsCreated += 1 } }
+        progress.withLock {
+            $0.runsDone += 1
+            if plan.create { $0.runsCreated += 1 }
+        }
     }
 
     /// Binds an uploader handle to a run the destination already holds.
     private func bind(_ handle: String, to runID: String, experimentID: String, name: String, status: RunStatus) {
-        uploader.attach(RunEntry(handle: handle, runID: runID, experimentID: experimentID, experimentName: "", name: name,
-                                 ownerUID: getuid(), status: status, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
+        uploader.attach(
+            RunEntry(
+                handle: handle, runID: runID, experimentID: experimentID, experimentName: "", name: name,
+                ownerUID: getuid(), status: status, parentHandle: nil, params: [:], connection: nil, clientPID: 0))
     }
 
     /// Queues one record of a run's copy; a rejection fails that run (it is not marked complete).
@@ -349,7 +373,11 @@ public final class SyncJob: Sendable {
         let metrics = record.metricCount
         let enqueued = uploader.enqueue(handle, record) { [weak self] result in
             switch result {
-            case .success: self?.progress.withLock { $0.metricsLanded += metrics; $0.artifactBytesLanded += bytes }
+            case .success:
+                self?.progress.withLock {
+                    $0.metricsLanded += metrics
+                    $0.artifactBytesLanded += bytes
+                }
             case .failure(let error): self?.fail(runID, error.message)
             }
         }

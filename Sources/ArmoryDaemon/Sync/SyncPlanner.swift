@@ -99,7 +99,8 @@ public struct SyncRunPlan: Sendable, Equatable {
         if let parentRunID { wanted["mlflow.parentRunId"] = parentRunID }
         let existing = destination ?? SyncDestination(runID: "", status: .running, endTime: nil, params: [:], tags: [:], metricCounts: [:], artifactBytes: [:])
 
-        var params = StringMap(), conflicts: [SyncParamConflict] = []
+        var params = StringMap()
+        var conflicts: [SyncParamConflict] = []
         for (key, value) in source.params.sorted(by: { $0.key < $1.key }) {
             switch existing.params[key] {
             case nil: params[key] = value
@@ -113,7 +114,8 @@ public struct SyncRunPlan: Sendable, Equatable {
         }
         let artifacts = source.artifactBytes.sorted { $0.key < $1.key }.filter { existing.artifactBytes[$0.key] != $0.value }.map(\.key)
         let ended = source.run.status != .running
-        let status: (status: RunStatus, endTime: Int64?)? = ended && (existing.status != source.run.status || existing.endTime != source.run.endTime)
+        let status: (status: RunStatus, endTime: Int64?)? =
+            ended && (existing.status != source.run.status || existing.endTime != source.run.endTime)
             ? (source.run.status, source.run.endTime) : nil
 
         var tags = wanted.filter { existing.tags[$0.key] != $0.value }
@@ -122,7 +124,8 @@ public struct SyncRunPlan: Sendable, Equatable {
         // source run has ended and everything landed (a run still active stays partial).
         if sends { tags[SyncTags.state] = "partial" }
         let marksComplete = ended && (sends || existing.tags[SyncTags.state] != "complete")
-        return SyncRunPlan(create: destination == nil, tags: tags, params: params, conflicts: conflicts, metrics: metrics,
-                           artifacts: artifacts, status: status, marksComplete: marksComplete)
+        return SyncRunPlan(
+            create: destination == nil, tags: tags, params: params, conflicts: conflicts, metrics: metrics,
+            artifacts: artifacts, status: status, marksComplete: marksComplete)
     }
 }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// NVIDIA's management library, loaded at run time with `dlopen` (never a build dependency):
@@ -39,13 +39,14 @@ public final class NVML: Sendable {
             dlsym(library, name).map { unsafeBitCast($0, to: type) }
         }
         guard let initialize = symbol("nvmlInit_v2", as: Init.self), initialize() == 0,
-              let count = symbol("nvmlDeviceGetCount_v2", as: Count.self),
-              let handle = symbol("nvmlDeviceGetHandleByIndex_v2", as: Handle.self),
-              let utilization = symbol("nvmlDeviceGetUtilizationRates", as: Utilization.self),
-              let memory = symbol("nvmlDeviceGetMemoryInfo", as: Memory.self),
-              let power = symbol("nvmlDeviceGetPowerUsage", as: Power.self),
-              let powerLimit = symbol("nvmlDeviceGetEnforcedPowerLimit", as: Power.self),
-              let temperature = symbol("nvmlDeviceGetTemperature", as: Temperature.self) else {
+            let count = symbol("nvmlDeviceGetCount_v2", as: Count.self),
+            let handle = symbol("nvmlDeviceGetHandleByIndex_v2", as: Handle.self),
+            let utilization = symbol("nvmlDeviceGetUtilizationRates", as: Utilization.self),
+            let memory = symbol("nvmlDeviceGetMemoryInfo", as: Memory.self),
+            let power = symbol("nvmlDeviceGetPowerUsage", as: Power.self),
+            let powerLimit = symbol("nvmlDeviceGetEnforcedPowerLimit", as: Power.self),
+            let temperature = symbol("nvmlDeviceGetTemperature", as: Temperature.self)
+        else {
             return nil
         }
         return NVML(count: count, handle: handle, utilization: utilization, memory: memory, power: power, powerLimit: powerLimit, temperature: temperature)
@@ -68,7 +69,8 @@ public final class NVML: Sendable {
                 out["memory_usage_percentage"] = Double(info[2]) / Double(info[0]) * 100
                 out["memory_total_megabytes"] = Double(info[0]) / 1e6
             }
-            var milliwatts: UInt32 = 0, limit: UInt32 = 0
+            var milliwatts: UInt32 = 0
+            var limit: UInt32 = 0
             if power(device, &milliwatts) == 0 {
                 out["power_usage_watts"] = Double(milliwatts) / 1000
                 if powerLimit(device, &limit) == 0, limit > 0 { out["power_usage_percentage"] = Double(milliwatts) / Double(limit) * 100 }

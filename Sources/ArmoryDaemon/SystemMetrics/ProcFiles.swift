@@ -47,13 +47,16 @@ public enum ProcFiles {
             values[parts[0].dropLast()] = value  // "MemTotal:" → "MemTotal"
         }
         guard let total = values["MemTotal"], let free = values["MemFree"] else { return nil }
-        return Memory(totalKB: total, freeKB: free, availableKB: values["MemAvailable"] ?? free, buffersKB: values["Buffers"] ?? 0,
-                      cachedKB: (values["Cached"] ?? 0) + (values["SReclaimable"] ?? 0))
+        return Memory(
+            totalKB: total, freeKB: free, availableKB: values["MemAvailable"] ?? free, buffersKB: values["Buffers"] ?? 0,
+            cachedKB: (values["Cached"] ?? 0) + (values["SReclaimable"] ?? 0))
     }
 
     /// Bytes received and sent over all interfaces (what psutil's `net_io_counters()` sums).
     public static func networkBytes(netDev: String) -> (received: UInt64, sent: UInt64)? {
-        var received: UInt64 = 0, sent: UInt64 = 0, interfaces = 0
+        var received: UInt64 = 0
+        var sent: UInt64 = 0
+        var interfaces = 0
         for line in netDev.split(separator: "\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
             let fields = line[line.index(after: colon)...].split(separator: " ").compactMap { UInt64($0) }
@@ -72,7 +75,8 @@ public enum ProcFiles {
         let fields = stat[stat.index(after: close)...].split(separator: " ")
         // After the name: state(0) ppid … utime(11) stime(12).
         guard fields.count > 12, let utime = UInt64(fields[11]), let stime = UInt64(fields[12]) else { return nil }
-        var rss: UInt64 = 0, threads = 0
+        var rss: UInt64 = 0
+        var threads = 0
         for line in status.split(separator: "\n") {
             let parts = line.split(separator: " ", omittingEmptySubsequences: true).flatMap { $0.split(separator: "\t") }
             if line.hasPrefix("VmRSS:"), parts.count >= 2 { rss = UInt64(parts[1]) ?? 0 }

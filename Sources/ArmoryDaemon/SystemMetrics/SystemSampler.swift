@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Host and per-process figures under MLflow's `system/...` names (those of its
 /// `SystemMetricsMonitor`), from `/proc`, `statvfs` and, where present, NVIDIA's NVML. CPU figures
