@@ -641,6 +641,17 @@ class Connection:
         self.sock.close()
 
 
+def metric_frame_head(handle: str) -> bytes:
+    """The start of a run's metric frames, `{"op":"log","run":<handle>,"metrics":[` (what
+    `Connection.send_metric` takes as `run_head`; the one place that spells it)."""
+    return ('{"op":"log","run":' + json.dumps(handle) + ',"metrics":[').encode()
+
+
+def metric_key(key: str) -> bytes:
+    """A metric key as `Connection.send_metric` takes it: its JSON and a comma."""
+    return (json.dumps(key) + ",").encode()
+
+
 def protocol_number(value: float):
     """A metric value as the protocol writes it: a float, or "NaN", "Infinity", "-Infinity"."""
     v = float(value)

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
-from ._connection import ArmoryError, connection, protocol_number
+from ._connection import ArmoryError, connection, metric_frame_head, metric_key, protocol_number
 from ._rules import MAX_EXPERIMENT_NAME as _MAX_EXPERIMENT_NAME, refusal
 from .track import Trackable, _flatten, _next_id, track_call, trackable_context
 
@@ -41,7 +41,7 @@ class Run:
         self._run_id: Optional[str] = reply.get("run_id")
         self.experiment_id: Optional[str] = reply.get("experiment_id")
         self.name: str = reply.get("name", "")
-        self._head = ('{"op":"log","run":' + json.dumps(self.handle) + ',"metrics":[').encode()
+        self._head = metric_frame_head(self.handle)
         self._keys: Dict[str, bytes] = {}  # metric key → its JSON and a comma
 
     @property
@@ -59,7 +59,7 @@ class Run:
         k = self._keys.get(key)
         if k is None:
             connection().check("log", "metric", [(key, None)])
-            k = self._keys[key] = (json.dumps(key) + ",").encode()
+            k = self._keys[key] = metric_key(key)
         ts = int(time.time() * 1000) if timestamp is None else int(timestamp)
         connection().send_metric(self._head, k, float(value), int(step or 0), ts)
 

@@ -12,7 +12,6 @@ destination, after the run's pending records are uploaded (read-your-writes, bou
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Any, Dict, List, Optional
@@ -319,18 +318,20 @@ class ArmorydTrackingStore(AbstractStore):
 
 # (run id, metric key) → (connection, its send_metric, the run's frame head, the key's JSON, the
 # run's latest metrics or None). A connection closed, or left behind by fork(), is replaced on the
-# next call.
+# next call. Bounded: a process that logs to many runs or keys starts it afresh when it is full.
 _metric_heads: Dict[tuple, tuple] = {}
+_MAX_METRIC_HEADS = 4096
 
 
 def _metric_head(run_id: str, metric) -> tuple:
     """The slow path of `log_metric`: MLflow's own checks, then the cached frame parts."""
     _validate_batch_log_data([metric], [], [])
     connection = _Plugin.connection()
-    run_head = ('{"op":"log","run":' + json.dumps(_Plugin.handle(run_id)) + ',"metrics":[').encode()
     state = _Plugin.runs.get(run_id)
-    entry = _metric_heads[(run_id, metric.key)] = (connection, connection.send_metric, run_head, (json.dumps(metric.key) + ",").encode(),
-                                                   None if state is None else state["metrics"])
+    if len(_metric_heads) >= _MAX_METRIC_HEADS:
+        _metric_heads.clear()
+    entry = _metric_heads[(run_id, metric.key)] = (connection, connection.send_metric, _connection.metric_frame_head(_Plugin.handle(run_id)),
+                                                   _connection.metric_key(metric.key), None if state is None else state["metrics"])
     return entry
 
 

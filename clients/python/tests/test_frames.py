@@ -31,14 +31,14 @@ def test_hot_metric_frames_match_the_general_encoder_and_land_exactly(daemon):
     c = _connection.connection()
     run = c.request("create_run", experiment_id="0", run_name="frames")
     key = "loss é/ü"
-    run_head = ('{"op":"log","run":' + json.dumps(run["handle"]) + ',"metrics":[').encode()
+    run_head = _connection.metric_frame_head(run["handle"])
     values = random_floats(3000)
     # Hold the flusher back (it neither sends nor turns queued metrics into frames meanwhile) to
     # read the frames as written; `send_metric` itself takes no lock below its queue's bound.
     with c._send_lock, c._lock:
         start = c._seq
         for step, v in enumerate(values):
-            c.send_metric(run_head, (json.dumps(key) + ",").encode(), v, step, 1795400000000 + step)
+            c.send_metric(run_head, _connection.metric_key(key), v, step, 1795400000000 + step)
         c._move_metrics()
         written = frames(c._buffer)
     # A run's queued metrics become frames of up to 1000 metrics, each with the next seq.

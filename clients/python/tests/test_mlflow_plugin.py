@@ -151,6 +151,25 @@ def test_an_invalid_key_and_a_changed_param_fail_at_the_call(daemon):
     assert "invalid-key: True" in out.stdout and "changed: True" in out.stdout and "ended: FINISHED" in out.stdout
 
 
+def test_the_plugins_per_key_cache_stays_bounded_and_every_point_lands(daemon):
+    out = run_mlflow("""
+        import mlflow
+        from armory_track import mlflow_plugin
+        mlflow.set_experiment("many-keys")
+        with mlflow.start_run() as run:
+            for i in range(5000):
+                mlflow.log_metric(f"k{i}", i)
+            mlflow.log_metric("k0", -1, step=1)  # a key whose cached parts were dropped
+            print("cached:", len(mlflow_plugin._metric_heads), "bound:", mlflow_plugin._MAX_METRIC_HEADS)
+        print("run:", run.info.run_id)
+    """)
+    cached, bound = (int(x) for x in out.stdout.split("cached: ")[1].split("\n")[0].split(" bound: "))
+    assert cached <= bound < 5000
+    run = store(daemon).get_run(out.stdout.split("run: ")[1].strip())
+    assert len(run.data.metrics) == 5000 and run.data.metrics["k4999"] == 4999
+    assert [m.value for m in store(daemon).get_metric_history(run.info.run_id, "k0")] == [0, -1]
+
+
 def test_no_daemon_is_a_clear_error(tmp_path):
     out = run_mlflow("""
         import mlflow
