@@ -248,7 +248,7 @@ public final class Daemon: Service {
         if config.adoptedSocket == nil { chmod(config.socketPath, config.socketMode) }
         running.withLock { $0 = Running(group: group, services: services) }
         logger.notice(
-            "armoryd \(DaemonServices.version) ready",
+            "armoryd \(DaemonVersion.current) ready",
             metadata: [
                 "socket": "\(config.socketPath)", "store": "\(sink.destination)", "socket_activated": "\(config.adoptedSocket != nil)",
             ])
@@ -330,7 +330,7 @@ public final class Daemon: Service {
     /// Ends FAILED those of `handles` still running with no session writing them (their client vanished).
     static func endOrphans(_ handles: [String], services: DaemonServices, logger: Logger) {
         for handle in handles {
-            let now = DaemonServices.nowMs()
+            let now = WallClock.nowMs()
             let ended =
                 (try? services.registry.update(handle) { entry -> RunEntry? in
                     guard entry.connection == nil, entry.status == .running else { return nil }

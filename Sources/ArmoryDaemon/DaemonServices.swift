@@ -11,7 +11,6 @@ import Synchronization
 
 /// What every session shares: the run registry, the uploader, the daemon's settings.
 public final class DaemonServices: Sendable {
-    public static let version = "0.1.0"
 
     public let registry: RunRegistry
     /// The daemon's own destination.
@@ -92,18 +91,6 @@ public final class DaemonServices: Sendable {
         }
         return String(uid)
     }
-
-    /// A fresh MLflow-style run id: 32 lowercase hex characters.
-    public static func newRunID() -> String {
-        UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
-    }
-
-    /// A fresh daemon handle for a run: unique across restarts.
-    public static func newHandle() -> String {
-        "h" + String(newRunID().prefix(20))
-    }
-
-    public static func nowMs() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
 }
 
 /// Daemon-wide counters for status, updated from every connection.
@@ -152,7 +139,7 @@ public final class DaemonStatistics: Sendable {
 
     /// An error was sent to the client `peer`.
     public func refused(_ error: ProtocolError, peer: PeerCredentials) {
-        let refusal = Refusal(timeMs: DaemonServices.nowMs(), error: error, uid: peer.uid, pid: peer.pid)
+        let refusal = Refusal(timeMs: WallClock.nowMs(), error: error, uid: peer.uid, pid: peer.pid)
         state.withLock {
             $0.errorsSent &+= 1
             $0.lastRefusal = refusal

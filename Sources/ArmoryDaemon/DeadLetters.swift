@@ -156,7 +156,7 @@ public final class DeadLetterFile: Sendable {
     /// record's uid.
     public func append(_ letters: [DeadLetter], owner: (String) -> UInt32) {
         guard !letters.isEmpty else { return }
-        let now = DaemonServices.nowMs()
+        let now = WallClock.nowMs()
         let bytes = Self.render(
             letters.map { original in
                 var letter = original

@@ -228,7 +228,7 @@ public final class Destinations: Sendable {
     /// Opens (or creates) a journal directory for a destination; `nil` without a journal root.
     private static func openJournal(at directory: String?, identity: JournalIdentity, sink: any RecordSink, settings: Settings) throws(ProtocolError) -> (Journal, Journal.Recovery)? {
         guard let root = settings.journalRoot else { return nil }
-        let dir = directory ?? root + "/" + DaemonServices.newRunID().prefix(16)
+        let dir = directory ?? root + "/" + RunIDs.newRunID().prefix(16)
         do {
             try Directories.create(dir, mode: 0o700)
             if directory == nil {

@@ -122,7 +122,7 @@ public final class FileStoreSink: RecordSink {
                 switch operation {
                 case .createRun(let c, let parentRunID, _):
                     let experimentID = try c.experimentID ?? box.store.experimentID(named: c.experimentName, tags: RunCreation.evaluationExperimentTags)
-                    let runID = c.runID ?? DaemonServices.newRunID()
+                    let runID = c.runID ?? RunIDs.newRunID()
                     var tags = c.tags
                     if let parentRunID { tags["mlflow.parentRunId"] = parentRunID }
                     try box.store.createRun(FileStoreRun(runID: runID, experimentID: experimentID, name: c.name, userID: c.userID, status: .running, startTime: c.startTime), tags: tags)
@@ -242,7 +242,7 @@ public final class NullSink: RecordSink {
 
     public func perform(_ operation: SinkOperation) async -> SinkOutcome {
         guard case .createRun(let creation, _, _) = operation else { return .applied }
-        return .created(runID: creation.runID ?? DaemonServices.newRunID(), experimentID: creation.experimentID ?? "0")
+        return .created(runID: creation.runID ?? RunIDs.newRunID(), experimentID: creation.experimentID ?? "0")
     }
 
     public func findRun(runID: String) async -> StoredRun? { nil }

@@ -14,7 +14,7 @@ public enum StatusReport {
             "\(degraded ? "degraded" : "running"): \(services.statistics.clients.count) clients, \(services.registry.activeRuns.count) active runs, "
             + "backlog \(pending) records (\(ByteText.render(Int64(journalBytes))) journaled)"
         if let lastSuccess {
-            line += ", last upload \(max(0, (DaemonServices.nowMs() - lastSuccess) / 1000)) s ago"
+            line += ", last upload \(max(0, (WallClock.nowMs() - lastSuccess) / 1000)) s ago"
         }
         if degraded, let error = counters.compactMap(\.lastError).last { line += "; last error: \(error.prefix(120))" }
         return line
@@ -60,11 +60,11 @@ public enum StatusReport {
         let recovery = services.destinations.recoveryReport
         let sessions = services.sessions.counts
         let totals = services.statistics.totals
-        let nowMs = DaemonServices.nowMs()
+        let nowMs = WallClock.nowMs()
         func sum<Figure: BinaryInteger>(_ figure: (Uploader.Counters) -> Figure) -> Int64 { counters.reduce(0) { $0 + Int64(figure($1)) } }
         return StatusReply(
             state: counters.contains { $0.isDegraded } ? "degraded" : "running",
-            pid: ProcessInfo.processInfo.processIdentifier, uid: getuid(), systemdUnit: systemdUnit, version: DaemonServices.version,
+            pid: ProcessInfo.processInfo.processIdentifier, uid: getuid(), systemdUnit: systemdUnit, version: DaemonVersion.current,
             uptimeSeconds: (Date().timeIntervalSince(services.startedAt) * 10).rounded() / 10, socket: services.socketPath,
             destination: services.uploader.destination,
             destinations: zip(uploaders, counters).map { uploader, c in

@@ -657,7 +657,7 @@ public final class Uploader: Sendable {
         var handles: [String: String] = [:]
         func bound(_ runID: String, owner: UInt32) -> String {
             if let handle = handles[runID] { return handle }
-            let handle = "retry-" + DaemonServices.newHandle()
+            let handle = "retry-" + RunIDs.newHandle()
             handles[runID] = handle
             // Finished: a restart does not take it for a client's run left running.
             attach(
@@ -673,7 +673,7 @@ public final class Uploader: Sendable {
             if let runID = line.runID {
                 handle = bound(runID, owner: line.uid)
             } else {
-                handle = handles["create " + line.handle] ?? "retry-" + DaemonServices.newHandle()
+                handle = handles["create " + line.handle] ?? "retry-" + RunIDs.newHandle()
                 handles["create " + line.handle] = handle
                 if case .createRun(var creation) = record {
                     creation.handle = handle

@@ -24,7 +24,7 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
             Socket: --socket, else $ARMORY_SOCKET, else $XDG_RUNTIME_DIR/armory/armoryd.sock \
             (/run/armory/armoryd.sock for root).
             """,
-        version: DaemonServices.version)
+        version: DaemonVersion.current)
 
     @Option(help: "Configuration file (YAML; keys are these flags' names). Default: /etc/armory/armoryd.conf for root, else $XDG_CONFIG_HOME/armory/armoryd.conf; a missing default file is fine.")
     var config: String?

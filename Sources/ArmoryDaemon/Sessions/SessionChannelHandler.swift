@@ -55,7 +55,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
             return
         }
         let bytes = Array(payload.readableBytesView)
-        let now = DaemonServices.nowMs()
+        let now = WallClock.nowMs()
         let frame: ClientFrame
         do {
             frame = try ClientFrame.decode(payload: bytes, receivedAtMs: now, maxDepth: services.limits.maxDepth)
@@ -213,7 +213,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
     private func helloReply(_ h: Hello, resumed: HelloReply.Resumed?) -> HelloReply {
         let destinationURI = services.destinations.uploader(session.machine.destination).destination.split(separator: " ").first.map(String.init)
         return HelloReply(
-            daemonVersion: DaemonServices.version, protocolVersion: h.protocolVersion, limits: services.limits, uid: session.peer.uid,
+            daemonVersion: DaemonVersion.current, protocolVersion: h.protocolVersion, limits: services.limits, uid: session.peer.uid,
             pid: session.peer.pid, destination: destinationURI, session: session.id, resumed: resumed)
     }
 
@@ -259,7 +259,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
             carryOut(.error(error.answering(frame)), for: frame, context: context)
         case .notFound(let reason):
             notResumedReason = reason
-            carryOut(fresh.receive(frame, nowMs: DaemonServices.nowMs()), for: frame, context: context)
+            carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
         }
         let waiting = heldBack ?? []
         heldBack = nil

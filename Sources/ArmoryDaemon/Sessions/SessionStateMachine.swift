@@ -429,7 +429,7 @@ public struct SessionStateMachine: Sendable {
         guard !ProtocolVersion.supported.contains(h.protocolVersion) else { return nil }
         return ProtocolError(
             .unsupportedProtocol,
-            "Protocol \(h.protocolVersion) is not supported: this armoryd \(DaemonServices.version) speaks \(ProtocolVersion.supported.lowerBound)...\(ProtocolVersion.supported.upperBound). Upgrade the client library or the daemon so that they share a version."
+            "Protocol \(h.protocolVersion) is not supported: this armoryd \(DaemonVersion.current) speaks \(ProtocolVersion.supported.lowerBound)...\(ProtocolVersion.supported.upperBound). Upgrade the client library or the daemon so that they share a version."
         )
     }
 
@@ -458,8 +458,8 @@ public struct SessionStateMachine: Sendable {
     /// Registers a run and queues its creation and its initial params; the registry learns its
     /// MLflow ids when the sink has created it.
     private mutating func createRun(name: String, experiment: String, experimentID: String? = nil, parent: RunEntry?, tags extraTags: StringMap, params: StringMap, nowMs: Int64) -> RunEntry {
-        let handle = DaemonServices.newHandle()
-        let runID = assignsRunIDs ? DaemonServices.newRunID() : nil
+        let handle = RunIDs.newHandle()
+        let runID = assignsRunIDs ? RunIDs.newRunID() : nil
         var tags = experimentID == nil ? baseTags(runName: name, handle: handle) : ["armory.handle": handle]
         for (k, v) in extraTags { tags[k] = v }
         var entry = RunEntry(
@@ -601,7 +601,7 @@ public struct SessionStateMachine: Sendable {
         }
         if let registered = runs.entry(runID: runID) { return (nil, answered(frame, .reply(reattach(registered)))) }
         var entry = RunEntry(
-            handle: stored.tags["armory.handle"] ?? DaemonServices.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
+            handle: stored.tags["armory.handle"] ?? RunIDs.newHandle(), runID: stored.runID, experimentID: stored.experimentID,
             experimentName: "", name: stored.name, ownerUID: peer.uid, status: stored.status,
             parentHandle: nil, params: stored.params, connection: number, clientPID: peer.pid)
         entry.endTime = stored.endTime
@@ -778,7 +778,7 @@ public struct SessionStateMachine: Sendable {
         try MLflowRules.validateArtifactPath(path)
         let id = nextArtifactID
         nextArtifactID += 1
-        let spoolPath = spoolDirectory + "/" + run.handle + "-" + DaemonServices.newRunID().prefix(12)
+        let spoolPath = spoolDirectory + "/" + run.handle + "-" + RunIDs.newRunID().prefix(12)
         artifacts[id] = OpenArtifact(handle: run.handle, destination: run.destination, path: path, spoolPath: spoolPath, bytes: 0)
         dirty = true
         return .openSpool(artifact: id, path: spoolPath)

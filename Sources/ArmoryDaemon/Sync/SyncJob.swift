@@ -337,7 +337,7 @@ public final class SyncJob: Sendable {
             }
         }
         for (index, path) in plan.artifacts.enumerated() {
-            let spool = spoolDirectory + "/sync-" + DaemonServices.newRunID()
+            let spool = spoolDirectory + "/sync-" + RunIDs.newRunID()
             let file = reader.artifactFile(of: run, path: path)
             // A hard link costs nothing; across file systems, a streamed copy.
             if link(file, spool) != 0 {
@@ -403,7 +403,7 @@ public final class SyncJob: Sendable {
         if let text = try? String(contentsOfFile: file, encoding: .utf8), !text.isEmpty {
             return text.trimmingCharacters(in: .whitespacesAndNewlines)
         }
-        let fresh = DaemonServices.newRunID()
+        let fresh = RunIDs.newRunID()
         if (try? fresh.write(toFile: file, atomically: true, encoding: .utf8)) != nil { return fresh }
         return reader.root
     }

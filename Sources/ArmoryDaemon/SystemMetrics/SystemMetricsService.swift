@@ -39,7 +39,7 @@ public final class SystemMetricsService: Sendable {
         _ = state.withLock { $0.sampler.sampleHost() }
         let amount = TimeAmount.nanoseconds(Int64(interval * 1e9))
         return loop.scheduleRepeatedTask(initialDelay: amount, delay: amount) { [self] _ in
-            tick(now: Self.monotonicSeconds(), nowMs: DaemonServices.nowMs())
+            tick(now: Self.monotonicSeconds(), nowMs: WallClock.nowMs())
         }
     }
 
