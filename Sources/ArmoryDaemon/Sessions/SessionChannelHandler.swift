@@ -327,12 +327,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         for wait in pending {
             wait.uploader.whenDurable(wait.lsn) {
-                guard
-                    remaining.withLockedValue({
-                        $0 -= 1
-                        return $0
-                    }) == 0
-                else { return }
+                guard Self.countDown(remaining) else { return }
                 loopBound.eventLoop.execute {
                     let (handler, context) = loopBound.value
                     handler.ackWaiting = false
@@ -452,12 +447,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
         }
         for register in registrations {
             register {
-                guard
-                    remaining.withLockedValue({
-                        $0 -= 1
-                        return $0
-                    }) == 0
-                else { return }
+                guard Self.countDown(remaining) else { return }
                 timeout.cancel()
                 respond(true)
             }
@@ -471,14 +461,19 @@ final class SessionChannelHandler: ChannelInboundHandler {
             + "and run `systemctl reload armoryd`, or run an evaluation with MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) set to working ones."
     }
 
+    /// Counts one callback of several down; true for the last one.
+    private static func countDown(_ remaining: NIOLockedValueBox<Int>) -> Bool {
+        remaining.withLockedValue { count in
+            count -= 1
+            return count == 0
+        }
+    }
+
     private func whenAllDrained(_ uploaders: [Uploader], uid: UInt32, _ body: @escaping @Sendable () -> Void) {
         let remaining = NIOLockedValueBox(uploaders.count)
         for uploader in uploaders {
             uploader.whenDrained(uid: uid) {
-                if remaining.withLockedValue({
-                    $0 -= 1
-                    return $0
-                }) == 0 {
+                if Self.countDown(remaining) {
                     body()
                 }
             }
