@@ -9,12 +9,11 @@ import Synchronization
 
 /// Which destination a run or a session writes to: the daemon's own (`primary`), or one an
 /// evaluation named in `hello` (its URL and who it writes as, or a local store's `file://` URI).
-public struct DestinationKey: Hashable, Sendable, CustomStringConvertible {
+public struct DestinationKey: Hashable, Sendable {
     let raw: String
     /// The daemon's own destination.
     public static let primary = DestinationKey(raw: "")
     public var isPrimary: Bool { raw.isEmpty }
-    public var description: String { isPrimary ? "(the daemon's own)" : raw }
 }
 
 /// Every destination the daemon writes to: its own (the primary uploader), and the MLflow servers

@@ -45,7 +45,7 @@ public enum StatusReport {
         let allWaiting = services.destinations.awaitingCredentials
         let waiting = allWaiting.filter { visible($0.uid) }
         let counters = uploaders.map(\.counterSnapshot)
-        let lastFailure = counters.filter { $0.lastErrorMs != nil }.max { $0.lastErrorMs! < $1.lastErrorMs! }
+        let lastFailure = counters.max { ($0.lastErrorMs ?? .min) < ($1.lastErrorMs ?? .min) }
         let allClients = services.statistics.clients
         let allRuns = services.registry.activeRuns
         let clients = allClients.filter { visible($0.peer.uid) }

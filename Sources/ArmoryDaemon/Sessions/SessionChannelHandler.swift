@@ -134,15 +134,14 @@ final class SessionChannelHandler: ChannelInboundHandler {
             }
         case .awaitRun(let handle, let timeoutMs):
             let registry = services.registry
+            let gone = DaemonMessage.error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name))
             guard let entry = registry.entry(handle) else {
-                send(.error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name)), context: context)
+                send(gone, context: context)
                 break
             }
             let wait = session.creationWait(of: entry)
             answerWhen(Self.settled([wait]), timeoutMs: timeoutMs, context: context) { _ in
-                guard let entry = registry.entry(handle) else {
-                    return .error(ProtocolError(.unknownHandle, "Run \(handle) is gone.", seq: frame.seq, op: frame.op.name))
-                }
+                guard let entry = registry.entry(handle) else { return gone }
                 if var failure = entry.failure {
                     failure.seq = frame.seq
                     failure.op = frame.op.name
