@@ -152,8 +152,9 @@ public final class RESTSink: RecordSink {
                     return SyncedRunLookup(experimentID: experimentID, run: nil)
                 }
                 self.artifactURIs.withLock { $0[run.runID] = run.artifactURI }
-                var counts: [String: Int] = [:]
-                for key in metricKeys { counts[key] = try await self.client.metricHistory(run.runID, key: key).count }
+                // Histories are read only for keys the copy's landed record does not count.
+                var (counts, toRead) = SyncTags.counting(metricKeys, tags: run.tags)
+                for key in toRead { counts[key] = try await self.client.metricHistory(run.runID, key: key).count }
                 return SyncedRunLookup(
                     experimentID: experimentID,
                     run: SyncDestination(

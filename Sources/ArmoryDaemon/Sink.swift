@@ -187,12 +187,14 @@ public final class FileStoreSink: RecordSink {
                     return SyncedRunLookup(experimentID: id, run: nil)
                 }
                 box.experimentOfRun[run.info.runID] = id
+                let tags = reader.tags(of: run)
+                var (counts, toRead) = SyncTags.counting(metricKeys, tags: tags)
+                for key in toRead { counts[key] = reader.metricCount(of: run, key: key) }
                 return SyncedRunLookup(
                     experimentID: id,
                     run: SyncDestination(
-                        runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: reader.tags(of: run),
-                        metricCounts: Dictionary(uniqueKeysWithValues: metricKeys.map { ($0, reader.metricCount(of: run, key: $0)) }),
-                        artifactBytes: reader.artifactSizes(of: run)))
+                        runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: tags,
+                        metricCounts: counts, artifactBytes: reader.artifactSizes(of: run)))
             } catch {
                 throw Self.translate(error)
             }

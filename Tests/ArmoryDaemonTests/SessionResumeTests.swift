@@ -26,6 +26,31 @@ struct SessionResumeTests {
         #expect(h.records.filter { if case .createRun = $0.record { true } else { false } }.count == 2)
     }
 
+    /// A restart may come while a client still only asks questions (MLflow's `set_experiment`):
+    /// its session must be in the journal already, or the client could not resume it.
+    @Test func aClientsSessionIsJournaledFromItsHandshakeAnAdminToolsOnlyOnceItHoldsSomething() throws {
+        var h = SessionHarness()
+        let s = h.session()
+        guard case .session(let record)? = h.lastTail else {
+            Issue.record("the handshake journaled no session record: \(String(describing: h.lastTail))")
+            return
+        }
+        #expect(s.journaled)
+        #expect(record.id == s.id && record.client == "test")
+        #expect(record.seq == s.handledSeq)
+
+        var admin = SessionStateMachine(
+            number: 99, peer: PeerCredentials(uid: 0, gid: 0, pid: 7), runs: h.registry, userName: "root", spoolDirectory: "/spool")
+        var hello = Hello(client: "armoryctl", clientVersion: "1", program: "armoryctl")
+        hello.admin = true
+        guard case .handshake(let accepted) = admin.receive(ClientFrame(seq: 1, op: .hello(hello)), nowMs: 0) else {
+            Issue.record("no handshake")
+            return
+        }
+        admin.accept(accepted, destination: .primary, assignsRunIDs: true, peer: admin.peer)
+        #expect(admin.commit() == nil && !admin.journaled)
+    }
+
     @Test func theJournalRecordRestoresTheSessionIntoAFreshOne() throws {
         var h = SessionHarness()
         var s = h.session()

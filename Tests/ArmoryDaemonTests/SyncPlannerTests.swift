@@ -24,7 +24,7 @@ import Testing
         for m in plan.metrics { d.metricCounts[m.key] = m.from + m.count }
         for a in plan.artifacts { d.artifactBytes[a] = source.artifactBytes[a] }
         if let status = plan.status { (d.status, d.endTime) = status }
-        if plan.marksComplete { d.tags[SyncTags.state] = "complete" }
+        d.tags.merge(plan.seal) { $1 }
         return d
     }
 
@@ -60,7 +60,11 @@ import Testing
         let grown = source(ended, metrics: ["loss": 1100, "acc": 1])
         let second = SyncRunPlan.plan(grown, destination: copy, parentRunID: nil, storeIdentity: "s")
         #expect(second.metrics.count == 1 && second.metrics[0].key == "loss" && second.metrics[0].from == 100 && second.metrics[0].count == 1000)
-        #expect(second.params.isEmpty && second.artifacts.isEmpty && second.tags == [SyncTags.state: "partial"])
+        // The copy's landed record is emptied first: until the new points are confirmed, its
+        // histories tell how far it got.
+        #expect(copy.tags[SyncTags.landed] == #"{"acc":1,"loss":100}"#)
+        #expect(second.params.isEmpty && second.artifacts.isEmpty && plain(second.tags) == [SyncTags.state: "partial", SyncTags.landed: "{}"])
+        #expect(plain(second.seal) == [SyncTags.state: "complete", SyncTags.landed: #"{"acc":1,"loss":1100}"#])
         #expect(second.status?.status == .finished && second.marksComplete)
     }
 
@@ -78,8 +82,34 @@ import Testing
         // Everything landed, only the complete mark was lost: the mark alone is sent.
         var allButMark = landed(plan, on: nil, source: source())
         allButMark.tags[SyncTags.state] = "partial"
+        allButMark.tags[SyncTags.landed] = nil
         let markOnly = SyncRunPlan.plan(source(), destination: allButMark, parentRunID: nil, storeIdentity: "s")
         #expect(markOnly.metricPoints == 0 && markOnly.tags.isEmpty && markOnly.marksComplete && !markOnly.upToDate)
+        #expect(plain(markOnly.seal) == [SyncTags.state: "complete", SyncTags.landed: #"{"acc":1,"loss":100}"#])
+    }
+
+    @Test func aCopyWithoutALandedRecordGetsOneAndIsThenUpToDate() {
+        var old = landed(SyncRunPlan.plan(source(), destination: nil, parentRunID: nil, storeIdentity: "s"), on: nil, source: source())
+        old.tags[SyncTags.landed] = nil  // copied by an armoryd without landed records
+        let plan = SyncRunPlan.plan(source(), destination: old, parentRunID: nil, storeIdentity: "s")
+        #expect(plan.tags.isEmpty && plan.metricPoints == 0 && !plan.marksComplete && !plan.upToDate)
+        #expect(plain(plan.seal) == [SyncTags.landed: #"{"acc":1,"loss":100}"#])
+        #expect(SyncRunPlan.plan(source(), destination: landed(plan, on: old, source: source()), parentRunID: nil, storeIdentity: "s").upToDate)
+    }
+
+    @Test func theLandedRecordSaysWhichHistoriesNeedReading() {
+        let tags: StringMap = [SyncTags.landed: SyncTags.landedValue(["loss": 1100, "acc": 1])]
+        let counting = SyncTags.counting(["acc", "loss", "new"], tags: tags)
+        #expect(counting.known == ["acc": 1, "loss": 1100] && counting.toRead == ["new"])
+        #expect(SyncTags.counting(["acc"], tags: [SyncTags.landed: "{}"]).toRead == ["acc"])
+        #expect(SyncTags.counting(["acc"], tags: [SyncTags.landed: "not json"]).toRead == ["acc"])
+        #expect(SyncTags.counting(["acc"], tags: [:]).toRead == ["acc"])
+        // Thousands of keys: as many as fit in one MLflow tag value; the rest are read.
+        let many = Dictionary(uniqueKeysWithValues: (0..<5000).map { ("attack/sample_\($0)/loss", $0) })
+        let value = SyncTags.landedValue(many)
+        let recorded = SyncTags.landedCounts(in: [SyncTags.landed: value])
+        #expect(value.utf8.count <= 8000 && recorded.count > 100 && recorded.count < 5000)
+        #expect(recorded.allSatisfy { many[$0.key] == $0.value })
     }
 
     @Test func aChangedParamIsAConflictNotASend() {

@@ -152,6 +152,49 @@ def test_sync_killed_mid_way_resumes_without_duplicates(tmp_path, mlflow_server)
         proxy.close()
 
 
+def test_a_repeated_sync_reads_no_metric_history_the_copy_records_as_landed(daemon, mlflow_server, tmp_path):
+    """Each copy records what landed (`armory.sync.landed`): a later sync reads a key's history
+    only where that record is missing, not every point of every run each time."""
+    from faultproxy import FaultProxy
+    experiment = f"sync-landed-{uuid.uuid4().hex[:8]}"
+    store = mlflow_written_store(tmp_path / "carried", experiment, runs=4, points=3000)
+    proxy = FaultProxy(mlflow_server.port)
+    histories = lambda: proxy.forwarded.get("/api/2.0/mlflow/metrics/get-history", 0)  # noqa: E731
+    try:
+        first = run_sync(daemon, proxy.url, store)
+        assert first.returncode == 0, first.stdout + first.stderr
+        server = MlflowClient(mlflow_server.url)
+        copied = copies(server, experiment)
+        assert {json.loads(r.data.tags["armory.sync.landed"])["m"] for r in copied.values()} == {3000}
+        assert histories() == 0  # new copies: nothing to read
+
+        again = json.loads(run_sync(daemon, proxy.url, store).stdout)
+        assert again["runs_up_to_date"] == 4 and again["metrics_queued"] == 0, again
+        assert histories() == 0
+
+        # A run grows: only its new points go, still without reading its history.
+        source = MlflowClient(f"file://{store}")
+        grown = sorted(copied)[0]
+        now = int(time.time() * 1000)
+        source.log_batch(grown, metrics=[Metric("m", -1.0, now + i, 3000 + i) for i in range(500)])
+        more = json.loads(run_sync(daemon, proxy.url, store).stdout)
+        assert more["metrics_queued"] == 500 and more["runs_up_to_date"] == 3, more
+        assert histories() == 0
+        assert json.loads(server.get_run(copied[grown].info.run_id).data.tags["armory.sync.landed"]) == {"m": 3500}
+        assert len(server.get_metric_history(copied[grown].info.run_id, "m")) == 3500
+
+        # A copy without the record (an older armoryd's, say): its history is read once, the record written.
+        server.delete_tag(copied[grown].info.run_id, "armory.sync.landed")
+        healed = json.loads(run_sync(daemon, proxy.url, store).stdout)
+        assert healed["metrics_queued"] == 0 and healed["state"] == "complete", healed
+        assert histories() == 1
+        assert json.loads(server.get_run(copied[grown].info.run_id).data.tags["armory.sync.landed"]) == {"m": 3500}
+        run_sync(daemon, proxy.url, store)
+        assert histories() == 1
+    finally:
+        proxy.close()
+
+
 def test_an_interrupted_armoryctl_leaves_the_sync_running(daemon, mlflow_server, tmp_path):
     experiment = f"sync-bg-{uuid.uuid4().hex[:8]}"
     job = start_sync(daemon, mlflow_server.url, mlflow_written_store(tmp_path / "carried", experiment, runs=4, points=20_000))

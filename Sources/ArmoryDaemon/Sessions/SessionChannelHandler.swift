@@ -199,11 +199,40 @@ final class SessionChannelHandler: ChannelInboundHandler {
             services.sessions.opened(session, connection: session.connectionID, close: closeConnection)
         }
         let resumed: HelloReply.Resumed? = hello.resume.map { _ in .notResumed(reason: notResumedReason ?? "unknown") }
-        send(.reply(seq: frame.seq, body: helloReply(hello, resumed: resumed).json), context: context)
+        let reply = DaemonMessage.reply(seq: frame.seq, body: helloReply(hello, resumed: resumed).json)
+        let waits = session.durabilityWaits
+        guard !waits.isEmpty else { return send(reply, context: context) }
+        // The session id goes out once its record is on disk, so that a resume after a restart
+        // always finds it; the frames arriving meanwhile wait their turn.
+        heldBack = heldBack ?? []
+        awaitsSessionRecord = true
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let remaining = NIOLockedValueBox(waits.count)
+        for wait in waits {
+            wait.uploader.whenDurable(wait.lsn, urgent: true) {
+                guard Self.countDown(remaining) else { return }
+                loopBound.eventLoop.execute {
+                    let (handler, context) = loopBound.value
+                    handler.awaitsSessionRecord = false
+                    handler.send(reply, context: context)
+                    handler.releaseHeldBack(context: context)
+                }
+            }
+        }
+    }
+
+    /// Reads the frames that arrived while the handler waited (a claim, a handshake's record).
+    private func releaseHeldBack(context: ChannelHandlerContext) {
+        let waiting = heldBack ?? []
+        heldBack = nil
+        for data in waiting { channelRead(context: context, data: data) }
+        channelReadComplete(context: context)
     }
 
     /// Why a `resume` in this connection's `hello` opened a new session instead.
     private var notResumedReason: String?
+    /// `hello` is answered once the new session's record is on disk; frames wait until then.
+    private var awaitsSessionRecord = false
 
     private func resolveDestination(_ hello: Hello) throws(ProtocolError) -> DestinationKey {
         try services.destinations.resolve(trackingURI: hello.trackingURI, credentials: hello.credentials, peerUID: session.peer.uid)
@@ -260,10 +289,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
             notResumedReason = reason
             carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
         }
-        let waiting = heldBack ?? []
-        heldBack = nil
-        for data in waiting { channelRead(context: context, data: data) }
-        channelReadComplete(context: context)
+        if !awaitsSessionRecord { releaseHeldBack(context: context) }
     }
 
     /// The client continues `resumed` on this connection: its frames after the `seq` the reply

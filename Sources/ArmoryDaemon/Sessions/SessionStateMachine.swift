@@ -294,9 +294,12 @@ public struct SessionStateMachine: Sendable {
 
     /// Hands the pending records to the uploaders, together with the session's record (when its
     /// state changed) or its mark (its `seq`), so that a restart restores the session exactly as
-    /// far as its records go. `nil`: nothing to journal.
+    /// far as its records go. A client's session is journaled from its handshake on, even while
+    /// it holds nothing yet: its client may resume it after a restart that comes during its first
+    /// queries. An admin tool's session is journaled only once it holds something. `nil`: nothing
+    /// to journal.
     public mutating func commit() -> SessionCommit? {
-        let writeRecord = dirty && (journaled || !pending.isEmpty || !isTrivial)
+        let writeRecord = dirty && (journaled || !pending.isEmpty || !isTrivial || hello?.admin == false)
         guard !pending.isEmpty || writeRecord else { return nil }
         if writeRecord {
             dirty = false

@@ -122,11 +122,12 @@ public final class SyncJob: Sendable {
             }
             progress.withLock { $0.state = "uploading" }
             await settled(upTo: lastTicket.load(ordering: .relaxed))
-            // Only a run whose every record landed is marked complete; one with a rejected record
-            // stays partial, so that no half copy looks whole.
+            // Only a run whose every record landed is sealed (its landed record, and the complete
+            // mark when it has ended); one with a rejected record stays partial, so that no half
+            // copy looks whole and its next sync reads what it holds.
             let failed = failures.withLock { $0 }
-            for (runID, handle) in copied.toMark where failed[runID] == nil {
-                enqueue(handle, runID, .log(LogBatch(tags: [SyncTags.state: "complete"])))
+            for (runID, handle, seal) in copied.toSeal where failed[runID] == nil {
+                enqueue(handle, runID, .log(LogBatch(tags: seal)))
             }
             await settled(upTo: lastTicket.load(ordering: .relaxed))
             finish(runs: selected.runs.count)
@@ -187,10 +188,10 @@ public final class SyncJob: Sendable {
     }
 
     /// What the copying pass leaves for the end: destination ids known so far, and the runs to
-    /// mark complete once everything has landed.
+    /// seal once everything has landed.
     private struct Copied {
         var destinationIDs: [String: String] = [:]  // source run id -> destination run id, when known
-        var toMark: [(runID: String, handle: String)] = []
+        var toSeal: [(runID: String, handle: String, tags: StringMap)] = []
         /// The pacing window: the ticket it waits for, and records queued since it was taken.
         var window: (ticket: UInt64, records: Int) = (0, 0)
     }
@@ -352,7 +353,7 @@ public final class SyncJob: Sendable {
             await pace(&copied)
         }
         if let status = plan.status { enqueue(handle, runID, .updateRun(status: status.status, endTime: status.endTime)) }
-        if plan.marksComplete { copied.toMark.append((runID, handle)) }
+        if !plan.seal.isEmpty { copied.toSeal.append((runID, handle, plan.seal)) }
         await pace(&copied)
         progress.withLock {
             $0.runsDone += 1

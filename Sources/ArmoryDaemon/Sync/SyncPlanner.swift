@@ -1,4 +1,5 @@
 import ArmoryProtocol
+import Foundation
 import MLflow
 
 /// The tags `armoryctl sync` keeps on every destination run it writes.
@@ -9,6 +10,40 @@ public enum SyncTags {
     public static let sourceStore = "armory.sync.source_store"
     /// `partial` while a run is being copied, `complete` once everything in it has landed.
     public static let state = "armory.sync.state"
+    /// How many points of each metric key the copy holds (JSON, `{"loss": 1100}`), written once
+    /// the destination confirmed them and emptied (`{}`) by the first record of a sync that sends
+    /// more: a later sync reads a key's history only where this record lacks it
+    /// (docs/architecture.md, "Sync").
+    public static let landed = "armory.sync.landed"
+    /// MLflow's limit on a tag value; the landed record leaves out keys past it.
+    static let tagValueLimit = 8000
+
+    /// The landed record's counts; empty when the tag is missing or unreadable.
+    public static func landedCounts(in tags: StringMap) -> [String: Int] {
+        guard let text = tags[landed], let data = text.data(using: .utf8),
+            let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+        else { return [:] }
+        return object.compactMapValues { ($0 as? NSNumber)?.intValue }
+    }
+
+    /// The landed record of `counts`: keys in order, as many as fit in a tag value.
+    public static func landedValue(_ counts: [String: Int]) -> String {
+        let keys = counts.keys.sorted()
+        var taken = keys.count
+        while true {
+            let object = Dictionary(uniqueKeysWithValues: keys.prefix(taken).map { ($0, counts[$0]!) })
+            let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+            if data.count <= tagValueLimit { return String(decoding: data, as: UTF8.self) }
+            // Keys take about the same room each: cut to the share that fits, with a margin.
+            taken = min(taken - 1, taken * tagValueLimit * 9 / (data.count * 10))
+        }
+    }
+
+    /// The keys of `keys` a copy's history must be read for, and the counts its landed record gives.
+    public static func counting(_ keys: [String], tags: StringMap) -> (known: [String: Int], toRead: [String]) {
+        let recorded = landedCounts(in: tags)
+        return (recorded.filter { keys.contains($0.key) }, keys.filter { recorded[$0] == nil })
+    }
     /// Source tags a copy never carries: the daemon's own run handle, and the parent link
     /// (rewritten to the destination's parent id).
     static let dropped: Set<String> = ["armory.handle", "mlflow.parentRunId"]
@@ -77,10 +112,20 @@ public struct SyncRunPlan: Sendable, Equatable {
     /// The run's final status, when it has one the destination lacks.
     public var status: (status: RunStatus, endTime: Int64?)?
     /// Nothing to send: the destination's copy holds everything (and is marked as it should be).
-    public var upToDate: Bool { !create && tags.isEmpty && params.isEmpty && metrics.isEmpty && artifacts.isEmpty && status == nil && !marksComplete }
+    public var upToDate: Bool { !create && tags.isEmpty && params.isEmpty && metrics.isEmpty && artifacts.isEmpty && status == nil && !marksComplete && landed == nil }
     /// Whether `state` = `complete` is set last (the source run has ended, and the copy is not
     /// marked complete yet or this sync sends more).
     public var marksComplete: Bool
+    /// The landed record written last, once everything landed (nil: the copy holds it already).
+    public var landed: String?
+
+    /// The tags set once everything the plan sends has landed.
+    public var seal: StringMap {
+        var tags = StringMap()
+        if let landed { tags[SyncTags.landed] = landed }
+        if marksComplete { tags[SyncTags.state] = "complete" }
+        return tags
+    }
 
     public var metricPoints: Int { metrics.reduce(0) { $0 + $1.count } }
 
@@ -88,6 +133,7 @@ public struct SyncRunPlan: Sendable, Equatable {
         a.create == b.create && a.tags == b.tags && a.params == b.params && a.conflicts == b.conflicts
             && a.metrics.map { "\($0.key) \($0.from) \($0.count)" } == b.metrics.map { "\($0.key) \($0.from) \($0.count)" }
             && a.artifacts == b.artifacts && a.status?.status == b.status?.status && a.status?.endTime == b.status?.endTime && a.marksComplete == b.marksComplete
+            && a.landed == b.landed
     }
 
     /// Plans one run: `destination` is nil when no copy exists yet; `parentRunID` is the
@@ -123,9 +169,13 @@ public struct SyncRunPlan: Sendable, Equatable {
         // Partial from the first record this sync sends until its last one: complete once the
         // source run has ended and everything landed (a run still active stays partial).
         if sends { tags[SyncTags.state] = "partial" }
+        // Until what this sync sends is confirmed, the copy's histories tell how far it got.
+        if sends, let recorded = existing.tags[SyncTags.landed], recorded != "{}" { tags[SyncTags.landed] = "{}" }
         let marksComplete = ended && (sends || existing.tags[SyncTags.state] != "complete")
+        let landed = SyncTags.landedValue(source.metricCounts.reduce(into: [:]) { $0[$1.key] = max($1.value, existing.metricCounts[$1.key] ?? 0) })
         return SyncRunPlan(
             create: destination == nil, tags: tags, params: params, conflicts: conflicts, metrics: metrics,
-            artifacts: artifacts, status: status, marksComplete: marksComplete)
+            artifacts: artifacts, status: status, marksComplete: marksComplete,
+            landed: sends || existing.tags[SyncTags.landed] != landed ? landed : nil)
     }
 }
