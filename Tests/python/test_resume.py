@@ -234,6 +234,22 @@ def test_a_resent_request_is_answered_as_the_first_time_and_resent_frames_are_dr
     assert len((run_dir / "metrics" / "m").read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_session_that_only_said_hello_survives_a_restart(tmp_path, how):
+    """A restart may come during a client's first queries (MLflow's `set_experiment`): `hello` is
+    answered once the session is on disk, so the client resumes it even after a kill -9."""
+    daemon = start_daemon(tmp_path)
+    c = RawClient(daemon.socket)
+    session = c.hello()["session"]
+    c.request("flush", wait="durable", timeout_ms=5000)  # a query-like request: nothing to journal
+    daemon = restart(daemon, how)
+    again = RawClient(daemon.socket)
+    again.seq = 10
+    reply = again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 2})
+    assert reply["resumed"] is True and reply["session"] == session, reply
+    assert daemon.status()["sessions"]["waiting"] == 0
+
+
 def test_unknown_session_and_garbage_in_resume(daemon):
     c = RawClient(daemon.socket)
     reply = c.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": "0" * 32, "acked": 0})
