@@ -2,6 +2,8 @@
 next to raw `log-batch` calls at armoryd's upload concurrency (measured before and after the
 sync, against the same server), and artifact MB/s next to raw artifact PUTs of the same files.
 The source stores are written by MLflow's own client, as a store carried off an offline host.
+Then the same store synced again (nothing to send), with the copies' `armory.sync.landed`
+records and, as the baseline, without them (what a sync did before them: read every history).
 
     .venv/bin/python Benchmarks/sync_bench.py [--mlflow URL] [--metrics 200000] [--artifact-mb 1024]   # make bench-sync
 """
@@ -136,7 +138,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mlflow", help="an MLflow server to use (default: start one)")
     parser.add_argument("--metrics", type=int, default=200_000)
-    parser.add_argument("--artifact-mb", type=int, default=1024)
+    parser.add_argument("--artifact-mb", type=int, default=1024, help="0: no artifact figures")
     parser.add_argument("--bin", default=str(ROOT / ".build" / "release"))
     parser.add_argument("--output", default=str(ROOT / "Benchmarks" / "results" / "sync-latest.json"))
     args = parser.parse_args()
@@ -166,6 +168,10 @@ def main():
             assert job["metrics_landed"] == args.metrics // RUNS // KEYS * KEYS * RUNS, job
             sync_rate, raw_rate = job["metrics_landed"] / seconds, (before + after) / 2
 
+            resync = resync_figures(binaries / "armoryctl", socket, url, metrics)
+            if args.artifact_mb == 0:
+                return report(args, url, {"metrics": metrics_result(job, seconds, sync_rate, raw_rate, before, after), "resync": resync})
+
             rss_before = peak_rss_mb(daemon.pid)
             raw_bytes_before = raw_artifact_puts(url, shards)
             artifact_seconds, artifact_job = timed_sync(binaries / "armoryctl", socket, url, artifacts)
@@ -178,20 +184,53 @@ def main():
             if server is not None:
                 os.killpg(server.pid, 15)
                 server.wait()
-    result = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "server": url if args.mlflow else "private mlflow server, SQLite, 4 workers",
-        "metrics": {"points": job["metrics_landed"], "runs": RUNS, "seconds": seconds, "sync_metrics_per_s": round(sync_rate),
-                    "raw_log_batch_metrics_per_s": round(raw_rate), "raw_before": round(before), "raw_after": round(after),
-                    "concurrency": UPLOAD_CONCURRENCY, "ratio": sync_rate / raw_rate},
+    report(args, url, {
+        "metrics": metrics_result(job, seconds, sync_rate, raw_rate, before, after), "resync": resync,
         "artifacts": {"bytes": artifact_job["artifact_bytes_landed"], "seconds": artifact_seconds, "sync_mb_per_s": bytes_rate / 1e6,
                       "raw_put_mb_per_s": raw_bytes / 1e6, "raw_before_mb_per_s": raw_bytes_before / 1e6, "raw_after_mb_per_s": raw_bytes_after / 1e6,
                       "ratio": bytes_rate / raw_bytes, "daemon_peak_rss_mb_before": rss_before, "daemon_peak_rss_mb_after": rss_after},
-    }
+    })
+
+
+def metrics_result(job, seconds, sync_rate, raw_rate, before, after) -> dict:
     print(f"metrics:   sync {sync_rate:8.0f} metrics/s   raw log-batch ({UPLOAD_CONCURRENCY} concurrent) {raw_rate:8.0f} metrics/s "
           f"({before:.0f} before, {after:.0f} after)   {sync_rate / raw_rate:.2f}x")
-    print(f"artifacts: sync {bytes_rate / 1e6:8.1f} MB/s      raw PUT ({UPLOAD_CONCURRENCY} concurrent) {raw_bytes / 1e6:8.1f} MB/s "
-          f"({raw_bytes_before / 1e6:.1f} before, {raw_bytes_after / 1e6:.1f} after)   {bytes_rate / raw_bytes:.2f}x; "
-          f"daemon peak RSS {rss_before:.0f} -> {rss_after:.0f} MB over {artifact_job['artifact_bytes_landed'] / 1e9:.2f} GB")
+    return {"points": job["metrics_landed"], "runs": RUNS, "seconds": seconds, "sync_metrics_per_s": round(sync_rate),
+            "raw_log_batch_metrics_per_s": round(raw_rate), "raw_before": round(before), "raw_after": round(after),
+            "concurrency": UPLOAD_CONCURRENCY, "ratio": sync_rate / raw_rate}
+
+
+def resync_figures(armoryctl: Path, socket: str, url: str, store: Path) -> dict:
+    """The synced store synced again: with the copies' landed records, then without them (the
+    baseline: every key's history read, as before the records), then with them again."""
+    client = MlflowClient(url)
+    source_runs = {r.info.run_id for e in MlflowClient(f"file://{store}").search_experiments() for r in
+                   MlflowClient(f"file://{store}").search_runs([e.experiment_id], max_results=RUNS)}
+    copies = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=5000)
+              if r.data.tags.get("armory.sync.source_run") in source_runs]
+    assert len(copies) == RUNS and all("armory.sync.landed" in r.data.tags for r in copies), len(copies)
+    with_records, job = timed_sync(armoryctl, socket, url, store)
+    assert job["runs_up_to_date"] == RUNS, job
+    for r in copies:
+        client.delete_tag(r.info.run_id, "armory.sync.landed")
+    without_records, job = timed_sync(armoryctl, socket, url, store)  # reads every history, writes the records back
+    assert job["metrics_queued"] == 0 and job["state"] == "complete", job
+    again, job = timed_sync(armoryctl, socket, url, store)
+    assert job["runs_up_to_date"] == RUNS, job
+    print(f"re-sync:   {RUNS} runs x {KEYS} keys, nothing to send: {with_records:.2f} s and {again:.2f} s with landed records, "
+          f"{without_records:.2f} s reading every history   {without_records / max(with_records, again):.1f}x")
+    return {"runs": RUNS, "keys": KEYS, "with_landed_records_s": [with_records, again], "reading_every_history_s": without_records,
+            "ratio": without_records / max(with_records, again)}
+
+
+def report(args, url: str, figures: dict):
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "server": url if args.mlflow else "private mlflow server, SQLite, 4 workers", **figures}
+    if "artifacts" in figures:
+        a = figures["artifacts"]
+        print(f"artifacts: sync {a['sync_mb_per_s']:8.1f} MB/s      raw PUT ({UPLOAD_CONCURRENCY} concurrent) {a['raw_put_mb_per_s']:8.1f} MB/s "
+              f"({a['raw_before_mb_per_s']:.1f} before, {a['raw_after_mb_per_s']:.1f} after)   {a['ratio']:.2f}x; "
+              f"daemon peak RSS {a['daemon_peak_rss_mb_before']:.0f} -> {a['daemon_peak_rss_mb_after']:.0f} MB over {a['bytes'] / 1e9:.2f} GB")
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(f"results: {args.output}")
 
