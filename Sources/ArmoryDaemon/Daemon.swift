@@ -88,9 +88,6 @@ public enum DaemonStartError: Error, CustomStringConvertible {
 public final class Daemon: Service {
     public let configuration: DaemonConfiguration
     private let logger: Logger
-    private let children = Mutex<[ObjectIdentifier: Channel]>([:])
-    private let nextConnection = Atomic<UInt64>(1)
-    private let openConnections = Atomic<Int>(0)
     private let readiness: (@Sendable (String) -> Void)?
     private let running = Mutex<Running?>(nil)
 
@@ -177,11 +174,11 @@ public final class Daemon: Service {
             throw DaemonStartError.store(error.message)
         }
 
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
+        let eventLoops = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoopThreads)
         let registry = RunRegistry()
         let restored = Mutex<[String]>([])
         let servicesBox = Mutex<DaemonServices?>(nil)
-        let timerLoop = group.next()
+        let timerLoop = eventLoops.next()
         let logger = logger
         let sessions = SessionTable(
             graceSeconds: config.orphanGraceSeconds,
@@ -208,7 +205,7 @@ public final class Daemon: Service {
                     sessions.restore(records)
                 })
         } catch {
-            try? await group.shutdownGracefully()
+            try? await eventLoops.shutdownGracefully()
             throw DaemonStartError.store(error.message)
         }
         let services = DaemonServices(
@@ -230,23 +227,17 @@ public final class Daemon: Service {
                 ])
         }
         for error in recovery.errors { logger.error("journal could not be replayed", metadata: ["error": "\(error)"]) }
-        scheduleOrphanCheck(restored.withLock { $0 }, services: services, on: group.next())
-        let sampling =
-            config.systemMetricsInterval > 0
-            ? SystemMetricsService(services: services, interval: config.systemMetricsInterval, sampler: SystemSampler(diskPath: config.stateDirectory))
-                .start(on: group.next())
-            : nil
+        scheduleOrphanCheck(restored.withLock { $0 }, services: services, on: eventLoops.next())
 
-        let server: Channel
+        let listener = SocketListener(configuration: config, services: services, logger: logger)
         do {
-            server = try await bind(group: group, services: services)
+            try await listener.bind(group: eventLoops)
         } catch {
             _ = await destinations.shutdown(timeout: 1)
-            try? await group.shutdownGracefully()
+            try? await eventLoops.shutdownGracefully()
             throw DaemonStartError.socket("Cannot listen on \(config.socketPath): \(Self.explain(error)).")
         }
-        if config.adoptedSocket == nil { chmod(config.socketPath, config.socketMode) }
-        running.withLock { $0 = Running(group: group, services: services) }
+        running.withLock { $0 = Running(group: eventLoops, services: services) }
         logger.notice(
             "armoryd \(DaemonVersion.current) ready",
             metadata: [
@@ -254,59 +245,26 @@ public final class Daemon: Service {
             ])
         readiness?(config.socketPath)
 
-        try? await gracefulShutdown()
-
-        logger.notice("shutting down: no new connections; draining queued records", metadata: ["bound_s": "\(config.shutdownDrainSeconds)"])
-        sampling?.cancel()
-        try? await server.close()
-        if config.adoptedSocket == nil { unlink(config.socketPath) }  // systemd's socket stays for the next start
-        // Connections go first, so that nothing is enqueued once the uploader's drain has begun.
-        for channel in children.withLock({ Array($0.values) }) { try? await channel.close() }
-        let left = await destinations.shutdown(timeout: config.shutdownDrainSeconds)
-        if left > 0 {
-            logger.warning("shutdown bound reached with records still queued", metadata: ["records": "\(left)"])
+        // The daemon's long-lived parts. A graceful shutdown stops them in reverse order: the
+        // listener first (no new connections, every connection closed, so nothing is enqueued
+        // once the drain has begun), then the system-metrics sampler, then the uploaders drain.
+        var parts: [any Service] = [UploadDrain(destinations: destinations, boundSeconds: config.shutdownDrainSeconds, logger: logger)]
+        if config.systemMetricsInterval > 0 {
+            parts.append(
+                SystemMetricsService(
+                    services: services, interval: config.systemMetricsInterval, sampler: SystemSampler(diskPath: config.stateDirectory), loop: eventLoops.next()))
         }
-        try? await group.shutdownGracefully()
+        parts.append(listener)
+        let lifecycle = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: parts.map { .init(service: $0, successTerminationBehavior: .gracefullyShutdownGroup) }, logger: logger))
+        try await withGracefulShutdownHandler {
+            try await lifecycle.run()
+        } onGracefulShutdown: {
+            Task { await lifecycle.triggerGracefulShutdown() }
+        }
+        try? await eventLoops.shutdownGracefully()
         logger.notice("armoryd stopped")
-    }
-
-    private func bind(group: MultiThreadedEventLoopGroup, services: DaemonServices) async throws -> Channel {
-        let config = configuration
-        let logger = logger
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(ChannelOptions.backlog, value: 256)
-            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
-            // Replies a client does not read stop its reads instead of piling up in memory.
-            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: 256 << 10, high: 1 << 20))
-            .childChannelInitializer { [self] channel in
-                let connection = nextConnection.wrappingAdd(1, ordering: .relaxed).oldValue
-                let open = openConnections.wrappingAdd(1, ordering: .relaxed).newValue
-                channel.closeFuture.whenComplete { _ in self.openConnections.wrappingSubtract(1, ordering: .relaxed) }
-                if open > config.maxConnections {
-                    logger.warning("connection refused: too many connections", metadata: ["limit": "\(config.maxConnections)"])
-                    let error = ProtocolError(.tooManyConnections, "armoryd already serves \(config.maxConnections) connections (--max-connections); close idle clients or raise the limit.")
-                    return channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(RefusingHandler(error: error)) }
-                }
-                guard let provider = channel as? SocketOptionProvider else {
-                    return channel.eventLoop.makeFailedFuture(DaemonStartError.socket("no socket options on channel"))
-                }
-                return provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
-                    .flatMapThrowing { (cred: LinuxPeerCredentials) in
-                        let peer = PeerCredentials(uid: cred.uid, gid: cred.gid, pid: cred.pid)
-                        let key = ObjectIdentifier(channel)
-                        self.children.withLock { $0[key] = channel }
-                        channel.closeFuture.whenComplete { _ in _ = self.children.withLock { $0.removeValue(forKey: key) } }
-                        let session = Session(connectionID: connection, peer: peer, services: services, report: SessionChannelHandler.reporter(for: channel, peer: peer, statistics: services.statistics))
-                        let handler = SessionChannelHandler(session: session, services: services, logger: logger) { channel.close(promise: nil) }
-                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameChannelDecoder(maxFrameBytes: config.limits.maxFrameBytes)))
-                        try channel.pipeline.syncOperations.addHandler(handler)
-                    }
-            }
-        if let adopted = config.adoptedSocket { return try await bootstrap.withBoundSocket(adopted).get() }
-        // Create the socket file with the final mode from the start (no window with a looser one).
-        let oldMask = umask(0o177)
-        defer { umask(oldMask) }
-        return try await bootstrap.bind(unixDomainSocketPath: config.socketPath).get()
     }
 
     /// Half-received artifacts of a previous life cannot be completed (their clients got no
@@ -402,32 +360,4 @@ public final class Daemon: Service {
         }
         return result == 0
     }
-}
-
-/// Linux's `struct ucred` (what `SO_PEERCRED` returns); Glibc hides it behind `_GNU_SOURCE`.
-struct LinuxPeerCredentials: Sendable {
-    var pid: Int32 = 0
-    var uid: UInt32 = 0
-    var gid: UInt32 = 0
-}
-
-/// Answers a connection the daemon cannot serve with one error frame, then closes it.
-final class RefusingHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-
-    let error: ProtocolError
-
-    init(error: ProtocolError) { self.error = error }
-
-    func channelActive(context: ChannelHandlerContext) {
-        let bytes = DaemonMessage.error(error).encoded
-        var buffer = context.channel.allocator.buffer(capacity: bytes.count)
-        buffer.writeBytes(bytes)
-        let channel = context.channel
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
-        context.fireChannelActive()
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}  // nothing it sends is read
 }

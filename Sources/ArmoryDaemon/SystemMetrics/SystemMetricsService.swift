@@ -1,6 +1,7 @@
 import ArmoryProtocol
 import Foundation
 import NIOCore
+import ServiceLifecycle
 import Synchronization
 
 /// The host's latest sampled figures (MLflow's names without `system/`), for `status`.
@@ -17,7 +18,7 @@ public final class HostFigures: Sendable {
 /// One sampler for the whole host: every interval it samples the host once and each active run's
 /// client process, and logs the figures to every active run that wants them (`system/...`, MLflow's
 /// names; each run's steps count its own samples), batched like any other metric.
-public final class SystemMetricsService: Sendable {
+public final class SystemMetricsService: Service {
     private struct State {
         var sampler: SystemSampler
         /// Per run handle: the next step and the network counters at its first sample.
@@ -27,15 +28,24 @@ public final class SystemMetricsService: Sendable {
     private let state: Mutex<State>
     private let services: DaemonServices
     public let interval: Double
+    private let loop: EventLoop
 
-    public init(services: DaemonServices, interval: Double, sampler: SystemSampler) {
+    public init(services: DaemonServices, interval: Double, sampler: SystemSampler, loop: EventLoop) {
         self.services = services
         self.interval = interval
+        self.loop = loop
         state = Mutex(State(sampler: sampler))
     }
 
+    /// Samples until the graceful shutdown.
+    public func run() async throws {
+        let sampling = start()
+        try? await gracefulShutdown()
+        sampling.cancel()
+    }
+
     /// Samples at once (the CPU rates then have a baseline), then every `interval` on `loop`.
-    public func start(on loop: EventLoop) -> RepeatedTask {
+    private func start() -> RepeatedTask {
         _ = state.withLock { $0.sampler.sampleHost() }
         let amount = TimeAmount.nanoseconds(Int64(interval * 1e9))
         return loop.scheduleRepeatedTask(initialDelay: amount, delay: amount) { [self] _ in
