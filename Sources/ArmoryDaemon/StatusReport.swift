@@ -87,7 +87,7 @@ public enum StatusReport {
                 enabled: !journals.isEmpty, bytes: Int64(journals.reduce(0) { $0 + $1.bytes }), segments: Int64(journals.reduce(0) { $0 + $1.segments }),
                 replayedRecords: Int64(recovery.records), replayedRuns: Int64(recovery.runs), corruptRecords: Int64(recovery.corruptRecords),
                 truncatedBytes: Int64(recovery.truncatedBytes), recoverySeconds: (recovery.seconds * 1000).rounded() / 1000),
-            sessions: .init(attached: Int64(sessions.attached), waiting: Int64(sessions.waiting), expired: Int64(sessions.expired)),
+            sessions: .init(attached: Int64(sessions.attached), waiting: Int64(sessions.waiting), expired: Int64(sessions.expired), ended: Int64(sessions.ended)),
             clients: clients.map { .init(connection: Int64(bitPattern: $0.connection), uid: $0.peer.uid, pid: $0.peer.pid, client: $0.client, program: $0.program) },
             activeRuns: runs.map { r in
                 .init(

@@ -159,6 +159,9 @@ public enum ClientOp: Sendable, Equatable {
     /// `armoryctl errors`: the records destinations refused for good (of one run when `runID` is
     /// given); with `retry`, they are queued again instead.
     case deadLetters(runID: String?, retry: Bool)
+    /// The client is exiting: once this connection closes, its session ends at once instead of
+    /// waiting `--orphan-grace` for a resume (fire-and-forget; frames after it are still served).
+    case bye
 
     /// The op's name on the wire.
     public var name: String {
@@ -192,6 +195,7 @@ public enum ClientOp: Sendable, Equatable {
         case .sync: "sync"
         case .syncStatus: "sync_status"
         case .deadLetters: "dead_letters"
+        case .bye: "bye"
         }
     }
 
@@ -209,7 +213,7 @@ public enum ClientOp: Sendable, Equatable {
         case .hello, .getParams, .getTrackable, .start, .end, .attach, .runInfo, .artifactOpen, .artifactClose, .flush, .status, .experiment, .createRun,
             .setExperimentTag, .sync, .syncStatus, .deadLetters:
             true
-        case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk, .deleteTag:
+        case .trackParam, .trackParams, .resetParams, .pushContext, .popContext, .trackable, .evaluation, .chain, .use, .log, .artifactChunk, .deleteTag, .bye:
             false
         }
     }
@@ -371,6 +375,7 @@ extension ClientFrame {
                     from: try f.optionalString("from"), experiments: try f.stringArray("experiments"), runs: try f.stringArray("runs"),
                     dryRun: try f.optionalBool("dry_run") ?? false))
         case "sync_status": op = .syncStatus
+        case "bye": op = .bye
         case "dead_letters": op = .deadLetters(runID: try f.optionalString("run_id"), retry: try f.optionalBool("retry") ?? false)
         default:
             throw ProtocolError(.unknownOp, "Unknown op '\(opName)'. This daemon speaks protocol \(ProtocolVersion.supported); see proto/PROTOCOL.md for the ops it knows.", seq: seq)
@@ -533,7 +538,7 @@ extension ClientFrame {
             o["prefix"] = .string(prefix)
             o["func"] = .string(function)
             o["values"] = .object(values.mapValues { .string($0) })
-        case .resetParams, .popContext, .getParams, .status, .syncStatus:
+        case .resetParams, .popContext, .getParams, .status, .syncStatus, .bye:
             break
         case .deadLetters(let runID, let retry):
             if let runID { o["run_id"] = .string(runID) }

@@ -116,16 +116,19 @@ public struct StatusReply: Sendable, Equatable {
         }
     }
 
-    /// Client sessions: carried by a connection, waiting for their client to resume, expired.
+    /// Client sessions: carried by a connection, waiting for their client to resume, expired,
+    /// ended by their client (`bye`).
     public struct Sessions: Sendable, Equatable {
         public var attached: Int64
         public var waiting: Int64
         public var expired: Int64
+        public var ended: Int64
 
-        public init(attached: Int64, waiting: Int64, expired: Int64) {
+        public init(attached: Int64, waiting: Int64, expired: Int64, ended: Int64) {
             self.attached = attached
             self.waiting = waiting
             self.expired = expired
+            self.ended = ended
         }
     }
 
@@ -246,7 +249,9 @@ extension StatusReply {
             "replayed_records": .int(journal.replayedRecords), "replayed_runs": .int(journal.replayedRuns),
             "corrupt_records": .int(journal.corruptRecords), "truncated_bytes": .int(journal.truncatedBytes), "recovery_s": .double(journal.recoverySeconds),
         ])
-        o["sessions"] = .object(["attached": .int(sessions.attached), "waiting": .int(sessions.waiting), "expired": .int(sessions.expired)])
+        o["sessions"] = .object([
+            "attached": .int(sessions.attached), "waiting": .int(sessions.waiting), "expired": .int(sessions.expired), "ended": .int(sessions.ended),
+        ])
         o["clients"] = .array(
             clients.map { c in
                 .object(["connection": .int(c.connection), "uid": .int(Int64(c.uid)), "pid": .int(Int64(c.pid)), "client": .string(c.client), "program": .string(c.program)])
@@ -302,7 +307,8 @@ extension StatusReply {
             replayedRecords: int(journal, "replayed_records"), replayedRuns: int(journal, "replayed_runs"),
             corruptRecords: int(journal, "corrupt_records"), truncatedBytes: int(journal, "truncated_bytes"),
             recoverySeconds: journal["recovery_s"]?.doubleValue ?? 0)
-        self.sessions = Sessions(attached: int(sessions, "attached"), waiting: int(sessions, "waiting"), expired: int(sessions, "expired"))
+        self.sessions = Sessions(
+            attached: int(sessions, "attached"), waiting: int(sessions, "waiting"), expired: int(sessions, "expired"), ended: int(sessions, "ended"))
         clients = (o["clients"]?.arrayValue ?? []).compactMap(\.objectValue).map { c in
             Client(
                 connection: int(c, "connection"), uid: UInt32(truncatingIfNeeded: int(c, "uid")), pid: Int32(truncatingIfNeeded: int(c, "pid")),

@@ -198,7 +198,7 @@ public struct Trackable<Value>: @unchecked Sendable {
     }
 }
 
-/// At process exit, every open connection flushes `durable`, bounded (`ARMORY_EXIT_FLUSH_SECONDS`, default 10).
+/// At process exit, every open connection says `bye` and flushes `durable`, bounded (`ARMORY_EXIT_FLUSH_SECONDS`, default 10).
 enum ExitFlush {
     private static let connections = Mutex<[ObjectIdentifier: WeakConnection]>([:])
     private static let installed = Atomic<Bool>(false)
@@ -216,6 +216,9 @@ enum ExitFlush {
         let seconds = ProcessInfo.processInfo.environment["ARMORY_EXIT_FLUSH_SECONDS"].flatMap(Double.init) ?? 10
         for entry in connections.withLock({ Array($0.values) }) {
             guard let connection = entry.connection else { continue }
+            // The process is exiting: once the connection closes, the daemon need not keep its
+            // session for a resume. The flush that follows carries `bye` to the daemon.
+            connection.send(.bye)
             // Bounded even while the daemon is away: the process is exiting.
             do throws(ArmoryError) {
                 _ = try connection.request(.flush(.durable, timeoutMs: Int64(seconds * 1000)), timeout: seconds, waitsOutOutage: false)

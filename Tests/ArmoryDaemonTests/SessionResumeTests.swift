@@ -51,6 +51,18 @@ struct SessionResumeTests {
         #expect(admin.commit() == nil && !admin.journaled)
     }
 
+    @Test func byeEndsTheSessionWithItsConnectionUnlessItIsResumed() {
+        var h = SessionHarness()
+        var s = h.session()
+        #expect(!s.endsWithConnection)
+        #expect(h.send(&s, .bye) == nil)  // fire-and-forget
+        #expect(s.endsWithConnection)
+        #expect(h.send(&s, .evaluation(id: 1, name: "after bye", description: nil)) == nil)  // still served
+        #expect(s.tracking.evaluations[1] != nil)
+        s.accept(Hello(client: "test", clientVersion: "1", program: "/t.py"), destination: .primary, assignsRunIDs: true, peer: s.peer)
+        #expect(!s.endsWithConnection)  // resumed: the connection broke after all
+    }
+
     @Test func theJournalRecordRestoresTheSessionIntoAFreshOne() throws {
         var h = SessionHarness()
         var s = h.session()

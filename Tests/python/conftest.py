@@ -65,6 +65,7 @@ class Daemon:
         c = RawClient(self.socket)
         c.hello()
         status = c.request("status")
+        c.send("bye")  # its session ends with the connection (not counted as waiting)
         c.close()
         return status
 

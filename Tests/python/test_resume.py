@@ -250,6 +250,56 @@ def test_a_session_that_only_said_hello_survives_a_restart(tmp_path, how):
     assert daemon.status()["sessions"]["waiting"] == 0
 
 
+EXITING_CLIENT = '''
+import os, sys
+from armory_track import Evaluation
+evaluation = Evaluation("bye-" + sys.argv[1])
+with evaluation.add_chain("c") as chain:
+    pass
+with evaluation.run():
+    with chain.run():
+        chain.log_metric("m", 1.0, step=0)
+if sys.argv[1] == "killed":
+    os.kill(os.getpid(), 9)  # no exit handlers: the daemon keeps the session for a resume
+'''
+
+
+def test_a_client_that_exits_ends_its_session_one_that_dies_leaves_it_waiting(daemon, tmp_path):
+    """`bye` at exit: the daemon ends the session when the connection closes, instead of keeping
+    it `--orphan-grace` for a resume that will not come; a killed client's session waits."""
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_CLIENT)
+    done = subprocess.run([sys.executable, str(script), "clean"], env=daemon.env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    deadline = time.time() + 10
+    while daemon.status()["sessions"]["ended"] < 2 and time.time() < deadline:  # (status() says bye too)
+        time.sleep(0.05)
+    sessions = daemon.status()["sessions"]
+    assert sessions["ended"] >= 2 and sessions["waiting"] == 0, sessions
+
+    killed = subprocess.run([sys.executable, str(script), "killed"], env=daemon.env(), capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    time.sleep(0.5)
+    sessions = daemon.status()["sessions"]
+    assert sessions["waiting"] == 1, sessions
+
+    # Frames after `bye` are still served; a resume clears it (the connection broke after all).
+    c = RawClient(daemon.socket)
+    session = c.hello()["session"]
+    c.send("bye")
+    c.send("evaluation", id=1, name="after-bye")
+    run_id = c.request("start", evaluation=1)["run_id"]
+    c.close()
+    again = RawClient(daemon.socket)
+    again.seq = 10
+    assert again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 0})["resumed"] is False
+    store = MlflowClient(tracking_uri=daemon.store_uri)
+    deadline = time.time() + 10
+    while store.get_run(run_id).info.status == "RUNNING" and time.time() < deadline:
+        time.sleep(0.1)
+    assert store.get_run(run_id).info.status == "FAILED"  # left open: ended at once, as an expired session's
+
+
 def test_unknown_session_and_garbage_in_resume(daemon):
     c = RawClient(daemon.socket)
     reply = c.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": "0" * 32, "acked": 0})

@@ -378,7 +378,11 @@ final class SessionChannelHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         if opened {
             _ = session.connectionClosed()
-            services.sessions.detached(session)
+            if session.machine.endsWithConnection {
+                services.sessions.ended(session)
+            } else {
+                services.sessions.detached(session)
+            }
         } else {
             services.statistics.disconnected(session.connectionID)
         }

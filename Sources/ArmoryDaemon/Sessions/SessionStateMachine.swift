@@ -105,6 +105,9 @@ public struct SessionStateMachine: Sendable {
     private var dirty = false
     /// A record of the session is in the journal (its end is then journaled too).
     public private(set) var journaled = false
+    /// The client said `bye`: the session ends when this connection closes, with no wait for a
+    /// resume. A resume (the connection broke after all) clears it.
+    public private(set) var endsWithConnection = false
     /// Records not yet committed: the frame's being handled, or a read burst's metric-only frames.
     private var pending: [SessionRecordOut] = []
     /// The run of the previous `log` frame (already known to be one of the session's).
@@ -413,6 +416,8 @@ public struct SessionStateMachine: Sendable {
             return .query(.syncStatus)
         case .deadLetters(let runID, let retry):
             return .query(.deadLetters(runID: runID, retry: retry))
+        case .bye:
+            endsWithConnection = true
         }
         return .none
     }
@@ -443,6 +448,7 @@ public struct SessionStateMachine: Sendable {
         self.destination = destination
         self.assignsRunIDs = assignsRunIDs
         self.peer = peer
+        endsWithConnection = false
         dirty = true
     }
 

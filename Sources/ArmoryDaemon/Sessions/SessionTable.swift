@@ -27,6 +27,7 @@ public final class SessionTable: Sendable {
         var handovers: [String: [@Sendable () -> Void]] = [:]
         var generation: UInt64 = 0
         var expired = 0
+        var ended = 0
     }
 
     private let state = Mutex(State())
@@ -81,6 +82,19 @@ public final class SessionTable: Sendable {
         if let generation { expireLater(session.id, generation: generation) }
     }
 
+    /// The connection carrying `session` closed after its client said `bye`: the session ends
+    /// now, as if its grace period were over (its end journaled, runs it left open ended FAILED).
+    public func ended(_ session: Session) {
+        let (ends, handovers) = state.withLock { s -> (Bool, [@Sendable () -> Void]) in
+            guard case .attached(let current, _, _)? = s.slots[session.id], current === session else { return (false, []) }
+            s.slots[session.id] = nil
+            s.ended += 1
+            return (true, s.handovers.removeValue(forKey: session.id) ?? [])
+        }
+        if ends { onExpired(session, nil) }
+        for handover in handovers { handover() }
+    }
+
     /// Takes session `id` for a client of `uid` on `connection`. An attached session is first
     /// closed on its old connection; `done` is called once the claim is settled.
     public func claim(_ id: String, uid: UInt32, connection: UInt64, close: @escaping @Sendable () -> Void, _ done: @escaping @Sendable (Claim) -> Void) {
@@ -117,11 +131,12 @@ public final class SessionTable: Sendable {
         }
     }
 
-    /// Sessions held now: attached, detached, restored and not yet resumed; and how many expired.
-    public var counts: (attached: Int, waiting: Int, expired: Int) {
+    /// Sessions held now: attached, detached, restored and not yet resumed; and how many expired
+    /// and how many their clients ended (`bye`).
+    public var counts: (attached: Int, waiting: Int, expired: Int, ended: Int) {
         state.withLock { s in
             let attached = s.slots.values.filter { if case .attached = $0 { true } else { false } }.count
-            return (attached, s.slots.count - attached, s.expired)
+            return (attached, s.slots.count - attached, s.expired, s.ended)
         }
     }
 

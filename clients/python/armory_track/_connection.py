@@ -710,6 +710,10 @@ def _exit_flush() -> None:
         return
     wait_upload = os.environ.get("ARMORY_WAIT_UPLOAD")
     try:
+        # The process is exiting: once its connection closes, the daemon need not keep its
+        # session for a resume (frames later exit handlers send are still served). The flush
+        # that follows carries it to the daemon.
+        c.send("bye")
         if wait_upload:
             c.flush("uploaded", timeout=float(wait_upload))
         else:  # bounded even while the daemon is away: the process is exiting
