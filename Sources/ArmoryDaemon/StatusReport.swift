@@ -108,7 +108,7 @@ public enum StatusReport {
             framesReceived: Int64(totals.frames), errorsSent: Int64(totals.errors),
             lastSuccessMs: counters.compactMap(\.lastSuccessMs).max(), lastError: lastFailure?.lastError, lastErrorMs: lastFailure?.lastErrorMs,
             lastRefusal: services.statistics.lastRefusal.flatMap { visible($0.uid) ? $0.json : nil },
-            syncs: services.syncs.all.compactMap(\.json.objectValue),
+            syncs: services.syncs.all.map(\.status),
             host: services.host.current)
     }
 }

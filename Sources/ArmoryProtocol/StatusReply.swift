@@ -38,7 +38,7 @@ public struct StatusReply: Sendable, Equatable {
     /// The last error sent to a client (`time_ms`, `code`, `op`, `key`, `message`, `uid`, `pid`).
     public var lastRefusal: JSONObject?
     /// Sync jobs, as `sync_status` lists them.
-    public var syncs: [JSONObject]
+    public var syncs: [SyncJobStatus]
     /// The host's latest figures (CPU, memory, disk, GPUs), by name.
     public var host: [String: Double]
 
@@ -194,7 +194,7 @@ public struct StatusReply: Sendable, Equatable {
         backlogByUID: [UInt32: Int64], otherUsers: OtherUsers?, pendingRecords: Int64, appliedRecords: Int64, rejectedRecords: Int64,
         deadLetters: Int64, metricsAccepted: Int64, metricsWritten: Int64, metricsWrittenSystem: Int64, writeRateMetricsPerSecond: Double,
         framesReceived: Int64, errorsSent: Int64, lastSuccessMs: Int64?, lastError: String?, lastErrorMs: Int64?, lastRefusal: JSONObject?,
-        syncs: [JSONObject], host: [String: Double]
+        syncs: [SyncJobStatus], host: [String: Double]
     ) {
         self.state = state
         self.pid = pid
@@ -282,7 +282,7 @@ extension StatusReply {
         o["last_error"] = .optional(lastError)
         o["last_error_ms"] = lastErrorMs.map { .int($0) } ?? .null
         o["last_refusal"] = lastRefusal.map { .object($0) } ?? .null
-        o["syncs"] = .array(syncs.map { .object($0) })
+        o["syncs"] = .array(syncs.map { .object($0.json) })
         o["host"] = .object(JSONObject(uniqueKeysWithValues: host.sorted { $0.key < $1.key }.map { ($0.key, .double($0.value)) }))
         return o
     }
@@ -340,7 +340,7 @@ extension StatusReply {
         lastError = o["last_error"]?.stringValue
         lastErrorMs = o["last_error_ms"]?.intValue
         lastRefusal = o["last_refusal"]?.objectValue
-        syncs = (o["syncs"]?.arrayValue ?? []).compactMap(\.objectValue)
+        syncs = (o["syncs"]?.arrayValue ?? []).compactMap(\.objectValue).compactMap(SyncJobStatus.init(json:))
         host = Dictionary(uniqueKeysWithValues: (o["host"]?.objectValue ?? [:]).compactMap { key, value in value.doubleValue.map { (key, $0) } })
     }
 }

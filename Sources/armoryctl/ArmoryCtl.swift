@@ -203,8 +203,8 @@ enum StatusText {
         func ago(_ ms: Int64) -> String { duration(max(0, (nowMs - Double(ms)) / 1000)) + " ago" }
         row("Last write", s.lastSuccessMs.map(ago) ?? "never")
         row("Last error", lastError(s, ago: ago))
-        for job in s.syncs where !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
-            row("Sync", ArmoryCtl.Sync.describe(.object(job)))
+        for job in s.syncs where !job.isFinished {
+            row("Sync", ArmoryCtl.Sync.describe(job))
         }
         return lines.joined(separator: "\n")
     }

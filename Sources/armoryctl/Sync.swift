@@ -44,8 +44,8 @@ extension ArmoryCtl {
 
         func run() throws {
             if status {
-                let jobs = try options.request(.syncStatus, connection: options.connect())["jobs"]?.arrayValue ?? []
-                if options.json { return options.printJSON(.object(["jobs": .array(jobs)])) }
+                let jobs = SyncJobStatus.jobs(in: try options.request(.syncStatus, connection: options.connect()))
+                if options.json { return options.printJSON(.object(["jobs": .array(jobs.map { .object($0.json) })])) }
                 if jobs.isEmpty { print("no sync since the daemon started") }
                 for job in jobs { print(Self.describe(job)) }
                 return
@@ -54,24 +54,24 @@ extension ArmoryCtl {
             var environment = ProcessInfo.processInfo.environment
             environment["ARMORY_TRACKING_URI"] = to.map { $0.contains(":") ? $0 : "file://" + Self.absolute($0) }
             let connection = try options.connect(environment: environment)
-            let started = try options.request(.sync(SyncRequest(from: from.map(Self.absolute), experiments: experiments, runs: runs, dryRun: dryRun)), connection: connection)
-            guard let id = started["job"]?["id"]?.intValue else { throw ValidationError("armoryd sent no sync job.") }
+            let request = SyncRequest(from: from.map(Self.absolute), experiments: experiments, runs: runs, dryRun: dryRun)
+            guard var job = SyncJobStatus.jobs(in: try options.request(.sync(request), connection: connection)).first else {
+                throw ValidationError("armoryd sent no sync job.")
+            }
             let progress = ProgressBar(enabled: !options.json && isatty(STDERR_FILENO) == 1)
-            var job = started["job"]!
             var rate = SyncRate()
-            while !["complete", "failed"].contains(job["state"]?.stringValue ?? "") {
+            while !job.isFinished {
                 rate.observe(job, at: Date())
                 progress.show(done: SyncRate.fraction(job), text: rate.text(job))
                 Thread.sleep(forTimeInterval: 0.25)
-                job = try options.request(.syncStatus, connection: connection)["jobs"]?.arrayValue?.first { $0["id"]?.intValue == id } ?? job
+                let id = job.id
+                job = SyncJobStatus.jobs(in: try options.request(.syncStatus, connection: connection)).first { $0.id == id } ?? job
             }
             progress.finish()
-            if options.json { options.printJSON(job) } else { print(Self.describe(job, problems: false)) }
-            let problems =
-                (job["conflicts"]?.arrayValue ?? []).map { $0.stringValue ?? "" } + (job["failures"]?.arrayValue ?? []).map { "not copied: " + ($0.stringValue ?? "") }
-                + [job["error"]?.stringValue.map { "sync failed: " + $0 }].compactMap { $0 }
+            if options.json { options.printJSON(.object(job.json)) } else { print(Self.describe(job, problems: false)) }
+            let problems = job.conflicts + job.failures.map { "not copied: " + $0 } + [job.error.map { "sync failed: " + $0 }].compactMap { $0 }
             for problem in problems { FileHandle.standardError.write(Data("armoryctl: \(problem)\n".utf8)) }
-            if job["state"]?.stringValue == "failed" || !(job["conflicts"]?.arrayValue ?? []).isEmpty { throw ExitCode(1) }
+            if job.state == "failed" || !job.conflicts.isEmpty { throw ExitCode(1) }
         }
 
         static func absolute(_ path: String) -> String {
@@ -80,19 +80,18 @@ extension ArmoryCtl {
 
         /// One line: state, runs, metrics, bytes, where from and to; then, with `problems`, what
         /// was not copied and why.
-        static func describe(_ job: JSONValue, problems: Bool = true) -> String {
-            func n(_ key: String) -> Int { Int(job[key]?.intValue ?? 0) }
-            var line = "sync \(n("id")) \(job["state"]?.stringValue ?? "?"): \(n("runs_done"))/\(n("runs_total")) runs"
-            line += " (\(n("runs_created")) created, \(n("runs_up_to_date")) up to date)"
-            line += ", \(n("metrics_landed"))/\(n("metrics_total")) metrics"
-            if n("artifact_bytes_total") > 0 {
-                line += ", \(SyncRate.bytes(n("artifact_bytes_landed")))/\(SyncRate.bytes(n("artifact_bytes_total"))) of artifacts"
+        static func describe(_ job: SyncJobStatus, problems: Bool = true) -> String {
+            var line = "sync \(job.id) \(job.state): \(job.runsDone)/\(job.runsTotal) runs"
+            line += " (\(job.runsCreated) created, \(job.runsUpToDate) up to date)"
+            line += ", \(job.metricsLanded)/\(job.metricsTotal) metrics"
+            if job.artifactBytesTotal > 0 {
+                line += ", \(SyncRate.bytes(Int(job.artifactBytesLanded)))/\(SyncRate.bytes(Int(job.artifactBytesTotal))) of artifacts"
             }
-            if n("pending_records") > 0 { line += ", \(n("pending_records")) records uploading" }
-            line += "  \(job["from"]?.stringValue ?? "") -> \(job["to"]?.stringValue ?? "")"
+            if job.pendingRecords > 0 { line += ", \(job.pendingRecords) records uploading" }
+            line += "  \(job.from) -> \(job.to)"
             guard problems else { return line }
-            for failure in job["failures"]?.arrayValue ?? [] { line += "\n  not copied: \(failure.stringValue ?? "")" }
-            if let error = job["error"]?.stringValue { line += "\n  error: \(error)" }
+            for failure in job.failures { line += "\n  not copied: \(failure)" }
+            if let error = job.error { line += "\n  error: \(error)" }
             return line
         }
     }
@@ -107,16 +106,16 @@ struct SyncRate {
 
     static let bytesPerMetric = 64.0
 
-    static func fraction(_ job: JSONValue) -> Double {
-        let total = Double(job["metrics_total"]?.intValue ?? 0) * bytesPerMetric + Double(job["artifact_bytes_total"]?.intValue ?? 0)
-        let done = Double(job["metrics_landed"]?.intValue ?? 0) * bytesPerMetric + Double(job["artifact_bytes_landed"]?.intValue ?? 0)
+    static func fraction(_ job: SyncJobStatus) -> Double {
+        let total = Double(job.metricsTotal) * bytesPerMetric + Double(job.artifactBytesTotal)
+        let done = Double(job.metricsLanded) * bytesPerMetric + Double(job.artifactBytesLanded)
         return total > 0 ? done / total : 0
     }
 
     /// Takes one poll in: rates are smoothed over about two seconds.
-    mutating func observe(_ job: JSONValue, at now: Date) {
-        let metrics = Int(job["metrics_landed"]?.intValue ?? 0)
-        let bytes = Int(job["artifact_bytes_landed"]?.intValue ?? 0)
+    mutating func observe(_ job: SyncJobStatus, at now: Date) {
+        let metrics = Int(job.metricsLanded)
+        let bytes = Int(job.artifactBytesLanded)
         if let last, case let elapsed = now.timeIntervalSince(last.at), elapsed > 0 {
             let weight = min(1, elapsed / 2)
             let metricRate = Double(metrics - last.metrics) / elapsed
@@ -129,17 +128,16 @@ struct SyncRate {
 
     /// What the progress bar shows after its percentage, most wanted first (a narrow terminal
     /// cuts the end): `0:42 left · copying 3/6 runs · 40000/120000 metrics · 1.2 GB/3.4 GB · 12000 metrics/s · 40.0 MB/s`.
-    func text(_ job: JSONValue) -> String {
-        func n(_ key: String) -> Int { Int(job[key]?.intValue ?? 0) }
-        let artifacts = n("artifact_bytes_total") > 0
-        var parts = ["\(job["state"]?.stringValue ?? "?") \(n("runs_done"))/\(n("runs_total")) runs", "\(n("metrics_landed"))/\(n("metrics_total")) metrics"]
-        if artifacts { parts.append("\(Self.bytes(n("artifact_bytes_landed")))/\(Self.bytes(n("artifact_bytes_total")))") }
+    func text(_ job: SyncJobStatus) -> String {
+        let artifacts = job.artifactBytesTotal > 0
+        var parts = ["\(job.state) \(job.runsDone)/\(job.runsTotal) runs", "\(job.metricsLanded)/\(job.metricsTotal) metrics"]
+        if artifacts { parts.append("\(Self.bytes(Int(job.artifactBytesLanded)))/\(Self.bytes(Int(job.artifactBytesTotal)))") }
         if last != nil, metricsPerSecond > 0 || bytesPerSecond > 0 {
             parts.append("\(Int(metricsPerSecond)) metrics/s")
             if artifacts { parts.append("\(Self.bytes(Int(bytesPerSecond)))/s") }
-            let total = Double(n("metrics_total")) * Self.bytesPerMetric + Double(n("artifact_bytes_total"))
+            let total = Double(job.metricsTotal) * Self.bytesPerMetric + Double(job.artifactBytesTotal)
             let left = total * (1 - Self.fraction(job)) / (metricsPerSecond * Self.bytesPerMetric + bytesPerSecond)
-            if left.isFinite, job["state"]?.stringValue != "planning" { parts.insert("\(Int(left) / 60):\(String(format: "%02d", Int(left) % 60)) left", at: 0) }
+            if left.isFinite, job.state != "planning" { parts.insert("\(Int(left) / 60):\(String(format: "%02d", Int(left) % 60)) left", at: 0) }
         }
         return parts.joined(separator: " · ")
     }

@@ -15,9 +15,9 @@ extension DaemonServices {
         case .status:
             return StatusReport.make(services: self, viewer: peer).json
         case .sync(let request):
-            return ["job": try startSync(request, peer: peer, destination: destination, hello: hello).json]
+            return ["job": .object(try startSync(request, peer: peer, destination: destination, hello: hello).status.json)]
         case .syncStatus:
-            return ["jobs": .array(syncs.all.map(\.json))]
+            return ["jobs": .array(syncs.all.map { .object($0.status.json) })]
         case .deadLetters(let runID, let retry):
             return deadLetters(runID: runID, retry: retry, peer: peer)
         }

@@ -56,19 +56,16 @@ public final class SyncJob: Sendable {
 
     public var snapshot: Progress { progress.withLock { $0 } }
 
-    public var json: JSONValue {
+    /// The job as `sync`, `sync_status` and `status` answer it.
+    public var status: SyncJobStatus {
         let p = snapshot
-        return .object([
-            "id": .int(Int64(id)), "state": .string(p.state), "from": .string(source), "to": .string(destination),
-            "dry_run": .bool(request.dryRun), "runs_total": .int(Int64(p.runsTotal)), "runs_done": .int(Int64(p.runsDone)),
-            "runs_created": .int(Int64(p.runsCreated)), "runs_up_to_date": .int(Int64(p.runsUpToDate)),
-            "metrics_total": .int(Int64(p.metricsTotal)), "metrics_queued": .int(Int64(p.metricsQueued)),
-            "artifact_bytes_total": .int(Int64(p.artifactBytesTotal)), "artifact_bytes_queued": .int(Int64(p.artifactBytesQueued)),
-            "metrics_landed": .int(Int64(p.metricsLanded)), "artifact_bytes_landed": .int(Int64(p.artifactBytesLanded)),
-            "failures": .array(p.failures.map { .string($0) }),
-            "pending_records": .int(Int64(uploader.pending(upTo: lastTicket.load(ordering: .relaxed)))),
-            "conflicts": .array(p.conflicts.map { .string($0) }), "error": p.error.map { .string($0) } ?? .null, "runs": .array(p.runs),
-        ])
+        return SyncJobStatus(
+            id: Int64(id), state: p.state, from: source, to: destination, dryRun: request.dryRun, runsTotal: Int64(p.runsTotal),
+            runsDone: Int64(p.runsDone), runsCreated: Int64(p.runsCreated), runsUpToDate: Int64(p.runsUpToDate), metricsTotal: Int64(p.metricsTotal),
+            metricsQueued: Int64(p.metricsQueued), metricsLanded: Int64(p.metricsLanded), artifactBytesTotal: Int64(p.artifactBytesTotal),
+            artifactBytesQueued: Int64(p.artifactBytesQueued), artifactBytesLanded: Int64(p.artifactBytesLanded),
+            pendingRecords: Int64(uploader.pending(upTo: lastTicket.load(ordering: .relaxed))), conflicts: p.conflicts, failures: p.failures,
+            error: p.error, runs: p.runs)
     }
 
     private let lastTicket = Atomic<UInt64>(0)
