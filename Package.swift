@@ -73,6 +73,15 @@ let package = Package(
             name: "ArmoryTrack",
             dependencies: ["ArmoryProtocol"]
         ),
+        // What the Swift test targets share: a session harness (the state machine without a
+        // socket), a real daemon in the test process, and a raw socket client.
+        .target(
+            name: "ArmoryDaemonTesting",
+            dependencies: [
+                "ArmoryDaemon", "ArmoryProtocol", .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
         .executableTarget(
             name: "armoryd",
             dependencies: [
@@ -116,12 +125,14 @@ let package = Package(
         .testTarget(name: "MLflowTests", dependencies: ["MLflow", "ArmoryProtocol"]),
         .testTarget(
             name: "ArmoryDaemonTests",
-            dependencies: ["ArmoryDaemon", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")],
+            dependencies: [
+                "ArmoryDaemon", "ArmoryDaemonTesting", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
             exclude: ["Fixtures"]
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["ArmoryTrack", "ArmoryDaemon", "ArmoryProtocol"]
+            dependencies: ["ArmoryTrack", "ArmoryDaemon", "ArmoryDaemonTesting", "ArmoryProtocol"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,3 +1,4 @@
+import ArmoryDaemonTesting
 import ArmoryProtocol
 import Testing
 

@@ -1,4 +1,5 @@
 import ArmoryDaemon
+import ArmoryDaemonTesting
 import ArmoryProtocol
 import ArmoryTrack
 import Foundation

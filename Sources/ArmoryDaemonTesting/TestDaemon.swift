@@ -10,14 +10,14 @@ import Synchronization
 #endif
 
 /// A real armoryd (the library, in this process) on a socket in a temporary directory.
-final class TestDaemon: Sendable {
-    let directory: String
-    let socketPath: String
+public final class TestDaemon: Sendable {
+    public let directory: String
+    public let socketPath: String
     private let group: ServiceGroup
     private let task: Task<Void, Error>
 
     /// `directory`: a previous daemon's (a restart), else a new one.
-    init(orphanGrace: Double = 60, directory: String? = nil) async throws {
+    public init(orphanGrace: Double = 60, directory: String? = nil) async throws {
         let directory = directory ?? "/tmp/armoryd-test-" + String(UUID().uuidString.prefix(8))
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         self.directory = directory
@@ -42,17 +42,17 @@ final class TestDaemon: Sendable {
         }
     }
 
-    var storeRoot: String { directory + "/mlruns" }
+    public var storeRoot: String { directory + "/mlruns" }
 
     /// Stops the daemon; `keepState` leaves its directory for a restart.
-    func stop(keepState: Bool = false) async throws {
+    public func stop(keepState: Bool = false) async throws {
         await group.triggerGracefulShutdown()
         try await task.value
         if !keepState { try? FileManager.default.removeItem(atPath: directory) }
     }
 
     /// Files under the store whose path ends with `suffix`.
-    func files(endingWith suffix: String) -> [String] {
+    public func files(endingWith suffix: String) -> [String] {
         let walker = FileManager.default.enumerator(atPath: storeRoot)
         var found: [String] = []
         while let path = walker?.nextObject() as? String {
@@ -63,10 +63,10 @@ final class TestDaemon: Sendable {
 }
 
 /// A raw socket client for sending arbitrary bytes and reading what the daemon answers.
-final class RawClient {
-    let fd: Int32
+public final class RawClient {
+    public let fd: Int32
 
-    init(path: String) throws {
+    public init(path: String) throws {
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
@@ -85,7 +85,7 @@ final class RawClient {
 
     deinit { close(fd) }
 
-    func write(_ bytes: [UInt8]) {
+    public func write(_ bytes: [UInt8]) {
         var offset = 0
         while offset < bytes.count {
             let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, bytes.count - offset) }
@@ -94,9 +94,9 @@ final class RawClient {
         }
     }
 
-    func send(_ json: String) { write(Frame.encode(Array(json.utf8))) }
+    public func send(_ json: String) { write(Frame.encode(Array(json.utf8))) }
 
-    func hello(seq: Int = 1) throws {
+    public func hello(seq: Int = 1) throws {
         send(#"{"op":"hello","seq":\#(seq),"protocol":1,"client":"raw","program":"raw"}"#)
         _ = try next { if case .reply = $0 { true } else { false } }
     }
@@ -104,7 +104,7 @@ final class RawClient {
     private var decoder = FrameDecoder()
 
     /// Reads until a message matching `predicate` arrives; nil when the daemon closed the connection.
-    func next(_ predicate: (DaemonMessage) -> Bool = { _ in true }) throws -> DaemonMessage? {
+    public func next(_ predicate: (DaemonMessage) -> Bool = { _ in true }) throws -> DaemonMessage? {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             while case .frame(let payload) = decoder.next() {
@@ -117,7 +117,7 @@ final class RawClient {
         }
     }
 
-    func nextError() throws -> ProtocolError? {
+    public func nextError() throws -> ProtocolError? {
         guard case .error(let e)? = try next({ if case .error = $0 { true } else { false } }) else { return nil }
         return e
     }
