@@ -204,22 +204,31 @@ final class SessionChannelHandler: ChannelInboundHandler {
         guard !waits.isEmpty else { return send(reply, context: context) }
         // The session id goes out once its record is on disk, so that a resume after a restart
         // always finds it; the frames arriving meanwhile wait their turn.
+        // A journal that cannot write (a full disk) holds the answer back at most a few seconds:
+        // the client then learns of the trouble from its acks, as every other client does.
         heldBack = heldBack ?? []
         awaitsSessionRecord = true
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let answer: @Sendable () -> Void = {
+            loopBound.eventLoop.execute {
+                let (handler, context) = loopBound.value
+                guard handler.awaitsSessionRecord else { return }
+                handler.awaitsSessionRecord = false
+                handler.send(reply, context: context)
+                handler.releaseHeldBack(context: context)
+            }
+        }
+        context.eventLoop.scheduleTask(in: Self.sessionRecordWait) { answer() }
         let remaining = NIOLockedValueBox(waits.count)
         for wait in waits {
             wait.uploader.whenDurable(wait.lsn, urgent: true) {
-                guard Self.countDown(remaining) else { return }
-                loopBound.eventLoop.execute {
-                    let (handler, context) = loopBound.value
-                    handler.awaitsSessionRecord = false
-                    handler.send(reply, context: context)
-                    handler.releaseHeldBack(context: context)
-                }
+                if Self.countDown(remaining) { answer() }
             }
         }
     }
+
+    /// How long `hello` waits for its session's record to be on disk.
+    static let sessionRecordWait = TimeAmount.seconds(5)
 
     /// Reads the frames that arrived while the handler waited (a claim, a handshake's record).
     private func releaseHeldBack(context: ChannelHandlerContext) {
