@@ -63,6 +63,61 @@ def wait_until(predicate, timeout: float, what: str, log: Path | None = None):
         time.sleep(0.1)
 
 
+class ArmoryDaemon:
+    """One armoryd process with its own socket and home: started at once, stopped with SIGTERM or
+    killed as a crash would be. The Python suites' fixtures and the lab's hosts are this class.
+    No system metrics unless `args` asks (a later `--system-metrics-interval` wins): tests and
+    benchmarks count the metrics that reach MLflow exactly."""
+
+    def __init__(self, home: Path, armoryd: Path, args: tuple = (), env: dict | None = None, wrap=None,
+                 socket_name: str = "d.sock", drop_env: tuple = ("MLFLOW_TRACKING",), stop_seconds: float = 30):
+        self.home = home
+        self.armoryd = armoryd
+        self.args = tuple(args)
+        self.extra_env = env or {}
+        self.wrap = wrap  # turns the argv into the command that runs it (a network namespace's)
+        self.drop_env = drop_env
+        self.stop_seconds = stop_seconds
+        home.mkdir(parents=True, exist_ok=True)
+        self.socket = str(home / socket_name)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        argv = [str(self.armoryd), "--socket", self.socket, "--home", str(self.home), "--log-level", "info",
+                "--system-metrics-interval", "0", *self.args]
+        if self.wrap:
+            argv = self.wrap(argv)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(self.drop_env)}
+        env.update(self.extra_env)
+        log = self.home / "armoryd.log"
+        with open(log, "ab") as out:  # the daemon keeps its own descriptor
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        # A killed daemon's socket file may still be there: wait until one answers.
+        wait_until(lambda: self.answers() or self.proc.poll() is not None, 30, "armoryd did not start", log)
+        if self.proc.poll() is not None:
+            raise RuntimeError("armoryd exited: " + log.read_text(errors="replace")[-3000:])
+
+    def answers(self) -> bool:
+        return socket_answers(self.socket)
+
+    def kill(self):
+        """SIGKILL, as a crash or the OOM killer would."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        """SIGTERM (SIGKILL past `stop_seconds`); the exit status."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.stop_seconds)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
 class MLflowServer:
     """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port."""
 
@@ -293,51 +348,18 @@ def namespaces_available() -> bool:
     return True
 
 
-class LabHost:
+class LabHost(ArmoryDaemon):
     """One lab host: an armoryd with its own socket and state directory, uploading to the lab's
     server over the host's link."""
 
     def __init__(self, index: int, home: Path, armoryd: Path, link, server_url: str, extra_args: tuple = ()):
         self.index = index
-        self.home = home
-        self.armoryd = armoryd
         self.link = link
         self.server_url = server_url
-        self.extra_args = extra_args
-        self.socket = str(home / "armoryd.sock")
-        self.proc = None
-        home.mkdir(parents=True, exist_ok=True)
-        self.start()
-
-    def start(self):
-        argv = [str(self.armoryd), "--socket", self.socket, "--home", str(self.home), "--tracking-uri", self.server_url,
-                "--log-level", "info", "--system-metrics-interval", "0", *self.extra_args]
-        if isinstance(self.link, NetworkNamespaceLink):
-            argv = self.link.command(argv)  # `ip netns exec` execs armoryd: the pid is the daemon's
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "ARMORY_"))}
-        log = open(self.home / "armoryd.log", "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        log.close()
-        wait_until(lambda: self.answers() or self.proc.poll() is not None, 30, f"host {self.index}: armoryd did not start", self.home / "armoryd.log")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"host {self.index}: armoryd exited: " + (self.home / "armoryd.log").read_text()[-3000:])
-
-    def answers(self) -> bool:
-        return socket_answers(self.socket)
-
-    def kill(self):
-        """SIGKILL, as a crash or the OOM killer would."""
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        # `ip netns exec` execs armoryd: the pid is the daemon's.
+        wrap = link.command if isinstance(link, NetworkNamespaceLink) else None
+        super().__init__(home, armoryd, args=("--tracking-uri", server_url, *extra_args), wrap=wrap, socket_name="armoryd.sock",
+                         drop_env=("MLFLOW_TRACKING", "ARMORY_"), stop_seconds=45)
 
     def client_env(self) -> dict:
         """The environment of an evaluation on this host."""

@@ -1,10 +1,8 @@
 """Fixtures for the Python suite: a real armoryd binary on a private socket, and a raw protocol client."""
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy"))
-from testbed import MLflowServer, free_port, socket_answers  # noqa: E402,F401 (re-exported to the tests)
+from testbed import ArmoryDaemon, MLflowServer, free_port, socket_answers  # noqa: E402,F401 (re-exported to the tests)
 BIN = Path(os.environ.get("ARMORY_BIN", ROOT / ".build" / "debug"))
 # Another build of the daemon (`make test` builds the release one), for restarts onto a new binary.
 OTHER_BIN = Path(os.environ.get("ARMORY_OTHER_BIN", ROOT / ".build" / "release"))
@@ -21,32 +19,12 @@ OTHER_BIN = Path(os.environ.get("ARMORY_OTHER_BIN", ROOT / ".build" / "release")
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
 
-class Daemon:
+class Daemon(ArmoryDaemon):
     """One armoryd process with its own socket and ARMORY_HOME (and, optionally, an MLflow server)."""
 
     def __init__(self, home: Path, env: dict | None = None, args: tuple = (), binary: Path = BIN):
-        self.home = home
         self.binary = binary
-        home.mkdir(parents=True, exist_ok=True)
-        self.socket = str(home / "d.sock")
-        self.log = open(home / "armoryd.log", "ab")
-        daemon_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-        daemon_env.update(env or {})
-        self.proc = subprocess.Popen(
-            # No system metrics unless a test asks (its own --system-metrics-interval comes later and
-            # wins): many tests count the metrics that reach MLflow exactly.
-            [str(binary / "armoryd"), "--socket", self.socket, "--home", str(home), "--log-level", "info",
-             "--system-metrics-interval", "0", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=daemon_env,
-        )
-        deadline = time.time() + 20
-        while not self._answers():  # a killed daemon's socket file may still be there
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"armoryd did not start: {(home / 'armoryd.log').read_text()}")
-            time.sleep(0.05)
-
-    def _answers(self) -> bool:
-        return socket_answers(self.socket)
+        super().__init__(home, binary / "armoryd", args=args, env=env)
 
     @property
     def store(self) -> Path:
@@ -68,17 +46,6 @@ class Daemon:
         c.send("bye")  # its session ends with the connection (not counted as waiting)
         c.close()
         return status
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -66,9 +66,7 @@ def kill_midstream(daemon, clients, min_acked_frames):
         if acked >= min_acked_frames:
             break
         time.sleep(0.01)
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
-    daemon.log.close()
+    daemon.kill()
     for t in threads:
         t.join(timeout=60)
 
@@ -95,9 +93,7 @@ def durable_chain_then_kill(home, evaluation, steps=0):
         c.send("log", run=run["handle"], metrics=[["m", float(step), step, BASE_TS + step]])
         assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
     assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
-    daemon.log.close()
+    daemon.kill()
     return run
 
 

@@ -69,9 +69,7 @@ def start_clients(daemon, workdir: Path, count: int, artifact_mb: float, env_ext
 
 def restart(daemon: Daemon, how: str, env=None, args=(), binary: Path = BIN) -> Daemon:
     if how == "kill":
-        daemon.proc.kill()
-        daemon.proc.wait()
-        daemon.log.close()
+        daemon.kill()
     else:
         assert daemon.stop() == 0
     return start_daemon(daemon.home, env=env, args=args, binary=binary)
@@ -396,9 +394,7 @@ def test_after_a_restart_flush_uploaded_waits_for_what_the_journal_replayed(tmp_
         proxy.stop_listening()  # the server is unreachable: the records wait in the journal
         c.send("log", run=run["handle"], metrics=[["m", float(k), k, 1795400000000 + k] for k in range(100)])
         assert c.request("flush", wait="durable", timeout_ms=5000)["complete"]
-        daemon.proc.kill()
-        daemon.proc.wait()
-        daemon.log.close()
+        daemon.kill()
         daemon = start_daemon(tmp_path / "home", env=env, args=("--request-timeout", "1"))
         again = RawClient(daemon.socket)
         again.seq = 10
