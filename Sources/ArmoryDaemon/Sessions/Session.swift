@@ -96,10 +96,13 @@ public final class Session: @unchecked Sendable {
         }
     }
 
+    /// Keeps what the session waits for; past the backlog bound, a session that produced records
+    /// stops reading. The session's own record alone never pauses it: a client whose session only
+    /// asks questions (`status` while the journal is full) is answered.
     private func noteEnqueued(_ done: Uploader.Enqueued, to destination: DestinationKey, records: Bool = true) {
         if records { lastTickets[destination] = done.ticket }
         lastLSNs[destination] = done.lsn
-        if done.overloaded { wantsPause = true }
+        if done.overloaded && records { wantsPause = true }
     }
 
     /// What happens when the sink has acted on a record: a created run's ids go to the registry,
