@@ -331,7 +331,7 @@ enum PrometheusText {
         metric("sessions_attached", "gauge", "Client sessions carried by a connection.", count(s.sessions.attached))
         metric("sessions_waiting", "gauge", "Client sessions waiting for their client to resume them (after a restart or a broken connection).", count(s.sessions.waiting))
         metric("sessions_expired_total", "counter", "Sessions nobody resumed within --orphan-grace (their runs ended FAILED).", count(s.sessions.expired))
-        metric("sessions_ended_total", "counter", "Sessions their clients ended on exit (bye), with no wait for a resume.", count(s.sessions.ended))
+        metric("sessions_ended_total", "counter", "Sessions ended with their connection, with no wait for a resume (a client's bye on exit, or an admin tool's).", count(s.sessions.ended))
         metric("active_runs", "gauge", "Runs not yet ended.", count(Int64(s.activeRuns.count)))
         metric("pending_records", "gauge", "Records accepted (journaled) and not yet applied by their destination.", count(s.pendingRecords))
         metric("applied_records_total", "counter", "Records the destinations applied (a record: one frame's metrics, params and tags for a run, a run's creation or end, an artifact).", count(s.appliedRecords))

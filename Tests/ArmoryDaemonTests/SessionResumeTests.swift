@@ -50,6 +50,7 @@ struct SessionResumeTests {
         }
         admin.accept(accepted, destination: .primary, assignsRunIDs: true, peer: admin.peer)
         #expect(admin.commit() == nil && !admin.journaled)
+        #expect(admin.endsWithConnection)  // an admin tool never resumes: nothing waits for it
     }
 
     @Test func byeEndsTheSessionWithItsConnectionUnlessItIsResumed() {

@@ -275,6 +275,10 @@ def test_a_client_that_exits_ends_its_session_one_that_dies_leaves_it_waiting(da
     sessions = daemon.status()["sessions"]
     assert sessions["ended"] >= 2 and sessions["waiting"] == 0, sessions
 
+    # An admin tool never resumes: its session ends with its connection too.
+    subprocess.run([str(BIN / "armoryctl"), "status", "--socket", daemon.socket], capture_output=True, check=True, timeout=60)
+    assert daemon.status()["sessions"]["waiting"] == 0
+
     killed = subprocess.run([sys.executable, str(script), "killed"], env=daemon.env(), capture_output=True, text=True, timeout=60)
     assert killed.returncode == -9, killed.stderr
     time.sleep(0.5)

@@ -105,8 +105,9 @@ public struct SessionStateMachine: Sendable {
     private var dirty = false
     /// A record of the session is in the journal (its end is then journaled too).
     public private(set) var journaled = false
-    /// The client said `bye`: the session ends when this connection closes, with no wait for a
-    /// resume. A resume (the connection broke after all) clears it.
+    /// The session ends when this connection closes, with no wait for a resume: the client said
+    /// `bye` (a resume, the connection broke after all, clears it), or it is an admin tool, which
+    /// never resumes.
     public private(set) var endsWithConnection = false
     /// Records not yet committed: the frame's being handled, or a read burst's metric-only frames.
     private var pending: [SessionRecordOut] = []
@@ -448,7 +449,7 @@ public struct SessionStateMachine: Sendable {
         self.destination = destination
         self.assignsRunIDs = assignsRunIDs
         self.peer = peer
-        endsWithConnection = false
+        endsWithConnection = h.admin
         dirty = true
     }
 
