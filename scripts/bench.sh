@@ -29,5 +29,8 @@ kill "$daemon"; wait "$daemon" 2>/dev/null || true
 # Resumable sessions: the Python call cost next to the pre-session client, and a restart under load.
 .venv/bin/python Benchmarks/resume_bench.py .build/release/armoryd
 
+# A client's hello (its session journaled first) next to an admin tool's.
+.venv/bin/python Benchmarks/hello_bench.py .build/release/armoryd "$work"
+
 # `armoryctl sync` into the same server, next to raw log-batch and artifact PUTs.
 .venv/bin/python Benchmarks/sync_bench.py --mlflow "http://127.0.0.1:$port"
