@@ -1,6 +1,6 @@
-"""What a client's `hello` costs now that it is answered once its session's record is on disk:
-client hellos (journaled, fsynced) alternating with admin hellos (which journal nothing, the
-baseline in the same run), each on a fresh connection ending with `bye`.
+"""What a client's `hello` costs now that it journals its session: client hellos alternating with
+admin hellos (which journal nothing, the baseline in the same run), each on a fresh connection
+ending with `bye`.
 
     .venv/bin/python Benchmarks/hello_bench.py .build/release/armoryd [STATE_PARENT] [COUNT]   # make bench runs it
 """
@@ -57,7 +57,7 @@ def main():
     finally:
         daemon.terminate()
         daemon.wait()
-    for admin, name in ((False, "client hello (journaled, fsynced)"), (True, "admin hello (baseline: not journaled)")):
+    for admin, name in ((False, "client hello (journals its session)"), (True, "admin hello (baseline: not journaled)")):
         xs = sorted(times[admin])
         print(f"{name:40s} p50 {statistics.median(xs):.3f} ms  p99 {xs[int(len(xs) * 0.99)]:.3f} ms  n={len(xs)}")
 

@@ -199,38 +199,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
             services.sessions.opened(session, connection: session.connectionID, close: closeConnection)
         }
         let resumed: HelloReply.Resumed? = hello.resume.map { _ in .notResumed(reason: notResumedReason ?? "unknown") }
-        let reply = DaemonMessage.reply(seq: frame.seq, body: helloReply(hello, resumed: resumed).json)
-        let waits = session.durabilityWaits
-        guard !waits.isEmpty else { return send(reply, context: context) }
-        // The session id goes out once its record is on disk, so that a resume after a restart
-        // always finds it; the frames arriving meanwhile wait their turn.
-        // A journal that cannot write (a full disk) holds the answer back at most a few seconds:
-        // the client then learns of the trouble from its acks, as every other client does.
-        heldBack = heldBack ?? []
-        awaitsSessionRecord = true
-        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        let answer: @Sendable () -> Void = {
-            loopBound.eventLoop.execute {
-                let (handler, context) = loopBound.value
-                guard handler.awaitsSessionRecord else { return }
-                handler.awaitsSessionRecord = false
-                handler.send(reply, context: context)
-                handler.releaseHeldBack(context: context)
-            }
-        }
-        context.eventLoop.scheduleTask(in: Self.sessionRecordWait) { answer() }
-        let remaining = NIOLockedValueBox(waits.count)
-        for wait in waits {
-            wait.uploader.whenDurable(wait.lsn, urgent: true) {
-                if Self.countDown(remaining) { answer() }
-            }
-        }
+        send(.reply(seq: frame.seq, body: helloReply(hello, resumed: resumed).json), context: context)
     }
 
-    /// How long `hello` waits for its session's record to be on disk.
-    static let sessionRecordWait = TimeAmount.seconds(5)
-
-    /// Reads the frames that arrived while the handler waited (a claim, a handshake's record).
+    /// Reads the frames that arrived while the handler waited for a claim.
     private func releaseHeldBack(context: ChannelHandlerContext) {
         let waiting = heldBack ?? []
         heldBack = nil
@@ -240,8 +212,6 @@ final class SessionChannelHandler: ChannelInboundHandler {
 
     /// Why a `resume` in this connection's `hello` opened a new session instead.
     private var notResumedReason: String?
-    /// `hello` is answered once the new session's record is on disk; frames wait until then.
-    private var awaitsSessionRecord = false
 
     private func resolveDestination(_ hello: Hello) throws(ProtocolError) -> DestinationKey {
         try services.destinations.resolve(trackingURI: hello.trackingURI, credentials: hello.credentials, peerUID: session.peer.uid)
@@ -298,7 +268,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
             notResumedReason = reason
             carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
         }
-        if !awaitsSessionRecord { releaseHeldBack(context: context) }
+        releaseHeldBack(context: context)
     }
 
     /// The client continues `resumed` on this connection: its frames after the `seq` the reply
