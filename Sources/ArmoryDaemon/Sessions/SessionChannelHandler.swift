@@ -202,14 +202,6 @@ final class SessionChannelHandler: ChannelInboundHandler {
         send(.reply(seq: frame.seq, body: helloReply(hello, resumed: resumed).json), context: context)
     }
 
-    /// Reads the frames that arrived while the handler waited for a claim.
-    private func releaseHeldBack(context: ChannelHandlerContext) {
-        let waiting = heldBack ?? []
-        heldBack = nil
-        for data in waiting { channelRead(context: context, data: data) }
-        channelReadComplete(context: context)
-    }
-
     /// Why a `resume` in this connection's `hello` opened a new session instead.
     private var notResumedReason: String?
 
@@ -268,7 +260,11 @@ final class SessionChannelHandler: ChannelInboundHandler {
             notResumedReason = reason
             carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
         }
-        releaseHeldBack(context: context)
+        // The frames that arrived while the claim was pending are read now, in order.
+        let waiting = heldBack ?? []
+        heldBack = nil
+        for data in waiting { channelRead(context: context, data: data) }
+        channelReadComplete(context: context)
     }
 
     /// The client continues `resumed` on this connection: its frames after the `seq` the reply

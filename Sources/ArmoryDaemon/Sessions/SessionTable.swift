@@ -72,27 +72,35 @@ public final class SessionTable: Sendable {
 
     /// The connection carrying `session` closed: it waits `graceSeconds` for a resume.
     public func detached(_ session: Session) {
-        let (generation, handovers) = state.withLock { s -> (UInt64?, [@Sendable () -> Void]) in
-            guard case .attached(let current, _, _)? = s.slots[session.id], current === session else { return (nil, []) }
+        let released = release(session) { s -> UInt64 in
             s.generation += 1
             s.slots[session.id] = .detached(session, generation: s.generation)
-            return (s.generation, s.handovers.removeValue(forKey: session.id) ?? [])
+            return s.generation
         }
+        guard let (generation, handovers) = released else { return }
         for handover in handovers { handover() }
-        if let generation { expireLater(session.id, generation: generation) }
+        expireLater(session.id, generation: generation)
     }
 
     /// The connection carrying `session` closed after its client said `bye`: the session ends
     /// now, as if its grace period were over (its end journaled, runs it left open ended FAILED).
     public func ended(_ session: Session) {
-        let (ends, handovers) = state.withLock { s -> (Bool, [@Sendable () -> Void]) in
-            guard case .attached(let current, _, _)? = s.slots[session.id], current === session else { return (false, []) }
+        let released = release(session) { s in
             s.slots[session.id] = nil
             s.ended += 1
-            return (true, s.handovers.removeValue(forKey: session.id) ?? [])
         }
-        if ends { onExpired(session, nil) }
+        guard let (_, handovers) = released else { return }
+        onExpired(session, nil)
         for handover in handovers { handover() }
+    }
+
+    /// Lets `session` go from its connection, if that still carries it: `change` sets what its
+    /// slot becomes. Returns what `change` returned and the resumes that waited for the release.
+    private func release<T>(_ session: Session, _ change: (inout State) -> T) -> (T, [@Sendable () -> Void])? {
+        state.withLock { s in
+            guard case .attached(let current, _, _)? = s.slots[session.id], current === session else { return nil }
+            return (change(&s), s.handovers.removeValue(forKey: session.id) ?? [])
+        }
     }
 
     /// Takes session `id` for a client of `uid` on `connection`. An attached session is first

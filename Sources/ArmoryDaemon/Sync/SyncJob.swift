@@ -13,28 +13,6 @@ import Synchronization
 /// what the destination already holds of it (`SyncRunPlan`), so a repeated or interrupted sync
 /// sends only what is missing.
 public final class SyncJob: Sendable {
-    /// What `sync_status` and `status` show of a job.
-    public struct Progress: Sendable {
-        public var state = "planning"
-        public var runsTotal = 0
-        public var runsDone = 0
-        public var runsCreated = 0
-        public var runsUpToDate = 0
-        /// Planned so far (grows as runs are planned), and queued for upload.
-        public var metricsTotal = 0
-        public var metricsQueued = 0
-        public var artifactBytesTotal = 0
-        public var artifactBytesQueued = 0
-        /// Confirmed by the destination.
-        public var metricsLanded = 0
-        public var artifactBytesLanded = 0
-        public var conflicts: [String] = []
-        /// Runs not copied whole, and why.
-        public var failures: [String] = []
-        public var error: String?
-        public var runs: [JSONValue] = []
-    }
-
     public let id: Int
     public let source: String
     public let destination: String
@@ -42,7 +20,8 @@ public final class SyncJob: Sendable {
     let uploader: Uploader
     let spoolDirectory: String
     let logger: Logger
-    private let progress = Mutex(Progress())
+    /// What `sync_status` and `status` show of the job, but for its pending records (read from the uploader).
+    private let progress: Mutex<SyncJobStatus>
 
     init(id: Int, request: SyncRequest, source: String, uploader: Uploader, spoolDirectory: String, logger: Logger) {
         self.id = id
@@ -52,20 +31,14 @@ public final class SyncJob: Sendable {
         self.destination = uploader.destination
         self.spoolDirectory = spoolDirectory
         self.logger = logger
+        self.progress = Mutex(SyncJobStatus(id: Int64(id), state: "planning", from: source, to: uploader.destination, dryRun: request.dryRun))
     }
-
-    public var snapshot: Progress { progress.withLock { $0 } }
 
     /// The job as `sync`, `sync_status` and `status` answer it.
     public var status: SyncJobStatus {
-        let p = snapshot
-        return SyncJobStatus(
-            id: Int64(id), state: p.state, from: source, to: destination, dryRun: request.dryRun, runsTotal: Int64(p.runsTotal),
-            runsDone: Int64(p.runsDone), runsCreated: Int64(p.runsCreated), runsUpToDate: Int64(p.runsUpToDate), metricsTotal: Int64(p.metricsTotal),
-            metricsQueued: Int64(p.metricsQueued), metricsLanded: Int64(p.metricsLanded), artifactBytesTotal: Int64(p.artifactBytesTotal),
-            artifactBytesQueued: Int64(p.artifactBytesQueued), artifactBytesLanded: Int64(p.artifactBytesLanded),
-            pendingRecords: Int64(uploader.pending(upTo: lastTicket.load(ordering: .relaxed))), conflicts: p.conflicts, failures: p.failures,
-            error: p.error, runs: p.runs)
+        var status = progress.withLock { $0 }
+        status.pendingRecords = Int64(uploader.pending(upTo: lastTicket.load(ordering: .relaxed)))
+        return status
     }
 
     private let lastTicket = Atomic<UInt64>(0)
@@ -88,7 +61,7 @@ public final class SyncJob: Sendable {
             let reader = try FileStoreReader(root: source)
             let identity = Self.storeIdentity(reader)
             let selected = try select(reader)
-            progress.withLock { $0.runsTotal = selected.runs.count }
+            progress.withLock { $0.runsTotal = Int64(selected.runs.count) }
 
             // Records of earlier syncs still queued (replayed after a restart, say) land first, so
             // that what the destination holds is what it will hold.
@@ -270,8 +243,8 @@ public final class SyncJob: Sendable {
         progress.withLock {
             $0.runs.append(.object(summary))
             $0.conflicts += conflicts
-            $0.metricsTotal += plan.metricPoints
-            $0.artifactBytesTotal += plan.artifacts.reduce(0) { $0 + (source.artifactBytes[$1] ?? 0) }
+            $0.metricsTotal += Int64(plan.metricPoints)
+            $0.artifactBytesTotal += Int64(plan.artifacts.reduce(0) { $0 + (source.artifactBytes[$1] ?? 0) })
         }
         if request.dryRun || plan.upToDate {
             progress.withLock {
@@ -317,7 +290,7 @@ public final class SyncJob: Sendable {
             while left > 0, let points = stream.next(upTo: min(left, 1000)) {
                 left -= points.count
                 enqueue(handle, runID, .log(LogBatch(metrics: points)))
-                progress.withLock { $0.metricsQueued += points.count }
+                progress.withLock { $0.metricsQueued += Int64(points.count) }
                 await pace(&copied)
             }
         }
@@ -346,7 +319,7 @@ public final class SyncJob: Sendable {
             }
             let bytes = source.artifactBytes[path] ?? 0
             enqueue(lanes[index % lanes.count], runID, .artifact(path: path, spoolPath: spool), bytes: bytes)
-            progress.withLock { $0.artifactBytesQueued += bytes }
+            progress.withLock { $0.artifactBytesQueued += Int64(bytes) }
             await pace(&copied)
         }
         if let status = plan.status { enqueue(handle, runID, .updateRun(status: status.status, endTime: status.endTime)) }
@@ -373,8 +346,8 @@ public final class SyncJob: Sendable {
             switch result {
             case .success:
                 self?.progress.withLock {
-                    $0.metricsLanded += metrics
-                    $0.artifactBytesLanded += bytes
+                    $0.metricsLanded += Int64(metrics)
+                    $0.artifactBytesLanded += Int64(bytes)
                 }
             case .failure(let error): self?.fail(runID, error.message)
             }
