@@ -234,8 +234,8 @@ def test_a_resent_request_is_answered_as_the_first_time_and_resent_frames_are_dr
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_a_session_that_only_said_hello_survives_a_restart(tmp_path, how):
-    """A restart may come during a client's first queries (MLflow's `set_experiment`): `hello` is
-    answered once the session is on disk, so the client resumes it even after a kill -9."""
+    """A restart may come during a client's first queries (MLflow's `set_experiment`): the session
+    is journaled from its `hello` on, so the client resumes it even after a kill -9."""
     daemon = start_daemon(tmp_path)
     c = RawClient(daemon.socket)
     session = c.hello()["session"]
@@ -246,6 +246,28 @@ def test_a_session_that_only_said_hello_survives_a_restart(tmp_path, how):
     reply = again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 2})
     assert reply["resumed"] is True and reply["session"] == session, reply
     assert daemon.status()["sessions"]["waiting"] == 0
+
+
+def test_a_session_lost_before_its_first_commit_starts_again_with_everything_its_client_sent(tmp_path):
+    """A kill -9 within one group commit of a `hello`: the daemon never wrote the session down, but
+    its client has had nothing acknowledged, so it still holds every frame. The resume starts the
+    session again under its id and the client sends them all: the evaluation goes on, nothing lost."""
+    from armory_track._connection import Connection
+
+    daemon = start_daemon(tmp_path, args=("--journal-commit-ms", "60000"))
+    daemon.status()  # a group commit now: the next one is a minute away
+    client = Connection(path=daemon.socket)
+    session = client.session
+    client.send("param", key="lr", value="0.1")
+    client.send("param", key="batch", value="32")
+    time.sleep(0.2)  # the daemon has read them (their records wait for the next commit)
+    assert client.acked == 0
+    daemon = restart(daemon, "kill")
+    assert client.request("get_params", timeout=60)["params"] == {"lr": "0.1", "batch": "32"}
+    assert client.session == session and client.resumes == 1
+    client.flush()
+    client.close()
+    assert "session started again" in (daemon.home / "armoryd.log").read_text()
 
 
 EXITING_CLIENT = '''

@@ -37,13 +37,16 @@ public final class Session: @unchecked Sendable {
     public var record: SessionRecord { machine.record }
     public var handledSeq: UInt64 { machine.handledSeq }
 
-    /// A new session of the client `peer` on connection `connectionID`; `report` sends the
-    /// errors of its fire-and-forget ops there later.
-    public init(connectionID: UInt64, peer: PeerCredentials, services: DaemonServices, report: @escaping @Sendable (ProtocolError) -> Void) {
+    /// A new session of the client `peer` on connection `connectionID` (named `id`, else a fresh
+    /// id); `report` sends the errors of its fire-and-forget ops there later.
+    public init(
+        id: String = SessionStateMachine.newSessionID(), connectionID: UInt64, peer: PeerCredentials, services: DaemonServices,
+        report: @escaping @Sendable (ProtocolError) -> Void
+    ) {
         self.connectionID = connectionID
         self.services = services
         machine = SessionStateMachine(
-            number: services.sessions.nextNumber(), peer: peer, runs: services.registry,
+            id: id, number: services.sessions.nextNumber(), peer: peer, runs: services.registry,
             userName: DaemonServices.userName(uid: peer.uid), spoolDirectory: services.spoolDirectory)
         services.registry.setReporter(report, forConnection: machine.number)
     }

@@ -257,8 +257,19 @@ final class SessionChannelHandler: ChannelInboundHandler {
         case .refused(let error):
             carryOut(.error(error.answering(frame)), for: frame, context: context)
         case .notFound(let reason):
-            notResumedReason = reason
-            carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
+            guard let resume = hello.resume, resume.acked == 0 else {
+                notResumedReason = reason
+                carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
+                break
+            }
+            // Nothing of the session was ever acknowledged, so its client still holds every frame
+            // it sent: a crash took the session before its first group commit. It starts again
+            // under its id, and the client sends it all (docs/architecture.md, "Sessions outlive
+            // connections").
+            let again = Session(id: resume.session, connectionID: fresh.connectionID, peer: fresh.peer, services: services) { _ in }
+            logger.info("session started again: nothing of it was acknowledged", metadata: ["session": "\(again.id)", "was": "\(reason)"])
+            services.sessions.opened(again, connection: fresh.connectionID, close: closeConnection)
+            adopt(again, from: fresh, hello: hello, frame: frame, context: context)
         }
         // The frames that arrived while the claim was pending are read now, in order.
         let waiting = heldBack ?? []
