@@ -1,5 +1,6 @@
 import ArmoryDaemonTesting
 import ArmoryProtocol
+import Synchronization
 import Testing
 
 @testable import ArmoryDaemon
@@ -113,5 +114,27 @@ struct SessionResumeTests {
         #expect(interrupted.code == .artifactInterrupted)
         // It goes on: the chain it started ends through it.
         #expect(try h.send(&restored, .end(.chain(2), status: .finished, endTime: nil), seq: 12)?.get()["status"]?.stringValue == "FINISHED")
+    }
+
+    @Test func aResumeOfASessionThatEndedIsToldSoOneNeverKnownIsNotFound() throws {
+        let graceOver = Mutex<[@Sendable () -> Void]>([])
+        let table = SessionTable(graceSeconds: 60, schedule: { _, body in graceOver.withLock { $0.append(body) } }, onExpired: { _, _ in })
+        let id = SessionStateMachine.newSessionID()
+        table.restore([
+            SessionRecord(
+                id: id, uid: 1000, gid: 1000, pid: 7, client: "test", program: "/t.py", systemMetrics: true, seq: 3, tracking: TrackingState(),
+                evaluationRuns: [:], chainRuns: [:], otherRuns: [], replies: [:], openArtifacts: [], nextArtifactID: 1)
+        ])
+        for expire in graceOver.withLock({ $0 }) { expire() }  // nobody resumed it within the grace
+        let claims = Mutex<[SessionTable.Claim]>([])
+        for asked in [id, SessionStateMachine.newSessionID()] {
+            table.claim(asked, uid: 1000, connection: 1, close: {}) { claim in claims.withLock { $0.append(claim) } }
+        }
+        let (expired, unknown) = try claims.withLock { (try #require($0.first), try #require($0.last)) }
+        guard case .ended(let why) = expired, case .notFound = unknown else {
+            Issue.record("expected ended then not found, got \(expired) and \(unknown)")
+            return
+        }
+        #expect(why.contains("ended") && table.counts.expired == 1)
     }
 }

@@ -316,7 +316,8 @@ def test_a_client_that_exits_ends_its_session_one_that_dies_leaves_it_waiting(da
     c.close()
     again = RawClient(daemon.socket)
     again.seq = 10
-    assert again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 0})["resumed"] is False
+    reply = again.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": session, "acked": 0})
+    assert reply["resumed"] is False and reply["reason"].startswith("ended"), reply  # not started again
     store = MlflowClient(tracking_uri=daemon.store_uri)
     deadline = time.time() + 10
     while store.get_run(run_id).info.status == "RUNNING" and time.time() < deadline:
@@ -326,9 +327,13 @@ def test_a_client_that_exits_ends_its_session_one_that_dies_leaves_it_waiting(da
 
 def test_unknown_session_and_garbage_in_resume(daemon):
     c = RawClient(daemon.socket)
-    reply = c.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": "0" * 32, "acked": 0})
+    reply = c.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": "0" * 32, "acked": 3})
     assert reply["resumed"] is False and "expired or unknown" in reply["reason"]
     assert reply["session"] != "0" * 32  # a new session: the client says its old one is gone
+    # A client that had nothing acknowledged holds every frame it sent: its session starts again.
+    fresh = RawClient(daemon.socket)
+    reply = fresh.request("hello", protocol=1, client="pytest", program=__file__, resume={"session": "1" * 32, "acked": 0})
+    assert reply["resumed"] is True and reply["held"] == 0 and reply["session"] == "1" * 32, reply
     for garbage in ({"session": "not-a-session"}, "abc", {"session": 5}, {"session": "a" * 32, "acked": -1}):
         g = RawClient(daemon.socket)
         with pytest.raises(RuntimeError, match="BAD_REQUEST"):

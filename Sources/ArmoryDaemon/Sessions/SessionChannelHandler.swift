@@ -240,12 +240,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
         services.sessions.claim(resume.session, uid: fresh.peer.uid, connection: fresh.connectionID, close: closeConnection) { claim in
             loopBound.eventLoop.execute {
                 let (handler, context) = loopBound.value
-                handler.settle(claim, fresh: fresh, hello: hello, seq: seq, context: context)
+                handler.settle(claim, of: resume, fresh: fresh, hello: hello, seq: seq, context: context)
             }
         }
     }
 
-    private func settle(_ claim: SessionTable.Claim, fresh: Session, hello: Hello, seq: UInt64, context: ChannelHandlerContext) {
+    private func settle(_ claim: SessionTable.Claim, of resume: Hello.Resume, fresh: Session, hello: Hello, seq: UInt64, context: ChannelHandlerContext) {
         let frame = ClientFrame(seq: seq, op: .hello(hello))
         switch claim {
         case .session(let resumed):
@@ -256,12 +256,10 @@ final class SessionChannelHandler: ChannelInboundHandler {
             adopt(restored, from: fresh, hello: hello, frame: frame, context: context)
         case .refused(let error):
             carryOut(.error(error.answering(frame)), for: frame, context: context)
+        case .notFound(let reason) where resume.acked != 0, .ended(let reason):
+            notResumedReason = reason
+            carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
         case .notFound(let reason):
-            guard let resume = hello.resume, resume.acked == 0 else {
-                notResumedReason = reason
-                carryOut(fresh.receive(frame, nowMs: WallClock.nowMs()), for: frame, context: context)
-                break
-            }
             // Nothing of the session was ever acknowledged, so its client still holds every frame
             // it sent: a crash took the session before its first group commit. It starts again
             // under its id, and the client sends it all (docs/architecture.md, "Sessions outlive

@@ -1,4 +1,5 @@
 import ArmoryProtocol
+import DequeModule
 import Synchronization
 
 /// Every client session the daemon holds, attached to a connection or waiting for its client to
@@ -12,7 +13,10 @@ public final class SessionTable: Sendable {
         /// A session restored from the journal, not yet rebuilt.
         case restored(SessionRecord)
         case refused(ProtocolError)
-        /// No such session (expired, or never known): the reason for `resumed: false`.
+        /// The session ended (expired, or its client said `bye`): the reason for `resumed: false`.
+        case ended(String)
+        /// No such session is known (it ended before a restart, or a crash took it before it
+        /// was journaled): the reason for `resumed: false`.
         case notFound(String)
     }
 
@@ -28,6 +32,18 @@ public final class SessionTable: Sendable {
         var generation: UInt64 = 0
         var expired = 0
         var ended = 0
+        /// The latest sessions that ended, oldest first (at most `State.endedKept`).
+        var endedIDs: Set<String> = []
+        var endedOrder: Deque<String> = []
+
+        /// How many ended sessions are remembered (about 100 bytes each).
+        static let endedKept = 16_384
+
+        mutating func remember(ended id: String) {
+            guard endedIDs.insert(id).inserted else { return }
+            endedOrder.append(id)
+            if endedOrder.count > Self.endedKept { endedIDs.remove(endedOrder.removeFirst()) }
+        }
     }
 
     private let state = Mutex(State())
@@ -88,6 +104,7 @@ public final class SessionTable: Sendable {
         let released = release(session) { s in
             s.slots[session.id] = nil
             s.ended += 1
+            s.remember(ended: session.id)
         }
         guard let (_, handovers) = released else { return }
         onExpired(session, nil)
@@ -113,6 +130,8 @@ public final class SessionTable: Sendable {
         let step = state.withLock { s -> Step in
             let owner: UInt32
             switch s.slots[id] {
+            case nil where s.endedIDs.contains(id):
+                return .done(.ended("ended: session \(id) ended (its client said it was exiting, or nobody resumed it within --orphan-grace, \(Int(graceSeconds)) s)"))
             case nil: return .done(.notFound("expired or unknown: no session \(id) is held (a session ends \(Int(graceSeconds)) s after its connection, --orphan-grace)"))
             case .attached(let session, _, _)?, .detached(let session, _)?: owner = session.peer.uid
             case .restored(let record, _)?: owner = record.uid
@@ -154,6 +173,7 @@ public final class SessionTable: Sendable {
                 switch s.slots[id] {
                 case .detached(_, let g)? where g == generation, .restored(_, let g)? where g == generation:
                     s.expired += 1
+                    s.remember(ended: id)
                     return s.slots.removeValue(forKey: id)
                 default:
                     return nil
