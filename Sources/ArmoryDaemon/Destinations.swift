@@ -251,7 +251,7 @@ public final class Destinations: Sendable {
         uploader.replay(recovery)
         var running: [String] = []
         // A sync's runs are not clients' runs: nothing to reattach or end (the next sync resumes them).
-        for var entry in recovery.state.runs.values where !entry.handle.hasPrefix(SyncJob.handlePrefix) {
+        for var entry in recovery.state.runs.values where RecordOrigin(handle: entry.handle) == .client {
             entry.destination = key
             registry.insert(entry)
             if entry.status == .running { running.append(entry.handle) }

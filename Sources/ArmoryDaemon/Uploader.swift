@@ -295,7 +295,7 @@ public final class Uploader: Sendable {
         if case .artifact(_, let spool) = p.record, access(spool, F_OK) != 0 { return }  // already stored
         // A sync's records from before a restart are not sent again: the next sync asks the
         // destination what it holds and sends the rest, so nothing lands twice.
-        if p.lsn <= s.replayedThrough, p.handle.hasPrefix(SyncJob.handlePrefix) {
+        if p.lsn <= s.replayedThrough, RecordOrigin(handle: p.handle) == .sync {
             if case .artifact(_, let spool) = p.record { unlink(spool) }
             return
         }

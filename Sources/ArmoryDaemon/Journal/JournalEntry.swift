@@ -21,6 +21,25 @@ public enum JournalEntry: Sendable, Equatable {
     case sessionEnd(id: String)
 }
 
+/// Who produced a record: a client's session, or a sync job copying a store into the destination
+/// (docs/architecture.md, "The pipeline"). A record carries it in its run handle: a
+/// sync's handles are `sync-<source run id>` (its artifact lanes add `#<n>`), so journals written
+/// by every version say it.
+public enum RecordOrigin: Sendable, Equatable {
+    case client
+    case sync
+
+    private static let syncPrefix = "sync-"
+
+    /// The origin of the records of run handle `handle`.
+    public init(handle: String) {
+        self = handle.hasPrefix(Self.syncPrefix) ? .sync : .client
+    }
+
+    /// The handle of a sync's copy of source run `sourceRunID`: the same for every sync of that run.
+    public static func syncHandle(_ sourceRunID: String) -> String { syncPrefix + sourceRunID }
+}
+
 /// The compact binary form of journal entries (little-endian, length-prefixed strings).
 enum JournalCodec {
     enum Kind: UInt8 {

@@ -364,8 +364,7 @@ public final class SyncJob: Sendable {
     }
 
     /// The uploader handle of a source run's copy: the same for every sync of that run.
-    static func handle(_ sourceRunID: String) -> String { handlePrefix + sourceRunID }
-    static let handlePrefix = "sync-"
+    static func handle(_ sourceRunID: String) -> String { RecordOrigin.syncHandle(sourceRunID) }
 
     /// The store's identity: `<root>/.armory-store-id`, created on first use when the store is
     /// writable (a copy carried to another host keeps it), else the store's path.
