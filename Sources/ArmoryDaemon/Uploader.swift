@@ -90,7 +90,9 @@ public final class Uploader: Sendable {
         var userShareBytes: Int { Int(Double(maxBacklogBytes) * userShare) }
     }
 
-    /// Records that are in the journal only, waiting to be read back.
+    /// Records that are in the journal only, waiting to be read back. A run of a user with
+    /// nothing in it goes around it (its records stay in memory), so that one user's backlog on
+    /// disk holds no other user back (docs/architecture.md, "Backpressure and fair shares").
     private struct Spill: Sendable {
         var firstUnloaded: UInt64
         var lastSpilled: UInt64
@@ -98,6 +100,57 @@ public final class Uploader: Sendable {
         var position: Journal.Position?
         var completions: [UInt64: Completion] = [:]
         var loading = false
+        /// Spilled records per run handle, and the user they came from.
+        var handles: [String: (count: Int, uid: UInt32?)] = [:]
+        /// Runs with spilled records per user.
+        var uids: [UInt32: Int] = [:]
+        /// Whether `handles` knows every spilled record: not for what a restart left on disk.
+        var handlesKnown = true
+        /// The sequence numbers of records that went around, ascending: skipped when reading back.
+        var around = Deque<ClosedRange<UInt64>>()
+
+        /// Whether a record of run `handle` from `uid` may go around the spill: nothing of its
+        /// run, and nothing of its user, is in it.
+        func letsThrough(_ handle: String, uid: UInt32?) -> Bool {
+            handlesKnown && handles[handle] == nil && uid.map { uids[$0] == nil } ?? true
+        }
+
+        mutating func add(_ lsn: UInt64, handle: String, uid: UInt32?, completion: Completion?) {
+            lastSpilled = lsn
+            count += 1
+            var entry = handles[handle] ?? (0, nil)
+            entry.count += 1
+            if entry.uid == nil, let uid {
+                entry.uid = uid
+                uids[uid, default: 0] += 1
+            }
+            handles[handle] = entry
+            if let completion { completions[lsn] = completion }
+        }
+
+        mutating func wentAround(_ lsn: UInt64) {
+            if let last = around.last, last.upperBound + 1 == lsn {
+                around[around.count - 1] = last.lowerBound...lsn
+            } else {
+                around.append(lsn...lsn)
+            }
+        }
+
+        /// A record read back from the journal: whether it was spilled (else it went around and
+        /// is queued already).
+        mutating func takeBack(_ lsn: UInt64, handle: String) -> Bool {
+            while let first = around.first, first.upperBound < lsn { around.removeFirst() }
+            if around.first?.contains(lsn) == true { return false }
+            count -= 1
+            guard var entry = handles[handle] else { return true }
+            entry.count -= 1
+            handles[handle] = entry.count > 0 ? entry : nil
+            if entry.count == 0, let uid = entry.uid {
+                let runs = (uids[uid] ?? 1) - 1
+                uids[uid] = runs > 0 ? runs : nil
+            }
+            return true
+        }
     }
 
     private struct State: Sendable {
@@ -110,8 +163,8 @@ public final class Uploader: Sendable {
         var bytesByUID: [UInt32: Int] = [:]
         var owed = Deque<(through: UInt64, uid: UInt32, bytes: Int)>()
         var counters = Counters()
-        /// Each queued record's last scheduler ticket, sequence number and size, in order.
-        var queued = Deque<(ticket: UInt64, sequence: UInt64, bytes: Int)>()
+        /// The records in memory, by ticket and sequence number.
+        var queued = QueuedRecords()
         /// The last record a restart found in the journal.
         var replayedThrough: UInt64 = 0
         var lastSequence: UInt64 = 0
@@ -219,13 +272,17 @@ public final class Uploader: Sendable {
                 s.lastSequence = appended.lsn
                 s.journalBytes = appended.journalBytes
                 let footprint = BatchLimits.memoryFootprint(record)
-                if s.spill != nil || s.memoryBytes + footprint > bounds.memoryBytes {
-                    if s.spill == nil { s.spill = Spill(firstUnloaded: appended.lsn, lastSpilled: appended.lsn) }
-                    s.spill!.lastSpilled = appended.lsn
-                    s.spill!.count += 1
-                    if let completion { s.spill!.completions[appended.lsn] = completion }
-                } else {
+                let fits = s.memoryBytes + footprint <= bounds.memoryBytes
+                if s.spill == nil && fits {
                     queue(&s, handle, record, sequence: appended.lsn, bytes: footprint, now: now, completion: completion)
+                } else if s.spill?.letsThrough(handle, uid: uid) == true, s.memoryBytes + footprint <= bounds.memoryBytes + bounds.memoryBytes / 4 {
+                    // A quarter more than the bound is kept for what goes around: the spill
+                    // started with memory full.
+                    s.spill!.wentAround(appended.lsn)
+                    queue(&s, handle, record, sequence: appended.lsn, bytes: footprint, now: now, aroundSpill: true, completion: completion)
+                } else {
+                    if s.spill == nil { s.spill = Spill(firstUnloaded: appended.lsn, lastSpilled: appended.lsn) }
+                    s.spill!.add(appended.lsn, handle: handle, uid: uid, completion: completion)
                 }
             }
             return Enqueued(ticket: s.lastSequence, lsn: appended.last?.lsn ?? s.lastSequence, overloaded: isOverloaded(s, uid: uid, resuming: false))
@@ -235,9 +292,12 @@ public final class Uploader: Sendable {
     }
 
     /// Hands a record to the scheduler (in memory).
-    private func queue(_ s: inout State, _ handle: String, _ record: SinkRecord, sequence: UInt64, bytes: Int, now: UInt64, mayExist: Bool = false, completion: Completion?) {
+    private func queue(
+        _ s: inout State, _ handle: String, _ record: SinkRecord, sequence: UInt64, bytes: Int, now: UInt64, mayExist: Bool = false, aroundSpill: Bool = false,
+        completion: Completion?
+    ) {
         let ticket = s.scheduler.enqueue(handle, record, now: now, mayExist: mayExist)
-        s.queued.append((ticket, sequence, bytes))
+        s.queued.append(.init(ticket: ticket, sequence: sequence, bytes: bytes), aroundSpill: aroundSpill)
         s.memoryBytes += bytes
         if let completion { s.completions[ticket] = completion }
     }
@@ -280,7 +340,7 @@ public final class Uploader: Sendable {
             for p in pending { requeue(&s, p, now: now) }
             if let disk = recovery.state.leftOnDisk {
                 // The rest stays on disk: read back from the journal as the sink catches up.
-                s.spill = Spill(firstUnloaded: disk.from, lastSpilled: recovery.state.lastRecordLSN, count: disk.count)
+                s.spill = Spill(firstUnloaded: disk.from, lastSpilled: recovery.state.lastRecordLSN, count: disk.count, handlesKnown: false)
             }
             s.lastSequence = max(s.lastSequence, recovery.state.lastRecordLSN)
             s.settledSequence = recovery.state.settled
@@ -360,7 +420,7 @@ public final class Uploader: Sendable {
     public func whenSettled(upTo ticket: UInt64, _ callback: @escaping @Sendable () -> Void) {
         let now = state.withLock { s -> Bool in
             if s.settledSequence >= ticket { return true }
-            let last = s.queued.last { $0.sequence <= ticket }?.ticket ?? s.scheduler.lastTicket
+            let last = s.queued.lastTicket(upTo: ticket) ?? s.scheduler.lastTicket
             s.scheduler.hurry(upTo: s.spill == nil ? last : s.scheduler.lastTicket)
             s.waiters.append((ticket, callback))
             return false
@@ -425,7 +485,7 @@ public final class Uploader: Sendable {
     public func pending(upTo ticket: UInt64) -> Int {
         state.withLock { s in
             guard ticket > s.settledSequence else { return 0 }
-            return s.queued.reduce(0) { $0 + ($1.sequence <= ticket ? 1 : 0) } + (s.spill.map { ticket >= $0.firstUnloaded ? $0.count : 0 } ?? 0)
+            return s.queued.count(upTo: ticket) + (s.spill.map { ticket >= $0.firstUnloaded ? $0.count : 0 } ?? 0)
         }
     }
 
@@ -484,19 +544,6 @@ public final class Uploader: Sendable {
         }
     }
 
-    /// Subtracts a settled record's footprint from the memory in use (`queued` is in ticket order).
-    private static func release(_ ticket: UInt64, _ s: inout State) {
-        var low = s.queued.startIndex
-        var high = s.queued.endIndex
-        while low < high {
-            let mid = (low + high) / 2
-            if s.queued[mid].ticket < ticket { low = mid + 1 } else { high = mid }
-        }
-        guard low < s.queued.endIndex, s.queued[low].ticket == ticket else { return }
-        s.memoryBytes -= s.queued[low].bytes
-        s.queued[low].bytes = 0
-    }
-
     /// Reads spilled records back from the journal once memory has room for them.
     private func loadSpilled() {
         guard let journal else { return }
@@ -508,7 +555,7 @@ public final class Uploader: Sendable {
         }
         guard let (position, first, last) = request else { return }
         let through = min(last, journal.durableSequence)
-        let (records, next) =
+        let (read, next) =
             through >= first
             // maxBytes counts journal bytes; a record holds ~3.5× its journal size once queued
             // (measured: ~285 bytes for a single metric whose record is ~80), so this reads back
@@ -517,20 +564,17 @@ public final class Uploader: Sendable {
             : ([], position)
         let now = Self.monotonicNs()
         let ready = state.withLock { s -> [@Sendable () -> Void] in
-            for p in records { requeue(&s, p, now: now) }
+            for p in read where s.spill!.takeBack(p.lsn, handle: p.handle) { requeue(&s, p, now: now) }
             s.spill!.loading = false
             s.spill!.position = next
-            if let lastRead = records.last?.lsn {
-                s.spill!.count -= records.count
-                s.spill!.firstUnloaded = lastRead + 1
-            }
+            if let lastRead = read.last?.lsn { s.spill!.firstUnloaded = lastRead + 1 }
             if s.spill!.firstUnloaded > s.spill!.lastSpilled {
                 s.spill = nil  // caught up: new records go to memory again
             }
             return settleIfIdle(&s)
         }
         for callback in ready { callback() }
-        if records.isEmpty {
+        if read.isEmpty {
             // Not on disk yet: try again once the journal committed it.
             journal.whenDurable(first) { [wake] in wake.yield() }
         } else {
@@ -547,15 +591,14 @@ public final class Uploader: Sendable {
             }
             // Memory is given back as each record settles, in any order: runs settle at their own
             // pace, and the journal's watermark (below) waits for the oldest.
-            for ticket in settled.tickets { Self.release(ticket, &s) }
-            for (ticket, _) in settled.failures { Self.release(ticket, &s) }
-            let upTo = s.scheduler.settledUpTo
-            while let first = s.queued.first, first.ticket <= upTo {
-                s.settledSequence = first.sequence
-                s.memoryBytes -= first.bytes
-                s.queued.removeFirst()
-            }
-            if s.queued.isEmpty { s.settledSequence = s.spill.map { $0.firstUnloaded - 1 } ?? s.lastSequence }
+            for ticket in settled.tickets { s.memoryBytes -= s.queued.release(ticket) }
+            for (ticket, _) in settled.failures { s.memoryBytes -= s.queued.release(ticket) }
+            s.memoryBytes -= s.queued.dropSettled(upTo: s.scheduler.settledUpTo)
+            // Settled is everything below the oldest record still waiting, in memory or on disk.
+            var settledThrough = s.lastSequence
+            if let oldest = s.queued.oldestSequence { settledThrough = min(settledThrough, oldest - 1) }
+            if let spill = s.spill { settledThrough = min(settledThrough, spill.firstUnloaded - 1) }
+            s.settledSequence = max(s.settledSequence, settledThrough)
             if let journal {
                 // With nothing left at all, everything journaled so far is settled (binds included).
                 journal.settle(upTo: s.queued.isEmpty && s.spill == nil ? journal.appendedLSN : s.settledSequence)

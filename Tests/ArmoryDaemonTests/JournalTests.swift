@@ -208,6 +208,57 @@ import Testing
         _ = await uploader.shutdown(timeout: 5)
     }
 
+    @Test func aRunWithNothingSpilledGoesAroundAnotherRunsBacklogOnDisk() async throws {
+        let dir = NSTemporaryDirectory() + "armory-around-" + UUID().uuidString
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let sink = GatedSink(try FileStoreSink(root: dir + "/mlruns"), holdsLogsOf: "flood")
+        let (journal, _) = try Journal.open(directory: dir + "/journal", options: .init(commitInterval: 0.001, segmentBytes: 64 << 10))
+        let uploader = Uploader(sink: sink, bounds: .init(memoryBytes: 16 << 10), journal: journal)
+        func creation(_ runID: String) -> RunCreation {
+            var c = JournalCodecTests.creation
+            c.runID = runID
+            c.parentHandle = nil
+            return c
+        }
+        func points(_ key: String, _ range: Range<Int>) -> SinkRecord {
+            .log(LogBatch(metrics: range.map { MetricPoint(key: key, value: Double($0), step: Int64($0), timestamp: Int64($0)) }))
+        }
+        // Run A: batches of 200 points, past the memory bound at once: all of them spill.
+        uploader.enqueue("a", .createRun(creation("flood")))
+        var lastOfA: UInt64 = 0
+        for batch in 0..<40 { lastOfA = uploader.enqueue("a", points("m", batch * 200..<(batch + 1) * 200)).ticket }
+        let firstOfA = lastOfA - 39
+        #expect(uploader.counterSnapshot.spilledRecords == 40)
+        // Run B has nothing on disk: its records go around A's backlog, in memory.
+        uploader.enqueue("b", .createRun(creation("stream")))
+        let landed = Mutex<[Int]>([])
+        for i in 0..<20 {
+            uploader.enqueue("b", points("n", i..<i + 1)) { result in
+                if case .success = result { landed.withLock { $0.append(i) } }
+            }
+        }
+        #expect(uploader.counterSnapshot.spilledRecords == 40)
+        uploader.start()
+        // B lands while A's calls are held back and its backlog waits on disk.
+        let deadline = ContinuousClock.now + .seconds(30)
+        while landed.withLock({ $0.count }) < 20 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(landed.withLock { $0 } == Array(0..<20))
+        #expect(uploader.counterSnapshot.spilledRecords > 0)  // (what memory holds of it is held at the sink)
+        // The journal's watermark stays below A's oldest record: a restart now would send it all.
+        #expect(journal.snapshotStatistics.settledLSN < firstOfA)
+        #expect(uploader.pending(upTo: lastOfA) >= 40)
+        sink.open()
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: uploader.lastTicket) { c.resume() } }
+        #expect(uploader.counterSnapshot.spilledRecords == 0)
+        #expect(uploader.counterSnapshot.metricsWritten == 8000 + 20)
+        for (runID, key, count) in [("flood", "m", 8000), ("stream", "n", 20)] {
+            let experiment = try #require(try FileManager.default.contentsOfDirectory(atPath: dir + "/mlruns").first { FileManager.default.fileExists(atPath: dir + "/mlruns/" + $0 + "/" + runID) })
+            let file = try String(contentsOfFile: dir + "/mlruns/" + experiment + "/" + runID + "/metrics/" + key, encoding: .utf8)
+            #expect(file.split(separator: "\n").map { Int($0.split(separator: " ")[2])! } == Array(0..<count))
+        }
+        _ = await uploader.shutdown(timeout: 5)
+    }
+
     @Test func aReplayPastItsMemoryBudgetReadsTheRestBackFromDisk() async throws {
         let dir = NSTemporaryDirectory() + "armory-replay-" + UUID().uuidString
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -234,4 +285,39 @@ import Testing
         #expect(uploader.counterSnapshot.metricsWritten == 3000)
         _ = await uploader.shutdown(timeout: 5)
     }
+}
+
+/// A sink that holds back the metric calls of one run until `open()` (the rest goes through),
+/// with room for calls of several runs at once.
+final class GatedSink: RecordSink {
+    private let inner: FileStoreSink
+    private let heldRunID: String
+    private let isOpen = Atomic<Bool>(false)
+
+    init(_ inner: FileStoreSink, holdsLogsOf runID: String) {
+        self.inner = inner
+        heldRunID = runID
+    }
+
+    func open() { isOpen.store(true, ordering: .relaxed) }
+
+    var destination: String { inner.destination }
+    var concurrency: Int { 4 }
+    var limits: BatchLimits { inner.limits }
+    var defaultFlushInterval: Double { 0 }
+    var assignsRunIDs: Bool { true }
+
+    func perform(_ operation: SinkOperation) async -> SinkOutcome {
+        if case .log(let runID, _) = operation, runID == heldRunID {
+            while !isOpen.load(ordering: .relaxed) { try? await Task.sleep(for: .milliseconds(2)) }
+        }
+        return await inner.perform(operation)
+    }
+
+    func findRun(runID: String) async -> StoredRun? { await inner.findRun(runID: runID) }
+    func experiment(named name: String, create: Bool) async throws(ProtocolError) -> String? { try await inner.experiment(named: name, create: create) }
+    func setExperimentTag(experimentID: String, key: String, value: String) async throws(ProtocolError) {
+        try await inner.setExperimentTag(experimentID: experimentID, key: key, value: value)
+    }
+    func close() async { await inner.close() }
 }

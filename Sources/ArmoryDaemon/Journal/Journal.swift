@@ -274,7 +274,7 @@ public final class Journal: @unchecked Sendable {
             }
             let fd = Glibc.open(file.path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { break }
-            var want = min(file.bytes - offset, max(maxBytes - read, 1 << 20))
+            var want = min(file.bytes - offset, max(maxBytes - read, 64 << 10))
             var chunk: [UInt8] = []
             var n = 0
             while true {

@@ -1,0 +1,73 @@
+import DequeModule
+
+/// The uploader's records in memory, by scheduler ticket and journal sequence number: what says
+/// how far the journal is settled (docs/architecture.md, "Backpressure and fair shares").
+///
+/// Records normally enter in journal order. While a spill waits on disk, a run with nothing in it
+/// may go around it: its records enter `around`, with sequence numbers above the spilled ones that
+/// are read back into `inOrder` later. Each deque stays in ticket and in sequence order, so the
+/// oldest unsettled record is at the front of one of them.
+struct QueuedRecords {
+    /// A record in memory: its last scheduler ticket, journal sequence number and footprint
+    /// (0 once its memory was given back).
+    struct Entry {
+        var ticket: UInt64
+        var sequence: UInt64
+        var bytes: Int
+    }
+
+    private(set) var inOrder = Deque<Entry>()
+    private(set) var around = Deque<Entry>()
+
+    var isEmpty: Bool { inOrder.isEmpty && around.isEmpty }
+
+    mutating func append(_ entry: Entry, aroundSpill: Bool) {
+        if aroundSpill { around.append(entry) } else { inOrder.append(entry) }
+    }
+
+    /// Gives back the memory of the record of `ticket`, settled ahead of older ones; returns how
+    /// many bytes it held.
+    mutating func release(_ ticket: UInt64) -> Int {
+        Self.release(ticket, in: &inOrder) + Self.release(ticket, in: &around)
+    }
+
+    private static func release(_ ticket: UInt64, in entries: inout Deque<Entry>) -> Int {
+        var low = entries.startIndex
+        var high = entries.endIndex
+        while low < high {
+            let mid = (low + high) / 2
+            if entries[mid].ticket < ticket { low = mid + 1 } else { high = mid }
+        }
+        guard low < entries.endIndex, entries[low].ticket == ticket else { return 0 }
+        defer { entries[low].bytes = 0 }
+        return entries[low].bytes
+    }
+
+    /// Drops the records whose tickets are all settled (every ticket up to `ticket` is); returns
+    /// the memory they still held.
+    mutating func dropSettled(upTo ticket: UInt64) -> Int {
+        var freed = 0
+        while let first = inOrder.first, first.ticket <= ticket { freed += inOrder.removeFirst().bytes }
+        while let first = around.first, first.ticket <= ticket { freed += around.removeFirst().bytes }
+        return freed
+    }
+
+    /// The sequence number of the oldest record still in memory.
+    var oldestSequence: UInt64? {
+        switch (inOrder.first?.sequence, around.first?.sequence) {
+        case (let a?, let b?): min(a, b)
+        case (let a, let b): a ?? b
+        }
+    }
+
+    /// How many records up to sequence number `sequence` are in memory.
+    func count(upTo sequence: UInt64) -> Int {
+        inOrder.reduce(0) { $0 + ($1.sequence <= sequence ? 1 : 0) } + around.reduce(0) { $0 + ($1.sequence <= sequence ? 1 : 0) }
+    }
+
+    /// The last ticket of the records up to sequence number `sequence`.
+    func lastTicket(upTo sequence: UInt64) -> UInt64? {
+        let tickets = [inOrder.last { $0.sequence <= sequence }?.ticket, around.last { $0.sequence <= sequence }?.ticket].compactMap { $0 }
+        return tickets.max()
+    }
+}
