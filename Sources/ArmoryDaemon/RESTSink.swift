@@ -143,7 +143,8 @@ public final class RESTSink: RecordSink {
             return try await Self.retrying(until: patience) { () async throws(MLflowError) -> SyncedRunLookup in
                 let experimentID: String
                 if create {
-                    experimentID = try await self.experimentID(experimentName)
+                    // Created as the daemon creates an evaluation's: MLflow's UI opens it on the runs table.
+                    experimentID = try await self.experimentID(experimentName, createdWith: RunCreation.evaluationExperimentTags)
                 } else {
                     guard let found = try await self.client.experiment(named: experimentName), found.lifecycleStage == "active" else { return SyncedRunLookup(experimentID: nil, run: nil) }
                     experimentID = found.id

@@ -178,7 +178,10 @@ public final class FileStoreSink: RecordSink {
     public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
         try store.withLock { (box: inout FileStoreBox) throws(ProtocolError) -> SyncedRunLookup in
             do {
-                let id = create ? try box.store.experimentID(named: experimentName) : try box.store.existingExperimentID(named: experimentName)
+                let id =
+                    create
+                    ? try box.store.experimentID(named: experimentName, tags: RunCreation.evaluationExperimentTags)
+                    : try box.store.existingExperimentID(named: experimentName)
                 guard let id else { return SyncedRunLookup(experimentID: nil, run: nil) }
                 let reader = try FileStoreReader(root: box.store.root)
                 guard let experiment = reader.experiments().first(where: { $0.id == id }),

@@ -47,15 +47,14 @@ def expected_loss(chain, step):
     return 2.0 * math.exp(-step / (20 if chain == "benign" else 35)) + 0.05
 
 
-def assert_example_recorded(client, parent_id, chain_ids, download_dir, created_by_armoryd=True):
+def assert_example_recorded(client, parent_id, chain_ids, download_dir):
     """Experiment, parent and nested runs, every param on the right run, histories, artifacts.
-    An experiment armoryd created for the evaluation is of MLflow's kind "custom model
-    development", so that MLflow's UI opens it on its runs."""
+    The experiment armoryd (or a sync) created for the evaluation is of MLflow's kind "custom
+    model development", so that MLflow's UI opens it on its runs."""
     assert set(chain_ids) == {"benign", "attacked"}
     experiment = client.get_experiment_by_name("armory-example")
     assert experiment is not None and experiment.lifecycle_stage == "active"
-    if created_by_armoryd:
-        assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
     runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=1000)}
     assert {parent_id, *chain_ids.values()} <= set(runs)
 
