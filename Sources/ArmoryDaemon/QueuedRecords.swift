@@ -67,7 +67,8 @@ struct QueuedRecords {
 
     /// The last ticket of the records up to sequence number `sequence`.
     func lastTicket(upTo sequence: UInt64) -> UInt64? {
-        let tickets = [inOrder.last { $0.sequence <= sequence }?.ticket, around.last { $0.sequence <= sequence }?.ticket].compactMap { $0 }
-        return tickets.max()
+        let inOrderTicket = inOrder.last { $0.sequence <= sequence }?.ticket
+        guard let aroundTicket = around.last(where: { $0.sequence <= sequence })?.ticket else { return inOrderTicket }
+        return max(inOrderTicket ?? 0, aroundTicket)
     }
 }

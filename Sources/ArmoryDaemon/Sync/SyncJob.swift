@@ -15,7 +15,6 @@ import Synchronization
 public final class SyncJob: Sendable {
     public let id: Int
     public let source: String
-    public let destination: String
     let request: SyncRequest
     let uploader: Uploader
     let spoolDirectory: String
@@ -28,7 +27,6 @@ public final class SyncJob: Sendable {
         self.request = request
         self.source = source
         self.uploader = uploader
-        self.destination = uploader.destination
         self.spoolDirectory = spoolDirectory
         self.logger = logger
         self.progress = Mutex(SyncJobStatus(id: Int64(id), state: "planning", from: source, to: uploader.destination, dryRun: request.dryRun))
@@ -189,7 +187,7 @@ public final class SyncJob: Sendable {
                 $0.error = "\(failed.count) of \(runs) runs not copied whole\(rest). A run not copied whole stays tagged armory.sync.state=partial: fix what the failures name, then sync again."
             }
         }
-        logger.info("sync finished", metadata: ["from": "\(source)", "to": "\(destination)", "runs": "\(runs)", "failed": "\(failed.count)"])
+        logger.info("sync finished", metadata: ["from": "\(source)", "to": "\(uploader.destination)", "runs": "\(runs)", "failed": "\(failed.count)"])
     }
 
     private func settled(upTo ticket: UInt64) async {
