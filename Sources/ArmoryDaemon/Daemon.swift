@@ -38,7 +38,7 @@ public struct DaemonConfiguration: Sendable {
     public var eventLoopThreads: Int = max(1, min(4, System.coreCount))
     /// What uploaders hold in memory, and the journal size past which connections stop reading
     /// until the sink catches up.
-    public var bounds = Uploader.Bounds()
+    public var bounds = UploadBounds()
     /// An MLflow server to write to instead of the local store (the daemon's `MLFLOW_TRACKING_URI`).
     public var server: MLflowDestination?
     /// Credentials per server, re-read on `reloadCredentials` (SIGHUP), later files winning:

@@ -56,11 +56,6 @@ public final class DaemonServices: Sendable {
         self.socketPath = socketPath
     }
 
-    public convenience init(uploader: Uploader, limits: ProtocolLimits = .default, spoolDirectory: String, socketPath: String) {
-        let registry = RunRegistry()
-        self.init(registry: registry, destinations: Destinations(primary: uploader, registry: registry), limits: limits, spoolDirectory: spoolDirectory, socketPath: socketPath)
-    }
-
     /// Whether a peer sees every user's runs: root, the daemon's own user, or a member of
     /// `adminGroup` (its primary group or a supplementary one).
     public func isAdmin(_ peer: PeerCredentials) -> Bool {

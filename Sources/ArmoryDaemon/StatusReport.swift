@@ -8,7 +8,7 @@ public enum StatusReport {
         let counters = services.destinations.all.map(\.counterSnapshot)
         let degraded = counters.contains { $0.isDegraded }
         let pending = counters.reduce(0) { $0 + $1.pendingRecords }
-        let journalBytes = services.destinations.all.reduce(0) { $0 + ($1.journal?.snapshotStatistics.bytes ?? 0) }
+        let journalBytes = services.destinations.all.reduce(0) { $0 + $1.journal.snapshotStatistics.bytes }
         let lastSuccess = counters.compactMap(\.lastSuccessMs).max()
         var line =
             "\(degraded ? "degraded" : "running"): \(services.statistics.clients.count) clients, \(services.registry.activeRuns.count) active runs, "
@@ -56,26 +56,26 @@ public enum StatusReport {
             pendingByRun.merge(uploader.pendingByRun) { $0 + $1 }
             backlog.merge(uploader.backlogByUID) { $0 + $1 }
         }
-        let journals = uploaders.compactMap { $0.journal?.snapshotStatistics }
+        let journals = uploaders.map { $0.journal.snapshotStatistics }
         let recovery = services.destinations.recoveryReport
         let sessions = services.sessions.counts
         let totals = services.statistics.totals
         let nowMs = WallClock.nowMs()
-        func sum<Figure: BinaryInteger>(_ figure: (Uploader.Counters) -> Figure) -> Int64 { counters.reduce(0) { $0 + Int64(figure($1)) } }
+        func sum<Figure: BinaryInteger>(_ figure: (UploadCounters) -> Figure) -> Int64 { counters.reduce(0) { $0 + Int64(figure($1)) } }
         return StatusReply(
             state: counters.contains { $0.isDegraded } ? "degraded" : "running",
             pid: ProcessInfo.processInfo.processIdentifier, uid: getuid(), systemdUnit: systemdUnit, version: DaemonVersion.current,
             uptimeSeconds: (Date().timeIntervalSince(services.startedAt) * 10).rounded() / 10, socket: services.socketPath,
             destination: services.uploader.destination,
             destinations: zip(uploaders, counters).map { uploader, c in
-                let journal = uploader.journal?.snapshotStatistics
+                let journal = uploader.journal.snapshotStatistics
                 return StatusReply.Destination(
                     destination: uploader.destination, state: c.needsCredentials != nil ? "needs-credentials" : c.isDegraded ? "degraded" : "running",
                     pendingRecords: Int64(c.pendingRecords), appliedRecords: Int64(c.appliedRecords), rejectedRecords: Int64(c.rejectedRecords),
                     retries: Int64(c.retries), lastError: c.lastError,
                     live: .init(
-                        deadLetters: Int64(c.deadLetters), deadLetterFile: uploader.deadLetters?.path, journalBytes: Int64(journal?.bytes ?? 0),
-                        journalSegments: Int64(journal?.segments ?? 0), journalError: journal?.lastError))
+                        deadLetters: Int64(c.deadLetters), deadLetterFile: uploader.deadLetters?.path, journalBytes: Int64(journal.bytes),
+                        journalSegments: Int64(journal.segments), journalError: journal.lastError))
             }
                 + waiting.map { waiting in
                     StatusReply.Destination(

@@ -22,8 +22,21 @@ struct ArchitectureTests {
 
     /// What lives above each layer: a file of the layer must not name it.
     private static let sessions: Set<String> = ["Session", "SessionStateMachine", "SessionChannelHandler", "SessionTable", "SessionAction", "SessionCommit", "DaemonServices", "StatusReport", "Daemon"]
-    private static let senders: Set<String> = sessions.union(["Uploader", "UploadScheduler", "Destinations", "DeadLetterFile", "RunRegistry"])
-    private static let journal: Set<String> = senders.union(["RecordSink", "RESTSink", "FileStoreSink", "SinkFactory"])
+    private static let uploads: Set<String> = sessions.union(["Uploader", "JournalWriter", "Sender", "SenderStateMachine", "UploadScheduler", "Destinations", "DeadLetterFile", "RunRegistry"])
+    private static let journal: Set<String> = uploads.union(["RecordSink", "RESTSink", "FileStoreSink", "SinkFactory"])
+    private static let syncs: Set<String> = ["SyncJob", "SyncJobs", "SyncRunPlan", "SyncRequest"]
+
+    @Test func everyFolderIsABoxOfTheDiagramAndEveryBoxAFolder() throws {
+        let doc = try String(contentsOfFile: Self.daemon + "/../../docs/architecture.md", encoding: .utf8)
+        let diagram = try #require(doc.components(separatedBy: "```").dropFirst().first)
+        let boxes = Set(diagram.split { !$0.isLetter && !$0.isNumber && $0 != "/" }.filter { $0.count > 1 && $0.first!.isLetter && $0.hasSuffix("/") }.map { String($0.dropLast()) })
+        let folders = Set(
+            try FileManager.default.contentsOfDirectory(atPath: Self.daemon).filter { name in
+                var isDirectory: ObjCBool = false
+                return FileManager.default.fileExists(atPath: Self.daemon + "/" + name, isDirectory: &isDirectory) && isDirectory.boolValue
+            })
+        #expect(boxes == folders, "diagram: \(boxes.sorted()), folders: \(folders.sorted())")
+    }
 
     @Test func theJournalNamesNothingAboveIt() throws {
         for file in try Self.files(in: "Journal") {
@@ -32,24 +45,36 @@ struct ArchitectureTests {
         }
     }
 
-    @Test func sinksNameNeitherTheUploaderNorTheJournalNorSessions() throws {
-        for file in ["Sink.swift", "RESTSink.swift"] {
-            let above = try Self.names(in: file).intersection(Self.senders.union(["Journal", "JournalEntry"]))
+    @Test func sinksNameNeitherTheUploadsNorTheJournalNorSessions() throws {
+        for file in try Self.files(in: "Sinks") {
+            let above = try Self.names(in: file).intersection(Self.uploads.union(["Journal", "JournalEntry"]).union(Self.syncs))
             #expect(above.isEmpty, "\(file) names \(above.sorted())")
         }
     }
 
-    @Test func theUploadersNameNoSessionAndNoSyncJob() throws {
-        for file in ["Uploader.swift", "UploadScheduler.swift", "DeadLetters.swift", "Destinations.swift", "RunRegistry.swift"] {
-            let above = try Self.names(in: file).intersection(Self.sessions.union(["SyncJob", "SyncRunPlan", "SyncRequest"]))
+    @Test func theUploadsNameNoSessionAndNoSyncJob() throws {
+        for file in try Self.files(in: "Upload") + ["RunRegistry.swift"] {
+            let above = try Self.names(in: file).intersection(Self.sessions.union(Self.syncs))
             #expect(above.isEmpty, "\(file) names \(above.sorted())")
         }
     }
 
-    @Test func theSchedulerIsAStateMachineWithoutIO() throws {
-        let used = try Self.names(in: "UploadScheduler.swift")
-        #expect(used.isDisjoint(with: ["Uploader", "Journal", "RecordSink", "Task", "EventLoop", "Mutex"]), "\(used.sorted())")
+    @Test func theWriterHandsDownToTheSenderWhichNamesNeitherItNorTheUploader() throws {
+        let writer = try Self.names(in: "Upload/JournalWriter.swift")
+        #expect(writer.isDisjoint(with: ["Uploader", "RecordSink", "SenderStateMachine", "UploadScheduler"]), "\(writer.sorted())")
+        for file in ["Upload/Sender.swift", "Upload/SenderStateMachine.swift"] {
+            let used = try Self.names(in: file)
+            #expect(used.isDisjoint(with: ["Uploader", "JournalWriter", "Destinations"]), "\(file) names \(used.sorted())")
+        }
+    }
+
+    @Test func theStateMachinesDoNoIO() throws {
+        let io: Set<String> = ["Uploader", "Sender", "JournalWriter", "RecordSink", "Task", "EventLoop", "Mutex", "FileManager", "Channel"]
+        for file in ["Upload/UploadScheduler.swift", "Upload/SenderStateMachine.swift", "Upload/Spill.swift", "Upload/QueuedRecords.swift"] {
+            let used = try Self.names(in: file)
+            #expect(used.isDisjoint(with: io), "\(file) names \(used.sorted())")
+        }
         let session = try Self.names(in: "Sessions/SessionStateMachine.swift")
-        #expect(session.isDisjoint(with: ["Uploader", "Journal", "RecordSink", "Destinations", "DaemonServices", "Task", "EventLoop", "Channel"]), "\(session.sorted())")
+        #expect(session.isDisjoint(with: io.union(["Journal", "Destinations", "DaemonServices"])), "\(session.sorted())")
     }
 }

@@ -38,7 +38,7 @@ import Testing
     @Test func everyEntryRoundTrips() throws {
         var bytes = JournalSegment.magic
         for (i, entry) in Self.entries.enumerated() {
-            var w = JournalWriter()
+            var w = JournalFieldWriter()
             JournalCodec.encode(entry, into: &w)
             JournalSegment.frame(lsn: UInt64(i + 1), body: w.bytes, into: &bytes)
         }
@@ -53,7 +53,7 @@ import Testing
         var offsets: [Int] = []
         for i in 0..<count {
             offsets.append(bytes.count)
-            var w = JournalWriter()
+            var w = JournalFieldWriter()
             JournalCodec.encode(.record(handle: "h", .log(LogBatch(metrics: [MetricPoint(key: "m", value: Double(i), timestamp: Int64(i))]))), into: &w)
             JournalSegment.frame(lsn: UInt64(i + 1), body: w.bytes, into: &bytes)
         }

@@ -83,10 +83,10 @@ struct SessionResumeTests {
             return
         }
         #expect(committed == s.record)
-        var writer = JournalWriter()
+        var writer = JournalFieldWriter()
         JournalCodec.encode(.session(s.record), into: &writer)
         let decoded = try writer.bytes.withUnsafeBytes { raw in
-            var reader = JournalReader(raw)
+            var reader = JournalFieldReader(raw)
             return try JournalCodec.decode(&reader)
         }
         guard case .session(let record) = decoded else {

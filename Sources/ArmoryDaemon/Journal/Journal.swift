@@ -82,20 +82,8 @@ public final class Journal: @unchecked Sendable {
     private var segments: [Segment]
     private var statistics: Statistics
 
-    /// Called (on the committer thread) after segments were deleted: the journal shrank.
-    public var onReclaim: (@Sendable () -> Void)? {
-        get {
-            condition.lock()
-            defer { condition.unlock() }
-            return reclaimCallback
-        }
-        set {
-            condition.lock()
-            reclaimCallback = newValue
-            condition.unlock()
-        }
-    }
-    private var reclaimCallback: (@Sendable () -> Void)?
+    /// Called once, the next time the settled watermark moves or segments are deleted.
+    private var progressWaiters: [@Sendable () -> Void] = []
 
     // Owned by the committer thread.
     private var fd: Int32 = -1
@@ -172,7 +160,7 @@ public final class Journal: @unchecked Sendable {
         let snapshot = state.snapshot()
         condition.unlock()
         for entry in snapshot {
-            var w = JournalWriter()
+            var w = JournalFieldWriter()
             JournalCodec.encode(entry, into: &w)
             JournalSegment.frame(lsn: 0, body: w.bytes, into: &head)
         }
@@ -206,7 +194,7 @@ public final class Journal: @unchecked Sendable {
 
     /// An entry's encoded body (done before taking any lock).
     public static func encode(_ entry: JournalEntry) -> [UInt8] {
-        var w = JournalWriter()
+        var w = JournalFieldWriter()
         JournalCodec.encode(entry, into: &w)
         return w.bytes
     }
@@ -302,7 +290,7 @@ public final class Journal: @unchecked Sendable {
                     }
                     guard n - consumed - JournalSegment.recordHeader >= length else { return }  // read it whole next time
                     let body = UnsafeRawBufferPointer(rebasing: raw[(consumed + JournalSegment.recordHeader)..<(consumed + JournalSegment.recordHeader + length)])
-                    var reader = JournalReader(body)
+                    var reader = JournalFieldReader(body)
                     guard let lsn = try? reader.u64() else {
                         consumed += JournalSegment.recordHeader + length
                         continue
@@ -328,11 +316,32 @@ public final class Journal: @unchecked Sendable {
     /// Every record up to `lsn` is settled by the sink (recorded at the next settle interval).
     public func settle(upTo lsn: UInt64) {
         condition.lock()
+        var ready: [@Sendable () -> Void] = []
         if lsn > settledLSN {
             settledLSN = lsn
             condition.signal()  // an idle committer records it after the settle interval
+            swap(&ready, &progressWaiters)
         }
         condition.unlock()
+        for callback in ready { callback() }
+    }
+
+    /// Every record up to this one is settled (in memory; recorded in the journal within the
+    /// settle interval).
+    public var settledSequence: UInt64 {
+        condition.lock()
+        defer { condition.unlock() }
+        return settledLSN
+    }
+
+    /// Calls `callback` once, when the settled watermark has moved past `lsn` or segments were
+    /// deleted (what a paused producer waits for).
+    public func whenSettledOrReclaimed(after lsn: UInt64, _ callback: @escaping @Sendable () -> Void) {
+        condition.lock()
+        let now = settledLSN > lsn
+        if !now { progressWaiters.append(callback) }
+        condition.unlock()
+        if now { callback() }
     }
 
     /// The highest sequence number appended so far.
@@ -416,7 +425,7 @@ public final class Journal: @unchecked Sendable {
             if settleTo > settledWritten {
                 barrier()  // what the sink wrote up to there is on disk before the journal says so
                 condition.lock()
-                var w = JournalWriter()
+                var w = JournalFieldWriter()
                 JournalCodec.encode(.settled(settleTo), into: &w)
                 let lsn = nextLSN
                 nextLSN += 1
@@ -480,10 +489,12 @@ public final class Journal: @unchecked Sendable {
             }
             let rotate = (segments.last?.bytes ?? 0) >= options.segmentBytes
             if rotate { state.prune() }
+            var reclaimed: [@Sendable () -> Void] = []
+            if !obsolete.isEmpty { swap(&reclaimed, &progressWaiters) }
             condition.unlock()
 
             for path in obsolete { unlink(path) }
-            if !obsolete.isEmpty { onReclaim?() }
+            for callback in reclaimed { callback() }
             for callback in ready { callback() }
             if rotate && !stop {
                 do { try startSegment() } catch {

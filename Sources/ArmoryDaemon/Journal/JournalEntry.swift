@@ -50,7 +50,7 @@ enum JournalCodec {
     /// journal from another version).
     struct Malformed: Error {}
 
-    static func encode(_ entry: JournalEntry, into w: inout JournalWriter) {
+    static func encode(_ entry: JournalEntry, into w: inout JournalFieldWriter) {
         switch entry {
         case .run(let e):
             w.u8(Kind.run.rawValue)
@@ -128,7 +128,7 @@ enum JournalCodec {
         }
     }
 
-    static func decode(_ r: inout JournalReader) throws(Malformed) -> JournalEntry {
+    static func decode(_ r: inout JournalFieldReader) throws(Malformed) -> JournalEntry {
         guard let kind = Kind(rawValue: try r.u8()) else { throw Malformed() }
         switch kind {
         case .run:
@@ -204,7 +204,7 @@ enum JournalCodec {
 }
 
 /// Appends little-endian fields to a byte array.
-struct JournalWriter {
+struct JournalFieldWriter {
     var bytes: [UInt8]
 
     init(capacity: Int = 256) {
@@ -247,8 +247,8 @@ struct JournalWriter {
     }
 }
 
-/// Reads what `JournalWriter` wrote; every read is bounds-checked.
-struct JournalReader {
+/// Reads what `JournalFieldWriter` wrote; every read is bounds-checked.
+struct JournalFieldReader {
     let bytes: UnsafeRawBufferPointer
     var index = 0
 

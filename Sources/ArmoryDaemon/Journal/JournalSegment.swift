@@ -66,7 +66,7 @@ enum JournalSegment {
                 let body = UnsafeRawBufferPointer(rebasing: raw[(offset + recordHeader)..<(offset + recordHeader + length)])
                 let next = offset + recordHeader + length
                 if CRC32C.checksum(body) == checksum {
-                    var reader = JournalReader(body)
+                    var reader = JournalFieldReader(body)
                     if let lsn = try? reader.u64(), let entry = try? JournalCodec.decode(&reader), reader.remaining == 0 {
                         visit(lsn, entry)
                     } else {

@@ -111,7 +111,7 @@ public final class Session: @unchecked Sendable {
     /// What happens when the sink has acted on a record: a created run's ids go to the registry,
     /// and a refusal to the session writing the run (fire-and-forget ops learn of it late).
     /// Logs the runs' lifecycle.
-    private func completion(for out: SessionRecordOut) -> Uploader.Completion? {
+    private func completion(for out: SessionRecordOut) -> RecordCompletion? {
         let registry = services.registry
         let handle = out.handle
         switch out.record {
@@ -150,7 +150,7 @@ public final class Session: @unchecked Sendable {
         }
     }
 
-    private static func reportFailure(of op: String, handle: String, registry: RunRegistry) -> Uploader.Completion {
+    private static func reportFailure(of op: String, handle: String, registry: RunRegistry) -> RecordCompletion {
         { result in
             if case .failure(var error) = result {
                 error.op = op

@@ -28,14 +28,14 @@ public struct DestinationKey: Hashable, Sendable {
 public final class Destinations: Sendable {
     /// How to make the uploader of a destination an evaluation names.
     public struct Settings: Sendable {
-        public var bounds: Uploader.Bounds
+        public var bounds: UploadBounds
         public var uploadConcurrency: Int
         public var flushInterval: Double
         public var requestTimeout: Double
         /// TLS settings of the daemon (a client's certificate paths are its own files).
         public var tls: MLflowTLSSettings
-        /// Where journals live (`nil`: no journal, records are in memory only).
-        public var journalRoot: String?
+        /// Where journals live, one directory per destination.
+        public var journalRoot: String
         public var journalOptions: Journal.Options
         /// Where each destination's dead-letter file lives (`nil`: refused records are dropped).
         public var deadLetterRoot: String?
@@ -52,8 +52,8 @@ public final class Destinations: Sendable {
         public var sinks: SinkFactory { SinkFactory(uploadConcurrency: uploadConcurrency, requestTimeout: requestTimeout, tls: tls) }
 
         public init(
-            bounds: Uploader.Bounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
-            journalRoot: String? = nil, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [], maxDestinationsPerUser: Int = 4,
+            bounds: UploadBounds = .init(), uploadConcurrency: Int = 4, flushInterval: Double = 1, requestTimeout: Double = 30, tls: MLflowTLSSettings = .init(),
+            journalRoot: String, journalOptions: Journal.Options = .init(), deadLetterRoot: String? = nil, credentialsFiles: [String] = [], maxDestinationsPerUser: Int = 4,
             daemonCredentials: MLflowCredentials = .init()
         ) {
             self.bounds = bounds
@@ -134,19 +134,9 @@ public final class Destinations: Sendable {
     /// Told about client sessions restored from a journal (waiting for their clients to resume).
     private let onRestoredSessions: @Sendable ([SessionRecord]) -> Void
 
-    /// Destinations without journals (tests of sessions alone).
-    public init(primary: Uploader, registry: RunRegistry, settings: Settings = Settings()) {
-        self.primary = primary
-        self.primaryKey = nil
-        self.settings = settings
-        self.registry = registry
-        self.onRestoredRuns = { _ in }
-        self.onRestoredSessions = { _ in }
-    }
-
     /// Replays the primary's journal (if any) and the journals of other destinations.
     public init(
-        primarySink: any RecordSink, primaryServer: MLflowDestination? = nil, settings: Settings = Settings(), registry: RunRegistry,
+        primarySink: any RecordSink, primaryServer: MLflowDestination? = nil, settings: Settings, registry: RunRegistry,
         onRestoredRuns: @escaping @Sendable ([String]) -> Void = { _ in },
         onRestoredSessions: @escaping @Sendable ([SessionRecord]) -> Void = { _ in }
     ) throws(ProtocolError) {
@@ -156,18 +146,17 @@ public final class Destinations: Sendable {
         self.onRestoredRuns = onRestoredRuns
         self.onRestoredSessions = onRestoredSessions
         var found: [(String, JournalIdentity)] = []
-        if let root = settings.journalRoot {
-            for name in ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).sorted() {
-                if let identity = JournalIdentity(file: root + "/" + name + "/destination") { found.append((root + "/" + name, identity)) }
-            }
+        let root = settings.journalRoot
+        for name in ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).sorted() {
+            if let identity = JournalIdentity(file: root + "/" + name + "/destination") { found.append((root + "/" + name, identity)) }
         }
         let source = primaryServer.map { $0.credentials.isEmpty ? "none" : "daemon" } ?? "none"
         let mine = found.first { $0.1.uri == primarySink.destination && $0.1.credentials != "client" }
         found.removeAll { $0.0 == mine?.0 }
         let opened = try Self.openJournal(at: mine?.0, identity: JournalIdentity(uri: primarySink.destination, credentials: source, uid: getuid()), sink: primarySink, settings: settings)
-        primary = Self.uploader(sink: primarySink, journal: opened?.0, flushInterval: primarySink.assignsRunIDs ? 0 : settings.flushInterval, settings: settings, registry: registry)
+        primary = Self.uploader(sink: primarySink, journal: opened.0, flushInterval: primarySink.assignsRunIDs ? 0 : settings.flushInterval, settings: settings, registry: registry)
         primary.start()
-        if let opened { restore(opened.1, into: primary, key: .primary) }
+        restore(opened.1, into: primary, key: .primary)
         for (directory, identity) in found { recover(directory: directory, identity: identity) }
         reloadCredentials()
     }
@@ -219,15 +208,14 @@ public final class Destinations: Sendable {
     }
 
     /// The uploader of a sink, with its dead-letter file (when the daemon keeps them).
-    private static func uploader(sink: any RecordSink, journal: Journal?, flushInterval: Double, settings: Settings, registry: RunRegistry) -> Uploader {
+    private static func uploader(sink: any RecordSink, journal: Journal, flushInterval: Double, settings: Settings, registry: RunRegistry) -> Uploader {
         let deadLetters = settings.deadLetterRoot.flatMap { try? DeadLetterFile(directory: $0, destination: sink.serverURL ?? sink.destination) }
         return Uploader(sink: sink, bounds: settings.bounds, flushInterval: flushInterval, journal: journal, deadLetters: deadLetters, registry: registry)
     }
 
-    /// Opens (or creates) a journal directory for a destination; `nil` without a journal root.
-    private static func openJournal(at directory: String?, identity: JournalIdentity, sink: any RecordSink, settings: Settings) throws(ProtocolError) -> (Journal, Journal.Recovery)? {
-        guard let root = settings.journalRoot else { return nil }
-        let dir = directory ?? root + "/" + RunIDs.newRunID().prefix(16)
+    /// Opens (or creates) a journal directory for a destination.
+    private static func openJournal(at directory: String?, identity: JournalIdentity, sink: any RecordSink, settings: Settings) throws(ProtocolError) -> (Journal, Journal.Recovery) {
+        let dir = directory ?? settings.journalRoot + "/" + RunIDs.newRunID().prefix(16)
         do {
             try Directories.create(dir, mode: 0o700)
             if directory == nil {
@@ -274,7 +262,7 @@ public final class Destinations: Sendable {
     private func recover(directory: String, identity: JournalIdentity) {
         do throws(ProtocolError) {
             let sink = try settings.sinks.sink(uri: identity.uri, credentials: identity.credentials == "daemon" ? settings.daemonCredentials : MLflowCredentials())
-            guard let (journal, recovery) = try Self.openJournal(at: directory, identity: identity, sink: sink, settings: settings) else { return }
+            let (journal, recovery) = try Self.openJournal(at: directory, identity: identity, sink: sink, settings: settings)
             if recovery.state.runs.isEmpty && recovery.state.unsettled.isEmpty && recovery.state.leftOnDisk == nil && recovery.state.sessions.isEmpty {
                 journal.close()
                 try? FileManager.default.removeItem(atPath: directory)  // nothing left for it
@@ -342,11 +330,11 @@ public final class Destinations: Sendable {
         let sink = try makeSink()
         // A journal left by a previous life for this server and user resumes with these credentials.
         let waiting = identity.credentials == "client" ? awaiting.withLock { $0.removeValue(forKey: identity.uri + "|" + String(identity.uid)) } : nil
-        let journal: Journal?
+        let journal: Journal
         if let waiting {
             journal = waiting.journal
         } else {
-            journal = try Self.openJournal(at: nil, identity: identity, sink: sink, settings: settings)?.0
+            journal = try Self.openJournal(at: nil, identity: identity, sink: sink, settings: settings).0
         }
         let uploader = Self.uploader(sink: sink, journal: journal, flushInterval: settings.flushInterval, settings: settings, registry: registry)
         let inserted = others.withLock { all -> Bool in
@@ -355,7 +343,7 @@ public final class Destinations: Sendable {
             return true
         }
         guard inserted else {
-            journal?.close()
+            journal.close()
             return
         }
         owners.withLock { $0[key] = identity.uid }

@@ -25,22 +25,23 @@ struct QueuedRecords {
         if aroundSpill { around.append(entry) } else { inOrder.append(entry) }
     }
 
-    /// Gives back the memory of the record of `ticket`, settled ahead of older ones; returns how
-    /// many bytes it held.
-    mutating func release(_ ticket: UInt64) -> Int {
-        Self.release(ticket, in: &inOrder) + Self.release(ticket, in: &around)
+    /// Gives back the memory of the record whose last ticket is `ticket`, settled ahead of older
+    /// ones: how many bytes it held and its sequence number (nil for a ticket of an earlier piece
+    /// of a split record).
+    mutating func release(_ ticket: UInt64) -> (bytes: Int, sequence: UInt64)? {
+        Self.release(ticket, in: &inOrder) ?? Self.release(ticket, in: &around)
     }
 
-    private static func release(_ ticket: UInt64, in entries: inout Deque<Entry>) -> Int {
+    private static func release(_ ticket: UInt64, in entries: inout Deque<Entry>) -> (bytes: Int, sequence: UInt64)? {
         var low = entries.startIndex
         var high = entries.endIndex
         while low < high {
             let mid = (low + high) / 2
             if entries[mid].ticket < ticket { low = mid + 1 } else { high = mid }
         }
-        guard low < entries.endIndex, entries[low].ticket == ticket else { return 0 }
+        guard low < entries.endIndex, entries[low].ticket == ticket else { return nil }
         defer { entries[low].bytes = 0 }
-        return entries[low].bytes
+        return (entries[low].bytes, entries[low].sequence)
     }
 
     /// Drops the records whose tickets are all settled (every ticket up to `ticket` is); returns

@@ -8,7 +8,6 @@ struct Spill: Sendable {
     var lastSpilled: UInt64
     var count = 0
     var position: Journal.Position?
-    var completions: [UInt64: Uploader.Completion] = [:]
     var loading = false
     /// Spilled records per run handle, and the user they came from.
     var handles: [String: (count: Int, uid: UInt32?)] = [:]
@@ -25,7 +24,7 @@ struct Spill: Sendable {
         handlesKnown && handles[handle] == nil && uid.map { uids[$0] == nil } ?? true
     }
 
-    mutating func add(_ lsn: UInt64, handle: String, uid: UInt32?, completion: Uploader.Completion?) {
+    mutating func add(_ lsn: UInt64, handle: String, uid: UInt32?) {
         lastSpilled = lsn
         count += 1
         var entry = handles[handle] ?? (0, nil)
@@ -35,7 +34,6 @@ struct Spill: Sendable {
             uids[uid, default: 0] += 1
         }
         handles[handle] = entry
-        if let completion { completions[lsn] = completion }
     }
 
     mutating func wentAround(_ lsn: UInt64) {
