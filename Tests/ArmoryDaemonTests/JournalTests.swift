@@ -124,11 +124,11 @@ import Testing
     @Test func recordsSurviveAReopenAndSettledOnesAreNotReplayed() async throws {
         let dir = directory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (journal, first) = try Journal.open(directory: dir, options: .init(settleInterval: 0))
+        let (journal, first) = try Journal.open(directory: dir, options: .init())
         #expect(first.state.unsettled.isEmpty)
         _ = journal.append(.record(handle: "h1", .createRun(JournalCodecTests.creation))).lsn
         let second = journal.append(.record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "m", value: 2, timestamp: 2)])))).lsn
-        journal.settle(upTo: 1)
+        journal.recordSettled(upTo: 1)
         let third = journal.append(.record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "m", value: 3, timestamp: 3)])))).lsn
         await durable(journal, third)
         journal.close()
@@ -161,14 +161,14 @@ import Testing
     @Test func settledSegmentsAreDeleted() async throws {
         let dir = directory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (journal, _) = try Journal.open(directory: dir, options: .init(commitInterval: 0, segmentBytes: 512, settleInterval: 0))
+        let (journal, _) = try Journal.open(directory: dir, options: .init(commitInterval: 0, segmentBytes: 512))
         var last: UInt64 = 0
         for i in 0..<50 {
             last = journal.append(.record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "metric", value: Double(i), timestamp: Int64(i))])))).lsn
             await durable(journal, last)
         }
         #expect(journal.snapshotStatistics.segments > 3)
-        journal.settle(upTo: last)
+        journal.recordSettled(upTo: last)
         for i in 0..<5 {  // a few commits: the watermark is recorded, then old segments go
             await durable(journal, journal.append(.record(handle: "h1", .log(LogBatch(metrics: [MetricPoint(key: "m", value: 0, timestamp: Int64(i))])))).lsn)
         }

@@ -138,4 +138,22 @@ import Testing
         _ = sendAll(&m)
         #expect(m.settledSequence == 5)
     }
+    @Test func theWatermarkIsRecordedOncePerIntervalWhileItMovesAndNeverWhenIdle() {
+        var m = SenderStateMachine(limits: .mlflow, flushIntervalNs: 0, memoryBound: 1 << 20, assignsRunIDs: false, recordIntervalNs: 1000)
+        m.bind("a", .init(runID: "ra", experimentID: "1"))
+        #expect(m.recordDue(now: 5000) == nil)  // nothing settled: nothing to record, no timer
+        #expect(m.nextBatches(now: 5000, concurrency: 4).wakeAt == nil)
+        m.receive([incoming("a", 1, uid: 1)], appendedThrough: 1, now: 5000)
+        _ = sendAll(&m)
+        #expect(m.recordDue(now: 5000) == 1)
+        m.receive([incoming("a", 2, uid: 1)], appendedThrough: 2, now: 5100)
+        _ = sendAll(&m)
+        // Moved again within the interval: recorded when it is over, which the sender wakes for.
+        #expect(m.recordDue(now: 5100) == nil && m.nextBatches(now: 5100, concurrency: 4).wakeAt == 6000)
+        #expect(m.recordDue(now: 6000) == 2 && m.recordDue(now: 9000) == nil)
+        // At shutdown whatever moved is recorded at once.
+        m.receive([incoming("a", 3, uid: 1)], appendedThrough: 3, now: 9000)
+        _ = sendAll(&m)
+        #expect(m.recordDue(now: 9001, atOnce: true) == 3)
+    }
 }

@@ -21,7 +21,8 @@ public final class Journal: @unchecked Sendable {
         public var fsync: Bool = true
         /// Size past which a new segment starts.
         public var segmentBytes: Int = 64 << 20
-        /// How often the settled watermark is recorded (after the sink's own barrier).
+        /// How often the sender records the settled watermark (after making what its sink wrote
+        /// durable: `recordSettled`).
         public var settleInterval: Double = 1
 
         public init(commitInterval: Double = 0.05, fsync: Bool = true, segmentBytes: Int = 64 << 20, settleInterval: Double = 1) {
@@ -62,8 +63,6 @@ public final class Journal: @unchecked Sendable {
 
     public let directory: String
     public let options: Options
-    /// Runs before a settled watermark is recorded: makes what the sink wrote durable itself.
-    private let barrier: @Sendable () -> Void
     private let condition = NSCondition()
 
     // Guarded by `condition`.
@@ -73,7 +72,8 @@ public final class Journal: @unchecked Sendable {
     private var durableLSN: UInt64
     private var settledLSN: UInt64
     private var settledWritten: UInt64
-    private var lastSettleWrite = 0.0
+    /// The watermark to record at the next commit (what the sink has made durable).
+    private var settledToRecord: UInt64
     private var urgent = false
     private var closing = false
     private var closed = false
@@ -93,7 +93,7 @@ public final class Journal: @unchecked Sendable {
     /// off, corrupt records skipped and counted.
     /// At most about `replayBytes` of unsettled records are read into memory; the rest stay on
     /// disk for the uploader to read back.
-    public static func open(directory: String, options: Options = Options(), replayBytes: Int = 64 << 20, barrier: @escaping @Sendable () -> Void = {}) throws -> (Journal, Recovery) {
+    public static func open(directory: String, options: Options = Options(), replayBytes: Int = 64 << 20) throws -> (Journal, Recovery) {
         let started = Date()
         try Directories.create(directory, mode: 0o700)
         var recovery = Recovery()
@@ -122,7 +122,7 @@ public final class Journal: @unchecked Sendable {
         }
         recovery.segments = segments.count
         recovery.seconds = Date().timeIntervalSince(started)
-        let journal = Journal(directory: directory, options: options, barrier: barrier, recovered: recovery.state, segments: segments)
+        let journal = Journal(directory: directory, options: options, recovered: recovery.state, segments: segments)
         journal.statistics.corruptRecords = recovery.corruptRecords
         try journal.startSegment()
         journal.thread = Thread { journal.commitLoop() }
@@ -131,16 +131,16 @@ public final class Journal: @unchecked Sendable {
         return (journal, recovery)
     }
 
-    private init(directory: String, options: Options, barrier: @escaping @Sendable () -> Void, recovered: JournalState, segments: [Segment]) {
+    private init(directory: String, options: Options, recovered: JournalState, segments: [Segment]) {
         self.directory = directory
         self.options = options
-        self.barrier = barrier
         self.state = recovered.live
         self.segments = segments
         self.nextLSN = recovered.highestLSN + 1
         self.durableLSN = recovered.highestLSN
         self.settledLSN = recovered.settled
         self.settledWritten = recovered.settled
+        self.settledToRecord = recovered.settled
         self.statistics = Statistics()
     }
 
@@ -313,21 +313,33 @@ public final class Journal: @unchecked Sendable {
         return (out, Position(segment: files[min(index, files.count - 1)].id, offset: offset))
     }
 
-    /// Every record up to `lsn` is settled by the sink (recorded at the next settle interval).
+    /// Every record up to `lsn` is settled by the sink (in memory: what fair shares weigh;
+    /// `recordSettled` writes it down).
     public func settle(upTo lsn: UInt64) {
         condition.lock()
         var ready: [@Sendable () -> Void] = []
         if lsn > settledLSN {
             settledLSN = lsn
-            condition.signal()  // an idle committer records it after the settle interval
             swap(&ready, &progressWaiters)
         }
         condition.unlock()
         for callback in ready { callback() }
     }
 
-    /// Every record up to this one is settled (in memory; recorded in the journal within the
-    /// settle interval).
+    /// Records at the next commit that everything up to `lsn` is settled: a restart replays
+    /// nothing up to there, and segments behind it are deleted. The caller has made what the sink
+    /// wrote up to there durable first.
+    public func recordSettled(upTo lsn: UInt64) {
+        settle(upTo: lsn)
+        condition.lock()
+        if lsn > settledToRecord {
+            settledToRecord = lsn
+            condition.signal()
+        }
+        condition.unlock()
+    }
+
+    /// Every record up to this one is settled (in memory; recorded by `recordSettled`).
     public var settledSequence: UInt64 {
         condition.lock()
         defer { condition.unlock() }
@@ -406,12 +418,8 @@ public final class Journal: @unchecked Sendable {
         var lastCommit = 0.0
         while true {
             condition.lock()
-            while buffer.isEmpty && waiters.isEmpty && !closing && !settleDue(now: Self.now()) {
-                if settledLSN > settledWritten {
-                    _ = condition.wait(until: Date(timeIntervalSinceNow: lastSettleWrite + options.settleInterval - Self.now()))
-                } else {
-                    condition.wait()
-                }
+            while buffer.isEmpty && waiters.isEmpty && !closing && settledToRecord <= settledWritten {
+                condition.wait()
             }
             // Group commit: let more records join until the interval since the last commit is over.
             while !urgent && !closing {
@@ -419,11 +427,10 @@ public final class Journal: @unchecked Sendable {
                 if wait <= 0 { break }
                 _ = condition.wait(until: Date(timeIntervalSinceNow: wait))
             }
-            let settleTo = settleDue(now: Self.now()) || closing ? settledLSN : settledWritten
+            let settleTo = settledToRecord
             condition.unlock()
 
             if settleTo > settledWritten {
-                barrier()  // what the sink wrote up to there is on disk before the journal says so
                 condition.lock()
                 var w = JournalFieldWriter()
                 JournalCodec.encode(.settled(settleTo), into: &w)
@@ -472,10 +479,7 @@ public final class Journal: @unchecked Sendable {
                 segments[segments.count - 1].maxLSN = upTo
                 segments[segments.count - 1].bytes += bytes.count
             }
-            if settleTo > settledWritten {
-                settledWritten = settleTo
-                lastSettleWrite = Self.now()
-            }
+            if settleTo > settledWritten { settledWritten = settleTo }
             var ready: [@Sendable () -> Void] = []
             waiters.removeAll { w in
                 guard w.lsn <= durableLSN || stop else { return false }
@@ -512,10 +516,6 @@ public final class Journal: @unchecked Sendable {
                 return
             }
         }
-    }
-
-    private func settleDue(now: Double) -> Bool {
-        settledLSN > settledWritten && now - lastSettleWrite >= options.settleInterval
     }
 
     private static func now() -> Double {

@@ -226,7 +226,7 @@ public final class Destinations: Sendable {
                     throw JournalError.io("cannot write \(dir)/destination")
                 }
             }
-            return try Journal.open(directory: dir, options: settings.journalOptions, replayBytes: settings.bounds.memoryBytes, barrier: { sink.persist() })
+            return try Journal.open(directory: dir, options: settings.journalOptions, replayBytes: settings.bounds.memoryBytes)
         } catch {
             throw ProtocolError(.internalError, "Cannot open the journal in \(dir): \(error). Check that the state directory is writable and not full.")
         }

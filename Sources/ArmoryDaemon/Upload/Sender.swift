@@ -73,7 +73,8 @@ final class Sender: Sendable {
         self.deadLetters = deadLetters
         self.registry = registry
         let machine = SenderStateMachine(
-            limits: sink.limits, flushIntervalNs: UInt64(max(0, flushInterval) * 1e9), memoryBound: memoryBound, assignsRunIDs: sink.assignsRunIDs)
+            limits: sink.limits, flushIntervalNs: UInt64(max(0, flushInterval) * 1e9), memoryBound: memoryBound, assignsRunIDs: sink.assignsRunIDs,
+            recordIntervalNs: UInt64(max(0, journal.options.settleInterval) * 1e9))
         state = Mutex(State(machine: machine))
         (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         executor = EventLoopTaskExecutor(loop: group.next())
@@ -193,6 +194,7 @@ final class Sender: Sendable {
         while true {
             let now = MonotonicClock.nowNs()
             let (batches, wakeAt, done) = withState { $0.machine.nextBatches(now: now, concurrency: sink.concurrency) }
+            recordSettled(now: now)
             readBack()
             for batch in batches {
                 Task(executorPreference: executor) { [self] in
@@ -208,6 +210,14 @@ final class Sender: Sendable {
             }
             guard await iterator.next() != nil else { return }
         }
+    }
+
+    /// Records the settled watermark in the journal when due, after the sink made what it wrote
+    /// durable (so a restart that skips a record finds it at the destination).
+    private func recordSettled(now: UInt64, atOnce: Bool = false) {
+        guard let settled = state.withLock({ $0.machine.recordDue(now: now, atOnce: atOnce) }) else { return }
+        sink.persist()
+        journal.recordSettled(upTo: settled)
     }
 
     /// Reads spilled records back from the journal once memory has room for them.
@@ -312,6 +322,7 @@ final class Sender: Sendable {
         }
         state.withLock { $0.machine.halt() }
         wake.finish()
+        recordSettled(now: MonotonicClock.nowNs(), atOnce: true)
         await sink.close()
         try? await group.shutdownGracefully()
         return state.withLock { $0.machine.unsent }

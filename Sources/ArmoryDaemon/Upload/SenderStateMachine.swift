@@ -79,6 +79,12 @@ struct SenderStateMachine: Sendable {
     private(set) var settledSequence: UInt64 = 0
     /// The last record a restart found in the journal.
     private var replayedThrough: UInt64 = 0
+    /// The watermark last recorded in the journal, and when (monotonic nanoseconds).
+    private var recorded: UInt64 = 0
+    private var recordedAt: UInt64 = 0
+    /// How often the watermark is recorded while it moves (each time after the sink made what
+    /// it wrote durable).
+    let recordIntervalNs: UInt64
     private(set) var counters = UploadCounters()
     private(set) var stopping = false
     private(set) var stopped = false
@@ -87,8 +93,9 @@ struct SenderStateMachine: Sendable {
     /// Whether the sink takes run ids assigned by the daemon (a replayed creation is sent again).
     let assignsRunIDs: Bool
 
-    init(limits: BatchLimits, flushIntervalNs: UInt64, memoryBound: Int, assignsRunIDs: Bool) {
+    init(limits: BatchLimits, flushIntervalNs: UInt64, memoryBound: Int, assignsRunIDs: Bool, recordIntervalNs: UInt64 = 1_000_000_000) {
         scheduler = UploadScheduler(limits: limits, flushIntervalNs: flushIntervalNs)
+        self.recordIntervalNs = recordIntervalNs
         self.memoryBound = memoryBound
         self.assignsRunIDs = assignsRunIDs
     }
@@ -136,6 +143,7 @@ struct SenderStateMachine: Sendable {
         lastSequence = max(lastSequence, recovered.lastRecordLSN)
         appendedThrough = max(appendedThrough, recovered.highestLSN)
         settledSequence = recovered.settled
+        recorded = recovered.settled
         settleIfIdle(&settlement)
         return settlement
     }
@@ -207,7 +215,18 @@ struct SenderStateMachine: Sendable {
             stopped = true
             return (out, nil, true)
         }
-        return (out, scheduler.nextWake(now: now), false)
+        var wakeAt = scheduler.nextWake(now: now)
+        if settledSequence > recorded { wakeAt = min(wakeAt ?? .max, recordedAt + recordIntervalNs) }
+        return (out, wakeAt, false)
+    }
+
+    /// The watermark to record in the journal now, once the sink made what it wrote durable:
+    /// when it moved and the interval since the last record is over (or `now` at the end).
+    mutating func recordDue(now: UInt64, atOnce: Bool = false) -> UInt64? {
+        guard settledSequence > recorded, atOnce || now >= recordedAt + recordIntervalNs else { return nil }
+        recorded = settledSequence
+        recordedAt = now
+        return recorded
     }
 
     /// A sink call's outcome: what it settled, the counters, the credentials' state.
