@@ -24,7 +24,7 @@ struct ArchitectureTests {
     private static let sessions: Set<String> = ["Session", "SessionStateMachine", "SessionChannelHandler", "SessionTable", "SessionAction", "SessionCommit", "DaemonServices", "StatusReport", "Daemon"]
     private static let uploads: Set<String> = sessions.union(["Uploader", "JournalWriter", "Sender", "SenderStateMachine", "UploadScheduler", "Destinations", "DeadLetterFile", "RunRegistry"])
     private static let journal: Set<String> = uploads.union(["RecordSink", "RESTSink", "FileStoreSink", "SinkFactory"])
-    private static let syncs: Set<String> = ["SyncJob", "SyncJobs", "SyncRunPlan", "SyncRequest"]
+    private static let syncs: Set<String> = ["SyncJob", "SyncJobs", "SyncRunPlan", "SyncRequest", "SyncTags", "SyncDestination", "SyncedRunLookup", "SyncDestinationReader"]
 
     @Test func everyFolderIsABoxOfTheDiagramAndEveryBoxAFolder() throws {
         let doc = try String(contentsOfFile: Self.daemon + "/../../docs/architecture.md", encoding: .utf8)

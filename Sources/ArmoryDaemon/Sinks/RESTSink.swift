@@ -6,9 +6,9 @@ import Synchronization
 /// An MLflow tracking server as the sink: batched `log-batch` calls, several in flight, errors
 /// sorted into retryable (connection, 408, 429, 5xx) and permanent (other 4xx: dead letters).
 public final class RESTSink: RecordSink {
-    private let client: MLflowRESTClient
+    let client: MLflowRESTClient
     private let experiments = Mutex<[String: String]>([:])
-    private let artifactURIs = Mutex<[String: String]>([:])
+    let artifactURIs = Mutex<[String: String]>([:])
     /// Runs whose records a restart replays, and the points the server already holds per
     /// `run\0key` (read once, on the first replayed batch of that key).
     private let replay = Mutex<(runs: Set<String>, stored: [String: Set<StoredPoint>], since: ContinuousClock.Instant)>(([], [:], .now))
@@ -138,37 +138,6 @@ public final class RESTSink: RecordSink {
         }
     }
 
-    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
-        do {
-            return try await Self.retrying(until: patience) { () async throws(MLflowError) -> SyncedRunLookup in
-                let experimentID: String
-                if create {
-                    // Created as the daemon creates an evaluation's: MLflow's UI opens it on the runs table.
-                    experimentID = try await self.experimentID(experimentName, createdWith: RunCreation.evaluationExperimentTags)
-                } else {
-                    guard let found = try await self.client.experiment(named: experimentName), found.lifecycleStage == "active" else { return SyncedRunLookup(experimentID: nil, run: nil) }
-                    experimentID = found.id
-                }
-                guard let run = try await self.client.findRun(experimentID: experimentID, tag: SyncTags.sourceRun, value: sourceRunID) else {
-                    return SyncedRunLookup(experimentID: experimentID, run: nil)
-                }
-                self.artifactURIs.withLock { $0[run.runID] = run.artifactURI }
-                // Histories are read only for keys the copy's landed record does not count.
-                var (counts, toRead) = SyncTags.counting(metricKeys, tags: run.tags)
-                for key in toRead { counts[key] = try await self.client.metricHistory(run.runID, key: key).count }
-                return SyncedRunLookup(
-                    experimentID: experimentID,
-                    run: SyncDestination(
-                        runID: run.runID, status: run.status, endTime: run.endTime, params: run.params, tags: run.tags,
-                        metricCounts: counts, artifactBytes: try await self.client.listArtifacts(runID: run.runID)))
-            }
-        } catch  where error.isRetryable {
-            throw ProtocolError(.unreachable, "\(destination) did not answer for \(Int(patience)) s (last: \(error)). Check the address and that the server is up, then sync again: it resumes where it stopped.")
-        } catch {
-            throw Self.translate(error)
-        }
-    }
-
     /// Runs `work` again after errors worth retrying (connection refused, 429, 5xx), backing off
     /// from 0.5 s to 30 s (or the server's Retry-After), for at most `seconds`.
     static func retrying<Value>(until seconds: Double, _ work: () async throws(MLflowError) -> Value) async throws(MLflowError) -> Value {
@@ -207,7 +176,7 @@ public final class RESTSink: RecordSink {
 
     public func close() async { await client.shutdown() }
 
-    private func experimentID(_ name: String, createdWith tags: StringMap? = nil) async throws(MLflowError) -> String {
+    func experimentID(_ name: String, createdWith tags: StringMap? = nil) async throws(MLflowError) -> String {
         if let id = experiments.withLock({ $0[name] }) { return id }
         let id = try await client.experimentID(getOrCreate: name, tags: tags)
         experiments.withLock { $0[name] = id }

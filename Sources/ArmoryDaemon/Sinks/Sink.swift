@@ -60,11 +60,6 @@ public protocol RecordSink: Sendable {
     func replaying(runIDs: Set<String>)
     /// Makes everything applied so far durable (before the journal records it as settled).
     func persist()
-    /// `sync`: the experiment called `experimentName` (created when `create` and missing) and the
-    /// copy of a source run in it (found by its `armory.sync.source_run` tag) with the counts of
-    /// `metricKeys` it holds. Waits out an unreachable server for up to `patience` seconds, then
-    /// throws `UNREACHABLE`.
-    func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup
     /// The MLflow server's base URL (nil for a local store): where its credentials are looked up.
     var serverURL: String? { get }
     /// Replaces the credentials of later calls; returns whether they changed (false for a store
@@ -78,25 +73,15 @@ extension RecordSink {
     public var serverURL: String? { nil }
     public func useCredentials(_ credentials: MLflowCredentials) -> Bool { false }
 
-    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
-        throw ProtocolError(.invalidValue, "\(destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…) or a local store.")
-    }
-}
-
-/// What a sync destination holds for one source run: its experiment's id (nil when it does not
-/// exist and was not to be created) and the run's copy (nil when there is none yet).
-public struct SyncedRunLookup: Sendable {
-    public var experimentID: String?
-    public var run: SyncDestination?
 }
 
 /// The embedded default sink: MLflow's file-store layout under `$ARMORY_HOME/mlruns`.
 public final class FileStoreSink: RecordSink {
-    private let store: Mutex<FileStoreBox>
+    let store: Mutex<FileStoreBox>
     public let destination: String
 
     /// `FileStore` is used by one call at a time (concurrency 1), under this lock.
-    private struct FileStoreBox: @unchecked Sendable {
+    struct FileStoreBox: @unchecked Sendable {
         let store: FileStore
         var experimentOfRun: [String: String] = [:]
     }
@@ -175,35 +160,6 @@ public final class FileStoreSink: RecordSink {
         }
     }
 
-    public func syncedRun(experimentName: String, create: Bool, sourceRunID: String, metricKeys: [String], patience: Double) async throws(ProtocolError) -> SyncedRunLookup {
-        try store.withLock { (box: inout FileStoreBox) throws(ProtocolError) -> SyncedRunLookup in
-            do {
-                let id =
-                    create
-                    ? try box.store.experimentID(named: experimentName, tags: RunCreation.evaluationExperimentTags)
-                    : try box.store.existingExperimentID(named: experimentName)
-                guard let id else { return SyncedRunLookup(experimentID: nil, run: nil) }
-                let reader = try FileStoreReader(root: box.store.root)
-                guard let experiment = reader.experiments().first(where: { $0.id == id }),
-                    let run = reader.runs(of: experiment).first(where: { !$0.isDeleted && reader.tag(of: $0, key: SyncTags.sourceRun) == sourceRunID })
-                else {
-                    return SyncedRunLookup(experimentID: id, run: nil)
-                }
-                box.experimentOfRun[run.info.runID] = id
-                let tags = reader.tags(of: run)
-                var (counts, toRead) = SyncTags.counting(metricKeys, tags: tags)
-                for key in toRead { counts[key] = reader.metricCount(of: run, key: key) }
-                return SyncedRunLookup(
-                    experimentID: id,
-                    run: SyncDestination(
-                        runID: run.info.runID, status: run.info.status, endTime: run.info.endTime, params: reader.params(of: run), tags: tags,
-                        metricCounts: counts, artifactBytes: reader.artifactSizes(of: run)))
-            } catch {
-                throw Self.translate(error)
-            }
-        }
-    }
-
     public func close() async {}
 
     public func replaying(runIDs: Set<String>) {
@@ -221,7 +177,7 @@ public final class FileStoreSink: RecordSink {
         return run.experimentID
     }
 
-    private static func translate(_ error: any Error) -> ProtocolError {
+    static func translate(_ error: any Error) -> ProtocolError {
         guard let error = error as? FileStoreError else { return ProtocolError(.internalError, "\(error)") }
         return switch error {
         case .paramChanged: ProtocolError(.paramChanged, error.description)

@@ -221,7 +221,10 @@ public final class SyncJob: Sendable {
             artifactBytes: reader.artifactSizes(of: run))
         let create = !request.dryRun
         let lookup = try await call { (sink) async throws(ProtocolError) -> SyncedRunLookup in
-            try await sink.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys, patience: patience)
+            guard let reader = sink as? any SyncDestinationReader else {
+                throw ProtocolError(.invalidValue, "\(sink.destination) cannot be a sync destination: sync copies into an MLflow server (http(s)://…) or a local store.")
+            }
+            return try await reader.syncedRun(experimentName: experiment, create: create, sourceRunID: runID, metricKeys: keys, patience: patience)
         }
         let existing = lookup.run
         let experimentID = lookup.experimentID ?? ""
