@@ -246,14 +246,15 @@ public final class Daemon: Service {
         readiness?(config.socketPath)
 
         // The daemon's long-lived parts. A graceful shutdown stops them in reverse order: the
-        // listener first (no new connections, every connection closed, so nothing is enqueued
-        // once the drain has begun), then the system-metrics sampler, then the uploaders drain.
+        // listener first (no new connections, every connection closed), then the sync jobs and
+        // the system-metrics sampler, so nothing is enqueued once the uploaders drain.
         var parts: [any Service] = [UploadDrain(destinations: destinations, boundSeconds: config.shutdownDrainSeconds, logger: logger)]
         if config.systemMetricsInterval > 0 {
             parts.append(
                 SystemMetricsService(
                     services: services, interval: config.systemMetricsInterval, sampler: SystemSampler(diskPath: config.stateDirectory), loop: eventLoops.next()))
         }
+        parts.append(services.syncs)
         parts.append(listener)
         let lifecycle = ServiceGroup(
             configuration: ServiceGroupConfiguration(

@@ -156,4 +156,24 @@ import Testing
         _ = sendAll(&m)
         #expect(m.recordDue(now: 9001, atOnce: true) == 3)
     }
+
+    @Test func aRunIsSettledWhileAnotherRunsBacklogWaits() {
+        var m = machine(fit: 4)
+        m.bind("a", .init(runID: "ra", experimentID: "1"))
+        m.bind("b", .init(runID: "rb", experimentID: "1"))
+        m.receive((1...5).map { incoming("a", $0, uid: 1) } + [incoming("b", 6, uid: 2)], appendedThrough: 6, now: 0)
+        #expect(!m.isSettled(upTo: 6, runs: ["b"]))  // queued
+        var (batches, _, _) = m.nextBatches(now: 0, concurrency: 4)
+        let bBatch = batches.first { $0.handle == "b" }!
+        _ = m.finish(bBatch, .applied, now: 0, wallMs: 1, jitter: 0)
+        // B's record landed; A's are queued and on disk: B is settled, A and the whole are not.
+        #expect(m.isSettled(upTo: 6, runs: ["b"]) && !m.isSettled(upTo: 6, runs: ["a", "b"]) && m.settledSequence == 0)
+        for batch in batches where batch.handle == "a" { _ = m.finish(batch, .applied, now: 0, wallMs: 1, jitter: 0) }
+        #expect(!m.isSettled(upTo: 5, runs: ["a"]) && m.settledSequence == 4)  // A's fifth is still on disk
+        (batches, _, _) = m.nextBatches(now: 0, concurrency: 4)
+        #expect(batches.isEmpty)
+        // Nothing of a run queued up to the sequence asked: settled, though later ones wait.
+        m.receive([incoming("b", 7, uid: 2)], appendedThrough: 7, now: 0)
+        #expect(m.isSettled(upTo: 6, runs: ["b"]) && !m.isSettled(upTo: 7, runs: ["b"]))
+    }
 }

@@ -66,6 +66,18 @@ struct SessionResumeTests {
         #expect(!s.endsWithConnection)  // resumed: the connection broke after all
     }
 
+    @Test func theFirstHelloResentAfterAResumeIsDroppedButASecondHelloIsRefused() {
+        var h = SessionHarness()
+        var s = h.session()
+        #expect(h.send(&s, .hello(Hello(client: "test", clientVersion: "1", program: "/t.py"))).map { (try? $0.get()) == nil } == true)  // twice
+        var resuming = Hello(client: "test", clientVersion: "1", program: "/t.py")
+        resuming.resume = .init(session: s.id, acked: 0)
+        s.accept(resuming, destination: .primary, assignsRunIDs: true, peer: s.peer)
+        // The client resends what it kept, its first hello included: no error for it.
+        #expect(h.send(&s, .hello(Hello(client: "test", clientVersion: "1", program: "/t.py")), seq: 1) == nil)
+        #expect(h.send(&s, .evaluation(id: 1, name: "resent", description: nil)) == nil && s.tracking.evaluations[1] != nil)
+    }
+
     @Test func theJournalRecordRestoresTheSessionIntoAFreshOne() throws {
         var h = SessionHarness()
         var s = h.session()

@@ -299,6 +299,43 @@ import Testing
         _ = s.finish(a, .applied, now: 0)
         #expect(s.settledUpTo == 2)
     }
+
+    @Test func aRunsArtifactsGoOnParallelLanesAndWhatFollowsThemWaitsForAll() throws {
+        var s = UploadScheduler(limits: .mlflow, flushIntervalNs: 0, artifactLanes: 2, backoffBaseNs: 1_000, backoffCapNs: 1_000_000)
+        s.bind("a", .init(runID: "r1", experimentID: "1"))
+        for path in ["x", "y", "x", "z"] { s.enqueue("a", .artifact(path: path, spoolPath: "/s/" + path), now: 0) }
+        s.enqueue("a", .updateRun(status: .finished, endTime: 9), now: 0)
+        let x = try take(&s, 0)
+        let y = try take(&s, 0)
+        #expect(x.operation == .artifact(runID: "r1", path: "x", spoolPath: "/s/x") && y.operation == .artifact(runID: "r1", path: "y", spoolPath: "/s/y"))
+        #expect(s.next(now: 0) == nil && s.inFlight == 2)  // two lanes
+        #expect(s.finish(y, .applied, now: 0).tickets == [2])
+        // The second file of path x waits for the first: the later one must land last.
+        #expect(s.next(now: 0) == nil)
+        #expect(s.finish(x, .retry(after: nil, reason: "503"), now: 0, jitter: 0).tickets.isEmpty)
+        // The retried one goes first again once its backoff is over.
+        let again = try take(&s, 1_000_000)
+        #expect(again.entries.map(\.ticket) == [1] && s.next(now: 1_000_000) == nil)
+        #expect(s.finish(again, .applied, now: 1_000_000).tickets == [1])
+        let secondX = try take(&s, 1_000_000)
+        let z = try take(&s, 1_000_000)
+        #expect(secondX.entries.map(\.ticket) == [3] && z.entries.map(\.ticket) == [4])
+        // The end waits for every artifact before it.
+        #expect(s.finish(z, .applied, now: 1_000_000).tickets == [4] && s.next(now: 1_000_000) == nil)
+        #expect(s.finish(secondX, .applied, now: 1_000_000).tickets == [3])
+        let end = try take(&s, 1_000_000)
+        #expect(end.operation == .updateRun(runID: "r1", status: .finished, endTime: 9) && s.settledUpTo == 4)
+    }
+
+    @Test func withOneLaneArtifactsGoOneAtATime() throws {
+        var s = scheduler()
+        s.bind("a", .init(runID: "r1", experimentID: "1"))
+        for path in ["x", "y"] { s.enqueue("a", .artifact(path: path, spoolPath: "/s/" + path), now: 0) }
+        let x = try take(&s, 0)
+        #expect(s.next(now: 0) == nil)
+        _ = s.finish(x, .applied, now: 0)
+        #expect(try take(&s, 0).entries.map(\.ticket) == [2])
+    }
 }
 
 extension UploadScheduler.Batch: Equatable {

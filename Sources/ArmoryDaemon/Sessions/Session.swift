@@ -23,6 +23,9 @@ public final class Session: @unchecked Sendable {
     /// The last uploader ticket of a record this session produced, per destination (what
     /// `flush wait=uploaded` and a run's creation wait for).
     private var lastTickets: [DestinationKey: UInt64] = [:]
+    /// The runs this session wrote to, per destination (what `flush wait=uploaded` waits for:
+    /// their records only, not other sessions' backlog).
+    private var runsWritten: [DestinationKey: Set<String>] = [:]
     /// The last journal sequence number of a record this session produced, per destination
     /// (what an ack waits for).
     private var lastLSNs: [DestinationKey: UInt64] = [:]
@@ -90,6 +93,11 @@ public final class Session: @unchecked Sendable {
             while end < records.count && records[end].destination == destination { end += 1 }
             let isHome = destination == commit.home && !tailWritten
             let batch = records[start..<end].map { ($0.handle, $0.record, completion(for: $0)) }
+            var lastHandle: String?
+            for out in records[start..<end] where out.handle != lastHandle {
+                runsWritten[destination, default: []].insert(out.handle)
+                lastHandle = out.handle
+            }
             noteEnqueued(services.destinations.uploader(destination).enqueue(batch, tail: isHome ? commit.tail : nil, uid: peer.uid), to: destination)
             if isHome { tailWritten = true }
             start = end
@@ -179,15 +187,16 @@ public final class Session: @unchecked Sendable {
         lastLSNs.compactMap { key, lsn in lsn > 0 ? DurableWait(uploader: services.destinations.uploader(key), lsn: lsn) : nil }
     }
 
-    /// What `flush wait=uploaded` waits for: every record of this session settled.
+    /// What `flush wait=uploaded` waits for: every record of this session's runs settled (after
+    /// a restart, with what the journal replayed of them).
     public var uploadWaits: [UploadWait] {
-        lastTickets.map { UploadWait(uploader: services.destinations.uploader($0.key), ticket: $0.value) }
+        lastTickets.map { key, ticket in UploadWait(uploader: services.destinations.uploader(key), ticket: ticket, runs: runsWritten[key] ?? []) }
     }
 
-    /// What a run's creation waits for: the session's records of its destination settled.
+    /// What a run's creation waits for: the run's records up to the session's last one settled.
     public func creationWait(of entry: RunEntry) -> UploadWait {
         let uploader = services.destinations.uploader(entry.destination)
-        return UploadWait(uploader: uploader, ticket: lastTickets[entry.destination] ?? uploader.lastTicket)
+        return UploadWait(uploader: uploader, ticket: lastTickets[entry.destination] ?? uploader.lastTicket, runs: [entry.handle])
     }
 
     public func clearPause() { wantsPause = false }
@@ -210,6 +219,7 @@ public final class Session: @unchecked Sendable {
             // What the journal replayed of its runs is queued up to each uploader's last ticket.
             for entry in handles.compactMap({ services.registry.entry($0) }) {
                 lastTickets[entry.destination] = max(lastTickets[entry.destination] ?? 0, services.destinations.uploader(entry.destination).lastTicket)
+                runsWritten[entry.destination, default: []].insert(entry.handle)
             }
             awaitsReplayedRecords = false
         }
@@ -288,6 +298,8 @@ public final class Session: @unchecked Sendable {
 public struct UploadWait: Sendable {
     public var uploader: Uploader
     public var ticket: UInt64
+    /// Only the records of these runs (nil: every record up to `ticket`).
+    public var runs: Set<String>?
 }
 
 /// A journal sequence number of one uploader to wait for.

@@ -414,7 +414,7 @@ final class SessionChannelHandler: ChannelInboundHandler {
 
     /// Registrations for each uploader settling its ticket.
     private static func settled(_ waits: [UploadWait]) -> [Registration] {
-        waits.map { w in { done in w.uploader.whenSettled(upTo: w.ticket, done) } }
+        waits.map { w in { done in w.uploader.whenSettled(upTo: w.ticket, runs: w.runs, done) } }
     }
 
     /// Registrations for each journal holding its records on disk (a group commit at once).

@@ -203,7 +203,14 @@ public struct SessionStateMachine: Sendable {
     /// Handles one decoded frame.
     public mutating func receive(_ frame: ClientFrame, nowMs: Int64) -> SessionAction {
         let isHello: Bool
-        if case .hello = frame.op { isHello = true } else { isHello = false }
+        if case .hello(let h) = frame.op {
+            // After a resume, a plain `hello` is the client's first one, resent among the frames
+            // it kept (a session started again under its id holds none of them): already done.
+            if h.resume == nil, hello?.resume != nil { return .none }
+            isHello = true
+        } else {
+            isHello = false
+        }
         if !isHello, frame.seq <= handledSeq {
             return duplicate(frame, nowMs: nowMs)
         }

@@ -1,6 +1,7 @@
 import ArmoryProtocol
 import Foundation
 import Logging
+import ServiceLifecycle
 import MLflow
 import Synchronization
 
@@ -67,6 +68,7 @@ public final class SyncJob: Sendable {
             var copied = Copied()
             var planned: [PlannedRun] = []
             for (index, (experiment, run)) in selected.runs.enumerated() where !failedWithParent(run.info.runID, parent: selected.parentOf[run.info.runID]) {
+                try Task.checkCancellation()
                 do throws(ProtocolError) {
                     if let next = try await plan(
                         run, reader: reader, experiment: experiment.name, identity: identity, into: &copied,
@@ -86,10 +88,12 @@ public final class SyncJob: Sendable {
             }
             progress.withLock { $0.state = "copying" }
             for next in planned where !failedWithParent(next.source.run.runID, parent: next.source.tags["mlflow.parentRunId"]) {
+                try Task.checkCancellation()
                 await send(next, reader: reader, into: &copied)
             }
             progress.withLock { $0.state = "uploading" }
             await settled(upTo: lastTicket.load(ordering: .relaxed))
+            try Task.checkCancellation()
             // Only a run whose every record landed is sealed (its landed record, and the complete
             // mark when it has ended); one with a rejected record stays partial, so that no half
             // copy looks whole and its next sync reads what it holds.
@@ -103,6 +107,11 @@ public final class SyncJob: Sendable {
             progress.withLock {
                 $0.state = "failed"
                 $0.error = error.message
+            }
+        } catch is CancellationError {
+            progress.withLock {
+                $0.state = "failed"
+                $0.error = "armoryd stopped during the sync. Run it again: it sends only what the destination does not hold."
             }
         } catch {
             progress.withLock {
@@ -190,8 +199,27 @@ public final class SyncJob: Sendable {
         logger.info("sync finished", metadata: ["from": "\(source)", "to": "\(uploader.destination)", "runs": "\(runs)", "failed": "\(failed.count)"])
     }
 
+    /// Reports a job the daemon will not run (it is stopping).
+    func stopped() {
+        progress.withLock {
+            $0.state = "failed"
+            $0.error = "armoryd is stopping: the sync did not start. Run it again once armoryd is back."
+        }
+    }
+
+    /// Waits until the destination settled everything up to `ticket`, or the job is cancelled
+    /// (the daemon stops: what it queued stays in the journal).
     private func settled(upTo ticket: UInt64) async {
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: ticket) { done.resume() } }
+        let waiting = Mutex<CheckedContinuation<Void, Never>?>(nil)
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                waiting.withLock { $0 = done }
+                if Task.isCancelled { waiting.withLock { $0.take() }?.resume() }
+                uploader.whenSettled(upTo: ticket) { waiting.withLock { $0.take() }?.resume() }
+            }
+        } onCancel: {
+            waiting.withLock { $0.take() }?.resume()
+        }
     }
 
     /// Holds the copying pass back while more than a window of its records wait for the destination.
@@ -288,27 +316,16 @@ public final class SyncJob: Sendable {
             // Only the points counted at planning: a run still growing gets the rest next time.
             guard let stream = reader.metricStream(of: run, key: metric.key, from: metric.from) else { continue }
             var left = metric.count
-            while left > 0, let points = stream.next(upTo: min(left, 1000)) {
+            while left > 0, !Task.isCancelled, let points = stream.next(upTo: min(left, 1000)) {
                 left -= points.count
                 enqueue(handle, runID, .log(LogBatch(metrics: points)))
                 progress.withLock { $0.metricsQueued += Int64(points.count) }
                 await pace(&copied)
             }
         }
-        // Artifacts are whole files, independent of each other: they go up on as many lanes as the
-        // destination takes calls at once (handles bound to the same run; one call in flight each).
-        var lanes = [handle]
-        if plan.artifacts.count > 1, uploader.concurrency > 1 {
-            await settled(upTo: lastTicket.load(ordering: .relaxed))  // the run exists now (or failed)
-            if let destinationRunID = uploader.runID(of: handle) {
-                for lane in 1..<min(plan.artifacts.count, uploader.concurrency) {
-                    let laneHandle = handle + "#" + String(lane)
-                    bind(laneHandle, to: destinationRunID, experimentID: experimentID, name: run.info.name, status: .running)
-                    lanes.append(laneHandle)
-                }
-            }
-        }
-        for (index, path) in plan.artifacts.enumerated() {
+        // Artifacts go up several at once: the scheduler sends a run's artifacts on as many lanes
+        // as the destination takes calls.
+        for path in plan.artifacts where !Task.isCancelled {
             let spool = spoolDirectory + "/sync-" + RunIDs.newRunID()
             let file = reader.artifactFile(of: run, path: path)
             // A hard link costs nothing; across file systems, a streamed copy.
@@ -319,7 +336,7 @@ public final class SyncJob: Sendable {
                 }
             }
             let bytes = source.artifactBytes[path] ?? 0
-            enqueue(lanes[index % lanes.count], runID, .artifact(path: path, spoolPath: spool), bytes: bytes)
+            enqueue(handle, runID, .artifact(path: path, spoolPath: spool), bytes: bytes)
             progress.withLock { $0.artifactBytesQueued += Int64(bytes) }
             await pace(&copied)
         }
@@ -380,27 +397,43 @@ public final class SyncJob: Sendable {
     }
 }
 
-/// The daemon's sync jobs, newest last.
-public final class SyncJobs: Sendable {
+/// The daemon's sync jobs, newest last: a service of the daemon's group that runs each job as a
+/// child task, and cancels them at a graceful shutdown (after the listener closed, before the
+/// uploaders drain; what a job queued stays in the journal, and its next run resumes).
+public final class SyncJobs: Service, Sendable {
     private let jobs = Mutex<[SyncJob]>([])
+    private let submissions: AsyncStream<SyncJob>
+    private let submit: AsyncStream<SyncJob>.Continuation
     /// The daemon's own local store (the default source), when it has one.
     public let localStore: String?
 
     public init(localStore: String?) {
         self.localStore = localStore
+        (submissions, submit) = AsyncStream.makeStream(of: SyncJob.self)
     }
 
     public var all: [SyncJob] { jobs.withLock { $0 } }
 
-    /// Starts a job in the background and returns it.
+    /// Queues a job to run and returns it (a stopping daemon runs it no more: it reports that).
     func start(_ request: SyncRequest, source: String, uploader: Uploader, spoolDirectory: String, logger: Logger) -> SyncJob {
         let job = jobs.withLock { all -> SyncJob in
             let job = SyncJob(id: all.count + 1, request: request, source: source, uploader: uploader, spoolDirectory: spoolDirectory, logger: logger)
             all.append(job)
             return job
         }
-        Task { await job.run() }
+        if case .terminated = submit.yield(job) { job.stopped() }
         return job
+    }
+
+    public func run() async {
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                for await job in submissions { group.addTask { await job.run() } }
+                group.cancelAll()
+            }
+        } onGracefulShutdown: {
+            self.submit.finish()
+        }
     }
 }
 

@@ -66,6 +66,24 @@ struct QueuedRecords {
         inOrder.reduce(0) { $0 + ($1.sequence <= sequence ? 1 : 0) } + around.reduce(0) { $0 + ($1.sequence <= sequence ? 1 : 0) }
     }
 
+    /// The sequence number of the record a ticket belongs to (a split record's tickets are
+    /// consecutive and its entry holds the last): the entry with the smallest ticket at or above.
+    func sequence(holding ticket: UInt64) -> UInt64? {
+        func first(in entries: Deque<Entry>) -> Entry? {
+            var low = entries.startIndex
+            var high = entries.endIndex
+            while low < high {
+                let mid = (low + high) / 2
+                if entries[mid].ticket < ticket { low = mid + 1 } else { high = mid }
+            }
+            return low < entries.endIndex ? entries[low] : nil
+        }
+        switch (first(in: inOrder), first(in: around)) {
+        case (let a?, let b?): return a.ticket < b.ticket ? a.sequence : b.sequence
+        case (let a, let b): return (a ?? b)?.sequence
+        }
+    }
+
     /// The last ticket of the records up to sequence number `sequence`.
     func lastTicket(upTo sequence: UInt64) -> UInt64? {
         let inOrderTicket = inOrder.last { $0.sequence <= sequence }?.ticket

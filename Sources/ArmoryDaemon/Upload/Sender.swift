@@ -49,8 +49,9 @@ final class Sender: Sendable {
         var machine: SenderStateMachine
         /// Who waits for a record's outcome, by sequence number.
         var completions: [UInt64: RecordCompletion] = [:]
-        /// Who waits for everything up to a sequence number to be settled.
-        var waiters: [(sequence: UInt64, callback: @Sendable () -> Void)] = []
+        /// Who waits for everything up to a sequence number to be settled (of some runs only,
+        /// when `runs` says which).
+        var waiters: [(sequence: UInt64, runs: Set<String>?, callback: @Sendable () -> Void)] = []
     }
 
     private let inbox = Mutex(Inbox())
@@ -74,7 +75,7 @@ final class Sender: Sendable {
         self.registry = registry
         let machine = SenderStateMachine(
             limits: sink.limits, flushIntervalNs: UInt64(max(0, flushInterval) * 1e9), memoryBound: memoryBound, assignsRunIDs: sink.assignsRunIDs,
-            recordIntervalNs: UInt64(max(0, journal.options.settleInterval) * 1e9))
+            artifactLanes: sink.concurrency, recordIntervalNs: UInt64(max(0, journal.options.settleInterval) * 1e9))
         state = Mutex(State(machine: machine))
         (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         executor = EventLoopTaskExecutor(loop: group.next())
@@ -128,12 +129,14 @@ final class Sender: Sendable {
         state.withLock { $0.machine.bind(handle, binding) }
     }
 
-    /// Calls `callback` once every record up to sequence number `sequence` is settled; asks for
-    /// them to be sent without waiting for fuller batches meanwhile.
-    func whenSettled(upTo sequence: UInt64, _ callback: @escaping @Sendable () -> Void) {
+    /// Calls `callback` once every record up to sequence number `sequence` is settled (of
+    /// `runs` only, unless nil); asks for them to be sent without waiting for fuller batches
+    /// meanwhile.
+    func whenSettled(upTo sequence: UInt64, runs: Set<String>?, _ callback: @escaping @Sendable () -> Void) {
         let now = withState { s -> Bool in
             if s.machine.hurry(upTo: sequence) { return true }
-            s.waiters.append((sequence, callback))
+            if let runs, s.machine.isSettled(upTo: sequence, runs: runs) { return true }
+            s.waiters.append((sequence, runs, callback))
             return false
         }
         if now { callback() } else { wake.yield() }
@@ -271,11 +274,13 @@ final class Sender: Sendable {
                 }
             }
             var ready: [@Sendable () -> Void] = []
-            let settled = s.machine.settledSequence
-            s.waiters.removeAll { waiter in
-                guard waiter.sequence <= settled else { return false }
-                ready.append(waiter.callback)
-                return true
+            if !s.waiters.isEmpty {
+                let machine = s.machine
+                s.waiters.removeAll { waiter in
+                    guard waiter.sequence <= machine.settledSequence || waiter.runs.map({ machine.isSettled(upTo: waiter.sequence, runs: $0) }) == true else { return false }
+                    ready.append(waiter.callback)
+                    return true
+                }
             }
             return (completions, ready)
         }

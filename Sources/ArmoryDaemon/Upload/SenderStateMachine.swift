@@ -93,8 +93,8 @@ struct SenderStateMachine: Sendable {
     /// Whether the sink takes run ids assigned by the daemon (a replayed creation is sent again).
     let assignsRunIDs: Bool
 
-    init(limits: BatchLimits, flushIntervalNs: UInt64, memoryBound: Int, assignsRunIDs: Bool, recordIntervalNs: UInt64 = 1_000_000_000) {
-        scheduler = UploadScheduler(limits: limits, flushIntervalNs: flushIntervalNs)
+    init(limits: BatchLimits, flushIntervalNs: UInt64, memoryBound: Int, assignsRunIDs: Bool, artifactLanes: Int = 1, recordIntervalNs: UInt64 = 1_000_000_000) {
+        scheduler = UploadScheduler(limits: limits, flushIntervalNs: flushIntervalNs, artifactLanes: artifactLanes)
         self.recordIntervalNs = recordIntervalNs
         self.memoryBound = memoryBound
         self.assignsRunIDs = assignsRunIDs
@@ -307,6 +307,18 @@ struct SenderStateMachine: Sendable {
         let last = queued.lastTicket(upTo: sequence) ?? scheduler.lastTicket
         scheduler.hurry(upTo: spill == nil ? last : scheduler.lastTicket)
         return false
+    }
+
+    /// Whether every record of `runs` up to sequence number `sequence` is settled: what a
+    /// session's `flush wait=uploaded` waits for, so not for other runs' backlog. A run with
+    /// records in the spill is not (nor any run, for what a restart left on disk unread).
+    func isSettled(upTo sequence: UInt64, runs: Set<String>) -> Bool {
+        if settledSequence >= sequence { return true }
+        if let spill, !spill.handlesKnown || runs.contains(where: { spill.handles[$0] != nil }) { return false }
+        for run in runs {
+            if let oldest = scheduler.oldestTicket(of: run), queued.sequence(holding: oldest).map({ $0 <= sequence }) ?? true { return false }
+        }
+        return true
     }
 
     /// How many of the records up to sequence number `sequence` are not settled yet.

@@ -189,7 +189,13 @@ public struct UploadScheduler: Sendable {
 
     struct RunQueue: Sendable {
         var entries = Deque<Entry>()
+        /// A call other than an artifact's is in flight (one at a time, in order).
         var busy = false
+        /// Artifacts in flight, by ticket: whole files, independent of each other, so several go
+        /// at once (up to `artifactLanes`), ahead of whatever follows them.
+        var artifactsInFlight: [UInt64: Entry] = [:]
+        /// Whether the run is in `order` (waiting for its turn).
+        var listed = false
         var notBefore: UInt64 = 0
         var attempt = 0
         /// A refused log batch being split: its head entries and the pieces still to send.
@@ -209,6 +215,8 @@ public struct UploadScheduler: Sendable {
     }
 
     public let limits: BatchLimits
+    /// Artifacts of one run in flight at once.
+    public let artifactLanes: Int
     /// Log records wait at most this long for more to join their batch (0: send at once).
     public let flushIntervalNs: UInt64
     public let backoffBaseNs: UInt64
@@ -227,8 +235,9 @@ public struct UploadScheduler: Sendable {
     public var queuedByRun: [String: Int] { queues.compactMapValues { $0.entries.isEmpty ? nil : $0.entries.count } }
     public private(set) var inFlight = 0
 
-    public init(limits: BatchLimits, flushIntervalNs: UInt64, backoffBaseNs: UInt64 = 500_000_000, backoffCapNs: UInt64 = 60_000_000_000) {
+    public init(limits: BatchLimits, flushIntervalNs: UInt64, artifactLanes: Int = 1, backoffBaseNs: UInt64 = 500_000_000, backoffCapNs: UInt64 = 60_000_000_000) {
         self.limits = limits
+        self.artifactLanes = max(1, artifactLanes)
         self.flushIntervalNs = flushIntervalNs
         self.backoffBaseNs = backoffBaseNs
         self.backoffCapNs = backoffCapNs
@@ -254,7 +263,6 @@ public struct UploadScheduler: Sendable {
         if queues[handle] == nil { queues[handle] = RunQueue() }
         if case .createRun(let c) = record { queues[handle]!.parent = c.parentHandle }
         if mayExist { queues[handle]!.mayExist = true }
-        if queues[handle]!.entries.isEmpty && !queues[handle]!.busy { order.append(handle) }
         var ticket: UInt64 = 0
         for r in records {
             ticket = nextTicket
@@ -263,6 +271,7 @@ public struct UploadScheduler: Sendable {
             unsettled.insert(ticket)
             queuedEntries += 1
         }
+        list(handle)
         return ticket
     }
 
@@ -271,18 +280,38 @@ public struct UploadScheduler: Sendable {
         urgentUpTo = max(urgentUpTo, ticket)
     }
 
+    /// Puts a run with records to send in line, unless it is there or busy already.
+    private mutating func list(_ handle: String) {
+        guard let queue = queues[handle], !queue.listed, !queue.busy, !queue.entries.isEmpty else { return }
+        queues[handle]!.listed = true
+        order.append(handle)
+    }
+
     /// The next batch to send, if any run is ready; `draining` sends partial batches at once.
     public mutating func next(now: UInt64, draining: Bool = false) -> Batch? {
         for _ in 0..<order.count {
             let handle = order.removeFirst()
-            guard var queue = queues[handle], !queue.entries.isEmpty else { continue }
+            guard var queue = queues[handle] else { continue }
+            queue.listed = false
+            guard !queue.entries.isEmpty else {
+                queues[handle] = queue
+                continue
+            }
             if let batch = cut(handle: handle, queue: &queue, now: now, draining: draining) {
-                queue.busy = true
+                if case .artifact = batch.operation {
+                    // Out of the queue while in flight: the next artifact may go beside it.
+                    let entry = queue.entries.removeFirst()
+                    queue.artifactsInFlight[entry.ticket] = entry
+                } else {
+                    queue.busy = true
+                }
                 queues[handle] = queue
                 inFlight += 1
-                return batch  // not re-appended while busy: finish() puts it back
+                list(handle)  // not while busy: finish() puts it back
+                return batch
             }
-            order.append(handle)
+            queues[handle] = queue
+            list(handle)
         }
         return nil
     }
@@ -291,7 +320,7 @@ public struct UploadScheduler: Sendable {
     public func nextWake(now: UInt64) -> UInt64? {
         var earliest: UInt64?
         for handle in order {
-            guard let q = queues[handle], let head = q.entries.first, !q.busy else { continue }
+            guard let q = queues[handle], let head = q.entries.first, !q.busy, q.artifactsInFlight.isEmpty else { continue }
             var at = q.notBefore
             if case .log = head.record, flushIntervalNs > 0, head.ticket > urgentUpTo {
                 at = max(at, head.enqueuedAt + flushIntervalNs)
@@ -303,6 +332,13 @@ public struct UploadScheduler: Sendable {
 
     private func cut(handle: String, queue: inout RunQueue, now: UInt64, draining: Bool) -> Batch? {
         guard !queue.busy, queue.notBefore <= now, let head = queue.entries.first else { return nil }
+        if !queue.artifactsInFlight.isEmpty {
+            // Beside artifacts in flight only another artifact goes, of another path; the rest
+            // waits for them, in order.
+            guard case .artifact(let path, _) = head.record, queue.artifactsInFlight.count < artifactLanes,
+                !queue.artifactsInFlight.values.contains(where: { if case .artifact(path, _) = $0.record { true } else { false } })
+            else { return nil }
+        }
         if case .createRun(let creation) = head.record {
             var parentRunID: String?
             if let parent = creation.parentHandle {
@@ -363,7 +399,11 @@ public struct UploadScheduler: Sendable {
         inFlight -= 1
         var settled = Settled()
         guard var queue = queues[batch.handle] else { return settled }
-        queue.busy = false
+        if case .artifact = batch.operation, let entry = queue.artifactsInFlight.removeValue(forKey: batch.entries[0].ticket) {
+            queue.entries.prepend(entry)  // it is settled below as the head, or waits there for its retry
+        } else {
+            queue.busy = false
+        }
         switch outcome {
         case .applied, .created:
             if case .created(let runID, let experimentID) = outcome {
@@ -411,9 +451,9 @@ public struct UploadScheduler: Sendable {
         }
         for ticket in settled.tickets { settle(ticket) }
         for (ticket, _) in settled.failures { settle(ticket) }
-        if !queue.entries.isEmpty {
+        if !queue.entries.isEmpty || !queue.artifactsInFlight.isEmpty {
             queues[batch.handle] = queue
-            order.append(batch.handle)
+            list(batch.handle)
         } else if queue.failed == nil {
             queues[batch.handle] = nil  // idle runs keep only their binding
         } else {
@@ -532,6 +572,19 @@ public struct UploadScheduler: Sendable {
         queuedEntries -= 1
         settledOutOfOrder.insert(ticket)
         while let min = unsettled.min, settledOutOfOrder.remove(min) != nil { _ = unsettled.removeMin() }
+    }
+
+    /// The oldest unsettled ticket of a run (queued or in flight), nil when it has none. Only
+    /// artifacts settle out of order, and a retried one goes back to the front, so the oldest is
+    /// among those in flight or at the front.
+    public func oldestTicket(of handle: String) -> UInt64? {
+        guard let queue = queues[handle] else { return nil }
+        let queued = queue.entries.prefix(artifactLanes + 1).lazy.map(\.ticket).min()
+        let inFlight = queue.artifactsInFlight.keys.min()
+        switch (queued, inFlight) {
+        case (let a?, let b?): return min(a, b)
+        case (let a, let b): return a ?? b
+        }
     }
 
     /// Entries still queued for one run.

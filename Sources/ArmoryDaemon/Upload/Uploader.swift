@@ -153,10 +153,11 @@ public final class Uploader: Sendable {
     /// The counters, with the queue figures derived from the state.
     public var counterSnapshot: UploadCounters { sender.counters }
 
-    /// Calls `callback` once every record up to sequence number `ticket` is settled; asks for
+    /// Calls `callback` once every record up to sequence number `ticket` is settled, of `runs`
+    /// only unless nil (another user's backlog does not hold a session's flush back); asks for
     /// them to be sent without waiting for fuller batches meanwhile.
-    public func whenSettled(upTo ticket: UInt64, _ callback: @escaping @Sendable () -> Void) {
-        sender.whenSettled(upTo: ticket, callback)
+    public func whenSettled(upTo ticket: UInt64, runs: Set<String>? = nil, _ callback: @escaping @Sendable () -> Void) {
+        sender.whenSettled(upTo: ticket, runs: runs, callback)
     }
 
     /// How many of the records up to sequence number `ticket` are not settled yet.
