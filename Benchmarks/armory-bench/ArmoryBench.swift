@@ -47,6 +47,12 @@ struct ArmoryBench: AsyncParsableCommand {
     @Option(help: "Metrics the busy phase of each scale-clients row sends, split across its clients.")
     var scaleBusyMetrics = 1_000_000
 
+    @Option(help: "WatchdogSec of the scale-clients daemons (as the system unit sets it; 0: no watchdog), with a notify socket of the bench's.")
+    var scaleWatchdogSeconds = 30
+
+    @Option(help: "Seconds over which the scale-clients daemons' idle wake-ups are counted.")
+    var scaleIdleSeconds = 30.0
+
     @Option(help: "Active runs during the system-metrics sampling figure.")
     var samplingRuns = 64
 
@@ -308,15 +314,21 @@ struct ArmoryBench: AsyncParsableCommand {
             }
             var clientRows: [JSONValue] = []
             for count in scaleClients.split(separator: ",").compactMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
-                // Sampling off: its cost with many runs is the sampling figure's.
+                // Sampling off: its cost with many runs is the sampling figure's. The watchdog on,
+                // as under the system unit: its health checks are part of the idle figure.
+                let scaleHome = home + "/scale-clients-\(count)"
+                var watchdog: [String: String] = [:]
+                if scaleWatchdogSeconds > 0 {
+                    try FileManager.default.createDirectory(atPath: scaleHome, withIntermediateDirectories: true)
+                    watchdog = ["NOTIFY_SOCKET": try NotifySocket.bound(at: scaleHome + "/notify.sock"), "WATCHDOG_USEC": String(scaleWatchdogSeconds * 1_000_000)]
+                }
                 let (scaleProcess, scaleSocket) = try Self.startDaemon(
-                    daemon, home: home + "/scale-clients-\(count)", environment: [:],
-                    arguments: ["--system-metrics-interval", "0"])
+                    daemon, home: scaleHome, environment: watchdog, arguments: ["--system-metrics-interval", "0"])
                 let pid = scaleProcess.processIdentifier
                 let perClient = max(1, scaleBusyMetrics / count)
                 let processes = try ClientProcesses(count, ClientWorkload(socketPath: scaleSocket, evaluation: "bench-scale", metrics: perClient, perFrame: 1))
                 try await Task.sleep(for: .seconds(2))
-                let wakeups = Self.wakeups(pid: pid, over: 10)
+                let wakeups = Self.wakeups(pid: pid, over: scaleIdleSeconds)
                 let idleKB = Self.procStatusKB(pid: pid, "VmRSS")
                 let cpuBefore = Self.cpuSeconds(pid: pid)
                 let elapsed = try processes.go()
@@ -597,5 +609,27 @@ struct Percentiles {
 
     var json: JSONValue {
         .object(["p50": .double((p50 * 100).rounded() / 100), "p99": .double((p99 * 100).rounded() / 100), "p99_9": .double((p999 * 100).rounded() / 100), "max": .double((max * 100).rounded() / 100)])
+    }
+}
+
+/// A stand-in for systemd's notify socket: a bound datagram socket whose messages a thread reads
+/// and drops, so a daemon under test runs its watchdog as under the system unit.
+enum NotifySocket {
+    /// Binds `path` and returns it (what `NOTIFY_SOCKET` names).
+    static func bound(at path: String) throws -> String {
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard fd >= 0, bound == 0 else { throw POSIXError(.EADDRINUSE) }
+        Thread.detachNewThread {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while recv(fd, &buffer, buffer.count, 0) >= 0 {}
+        }
+        return path
     }
 }

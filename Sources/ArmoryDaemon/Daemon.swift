@@ -139,8 +139,11 @@ public final class Daemon: Service {
             let finish: @Sendable (Bool) -> Void = { value in
                 if !settled.exchange(true, ordering: .acquiringAndReleasing) { continuation.resume(returning: value) }
             }
-            DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { finish(false) }
-            check { finish(true) }
+            let timeout = EventLoopClock.after(seconds: seconds) { finish(false) }
+            check {
+                timeout.cancel()
+                finish(true)
+            }
         }
     }
 

@@ -45,7 +45,7 @@ public final class DaemonServices: Sendable {
             ?? SessionTable(
                 graceSeconds: 60,
                 schedule: { seconds, body in
-                    DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: body)
+                    EventLoopClock.after(seconds: seconds, body)
                 }, onExpired: { session, _ in session?.expire() })
         self.syncs = SyncJobs(localStore: localStore)
         self.registry = registry

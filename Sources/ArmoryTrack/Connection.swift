@@ -74,6 +74,8 @@ public final class Connection: @unchecked Sendable {
     private var hello: Hello!
     private let explicitPath: String?
     private let environment: [String: String]
+    /// How long `hello` (and a resuming one) waits for the daemon's answer.
+    private let connectTimeout: Double
     private let maxRetainedBytes: Int
     private let reconnectSeconds: Double
     private let sendTimeout: Double
@@ -104,6 +106,8 @@ public final class Connection: @unchecked Sendable {
         var lastReason = "no candidate path"
         var connected: (Int32, String)?
         let sendTimeout = environment["ARMORY_SEND_TIMEOUT"].flatMap(Double.init) ?? 300
+        // How long hello's answer may take: a daemon on a saturated host answers late, not never.
+        connectTimeout = environment["ARMORY_CONNECT_TIMEOUT"].flatMap(Double.init) ?? 30
         for path in candidates {
             switch Self.connect(path, sendTimeout: sendTimeout) {
             case .success(let fd): connected = (fd, path)
@@ -137,7 +141,7 @@ public final class Connection: @unchecked Sendable {
             credentials: MLflowCredentials.resolve(environment: environment))
         hello.admin = admin
         self.hello = hello
-        let body = try request(.hello(hello), timeout: 10)
+        let body = try request(.hello(hello), timeout: connectTimeout)
         guard let reply = HelloReply(json: body) else { throw .protocolViolation("armoryd sent an unreadable hello reply.") }
         helloReply = reply
         condition.lock()
@@ -536,7 +540,7 @@ public final class Connection: @unchecked Sendable {
         frame.bytes.append(contentsOf: [0, 0, 0, 0])
         frame.write(ClientFrame(seq: helloSeq, op: .hello(resuming)).json)
         Frame.patchHeader(length: frame.bytes.count - 4, in: &frame.bytes, at: 0)
-        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        var timeout = timeval(tv_sec: Int(connectTimeout), tv_usec: Int(connectTimeout.truncatingRemainder(dividingBy: 1) * 1e6))
         _ = setsockopt(newFD, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         if let failure = Self.writeAll(newFD, frame.bytes) {
             close(newFD)

@@ -270,7 +270,8 @@ public final class FileStore {
     /// daemon's journal forgets the records they hold.
     public func persist() {
         for path in dirty.sorted(by: { $0.count > $1.count }) {
-            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            // Non-blocking: opening a FIFO (or another special file) for reading must not wait.
+            let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
             guard fd >= 0 else { continue }
             fsync(fd)
             close(fd)

@@ -47,7 +47,7 @@ struct SystemdSupervisor: Service {
                 notifier.status(status)
                 lastStatus = status
             }
-            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: period) }
+            try? await cancelWhenGracefulShutdown { try await EventLoopClock.sleep(for: period) }
         }
         stop()
     }

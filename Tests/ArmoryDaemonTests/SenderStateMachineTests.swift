@@ -16,7 +16,7 @@ import Testing
             limits: .mlflow, flushIntervalNs: 0, memoryBound: fit * BatchLimits.memoryFootprint(metric(0)), assignsRunIDs: false)
     }
 
-    func incoming(_ handle: String, _ sequence: UInt64, uid: UInt32) -> SenderStateMachine.Incoming {
+    func incoming(_ handle: String, _ sequence: UInt64, uid: UInt32) -> JournaledRecord {
         .init(handle: handle, record: metric(Double(sequence)), sequence: sequence, uid: uid)
     }
 

@@ -273,18 +273,10 @@ public final class Session: @unchecked Sendable {
         return reason
     }
 
-    /// Puts an artifact's spool file on disk (the journal will name it) and closes it; the
-    /// failure in words (the file is then removed), or nil.
-    public func closeSpool(artifact id: Int64) -> String? {
-        guard let file = spoolFiles[id] else { return nil }
-        guard fsync(file.fd) == 0 else {
-            let reason = String(cString: strerror(errno))
-            discardSpool(artifact: id)
-            return reason
-        }
-        close(file.fd)
-        spoolFiles[id] = nil
-        return nil
+    /// Takes an artifact's finished spool file out of the session, to be put on disk
+    /// (`putOnDisk`) off the event loop.
+    public func takeSpool(artifact id: Int64) -> SpoolFile? {
+        spoolFiles.removeValue(forKey: id).map { SpoolFile(fd: $0.fd, path: $0.path) }
     }
 
     private func discardSpool(artifact id: Int64) {
@@ -306,4 +298,23 @@ public struct UploadWait: Sendable {
 public struct DurableWait: Sendable {
     public var uploader: Uploader
     public var lsn: UInt64
+}
+
+/// An artifact's spool file, written and about to be closed.
+public struct SpoolFile: Sendable {
+    var fd: Int32
+    var path: String
+
+    /// Puts the file on disk (the journal will name it) and closes it; the failure in words (the
+    /// file is then removed), or nil. It blocks for as long as the fsync takes: not on an event
+    /// loop.
+    public func putOnDisk() -> String? {
+        defer { close(fd) }
+        guard fsync(fd) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(path)
+            return reason
+        }
+        return nil
+    }
 }

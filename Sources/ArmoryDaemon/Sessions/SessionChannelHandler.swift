@@ -2,6 +2,7 @@ import ArmoryProtocol
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 
 /// Carries out a `Session`'s outcomes on one connection: decodes frames, writes replies and
 /// errors, acknowledges frames once their records are in the journal on disk (at most one ack
@@ -165,11 +166,27 @@ final class SessionChannelHandler: ChannelInboundHandler {
                 carryOut(session.event { $0.spoolFailed(artifact: id, reason: reason, for: frame) }, for: frame, context: context)
             }
         case .closeSpool(let id):
-            let failure = session.closeSpool(artifact: id)
-            carryOut(
-                session.event { machine in
-                    failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolClosed(artifact: id, for: frame)
-                }, for: frame, context: context)
+            guard let file = session.takeSpool(artifact: id) else {
+                carryOut(session.event { $0.spoolClosed(artifact: id, for: frame) }, for: frame, context: context)
+                break
+            }
+            // The fsync goes to a thread pool: a large file's would hold back every connection of
+            // this event loop. This connection's next frames wait their turn.
+            heldBack = []
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            NIOThreadPool.singleton.runIfActive(eventLoop: context.eventLoop) { file.putOnDisk() }.whenComplete { result in
+                let (handler, context) = loopBound.value
+                let failure: String? =
+                    switch result {
+                    case .success(let failure): failure
+                    case .failure(let error): "\(error)"
+                    }
+                handler.carryOut(
+                    handler.session.event { machine in
+                        failure.map { machine.spoolFailed(artifact: id, reason: $0, for: frame) } ?? machine.spoolClosed(artifact: id, for: frame)
+                    }, for: frame, context: context)
+                handler.readHeldBack(context: context)
+            }
         case .query(let query):
             let answer: SessionAction
             do {
@@ -269,7 +286,12 @@ final class SessionChannelHandler: ChannelInboundHandler {
             services.sessions.opened(again, connection: fresh.connectionID, close: closeConnection)
             adopt(again, from: fresh, hello: hello, frame: frame, context: context)
         }
-        // The frames that arrived while the claim was pending are read now, in order.
+        readHeldBack(context: context)
+    }
+
+    /// Reads the frames that arrived while an answer was pending (a claim, a spool file going
+    /// on disk), in order.
+    private func readHeldBack(context: ChannelHandlerContext) {
         let waiting = heldBack ?? []
         heldBack = nil
         for data in waiting { channelRead(context: context, data: data) }

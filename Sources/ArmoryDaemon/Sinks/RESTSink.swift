@@ -129,7 +129,7 @@ public final class RESTSink: RecordSink {
         var keys: [String] = []
         for m in metrics where !keys.contains(m.key) { keys.append(m.key) }
         for key in keys where replay.withLock({ $0.stored[runID + "\0" + key] }) == nil {
-            try? await Task.sleep(until: replay.withLock { $0.since } + Self.replaySettle)
+            try? await EventLoopClock.sleep(until: replay.withLock { $0.since } + Self.replaySettle)
             let history = Set(try await client.metricHistory(runID, key: key).map(StoredPoint.init))
             replay.withLock { $0.stored[runID + "\0" + key] = history }
         }
@@ -146,7 +146,7 @@ public final class RESTSink: RecordSink {
         while true {
             do { return try await work() } catch {
                 guard error.isRetryable, Date() < deadline else { throw error }
-                try? await Task.sleep(for: .seconds(min(error.retryAfter ?? delay, 30)))
+                try? await EventLoopClock.sleep(for: .seconds(min(error.retryAfter ?? delay, 30)))
                 delay = min(delay * 2, 30)
             }
         }

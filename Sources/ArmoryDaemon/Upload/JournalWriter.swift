@@ -47,7 +47,6 @@ final class JournalWriter: Sendable {
     func append(_ records: [(handle: String, record: SinkRecord, completion: RecordCompletion?)], tail: JournalEntry?, uid: UInt32?) -> Appended {
         let entries = records.map { JournalEntry.record(handle: $0.handle, $0.record) } + (tail.map { [$0] } ?? [])
         let encoded = entries.map { (entry: $0, body: Journal.encode($0)) }  // outside the lock
-        let settled = journal.settledSequence
         return state.withLock { s in
             let appended = journal.append(encoded)
             guard let last = appended.last else { return Appended(lastRecord: s.lastRecord, lsn: s.lastRecord, overloaded: false) }
@@ -61,12 +60,23 @@ final class JournalWriter: Sendable {
                     s.owed.append((last.lsn, uid, bytes))
                 }
             }
-            release(&s, settled: settled)
+            var handed: [JournaledRecord] = []
+            var completions: [(sequence: UInt64, completion: RecordCompletion)] = []
+            handed.reserveCapacity(records.count)
+            for (r, a) in zip(records, appended) {
+                handed.append(.init(handle: r.handle, record: r.record, sequence: a.lsn, uid: uid))
+                if let completion = r.completion { completions.append((a.lsn, completion)) }
+            }
             if !records.isEmpty { s.lastRecord = appended[records.count - 1].lsn }
-            sender.receive(
-                zip(records, appended).map { .init(handle: $0.0.handle, record: $0.0.record, sequence: $0.1.lsn, uid: uid, completion: $0.0.completion) },
-                appendedThrough: last.lsn)
-            return Appended(lastRecord: s.lastRecord, lsn: last.lsn, overloaded: isOverloaded(s, uid: uid, resuming: false))
+            sender.receive(handed, completions: completions, appendedThrough: last.lsn)
+            // The shares count what is not settled yet; they are brought up to date only when
+            // they would pause someone (they only overestimate until then), or grow long.
+            var overloaded = isOverloaded(s, uid: uid, resuming: false)
+            if overloaded || s.owed.count > 4096 {
+                release(&s, settled: journal.settledSequence)
+                overloaded = isOverloaded(s, uid: uid, resuming: false)
+            }
+            return Appended(lastRecord: s.lastRecord, lsn: last.lsn, overloaded: overloaded)
         }
     }
 
@@ -93,7 +103,11 @@ final class JournalWriter: Sendable {
 
     /// Whether producers of `uid` (nil: any) should pause now.
     func isOverloaded(uid: UInt32?) -> Bool {
-        state.withLock { s in isOverloaded(s, uid: uid, resuming: false) }
+        state.withLock { s in
+            guard isOverloaded(s, uid: uid, resuming: false) else { return false }
+            release(&s, settled: journal.settledSequence)
+            return isOverloaded(s, uid: uid, resuming: false)
+        }
     }
 
     /// Fair shares (docs/architecture.md, "Backpressure and fair shares"): a uid pauses past its

@@ -30,18 +30,12 @@ final class EventLoopTaskExecutor: TaskExecutor {
 /// settled, records each created run's binding there, keeps refused records as dead letters, and
 /// answers who waits for a record's outcome or for the upload.
 final class Sender: Sendable {
-    /// A record as the writer hands it over, with who waits for its outcome.
-    struct Handover: Sendable {
-        var handle: String
-        var record: SinkRecord
-        var sequence: UInt64
-        var uid: UInt32?
-        var completion: RecordCompletion?
-    }
-
-    /// What the writer handed over and the sender has not taken yet.
+    /// What the writer handed over and the sender has not taken yet: its appends' records in
+    /// journal order (one array per append, handed over as is), who waits for a record's outcome
+    /// (few records have someone), and the last entry appended with them.
     private struct Inbox {
-        var records: [Handover] = []
+        var bursts: [[JournaledRecord]] = []
+        var completions: [(sequence: UInt64, completion: RecordCompletion)] = []
         var appendedThrough: UInt64 = 0
     }
 
@@ -89,9 +83,10 @@ final class Sender: Sendable {
 
     /// Takes records the writer journaled (called under the writer's lock, so in journal order);
     /// `appendedThrough`: the last entry it appended with them.
-    func receive(_ records: [Handover], appendedThrough: UInt64) {
+    func receive(_ records: [JournaledRecord], completions: [(sequence: UInt64, completion: RecordCompletion)], appendedThrough: UInt64) {
         inbox.withLock { inbox in
-            inbox.records.append(contentsOf: records)
+            if !records.isEmpty { inbox.bursts.append(records) }
+            if !completions.isEmpty { inbox.completions += completions }
             inbox.appendedThrough = appendedThrough
         }
         if !records.isEmpty { wake.yield() }
@@ -99,18 +94,18 @@ final class Sender: Sendable {
 
     /// Runs `body` on the state after taking what waits in the inbox.
     private func withState<Result>(_ body: (inout State) -> Result) -> Result {
-        let now = MonotonicClock.nowNs()
-        return state.withLock { s in
+        state.withLock { s in
             var taken = Inbox()
             inbox.withLock { inbox in
-                swap(&taken.records, &inbox.records)
+                swap(&taken.bursts, &inbox.bursts)
+                swap(&taken.completions, &inbox.completions)
                 taken.appendedThrough = inbox.appendedThrough
             }
             if taken.appendedThrough > 0 {
-                for r in taken.records where r.completion != nil { s.completions[r.sequence] = r.completion }
-                s.machine.receive(
-                    taken.records.map { .init(handle: $0.handle, record: $0.record, sequence: $0.sequence, uid: $0.uid) }, appendedThrough: taken.appendedThrough,
-                    now: now)
+                for (sequence, completion) in taken.completions { s.completions[sequence] = completion }
+                let now = taken.bursts.isEmpty ? 0 : MonotonicClock.nowNs()
+                for burst in taken.bursts { s.machine.receive(burst, appendedThrough: taken.appendedThrough, now: now) }
+                if taken.bursts.isEmpty { s.machine.receive([], appendedThrough: taken.appendedThrough, now: now) }
             }
             return body(&s)
         }
@@ -323,7 +318,7 @@ final class Sender: Sendable {
         while MonotonicClock.nowNs() < deadline {
             // A server that refuses the credentials takes nothing: the journal keeps it all.
             if state.withLock({ $0.machine.stopped || $0.machine.counters.needsCredentials != nil }) { break }
-            try? await Task.sleep(for: .milliseconds(20))
+            try? await EventLoopClock.sleep(for: .milliseconds(20))
         }
         state.withLock { $0.machine.halt() }
         wake.finish()

@@ -1,5 +1,14 @@
 import ArmoryProtocol
 
+/// A record the journal writer hands the sender: its run, its journal sequence number and the user
+/// it came from.
+struct JournaledRecord: Sendable {
+    var handle: String
+    var record: SinkRecord
+    var sequence: UInt64
+    var uid: UInt32?
+}
+
 /// Counters of one destination's uploads, reported by `armoryctl status`.
 public struct UploadCounters: Sendable, Equatable {
     public var pendingRecords = 0
@@ -33,14 +42,6 @@ public struct UploadCounters: Sendable, Equatable {
 /// only (the spill), what to read back and when, what to send next, what a sink call's outcome
 /// settles, and how far the journal is settled. `Sender` carries its decisions out.
 struct SenderStateMachine: Sendable {
-    /// A record the journal writer handed over, with its journal sequence number and the user it
-    /// came from.
-    struct Incoming: Sendable {
-        var handle: String
-        var record: SinkRecord
-        var sequence: UInt64
-        var uid: UInt32?
-    }
 
     /// What to read back from the journal: records after `first - 1` through `last`.
     struct ReadBack: Sendable, Equatable {
@@ -105,7 +106,7 @@ struct SenderStateMachine: Sendable {
     /// Takes records the writer journaled, in journal order: into memory while it has room, else
     /// into the spill, except a run of a user with nothing in the spill, which goes around it in a
     /// quarter more than the bound (the spill started with memory full).
-    mutating func receive(_ records: [Incoming], appendedThrough: UInt64, now: UInt64) {
+    mutating func receive(_ records: [JournaledRecord], appendedThrough: UInt64, now: UInt64) {
         for r in records {
             lastSequence = r.sequence
             let footprint = BatchLimits.memoryFootprint(r.record)

@@ -42,6 +42,7 @@ _METRICS_PER_FRAME = 1000
 _DEFAULT_RETAIN_BYTES = 64 << 20
 _DEFAULT_RECONNECT_SECONDS = 300.0
 _DEFAULT_SEND_TIMEOUT = 300.0
+_DEFAULT_CONNECT_TIMEOUT = 30.0
 # Ops the daemon answers with a reply (ClientOp.requestNames in ArmoryProtocol).
 _REQUEST_OPS = frozenset(("hello", "get_params", "get_trackable", "start", "end", "attach", "run_info", "artifact_open",
                           "artifact_close", "flush", "status", "experiment", "create_run", "set_experiment_tag", "sync",
@@ -159,7 +160,7 @@ def _env_float(name: str, default: float) -> float:
 class Connection:
     """A thread-safe connection to armoryd. Use `connection()` for the per-process one."""
 
-    def __init__(self, path: Optional[str] = None, timeout: float = 10.0):
+    def __init__(self, path: Optional[str] = None, timeout: Optional[float] = None):
         self._explicit_path = path
         self.sock, self.path = _connect(path)
         self.pid = os.getpid()
@@ -191,6 +192,8 @@ class Connection:
         self._max_retained = int(_env_float("ARMORY_RETAIN_BYTES", _DEFAULT_RETAIN_BYTES))
         self._reconnect_seconds = _env_float("ARMORY_RECONNECT_SECONDS", _DEFAULT_RECONNECT_SECONDS)
         self._send_timeout = _env_float("ARMORY_SEND_TIMEOUT", _DEFAULT_SEND_TIMEOUT)
+        # How long hello's answer may take: a daemon on a saturated host answers late, not never.
+        self._connect_timeout = _env_float("ARMORY_CONNECT_TIMEOUT", _DEFAULT_CONNECT_TIMEOUT)
         self.limits = _rules.limits(None)
         self._reconnecting = False
         self._fatal: Optional[str] = None
@@ -212,7 +215,7 @@ class Connection:
             if credentials:
                 hello["credentials"] = credentials
         self._hello_fields = hello
-        self.hello = self.request("hello", timeout=timeout, **hello)
+        self.hello = self.request("hello", timeout=timeout if timeout is not None else self._connect_timeout, **hello)
         self.limits = _rules.limits(self.hello)
         self.session = self.hello.get("session")
         if self.session is None:
@@ -492,7 +495,7 @@ class Connection:
             acked = self.acked
         fields = dict(self._hello_fields, op="hello", seq=hello_seq, resume={"session": self.session, "acked": acked})
         payload = json.dumps(fields, separators=(",", ":"), default=str).encode()
-        sock.settimeout(10.0)
+        sock.settimeout(self._connect_timeout)
         sock.sendall(struct.pack(">I", len(payload)) + payload)
         data = b""
         reply = None
