@@ -126,25 +126,34 @@ public final class Daemon: Service {
         for uploader in running.services.destinations.all {
             checks.append(("uploader for \(uploader.destination)", { done in uploader.checkResponsive(done) }))
         }
-        var problems: [String] = []
-        for (name, check) in checks where !(await Self.answers(within: seconds, check)) {
-            problems.append("\(name) did not respond within \(seconds) s")
-        }
-        return problems
-    }
-
-    private static func answers(within seconds: Double, _ check: (@escaping @Sendable () -> Void) -> Void) async -> Bool {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            let settled = Atomic<Bool>(false)
-            let finish: @Sendable (Bool) -> Void = { value in
-                if !settled.exchange(true, ordering: .acquiringAndReleasing) { continuation.resume(returning: value) }
+        // All at once, under one timer: a round wakes each loop once and the supervisor's twice.
+        let answered = Mutex((flags: [Bool](repeating: false, count: checks.count), left: checks.count, finished: false))
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let finish: @Sendable () -> Void = {
+                let first = answered.withLock { state in
+                    defer { state.finished = true }
+                    return !state.finished
+                }
+                if first { continuation.resume() }
             }
-            let timeout = EventLoopClock.after(seconds: seconds) { finish(false) }
-            check {
-                timeout.cancel()
-                finish(true)
+            guard !checks.isEmpty else { return finish() }
+            let timeout = EventLoopClock.after(seconds: seconds) { finish() }
+            for (index, (_, check)) in checks.enumerated() {
+                check {
+                    let all = answered.withLock { state -> Bool in
+                        state.flags[index] = true
+                        state.left -= 1
+                        return state.left == 0
+                    }
+                    if all {
+                        timeout.cancel()
+                        finish()
+                    }
+                }
             }
         }
+        let flags = answered.withLock { $0.flags }
+        return zip(checks, flags).filter { !$0.1 }.map { "\($0.0.0) did not respond within \(seconds) s" }
     }
 
     public func run() async throws {

@@ -16,6 +16,13 @@ public enum EventLoopClock {
         NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
     }
 
+    /// Runs `body` to its end on NIO's event loops while the calling thread (the main one) waits:
+    /// no job goes to the main queue, which libdispatch on Linux serves with a pool worker (an
+    /// `async` main would start the pool, and its monitor, at once).
+    public static func runBlocking(_ body: @escaping @Sendable () async -> Void) {
+        try? MultiThreadedEventLoopGroup.singleton.next().makeFutureWithTask(body).wait()
+    }
+
     /// Sleeps for `duration` on a timer of NIO's singleton event loops; throws
     /// `CancellationError` when the task is cancelled first.
     public static func sleep(for duration: Duration) async throws {
@@ -29,7 +36,7 @@ public enum EventLoopClock {
     }
 
     private static func sleep(nanoseconds: Int64) async throws {
-        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let loop = MultiThreadedEventLoopGroup.singleton.any()  // the current loop when on one: no other thread wakes
         let state = Mutex<(continuation: CheckedContinuation<Void, any Error>?, timer: Scheduled<Void>?, cancelled: Bool)>((nil, nil, false))
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
@@ -60,6 +67,6 @@ public enum EventLoopClock {
     /// health check asks about); cancel the result to call nothing.
     @discardableResult
     public static func after(seconds: Double, _ body: @escaping @Sendable () -> Void) -> Scheduled<Void> {
-        MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .nanoseconds(Int64(seconds * 1e9)), body)
+        MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: .nanoseconds(Int64(seconds * 1e9)), body)
     }
 }

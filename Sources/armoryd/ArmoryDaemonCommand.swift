@@ -11,8 +11,7 @@ import Systemd
     import Glibc
 #endif
 
-/// `armoryd`: the per-host tracking daemon.
-@main
+/// `armoryd`: the per-host tracking daemon (started by `main.swift`).
 struct ArmoryDaemonCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "armoryd",
@@ -97,9 +96,6 @@ struct ArmoryDaemonCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        // Swift Concurrency on NIO's event loops, before anything runs on it: an idle daemon then
-        // wakes only for its own timers (docs/architecture.md, "Starting and stopping").
-        EventLoopClock.runConcurrencyOnEventLoops()
         let environment = ProcessInfo.processInfo.environment
         // Socket activation: systemd passes the listening socket; armoryd serves it as is.
         let activated = checkConfig ? [] : SocketActivation.listeningSockets()
