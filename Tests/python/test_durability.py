@@ -62,7 +62,8 @@ def kill_midstream(daemon, clients, min_acked_frames):
         t.start()
     deadline = time.time() + 60
     while time.time() < deadline:
-        acked = sum(1 for c in clients for seq in c.seq_of_frame.values() if seq <= c.acked)
+        # A copy taken at once (under the GIL): the streaming threads add to these dicts meanwhile.
+        acked = sum(1 for c in clients for seq in list(c.seq_of_frame.values()) if seq <= c.acked)
         if acked >= min_acked_frames:
             break
         time.sleep(0.01)
