@@ -174,6 +174,7 @@ final class Sender: Sendable {
         let missing = Self.missingSpools(recovered.unsettled)
         let settlement = state.withLock { $0.machine.replay(recovered, missingSpools: missing, now: MonotonicClock.nowNs()) }
         carryOut(settlement)
+        wake.yield()  // the loop may be waiting already: what was replayed goes now
     }
 
     /// Artifact records whose spool file is gone: the file was stored before the restart.
