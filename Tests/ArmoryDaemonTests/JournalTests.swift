@@ -279,9 +279,12 @@ import Testing
         #expect(recovery.state.unsettled.count < 200)
         #expect((recovery.state.leftOnDisk?.count ?? 0) + recovery.state.unsettled.count == 3001)
         let uploader = Uploader(sink: try FileStoreSink(root: dir + "/mlruns"), bounds: .init(memoryBytes: 16 << 10), journal: journal)
-        uploader.replay(recovery)
+        // Started first, as the daemon does: the replay alone must set the sender going (no new
+        // record, no flush, wakes it here).
         uploader.start()
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in uploader.whenSettled(upTo: recovery.state.lastRecordLSN) { c.resume() } }
+        uploader.replay(recovery)
+        let deadline = ContinuousClock.now + .seconds(30)
+        while uploader.counterSnapshot.metricsWritten < 3000 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
         #expect(uploader.counterSnapshot.metricsWritten == 3000)
         _ = await uploader.shutdown(timeout: 5)
     }
