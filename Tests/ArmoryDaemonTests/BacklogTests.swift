@@ -29,23 +29,27 @@ struct BacklogTests {
 
     @Test func theOldestRecordStillWaitingBoundsTheWatermarkWhicheverDequeItIsIn() {
         var q = QueuedRecords()
-        q.append(.init(ticket: 1, sequence: 10, bytes: 100), aroundSpill: false)
+        q.append(.init(ticket: 1, sequence: 10, bytes: 100, uid: 1), aroundSpill: false)
         // Records of another user went around a spill of sequence numbers 11...20.
-        q.append(.init(ticket: 2, sequence: 21, bytes: 50), aroundSpill: true)
-        q.append(.init(ticket: 3, sequence: 22, bytes: 50), aroundSpill: true)
+        q.append(.init(ticket: 2, sequence: 21, bytes: 50, uid: 2), aroundSpill: true)
+        q.append(.init(ticket: 3, sequence: 22, bytes: 50, uid: 2), aroundSpill: true)
         // The spill is read back later: higher tickets, lower sequence numbers.
-        q.append(.init(ticket: 4, sequence: 11, bytes: 70), aroundSpill: false)
+        q.append(.init(ticket: 4, sequence: 11, bytes: 70, uid: 1), aroundSpill: false)
+        #expect(q.bytes == 270 && q.bytesByUser == [1: 170, 2: 100])
+        // An even share of 300 is 150 for two users, 100 for three.
+        #expect(q.fitsInAShare(2, adding: 50, of: 300) && !q.fitsInAShare(2, adding: 51, of: 300) && !q.fitsInAShare(1, adding: 1, of: 300))
+        #expect(q.fitsInAShare(3, adding: 100, of: 300) && !q.fitsInAShare(3, adding: 101, of: 300))
         #expect(q.oldestSequence == 10)
         #expect(q.count(upTo: 20) == 2 && q.count(upTo: 22) == 4)
         #expect(q.lastTicket(upTo: 21) == 4 && q.lastTicket(upTo: 9) == nil)
 
         // Those that went around settle first: their memory is given back, but they stay
         // until every ticket before them settled.
-        #expect(q.release(2)?.bytes == 50 && q.release(3)?.bytes == 50 && q.release(3)?.bytes == 0)
-        #expect(q.release(3)?.sequence == 22 && q.release(9) == nil)
-        #expect(q.dropSettled(upTo: 1) == 100)
-        #expect(q.oldestSequence == 11)  // the read-back record, though a younger one settled
-        #expect(q.dropSettled(upTo: 4) == 70)
-        #expect(q.isEmpty && q.oldestSequence == nil)
+        #expect(q.release(2) == 21 && q.release(3) == 22 && q.release(3) == 22 && q.release(9) == nil)
+        #expect(q.bytes == 170 && q.bytesByUser == [1: 170])  // given back once only
+        q.dropSettled(upTo: 1)
+        #expect(q.bytes == 70 && q.oldestSequence == 11)  // the read-back record, though a younger one settled
+        q.dropSettled(upTo: 4)
+        #expect(q.isEmpty && q.oldestSequence == nil && q.bytes == 0 && q.bytesByUser.isEmpty)
     }
 }

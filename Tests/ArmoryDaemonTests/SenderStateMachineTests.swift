@@ -50,6 +50,21 @@ import Testing
         #expect(m.pending(upTo: 8) == 2)
     }
 
+    @Test func aLightUsersRecordThatFindsMemoryFullDoesNotStartTheSpill() {
+        var m = machine(fit: 8)
+        m.bind("a", .init(runID: "ra", experimentID: "1"))
+        m.bind("b", .init(runID: "rb", experimentID: "1"))
+        m.receive((1...8).map { incoming("a", $0, uid: 1) }, appendedThrough: 8, now: 0)
+        // Memory is full of A's records when B's first one comes: it takes the room past the
+        // bound. A holds more than an even share, so the spill starts with A's next record, and
+        // B's later ones are not behind it.
+        m.receive([incoming("b", 9, uid: 2), incoming("a", 10, uid: 1), incoming("b", 11, uid: 2)], appendedThrough: 11, now: 0)
+        #expect(m.spill?.firstUnloaded == 10 && m.spill?.count == 1)
+        #expect(m.isSettled(upTo: 11, runs: ["b"]) == false)
+        _ = sendAll(&m)
+        #expect(m.isSettled(upTo: 11, runs: ["b"]) && !m.isSettled(upTo: 11, runs: ["a"]))
+    }
+
     @Test func theReadBackWaitsForRoomAndSkipsWhatWentAround() throws {
         var m = machine(fit: 4)
         m.bind("a", .init(runID: "ra", experimentID: "1"))

@@ -8,49 +8,76 @@ import DequeModule
 /// are read back into `inOrder` later. Each deque stays in ticket and in sequence order, so the
 /// oldest unsettled record is at the front of one of them.
 struct QueuedRecords {
-    /// A record in memory: its last scheduler ticket, journal sequence number and footprint
-    /// (0 once its memory was given back).
+    /// A record in memory: its last scheduler ticket, journal sequence number, footprint (0 once
+    /// its memory was given back) and the user it came from (nil: a sync's, or not known).
     struct Entry {
         var ticket: UInt64
         var sequence: UInt64
         var bytes: Int
+        var uid: UInt32?
     }
 
     private(set) var inOrder = Deque<Entry>()
     private(set) var around = Deque<Entry>()
+    /// The memory the records hold, in all and per user.
+    private(set) var bytes = 0
+    private(set) var bytesByUser: [UInt32?: Int] = [:]
 
     var isEmpty: Bool { inOrder.isEmpty && around.isEmpty }
 
     mutating func append(_ entry: Entry, aroundSpill: Bool) {
         if aroundSpill { around.append(entry) } else { inOrder.append(entry) }
+        bytes += entry.bytes
+        bytesByUser[entry.uid, default: 0] += entry.bytes
+    }
+
+    /// Whether `bytes` more of `uid`'s stay within its even share of `bound` among the users with
+    /// records in memory (itself included): a light user, whose record may take the room past
+    /// the bound that heavier users filled.
+    func fitsInAShare(_ uid: UInt32?, adding bytes: Int, of bound: Int) -> Bool {
+        let held = bytesByUser[uid] ?? 0
+        let users = bytesByUser.count + (held == 0 ? 1 : 0)
+        return held + bytes <= bound / users
+    }
+
+    private mutating func giveBack(_ entry: Entry) {
+        guard entry.bytes > 0 else { return }
+        bytes -= entry.bytes
+        let left = bytesByUser[entry.uid, default: 0] - entry.bytes
+        bytesByUser[entry.uid] = left > 0 ? left : nil
     }
 
     /// Gives back the memory of the record whose last ticket is `ticket`, settled ahead of older
-    /// ones: how many bytes it held and its sequence number (nil for a ticket of an earlier piece
-    /// of a split record).
-    mutating func release(_ ticket: UInt64) -> (bytes: Int, sequence: UInt64)? {
-        Self.release(ticket, in: &inOrder) ?? Self.release(ticket, in: &around)
+    /// ones: its sequence number (nil for a ticket of an earlier piece of a split record).
+    mutating func release(_ ticket: UInt64) -> UInt64? {
+        if let index = Self.index(of: ticket, in: inOrder) {
+            giveBack(inOrder[index])
+            inOrder[index].bytes = 0
+            return inOrder[index].sequence
+        }
+        if let index = Self.index(of: ticket, in: around) {
+            giveBack(around[index])
+            around[index].bytes = 0
+            return around[index].sequence
+        }
+        return nil
     }
 
-    private static func release(_ ticket: UInt64, in entries: inout Deque<Entry>) -> (bytes: Int, sequence: UInt64)? {
+    private static func index(of ticket: UInt64, in entries: Deque<Entry>) -> Int? {
         var low = entries.startIndex
         var high = entries.endIndex
         while low < high {
             let mid = (low + high) / 2
             if entries[mid].ticket < ticket { low = mid + 1 } else { high = mid }
         }
-        guard low < entries.endIndex, entries[low].ticket == ticket else { return nil }
-        defer { entries[low].bytes = 0 }
-        return (entries[low].bytes, entries[low].sequence)
+        return low < entries.endIndex && entries[low].ticket == ticket ? low : nil
     }
 
-    /// Drops the records whose tickets are all settled (every ticket up to `ticket` is); returns
-    /// the memory they still held.
-    mutating func dropSettled(upTo ticket: UInt64) -> Int {
-        var freed = 0
-        while let first = inOrder.first, first.ticket <= ticket { freed += inOrder.removeFirst().bytes }
-        while let first = around.first, first.ticket <= ticket { freed += around.removeFirst().bytes }
-        return freed
+    /// Drops the records whose tickets are all settled (every ticket up to `ticket` is), giving
+    /// back the memory they still held.
+    mutating func dropSettled(upTo ticket: UInt64) {
+        while let first = inOrder.first, first.ticket <= ticket { giveBack(inOrder.removeFirst()) }
+        while let first = around.first, first.ticket <= ticket { giveBack(around.removeFirst()) }
     }
 
     /// The sequence number of the oldest record still in memory.

@@ -70,7 +70,8 @@ struct SenderStateMachine: Sendable {
     /// The records in memory, by ticket and sequence number.
     private(set) var queued = QueuedRecords()
     private(set) var spill: Spill?
-    private(set) var memoryBytes = 0
+    /// The memory the queued records hold.
+    var memoryBytes: Int { queued.bytes }
     /// The last record received.
     private(set) var lastSequence: UInt64 = 0
     /// The last journal entry the writer had appended with the records received: every record
@@ -104,17 +105,21 @@ struct SenderStateMachine: Sendable {
     // MARK: Records in
 
     /// Takes records the writer journaled, in journal order: into memory while it has room, else
-    /// into the spill, except a run of a user with nothing in the spill, which goes around it in a
-    /// quarter more than the bound (the spill started with memory full).
+    /// into the spill. A light user's record (within an even share of memory, nothing of its run
+    /// or user in the spill) takes the quarter kept past the bound instead, going around the
+    /// spill: one user's backlog holds no other user back, even when that user's record is the
+    /// one that first finds memory full (docs/architecture.md, "Backpressure and fair shares").
     mutating func receive(_ records: [JournaledRecord], appendedThrough: UInt64, now: UInt64) {
         for r in records {
             lastSequence = r.sequence
             let footprint = BatchLimits.memoryFootprint(r.record)
             if spill == nil && memoryBytes + footprint <= memoryBound {
-                queue(r.handle, r.record, sequence: r.sequence, bytes: footprint, now: now)
-            } else if spill?.letsThrough(r.handle, uid: r.uid) == true, memoryBytes + footprint <= memoryBound + memoryBound / 4 {
-                spill!.wentAround(r.sequence)
-                queue(r.handle, r.record, sequence: r.sequence, bytes: footprint, now: now, aroundSpill: true)
+                queue(r.handle, r.record, uid: r.uid, sequence: r.sequence, bytes: footprint, now: now)
+            } else if spill?.letsThrough(r.handle, uid: r.uid) ?? true, queued.fitsInAShare(r.uid, adding: footprint, of: memoryBound),
+                memoryBytes + footprint <= memoryBound + memoryBound / 4
+            {
+                spill?.wentAround(r.sequence)
+                queue(r.handle, r.record, uid: r.uid, sequence: r.sequence, bytes: footprint, now: now, aroundSpill: spill != nil)
             } else {
                 if spill == nil { spill = Spill(firstUnloaded: r.sequence, lastSpilled: r.sequence) }
                 spill!.add(r.sequence, handle: r.handle, uid: r.uid)
@@ -150,7 +155,9 @@ struct SenderStateMachine: Sendable {
     }
 
     /// Queues a record read back from the journal, unless it needs no sending.
-    private mutating func requeue(_ p: JournalState.Pending, missingSpools: Set<UInt64>, now: UInt64, into settlement: inout Settlement) {
+    private mutating func requeue(
+        _ p: JournalState.Pending, uid: UInt32? = nil, missingSpools: Set<UInt64>, now: UInt64, into settlement: inout Settlement
+    ) {
         if missingSpools.contains(p.lsn) { return settlement.outcomes.append((p.lsn, .success(nil))) }  // already stored
         // A sync's records from before a restart are not sent again: the next sync asks the
         // destination what it holds and sends the rest, so nothing lands twice.
@@ -161,15 +168,15 @@ struct SenderStateMachine: Sendable {
         if case .createRun = p.record, scheduler.bindings[p.handle] != nil, !assignsRunIDs {
             return settlement.outcomes.append((p.lsn, .success(scheduler.bindings[p.handle])))
         }
-        queue(p.handle, p.record, sequence: p.lsn, bytes: BatchLimits.memoryFootprint(p.record), now: now, mayExist: true)
+        queue(p.handle, p.record, uid: uid, sequence: p.lsn, bytes: BatchLimits.memoryFootprint(p.record), now: now, mayExist: true)
     }
 
     private mutating func queue(
-        _ handle: String, _ record: SinkRecord, sequence: UInt64, bytes: Int, now: UInt64, mayExist: Bool = false, aroundSpill: Bool = false
+        _ handle: String, _ record: SinkRecord, uid: UInt32?, sequence: UInt64, bytes: Int, now: UInt64, mayExist: Bool = false,
+        aroundSpill: Bool = false
     ) {
         let ticket = scheduler.enqueue(handle, record, now: now, mayExist: mayExist)
-        queued.append(.init(ticket: ticket, sequence: sequence, bytes: bytes), aroundSpill: aroundSpill)
-        memoryBytes += bytes
+        queued.append(.init(ticket: ticket, sequence: sequence, bytes: bytes, uid: uid), aroundSpill: aroundSpill)
     }
 
     // MARK: Reading back
@@ -191,7 +198,10 @@ struct SenderStateMachine: Sendable {
     /// Takes what was read back: the spilled records among them (not those that went around).
     mutating func readBack(_ read: [JournalState.Pending], next: Journal.Position?, missingSpools: Set<UInt64>, now: UInt64) -> Settlement {
         var settlement = Settlement()
-        for p in read where spill!.takeBack(p.lsn, handle: p.handle) { requeue(p, missingSpools: missingSpools, now: now, into: &settlement) }
+        for p in read {
+            let uid = spill!.handles[p.handle]?.uid
+            if spill!.takeBack(p.lsn, handle: p.handle) { requeue(p, uid: uid, missingSpools: missingSpools, now: now, into: &settlement) }
+        }
         spill!.loading = false
         spill!.position = next
         if let lastRead = read.last?.lsn { spill!.firstUnloaded = lastRead + 1 }
@@ -238,12 +248,12 @@ struct SenderStateMachine: Sendable {
         // Memory is given back as each record settles, in any order: runs settle at their own
         // pace, and the journal's watermark (below) waits for the oldest.
         for ticket in settled.tickets {
-            if let sequence = release(ticket) { settlement.outcomes.append((sequence, .success(settled.created))) }
+            if let sequence = queued.release(ticket) { settlement.outcomes.append((sequence, .success(settled.created))) }
         }
         for (ticket, error) in settled.failures {
-            if let sequence = release(ticket) { settlement.outcomes.append((sequence, .failure(error))) }
+            if let sequence = queued.release(ticket) { settlement.outcomes.append((sequence, .failure(error))) }
         }
-        memoryBytes -= queued.dropSettled(upTo: scheduler.settledUpTo)
+        queued.dropSettled(upTo: scheduler.settledUpTo)
         // Settled is everything below the oldest record still waiting, in memory or on disk.
         var settledThrough = lastSequence
         if let oldest = queued.oldestSequence { settledThrough = min(settledThrough, oldest - 1) }
@@ -253,14 +263,6 @@ struct SenderStateMachine: Sendable {
         settlement.journalSettled = settledSequence
         count(settled, outcome, wallMs: wallMs, into: &settlement)
         return settlement
-    }
-
-    /// Gives back the memory of the record of `ticket`; its sequence number when it was the last
-    /// piece of a record.
-    private mutating func release(_ ticket: UInt64) -> UInt64? {
-        guard let released = queued.release(ticket) else { return nil }
-        memoryBytes -= released.bytes
-        return released.sequence
     }
 
     private mutating func count(_ settled: UploadScheduler.Settled, _ outcome: SinkOutcome, wallMs: Int64, into settlement: inout Settlement) {
