@@ -416,6 +416,9 @@ public final class Journal: @unchecked Sendable {
 
     private func commitLoop() {
         var lastCommit = 0.0
+        // Two buffers taking turns: producers fill one while the other is written, and neither
+        // is allocated again once grown.
+        var bytes: [UInt8] = []
         while true {
             condition.lock()
             while buffer.isEmpty && waiters.isEmpty && !closing && settledToRecord <= settledWritten {
@@ -443,9 +446,9 @@ public final class Journal: @unchecked Sendable {
             }
 
             condition.lock()
-            let bytes = buffer
+            bytes.removeAll(keepingCapacity: true)
+            swap(&bytes, &buffer)
             let upTo = bufferMaxLSN
-            buffer.removeAll(keepingCapacity: true)
             urgent = false
             let stop = closing
             condition.unlock()

@@ -317,8 +317,11 @@ public struct SessionStateMachine: Sendable {
             journaled = true
         }
         let tail: JournalEntry? = writeRecord ? .session(record) : journaled ? .sessionMark(id: id, seq: handledSeq) : nil
-        defer { pending.removeAll(keepingCapacity: true) }
-        return SessionCommit(records: pending, tail: tail, home: destination)
+        // Handed over whole: an emptied array that kept its capacity would be a copy of the
+        // burst's size (the commit still shares the buffer), held by every idle session.
+        let records = pending
+        pending = []
+        return SessionCommit(records: records, tail: tail, home: destination)
     }
 
     private mutating func dispatch(_ op: ClientOp, nowMs: Int64) throws(ProtocolError) -> SessionAction {
