@@ -291,7 +291,8 @@ public struct UploadScheduler: Sendable {
     public mutating func next(now: UInt64, draining: Bool = false) -> Batch? {
         for _ in 0..<order.count {
             let handle = order.removeFirst()
-            guard var queue = queues[handle] else { continue }
+            // Taken out of the dictionary while changed, so that its deque is not copied.
+            guard var queue = queues.removeValue(forKey: handle) else { continue }
             queue.listed = false
             guard !queue.entries.isEmpty else {
                 queues[handle] = queue
@@ -398,7 +399,7 @@ public struct UploadScheduler: Sendable {
     public mutating func finish(_ batch: Batch, _ outcome: SinkOutcome, now: UInt64, jitter: Double = 1) -> Settled {
         inFlight -= 1
         var settled = Settled()
-        guard var queue = queues[batch.handle] else { return settled }
+        guard var queue = queues.removeValue(forKey: batch.handle) else { return settled }
         if case .artifact = batch.operation, let entry = queue.artifactsInFlight.removeValue(forKey: batch.entries[0].ticket) {
             queue.entries.prepend(entry)  // it is settled below as the head, or waits there for its retry
         } else {
@@ -454,11 +455,9 @@ public struct UploadScheduler: Sendable {
         if !queue.entries.isEmpty || !queue.artifactsInFlight.isEmpty {
             queues[batch.handle] = queue
             list(batch.handle)
-        } else if queue.failed == nil {
-            queues[batch.handle] = nil  // idle runs keep only their binding
-        } else {
+        } else if queue.failed != nil {
             queues[batch.handle] = queue
-        }
+        }  // else idle: the run keeps only its binding
         return settled
     }
 
