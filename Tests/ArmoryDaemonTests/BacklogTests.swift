@@ -35,7 +35,7 @@ struct BacklogTests {
         q.append(.init(ticket: 3, sequence: 22, bytes: 50, uid: 2), aroundSpill: true)
         // The spill is read back later: higher tickets, lower sequence numbers.
         q.append(.init(ticket: 4, sequence: 11, bytes: 70, uid: 1), aroundSpill: false)
-        #expect(q.bytes == 270 && q.bytesByUser == [1: 170, 2: 100])
+        #expect(q.bytes == 270 && q.held(by: 1) == 170 && q.held(by: 2) == 100 && q.held(by: nil) == 0)
         // An even share of 300 is 150 for two users, 100 for three.
         #expect(q.fitsInAShare(2, adding: 50, of: 300) && !q.fitsInAShare(2, adding: 51, of: 300) && !q.fitsInAShare(1, adding: 1, of: 300))
         #expect(q.fitsInAShare(3, adding: 100, of: 300) && !q.fitsInAShare(3, adding: 101, of: 300))
@@ -46,10 +46,10 @@ struct BacklogTests {
         // Those that went around settle first: their memory is given back, but they stay
         // until every ticket before them settled.
         #expect(q.release(2) == 21 && q.release(3) == 22 && q.release(3) == 22 && q.release(9) == nil)
-        #expect(q.bytes == 170 && q.bytesByUser == [1: 170])  // given back once only
+        #expect(q.bytes == 170 && q.held(by: 1) == 170 && q.held(by: 2) == 0)  // given back once only
         q.dropSettled(upTo: 1)
         #expect(q.bytes == 70 && q.oldestSequence == 11)  // the read-back record, though a younger one settled
         q.dropSettled(upTo: 4)
-        #expect(q.isEmpty && q.oldestSequence == nil && q.bytes == 0 && q.bytesByUser.isEmpty)
+        #expect(q.isEmpty && q.oldestSequence == nil && q.bytes == 0 && q.held(by: 1) == 0)
     }
 }

@@ -19,32 +19,41 @@ struct QueuedRecords {
 
     private(set) var inOrder = Deque<Entry>()
     private(set) var around = Deque<Entry>()
-    /// The memory the records hold, in all and per user.
+    /// The memory the records hold, in all and per user (a list: users are few, and a lookup
+    /// per record costs less than hashing).
     private(set) var bytes = 0
-    private(set) var bytesByUser: [UInt32?: Int] = [:]
+    private var bytesByUser: [(uid: UInt32?, bytes: Int)] = []
 
     var isEmpty: Bool { inOrder.isEmpty && around.isEmpty }
 
     mutating func append(_ entry: Entry, aroundSpill: Bool) {
         if aroundSpill { around.append(entry) } else { inOrder.append(entry) }
-        bytes += entry.bytes
-        bytesByUser[entry.uid, default: 0] += entry.bytes
+        add(entry.bytes, of: entry.uid)
+    }
+
+    /// The memory `uid`'s records hold.
+    func held(by uid: UInt32?) -> Int {
+        bytesByUser.first { $0.uid == uid }?.bytes ?? 0
+    }
+
+    private mutating func add(_ delta: Int, of uid: UInt32?) {
+        bytes += delta
+        guard let index = bytesByUser.firstIndex(where: { $0.uid == uid }) else { return bytesByUser.append((uid, delta)) }
+        bytesByUser[index].bytes += delta
+        if bytesByUser[index].bytes <= 0 { bytesByUser.remove(at: index) }
     }
 
     /// Whether `bytes` more of `uid`'s stay within its even share of `bound` among the users with
     /// records in memory (itself included): a light user, whose record may take the room past
     /// the bound that heavier users filled.
     func fitsInAShare(_ uid: UInt32?, adding bytes: Int, of bound: Int) -> Bool {
-        let held = bytesByUser[uid] ?? 0
+        let held = held(by: uid)
         let users = bytesByUser.count + (held == 0 ? 1 : 0)
         return held + bytes <= bound / users
     }
 
     private mutating func giveBack(_ entry: Entry) {
-        guard entry.bytes > 0 else { return }
-        bytes -= entry.bytes
-        let left = bytesByUser[entry.uid, default: 0] - entry.bytes
-        bytesByUser[entry.uid] = left > 0 ? left : nil
+        if entry.bytes > 0 { add(-entry.bytes, of: entry.uid) }
     }
 
     /// Gives back the memory of the record whose last ticket is `ticket`, settled ahead of older
