@@ -39,13 +39,15 @@ final class Sender: Sendable {
         var appendedThrough: UInt64 = 0
     }
 
+    private typealias Waiter = (sequence: UInt64, runs: Set<String>?, callback: @Sendable () -> Void)
+
     private struct State {
         var machine: SenderStateMachine
         /// Who waits for a record's outcome, by sequence number.
         var completions: [UInt64: RecordCompletion] = [:]
         /// Who waits for everything up to a sequence number to be settled (of some runs only,
         /// when `runs` says which).
-        var waiters: [(sequence: UInt64, runs: Set<String>?, callback: @Sendable () -> Void)] = []
+        var waiters: [Waiter] = []
     }
 
     private let inbox = Mutex(Inbox())
@@ -104,8 +106,7 @@ final class Sender: Sendable {
             if taken.appendedThrough > 0 {
                 for (sequence, completion) in taken.completions { s.completions[sequence] = completion }
                 let now = taken.bursts.isEmpty ? 0 : MonotonicClock.nowNs()
-                for burst in taken.bursts { s.machine.receive(burst, appendedThrough: taken.appendedThrough, now: now) }
-                if taken.bursts.isEmpty { s.machine.receive([], appendedThrough: taken.appendedThrough, now: now) }
+                s.machine.receive(taken.bursts.joined(), appendedThrough: taken.appendedThrough, now: now)
             }
             return body(&s)
         }
@@ -271,12 +272,15 @@ final class Sender: Sendable {
             }
             var ready: [@Sendable () -> Void] = []
             if !s.waiters.isEmpty {
-                let machine = s.machine
-                s.waiters.removeAll { waiter in
-                    guard waiter.sequence <= machine.settledSequence || waiter.runs.map({ machine.isSettled(upTo: waiter.sequence, runs: $0) }) == true else { return false }
+                var waiting: [Waiter] = []
+                swap(&waiting, &s.waiters)  // checked against the machine, which stays in place
+                waiting.removeAll { waiter in
+                    guard waiter.sequence <= s.machine.settledSequence || waiter.runs.map({ s.machine.isSettled(upTo: waiter.sequence, runs: $0) }) == true
+                    else { return false }
                     ready.append(waiter.callback)
                     return true
                 }
+                s.waiters = waiting
             }
             return (completions, ready)
         }

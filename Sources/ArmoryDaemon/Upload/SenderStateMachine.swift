@@ -109,7 +109,7 @@ struct SenderStateMachine: Sendable {
     /// or user in the spill) takes the quarter kept past the bound instead, going around the
     /// spill: one user's backlog holds no other user back, even when that user's record is the
     /// one that first finds memory full (docs/architecture.md, "Backpressure and fair shares").
-    mutating func receive(_ records: [JournaledRecord], appendedThrough: UInt64, now: UInt64) {
+    mutating func receive(_ records: some Sequence<JournaledRecord>, appendedThrough: UInt64, now: UInt64) {
         for r in records {
             lastSequence = r.sequence
             let footprint = BatchLimits.memoryFootprint(r.record)
