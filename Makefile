@@ -27,6 +27,7 @@ format:
 	$(SWIFT) format format -i --configuration .swift-format -r $(FORMATTED)
 
 test: build
+	@bash scripts/bootstrap.sh --tests
 	$(MAKE) lint
 	$(MAKE) test-swift
 	$(MAKE) test-python

@@ -101,6 +101,7 @@ let package = Package(
             name: "armoryctl",
             dependencies: [
                 "ArmoryTrack",
+                "MLflow",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

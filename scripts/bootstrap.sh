@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 # postgresql and iproute2: the lab test bed (deploy/testbed.py) of `make test-scale`.
 APT_PACKAGES=(libsystemd-dev pkg-config systemd postgresql iproute2)
+# `--tests` (make test): Debian's chromium too, for the MLflow UI check (Tests/python/test_mlflow_ui.py).
+if [ "${1:-}" = "--tests" ]; then APT_PACKAGES+=(chromium); fi
 VENV=${ARMORY_VENV:-.venv}
 MLFLOW_SPEC='mlflow[auth]==3.17.2'
 

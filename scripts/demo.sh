@@ -49,7 +49,10 @@ store=$("$BIN/armoryctl" status --json | .venv/bin/python -c 'import json,sys; p
 cat <<MSG
 
 Results are in the local MLflow store: ${store}
-Open them in the MLflow UI (http://127.0.0.1:5000): PATH=$(pwd)/.venv/bin:\$PATH ${BIN}/armoryctl mlflow-server, or directly:
+Open them in the MLflow UI: PATH=$(pwd)/.venv/bin:\$PATH ${BIN}/armoryctl mlflow-server
+  prints a link per experiment that opens it on its runs table, for example
+  http://127.0.0.1:5000/#/experiments/<id>?workflowType=machine_learning (MLflow 3.17's UI opens
+  experiments on an empty traces page otherwise: choose "Model training" at its top left). Or directly:
   MLFLOW_ALLOW_FILE_STORE=true $(pwd)/.venv/bin/mlflow server --backend-store-uri ${store} --host 127.0.0.1 --port 5000
 Or read them with the MLflow client:
   MLFLOW_ALLOW_FILE_STORE=true $(pwd)/.venv/bin/python -c "import mlflow; print(mlflow.MlflowClient('${store}').search_experiments())"

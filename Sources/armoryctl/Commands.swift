@@ -2,6 +2,7 @@ import ArgumentParser
 import ArmoryProtocol
 import ArmoryTrack
 import Foundation
+import MLflow
 
 extension ArmoryCtl {
     /// `armoryctl runs`: the active runs and what each still has to upload.
@@ -189,7 +190,8 @@ extension ArmoryCtl {
             }
             let arguments = [mlflow, "server", "--backend-store-uri", "file://" + root, "--host", "127.0.0.1", "--port", "\(port)"] + mlflowArguments
             setenv("MLFLOW_ALLOW_FILE_STORE", "true", 1)
-            FileHandle.standardError.write(Data("armoryctl: MLflow UI on http://127.0.0.1:\(port) for \(root)\n".utf8))
+            let ui = "http://127.0.0.1:\(port)"
+            FileHandle.standardError.write(Data(("armoryctl: MLflow UI on \(ui) for \(root)\n" + Self.experimentLinks(store: root, ui: ui)).utf8))
             let argv = arguments.map { strdup($0) } + [nil]
             execv(mlflow, argv)
             throw Failure("Cannot start \(mlflow): \(String(cString: strerror(errno))).")
@@ -202,6 +204,27 @@ extension ArmoryCtl {
                 destination.hasPrefix("file://")
             else { return nil }
             return String(destination.dropFirst("file://".count))
+        }
+
+        /// How many experiments get a link of their own.
+        static let linkedExperiments = 10
+
+        /// A link per experiment that opens it on its runs table. MLflow 3.17's UI picks an
+        /// experiment's page from its global "GenAI / Model training" switch (the `workflowType`
+        /// URL parameter, else the browser's last choice, else GenAI), not from the experiment's
+        /// `mlflow.experimentKind` tag, so a plain link opens on an empty traces page.
+        static func experimentLinks(store: String, ui: String) -> String {
+            guard let reader = try? FileStoreReader(root: store) else { return "" }
+            let experiments = reader.experiments().filter { !$0.isDeleted && !($0.id == "0" && reader.runs(of: $0).isEmpty) }
+            guard !experiments.isEmpty else { return "" }
+            var text = "Experiments, on their runs:\n"
+            for experiment in experiments.sorted(by: { $0.name < $1.name }).prefix(linkedExperiments) {
+                text += "  \(experiment.name): \(ui)/#/experiments/\(experiment.id)?workflowType=machine_learning\n"
+            }
+            if experiments.count > linkedExperiments {
+                text += "  (\(experiments.count - linkedExperiments) more: open one, then choose \"Model training\" at the top left, which the browser keeps)\n"
+            }
+            return text
         }
 
         static func defaultStore() -> String {
