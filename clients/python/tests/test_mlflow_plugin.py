@@ -207,36 +207,41 @@ def test_the_resume_example(daemon):
     assert c.get_run(run_id).info.status == "FINISHED"
 
 
+# A small Lightning model and its data, the same in every run (seeded).
+LIGHTNING_REGRESSION = """
+import torch, lightning as L
+
+class Regression(L.LightningModule):
+    def __init__(self, lr=0.1, hidden=4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+torch.manual_seed(0)
+x = torch.randn(64, 3)
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+"""
+
+
 def test_lightning_mlflow_logger_unmodified(daemon):
     """What Armory's engine uses: Lightning's MLFlowLogger, unmodified, through armoryd://.
     Needs torch and lightning: `make test-compat` (skipped in `make test`)."""
     pytest.importorskip("lightning", reason="run by `make test-compat`")
-    out = run_mlflow("""
-        import torch, lightning as L
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        class Regression(L.LightningModule):
-            def __init__(self, lr=0.1, hidden=4):
-                super().__init__()
-                self.save_hyperparameters()
-                self.net = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
-            def training_step(self, batch, _):
-                x, y = batch
-                loss = torch.nn.functional.mse_loss(self.net(x), y)
-                self.log("train_loss", loss, on_step=True, on_epoch=True)
-                return loss
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-
-        torch.manual_seed(0)
-        x = torch.randn(64, 3)
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
-        logger = MLFlowLogger(experiment_name="lightning", tracking_uri="armoryd://", run_name="fit")
-        trainer = L.Trainer(max_epochs=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, log_every_n_steps=1, accelerator="cpu")
-        trainer.fit(Regression(), data)
-        print(logger.run_id)
-    """)
+    out = run_mlflow(LIGHTNING_REGRESSION + """
+from lightning.pytorch.loggers import MLFlowLogger
+logger = MLFlowLogger(experiment_name="lightning", tracking_uri="armoryd://", run_name="fit")
+trainer = L.Trainer(max_epochs=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, log_every_n_steps=1, accelerator="cpu")
+trainer.fit(Regression(), data)
+print(logger.run_id)
+""")
     run_id = out.stdout.strip().splitlines()[-1]
     c = store(daemon)
     run = c.get_run(run_id)
@@ -244,6 +249,54 @@ def test_lightning_mlflow_logger_unmodified(daemon):
     assert run.data.params["lr"] == "0.1" and run.data.params["hidden"] == "4"
     assert len(c.get_metric_history(run_id, "train_loss_step")) == 24  # 3 epochs × 8 steps
     assert len(c.get_metric_history(run_id, "epoch")) > 0
+
+
+AUTOLOG_SCRIPT = LIGHTNING_REGRESSION + """
+import mlflow
+mlflow.set_experiment("autolog")
+mlflow.pytorch.autolog()
+trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, accelerator="cpu")
+with mlflow.start_run(run_name="autolog") as run:
+    trainer.fit(Regression(), data)
+print(run.info.run_id)
+"""
+
+
+def autologged(client, run_id):
+    """What an autologged run holds, without what differs between any two runs (ids, times, paths)."""
+    run = client.get_run(run_id)
+
+    def files(path=None):
+        for a in client.list_artifacts(run_id, path):
+            yield from files(a.path) if a.is_dir else [a.path]
+
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    varying = ("mlflow.source.", "mlflow.user", "mlflow.log-model.history", "armory.")
+    return {
+        "status": run.info.status, "name": run.info.run_name, "params": run.data.params,
+        "tags": {k: v for k, v in run.data.tags.items() if not k.startswith(varying)},
+        "history": {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in run.data.metrics},
+        "files": sorted(files()),
+        "models": sorted((m.name, str(m.status), sorted(m.params.items())) for m in models),
+        "model files": sorted(p for m in models for p in (a.path for a in client.list_logged_model_artifacts(m.model_id))),
+    }
+
+
+def test_lightning_autologging_through_armoryd_as_directly(daemon, tmp_path, monkeypatch):
+    """`mlflow.pytorch.autolog()` around a Lightning Trainer, unchanged: the run, its metrics, its
+    params and its logged model are the same through armoryd:// as written directly.
+    Needs torch and lightning: `make test-compat` (skipped in `make test`)."""
+    pytest.importorskip("lightning", reason="run by `make test-compat`")
+    direct_store = "file://" + str(tmp_path / "direct")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # whatever Lightning writes beside the script
+    direct = run_mlflow(AUTOLOG_SCRIPT, {"MLFLOW_TRACKING_URI": direct_store}).stdout.strip().splitlines()[-1]
+    through = run_mlflow(AUTOLOG_SCRIPT).stdout.strip().splitlines()[-1]
+    a = autologged(MlflowClient(tracking_uri=direct_store), direct)
+    b = autologged(store(daemon), through)
+    assert a["status"] == "FINISHED" and a["history"] and a["models"] and a["model files"]
+    assert b == a
 
 
 def test_writes_resume_after_the_daemon_restarts(daemon, tmp_path):
