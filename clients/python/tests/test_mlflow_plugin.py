@@ -358,6 +358,56 @@ def test_writes_resume_after_the_daemon_restarts(daemon, tmp_path):
         daemon.proc = restarted
 
 
+def test_a_model_logged_across_a_daemon_kill_is_ready_and_loads(daemon, tmp_path):
+    """`kill -9` of the daemon between `log_model`'s files and its finalization: the model reaches
+    READY and loads, and the run's own records (before, during and after) land once it is back."""
+    marker = tmp_path / "files-written"
+    script = tmp_path / "model.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time, mlflow, numpy as np
+        from sklearn.linear_model import LinearRegression
+        finalize = mlflow.MlflowClient.finalize_logged_model
+        def after_the_restart(self, *args, **kwargs):  # the files are written; the daemon is killed now
+            open("{marker}", "w").close()
+            while not os.path.exists("{marker}.up"):
+                time.sleep(0.05)
+            return finalize(self, *args, **kwargs)
+        mlflow.MlflowClient.finalize_logged_model = after_the_restart
+        mlflow.set_experiment("killed-model")
+        X = np.array([[1.0], [2.0], [3.0]])
+        with mlflow.start_run() as run:
+            mlflow.log_param("alpha", 1)
+            info = mlflow.sklearn.log_model(LinearRegression().fit(X, 2 * X[:, 0]), name="model")
+            mlflow.log_metric("after", 2.0)
+        print(run.info.run_id, info.model_id, flush=True)
+        print("loaded", mlflow.pyfunc.load_model(info.model_uri).predict(X).round(3).tolist(), flush=True)
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI="armoryd://", MLFLOW_ALLOW_FILE_STORE="true")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    daemon.kill()
+    daemon.start()
+    open(str(marker) + ".up", "w").close()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    run_id, model_id = out.splitlines()[0].split()
+    assert out.splitlines()[1] == "loaded [2.0, 4.0, 6.0]"
+    c = store(daemon)
+    assert str(c.get_logged_model(model_id).status) == "READY"
+    assert "MLmodel" in {a.path for a in c.list_logged_model_artifacts(model_id)}  # and it loaded, above
+    deadline = time.time() + 30
+    while c.get_run(run_id).info.status != "FINISHED" and time.time() < deadline:
+        time.sleep(0.1)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"alpha": "1"} and run.data.metrics == {"after": 2.0}
+
+
 def test_a_process_on_armoryd_can_name_its_own_destination(daemon, tmp_path):
     other = tmp_path / "own-store"
     out = run_mlflow("""
