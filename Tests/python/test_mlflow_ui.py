@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -37,6 +38,7 @@ def test_the_link_armoryctl_prints_opens_the_evaluation_on_its_runs_with_the_cha
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         banner = [proc.stderr.readline() for _ in range(3)]
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # the server's log: never let it fill the pipe
         links = dict(re.findall(r"^  (\S+): (http://\S+)$", "".join(banner), re.M))
         assert set(links) == {"armory-example"}, banner
         link = links["armory-example"]
