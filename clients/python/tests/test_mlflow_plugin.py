@@ -23,6 +23,11 @@ def run_mlflow(script: str, env_extra=None, expect_ok=True):
 
 
 def store(daemon):
+    """The daemon's store, once it holds everything the daemon was given (a process's `end_run`
+    waits for its records to be durable, not written to the store)."""
+    out = subprocess.run([str(BIN / "armoryctl"), "flush", "--wait", "--timeout", "120"], env=dict(os.environ, ARMORY_SOCKET=daemon.socket),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
     return MlflowClient(tracking_uri="file://" + str(daemon.store))
 
 
