@@ -6,16 +6,24 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.request
 
 import pytest
 
 from conftest import BIN, ROOT, free_port
 from examplecheck import run_example
+from testbed import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a browser: install Debian's chromium (apt-get install chromium)")
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.read() == b"OK"
+    except OSError:
+        return False
 
 
 def rendered(url: str) -> str:
@@ -43,15 +51,8 @@ def test_the_link_armoryctl_prints_opens_the_evaluation_on_its_runs_with_the_cha
         assert set(links) == {"armory-example"}, banner
         link = links["armory-example"]
         experiment_id = re.search(r"#/experiments/(\d+)\?", link).group(1)
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.read() == b"OK":
-                        break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_until(lambda: healthy(port) or proc.poll() is not None, 90, "mlflow server did not start")
+        assert proc.poll() is None, "mlflow server exited"
 
         page = rendered(link)
         # The runs table, not the GenAI "Start tracing your LLM application" page.
